@@ -1,0 +1,10 @@
+//! Legacy PC devices: the COM1 UART, the i8042 controller (for its reset line) and the ACPI
+//! hardware-reduced sleep/reset registers.
+
+pub mod acpi_pm;
+pub mod i8042;
+pub mod serial;
+
+pub use acpi_pm::AcpiPmDevice;
+pub use i8042::I8042;
+pub use serial::{SerialDevice, SerialOutput, SerialOutputError};

@@ -1,0 +1,151 @@
+//! The 8250 UART (vm-superio) on COM1, writing guest output to stdout or a file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+
+use crate::bus::BusDevice;
+use crate::interrupt::EventFdTrigger;
+
+/// Where the guest's serial output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Discarded.
+    Null,
+}
+
+/// Errors opening a serial output.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialOutputError {
+    #[error("cannot open serial output file {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("invalid --serial value {0:?}: expected stdout, null or file:PATH")]
+    Parse(String),
+}
+
+impl std::str::FromStr for SerialOutput {
+    type Err = SerialOutputError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(Self::Stdout),
+            "null" | "none" => Ok(Self::Null),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(Self::File(PathBuf::from(path))),
+                _ => Err(SerialOutputError::Parse(s.to_string())),
+            },
+        }
+    }
+}
+
+impl SerialOutput {
+    /// Opens the output as a writer.
+    pub fn open(&self) -> Result<Box<dyn Write + Send>, SerialOutputError> {
+        Ok(match self {
+            Self::Stdout => Box::new(io::stdout()),
+            Self::Null => Box::new(io::sink()),
+            Self::File(path) => Box::new(open_file(path)?),
+        })
+    }
+}
+
+fn open_file(path: &Path) -> Result<File, SerialOutputError> {
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|source| SerialOutputError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// COM1: a vm-superio 8250 UART on the port I/O bus.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialDevice {
+    /// The UART's I/O base on a PC.
+    pub const COM1_BASE: u64 = 0x3f8;
+    /// Number of UART registers.
+    pub const LEN: u64 = 8;
+    /// The legacy interrupt line of COM1.
+    pub const COM1_IRQ: u32 = 4;
+
+    /// A UART raising `interrupt` and writing to `out`.
+    pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            serial: Serial::new(interrupt, out),
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.serial.read(offset);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Some(&value), Ok(offset)) = (data.first(), u8::try_from(offset)) else {
+            return;
+        };
+        if let Err(e) = self.serial.write(offset, value) {
+            tracing::warn!("serial write at offset {offset} failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmit_register_writes_reach_the_output() {
+        let out = Shared::default();
+        let mut dev = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(out.clone()));
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        // Line status register: transmitter empty.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn parses_serial_output_specs() {
+        assert_eq!("stdout".parse::<SerialOutput>().unwrap(), SerialOutput::Stdout);
+        assert_eq!(
+            "file:/tmp/x".parse::<SerialOutput>().unwrap(),
+            SerialOutput::File("/tmp/x".into())
+        );
+        assert!("file:".parse::<SerialOutput>().is_err());
+        assert!("tty".parse::<SerialOutput>().is_err());
+    }
+}

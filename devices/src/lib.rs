@@ -1,0 +1,14 @@
+//! Device models for ftvmm.
+//!
+//! Nothing in this crate knows about KVM: devices see guest accesses as reads and writes at an offset of
+//! their bus range ([`bus`]), raise interrupts through [`vm_superio::Trigger`] implementations backed by
+//! eventfds ([`interrupt`]), and ask the VMM to stop the machine through [`guest_exit`].
+
+pub mod bus;
+pub mod guest_exit;
+pub mod interrupt;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use guest_exit::{GuestExitEvent, GuestExitRequest};
+pub use interrupt::EventFdTrigger;
