@@ -1,0 +1,14 @@
+//! The ftvmm virtual machine monitor core: a KVM VM with its vCPUs, guest memory, x86_64 boot and
+//! device wiring, and the VM lifecycle (run, pause, resume, shutdown).
+
+pub mod arch;
+pub mod crash;
+pub mod machine;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use arch::cpuid::CpuFeatures;
+pub use crash::CrashReport;
+pub use devices::legacy::SerialOutput;
+pub use machine::{Machine, MachineError, VmConfig, VmExit};

@@ -1,0 +1,34 @@
+//! Command-line interface: one module per subcommand.
+
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status when ftvmm itself fails (bad arguments, unusable image, no KVM).
+pub const EXIT_ERROR: u8 = 1;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ftvmm",
+    version,
+    about = "ftvmm: a fault-tolerant KVM virtual machine monitor",
+    long_about = "ftvmm runs KVM virtual machines and (with later subcommands) keeps them alive \
+                  through the loss of their host by checkpointing them to a hot standby.\n\n\
+                  Logging: set FTVMM_LOG (e.g. FTVMM_LOG=info or FTVMM_LOG=vmm=debug)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Run(run::RunArgs),
+}
+
+/// Runs the chosen subcommand and returns the process exit status.
+pub fn dispatch(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+    }
+}

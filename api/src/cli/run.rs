@@ -1,0 +1,77 @@
+//! `ftvmm run`: boot a guest and run it until it powers off, resets or crashes.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use vmm::{CpuFeatures, Machine, SerialOutput, VmConfig, VmExit};
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0  the guest powered off
+  1  ftvmm could not start or run the VM (the error is printed)
+  2  bad command-line usage
+  3  the guest reset itself
+  4  the guest crashed (triple fault, KVM internal or emulation error); a report with the
+     exit reason, registers and the instruction bytes at RIP is printed on stderr
+
+Examples:
+  ftvmm run --kernel images/out/testguest --cmdline mode=hello
+  ftvmm run --kernel vmlinux --initrd initramfs.gz --cmdline 'console=ttyS0' --vcpus 2 --memory 512
+  ftvmm run --kernel vmlinux --cpu-features=-cx16,-pdpe1gb --serial file:/tmp/console.log";
+
+/// Boot a guest kernel and run it until it powers off, resets or crashes.
+#[derive(Args, Debug)]
+#[command(after_help = AFTER_HELP)]
+pub struct RunArgs {
+    /// Guest kernel: an ELF (vmlinux, with or without a PVH note, or the ftvmm test guest) or a
+    /// bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initramfs to load for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "console=ttyS0 reboot=k panic=1")]
+    cmdline: String,
+
+    /// Number of vCPUs (1 to 254).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=254))]
+    vcpus: u8,
+
+    /// Guest memory in MiB (at least 16, at most the host's RAM).
+    #[arg(long, value_name = "MiB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
+    memory: u64,
+
+    /// Where the guest's COM1 output goes: stdout, null, or file:PATH.
+    #[arg(long, value_name = "DEST", default_value = "stdout")]
+    serial: SerialOutput,
+
+    /// CPU feature changes, comma-separated: -name hides a feature from the guest, +name (or name)
+    /// requires the host to offer it. Names are Linux /proc/cpuinfo flags, e.g.
+    /// -cx16,-pdpe1gb,-avx512f.
+    #[arg(long, value_name = "LIST", allow_hyphen_values = true, default_value = "")]
+    cpu_features: CpuFeatures,
+}
+
+pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        serial: args.serial,
+        cpu_features: args.cpu_features,
+    };
+    let exit = Machine::run(&config)?;
+    match &exit {
+        VmExit::PowerOff => tracing::info!("guest powered off"),
+        VmExit::Reset => eprintln!("ftvmm: the guest reset itself"),
+        VmExit::Crash(report) => eprintln!("ftvmm: {report}"),
+    }
+    Ok(exit.exit_code() as u8)
+}

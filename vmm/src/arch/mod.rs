@@ -1,0 +1,8 @@
+//! x86_64 platform support: memory map, boot protocols, CPUID, boot CPU state and ACPI tables.
+
+pub mod acpi;
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod paging;
+pub mod regs;

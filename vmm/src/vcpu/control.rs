@@ -1,0 +1,183 @@
+//! Coordinating vCPU threads: pause, resume and stop.
+//!
+//! A pause is complete only when every vCPU thread has parked outside `KVM_RUN` with no port or MMIO
+//! access half done, so whoever paused may then read or write any guest state. Replication pauses
+//! at every epoch, so this path is kept short: one mutex, one condvar, one signal per thread.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+#[derive(Default)]
+struct State {
+    pause: bool,
+    stop: bool,
+    /// vCPU threads currently parked.
+    parked: usize,
+    /// vCPU threads that have not exited yet.
+    live: usize,
+}
+
+/// Shared by the VMM and all vCPU threads of one VM.
+#[derive(Default)]
+pub struct VcpuControl {
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Fast-path copy of `pause || stop`, read by vCPU threads on every exit.
+    attention: AtomicBool,
+}
+
+/// What a vCPU thread must do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Directive {
+    Run,
+    Stop,
+}
+
+impl VcpuControl {
+    /// A control block with no threads yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a vCPU thread as live.
+    pub fn thread_started(&self) {
+        self.lock().live += 1;
+    }
+
+    /// Unregisters a vCPU thread.
+    pub fn thread_exited(&self) {
+        let mut s = self.lock();
+        s.live -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Whether the vCPU must look at [`VcpuControl::checkpoint`] before entering the guest.
+    pub fn needs_attention(&self) -> bool {
+        self.attention.load(Ordering::Acquire)
+    }
+
+    /// Called by a vCPU thread (with no guest access in flight): parks while paused, and says whether
+    /// to keep running.
+    pub fn checkpoint(&self) -> Directive {
+        let mut s = self.lock();
+        if s.stop {
+            return Directive::Stop;
+        }
+        if s.pause {
+            s.parked += 1;
+            self.changed.notify_all();
+            while s.pause && !s.stop {
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.parked -= 1;
+            self.changed.notify_all();
+        }
+        if s.stop {
+            Directive::Stop
+        } else {
+            Directive::Run
+        }
+    }
+
+    /// Asks all vCPUs to pause; `kick` must then interrupt each thread, after which
+    /// [`VcpuControl::wait_paused`] waits for them.
+    pub fn request_pause(&self) {
+        self.lock().pause = true;
+        self.attention.store(true, Ordering::Release);
+    }
+
+    /// Waits until every live vCPU thread is parked. Returns false on timeout.
+    pub fn wait_paused(&self, timeout: Duration) -> bool {
+        let s = self.lock();
+        let (s, res) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| s.pause && s.parked < s.live)
+            .unwrap_or_else(|e| e.into_inner());
+        drop(s);
+        !res.timed_out()
+    }
+
+    /// Lets paused vCPUs run again and waits until they have all left the parked state.
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        s.pause = false;
+        if !s.stop {
+            self.attention.store(false, Ordering::Release);
+        }
+        self.changed.notify_all();
+        while s.parked > 0 {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Asks every vCPU thread to exit; `kick` must then interrupt each thread.
+    pub fn request_stop(&self) {
+        self.lock().stop = true;
+        self.attention.store(true, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Whether a pause is in force.
+    pub fn is_paused(&self) -> bool {
+        self.lock().pause
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+
+    fn worker(ctl: Arc<VcpuControl>, spins: Arc<std::sync::atomic::AtomicU64>) -> thread::JoinHandle<()> {
+        ctl.thread_started();
+        thread::spawn(move || {
+            loop {
+                if ctl.needs_attention() && ctl.checkpoint() == Directive::Stop {
+                    break;
+                }
+                spins.fetch_add(1, Ordering::Relaxed);
+                thread::yield_now();
+            }
+            ctl.thread_exited();
+        })
+    }
+
+    #[test]
+    fn pause_parks_every_thread_and_resume_releases_them() {
+        let ctl = Arc::new(VcpuControl::new());
+        let spins = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let handles: Vec<_> = (0..4).map(|_| worker(ctl.clone(), spins.clone())).collect();
+        ctl.request_pause();
+        assert!(ctl.wait_paused(Duration::from_secs(10)));
+        let frozen = spins.load(Ordering::Relaxed);
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(spins.load(Ordering::Relaxed), frozen);
+        ctl.resume();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while spins.load(Ordering::Relaxed) == frozen && std::time::Instant::now() < deadline {
+            thread::yield_now();
+        }
+        assert!(spins.load(Ordering::Relaxed) > frozen);
+        ctl.request_stop();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn stop_releases_paused_threads() {
+        let ctl = Arc::new(VcpuControl::new());
+        let spins = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let h = worker(ctl.clone(), spins);
+        ctl.request_pause();
+        assert!(ctl.wait_paused(Duration::from_secs(10)));
+        ctl.request_stop();
+        h.join().unwrap();
+    }
+}
