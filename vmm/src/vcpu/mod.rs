@@ -42,7 +42,7 @@ impl StopSignals {
     pub fn crashed(&self, report: CrashReport) {
         let mut slot = self.crash.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
-            tracing::error!("{report}");
+            tracing::error!(vcpu = report.vcpu, kind = %report.kind, "guest crashed");
             *slot = Some(report);
         }
         drop(slot);

@@ -1,0 +1,67 @@
+//! Booting the ring-3 test guest: the hello marker and exit status, SMP bring-up, and the crash
+//! report of a guest that triple-faults.
+
+use std::time::Duration;
+
+use integration_tests::run_testguest;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+#[test]
+fn hello_prints_its_marker_and_powers_off() {
+    let out = run_testguest("mode=hello", 1, DEADLINE);
+    assert!(out.stdout.contains("testguest: hello"), "{out:?}");
+    assert_eq!(out.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn hello_sees_its_command_line() {
+    let out = run_testguest("mode=hello tag=xyzzy", 1, DEADLINE);
+    assert!(out.stdout.contains("cmdline=\"mode=hello tag=xyzzy\""), "{out:?}");
+    assert_eq!(out.code(), Some(0), "{out:?}");
+}
+
+fn check_smp(vcpus: u8) {
+    let out = run_testguest("mode=smp", vcpus, DEADLINE);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    for id in 0..vcpus {
+        let line = format!("vcpu apic_id={id} online");
+        assert_eq!(
+            out.stdout.lines().filter(|l| l.trim() == line).count(),
+            1,
+            "expected exactly one {line:?}: {out:?}"
+        );
+    }
+    assert!(out.stdout.contains(&format!("testguest: smp ok cpus={vcpus}")), "{out:?}");
+}
+
+#[test]
+fn smp_one_vcpu() {
+    check_smp(1);
+}
+
+#[test]
+fn smp_two_vcpus() {
+    check_smp(2);
+}
+
+#[test]
+fn smp_eight_vcpus() {
+    check_smp(8);
+}
+
+#[test]
+fn triple_fault_is_reported_not_hung() {
+    let out = run_testguest("mode=triple", 1, DEADLINE);
+    assert_eq!(out.code(), Some(4), "{out:?}");
+    assert!(out.stdout.contains("testguest: triple-faulting"), "{out:?}");
+    assert!(out.stderr.contains("guest crashed on vCPU 0: triple fault"), "{out:?}");
+    assert!(out.stderr.contains("rip="), "{out:?}");
+    assert!(out.stderr.contains("code at rip:"), "{out:?}");
+}
+
+#[test]
+fn unknown_mode_is_reported_by_the_guest() {
+    let out = run_testguest("mode=nosuchmode", 1, DEADLINE);
+    assert!(out.stdout.contains("testguest: FAIL unknown mode=nosuchmode"), "{out:?}");
+}

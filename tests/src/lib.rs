@@ -1,0 +1,160 @@
+//! Helpers for the integration tests: find the `ftvmm` binary and the guest images, and run ftvmm
+//! with a deadline so that no test can hang.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The `ftvmm` binary: `$FTVMM_BIN`, else the workspace's debug build, else its release build.
+pub fn ftvmm_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FTVMM_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join("ftvmm");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no ftvmm binary under {}: run `cargo build` first (scripts/test does)", target.display());
+}
+
+/// The test guest ELF built by `scripts/build-images`.
+pub fn testguest() -> PathBuf {
+    let p = workspace_root().join("images/out/testguest");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-images first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// A finished ftvmm run.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl RunOutput {
+    /// The exit code (`None` if killed by a signal).
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Runs `ftvmm` with `args`, killing it after `deadline`. Panics on a timeout, with its output.
+pub fn run_ftvmm(args: &[&str], deadline: Duration) -> RunOutput {
+    let start = Instant::now();
+    let mut child = Command::new(ftvmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ftvmm");
+    let mut stdout_pipe = child.stdout.take().expect("stdout piped");
+    let mut stderr_pipe = child.stderr.take().expect("stderr piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout_pipe.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr_pipe.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for ftvmm") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out_reader.join().unwrap_or_default();
+            let stderr = err_reader.join().unwrap_or_default();
+            panic!("ftvmm {args:?} did not finish within {deadline:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    RunOutput {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Runs the test guest with `cmdline` and `vcpus`, serial on stdout.
+pub fn run_testguest(cmdline: &str, vcpus: u8, deadline: Duration) -> RunOutput {
+    let guest = testguest();
+    let vcpus = vcpus.to_string();
+    run_ftvmm(
+        &[
+            "run",
+            "--kernel",
+            guest.to_str().expect("utf-8 path"),
+            "--cmdline",
+            cmdline,
+            "--vcpus",
+            &vcpus,
+            "--memory",
+            "128",
+        ],
+        deadline,
+    )
+}
+
+/// Order statistics of a set of timings.
+#[derive(Clone, Copy, Debug)]
+pub struct Stats {
+    pub median: Duration,
+    pub p99: Duration,
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// Computes [`Stats`] of a non-empty sample.
+pub fn stats(samples: &[Duration]) -> Stats {
+    assert!(!samples.is_empty(), "no samples");
+    let mut s = samples.to_vec();
+    s.sort();
+    let pick = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+    Stats {
+        median: pick(0.5),
+        p99: pick(0.99),
+        min: s[0],
+        max: s[s.len() - 1],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_pick_order_statistics() {
+        let ms: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+        let s = stats(&ms);
+        assert_eq!(s.min, Duration::from_millis(1));
+        assert_eq!(s.max, Duration::from_millis(100));
+        assert_eq!(s.median, Duration::from_millis(51));
+        assert_eq!(s.p99, Duration::from_millis(99));
+    }
+}
