@@ -8,6 +8,7 @@ pub mod bus;
 pub mod guest_exit;
 pub mod interrupt;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use guest_exit::{GuestExitEvent, GuestExitRequest};
