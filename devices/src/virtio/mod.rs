@@ -5,6 +5,7 @@
 //! queue-notification eventfds (which the VMM wires to KVM ioeventfds) and an interrupt
 //! ([`VirtioInterrupt`], wired to a KVM irqfd).
 
+pub mod block;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,224 @@
+//! The virtio-blk device: configuration, features, activation.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::request::{ID_BYTES, SECTOR_SIZE};
+use crate::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
+};
+
+/// virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Maximum size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// A `--disk` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Errors creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")]
+    Size { path: PathBuf, size: u64 },
+    #[error("cannot create an eventfd for disk {path}: {source}")]
+    EventFd { path: PathBuf, source: std::io::Error },
+    #[error("invalid --disk value {0:?}: expected path=IMG[,readonly]")]
+    Parse(String),
+}
+
+impl std::str::FromStr for BlockConfig {
+    type Err = BlockError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut path = None;
+        let mut read_only = false;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                None if part == "readonly" || part == "ro" => read_only = true,
+                Some(("readonly", v)) => match v {
+                    "on" | "true" | "1" => read_only = true,
+                    "off" | "false" | "0" => read_only = false,
+                    _ => return Err(BlockError::Parse(s.to_string())),
+                },
+                _ => return Err(BlockError::Parse(s.to_string())),
+            }
+        }
+        Ok(Self {
+            path: path.ok_or_else(|| BlockError::Parse(s.to_string()))?,
+            read_only,
+        })
+    }
+}
+
+/// Queue processing state once the driver is ready.
+pub(super) struct Active {
+    pub memory: GuestMemoryMmap,
+    pub queue: Queue,
+    pub queue_event: EventFd,
+    pub interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio-blk device over a raw image.
+pub struct VirtioBlock {
+    pub(super) file: File,
+    pub(super) path: PathBuf,
+    pub(super) capacity: u64,
+    pub(super) read_only: bool,
+    pub(super) id: [u8; ID_BYTES],
+    pub(super) acked_features: u64,
+    config: [u8; 8],
+    /// Signalled by `activate` so the event loop starts watching the queue.
+    pub(super) activate_event: EventFd,
+    pub(super) active: Option<Active>,
+}
+
+impl VirtioBlock {
+    /// Opens the image named by `config`; `index` distinguishes disks in their IDs.
+    pub fn new(config: &BlockConfig, index: usize) -> Result<Self, BlockError> {
+        let path = config.path.clone();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&path)
+            .map_err(|source| BlockError::Open { path: path.clone(), source })?;
+        let size = file
+            .metadata()
+            .map_err(|source| BlockError::Open { path: path.clone(), source })?
+            .len();
+        if size % SECTOR_SIZE != 0 {
+            return Err(BlockError::Size { path, size });
+        }
+        let mut id = [0u8; ID_BYTES];
+        let name = format!("ftvmm-disk{index}");
+        id[..name.len()].copy_from_slice(name.as_bytes());
+        let activate_event =
+            EventFd::new(EFD_NONBLOCK).map_err(|source| BlockError::EventFd { path: path.clone(), source })?;
+        Ok(Self {
+            file,
+            path,
+            capacity: size,
+            read_only: config.read_only,
+            id,
+            acked_features: 0,
+            config: (size / SECTOR_SIZE).to_le_bytes(),
+            activate_event,
+            active: None,
+        })
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Disk size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+impl VirtioDevice for VirtioBlock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | ro
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("virtio-blk: ignored config write at {offset:#x}");
+    }
+
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 1 || ctx.queue_events.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: ctx.queues.len(),
+            });
+        }
+        self.active = Some(Active {
+            memory: ctx.memory,
+            queue: ctx.queues.remove(0),
+            queue_event: ctx.queue_events.remove(0),
+            interrupt: ctx.interrupt,
+        });
+        self.activate_event
+            .write(1)
+            .map_err(|e| ActivateError::Backend(format!("cannot signal activation: {e}")))
+    }
+
+    fn reset(&mut self) -> bool {
+        // The event handler notices the missing state and stops watching the queue.
+        self.active = None;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_disk_arguments() {
+        let c: BlockConfig = "path=/d.img,readonly".parse().unwrap();
+        assert_eq!(c, BlockConfig { path: "/d.img".into(), read_only: true });
+        let c: BlockConfig = "path=/d.img".parse().unwrap();
+        assert!(!c.read_only);
+        assert!("readonly".parse::<BlockConfig>().is_err());
+        assert!("path=".parse::<BlockConfig>().is_err());
+        assert!("path=/x,bogus=1".parse::<BlockConfig>().is_err());
+    }
+
+    #[test]
+    fn rejects_missing_and_unaligned_images() {
+        let missing = BlockConfig { path: "/nonexistent/disk.img".into(), read_only: false };
+        assert!(matches!(VirtioBlock::new(&missing, 0), Err(BlockError::Open { .. })));
+        let p = std::env::temp_dir().join(format!("ftvmm-blk-odd-{}", std::process::id()));
+        std::fs::write(&p, [0u8; 100]).unwrap();
+        let odd = BlockConfig { path: p.clone(), read_only: true };
+        assert!(matches!(VirtioBlock::new(&odd, 0), Err(BlockError::Size { size: 100, .. })));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn config_space_holds_capacity_in_sectors() {
+        let p = std::env::temp_dir().join(format!("ftvmm-blk-cap-{}", std::process::id()));
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let dev = VirtioBlock::new(&BlockConfig { path: p.clone(), read_only: true }, 3).unwrap();
+        let mut cap = [0u8; 8];
+        dev.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        assert_ne!(dev.avail_features() & VIRTIO_BLK_F_RO, 0);
+        assert_eq!(&dev.id[..11], b"ftvmm-disk3");
+        std::fs::remove_file(p).unwrap();
+    }
+}
