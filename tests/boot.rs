@@ -17,7 +17,10 @@ fn hello_prints_its_marker_and_powers_off() {
 #[test]
 fn hello_sees_its_command_line() {
     let out = run_testguest("mode=hello tag=xyzzy", 1, DEADLINE);
-    assert!(out.stdout.contains("cmdline=\"mode=hello tag=xyzzy\""), "{out:?}");
+    assert!(
+        out.stdout.contains("cmdline=\"mode=hello tag=xyzzy\""),
+        "{out:?}"
+    );
     assert_eq!(out.code(), Some(0), "{out:?}");
 }
 
@@ -32,7 +35,11 @@ fn check_smp(vcpus: u8) {
             "expected exactly one {line:?}: {out:?}"
         );
     }
-    assert!(out.stdout.contains(&format!("testguest: smp ok cpus={vcpus}")), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("testguest: smp ok cpus={vcpus}")),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -55,7 +62,10 @@ fn triple_fault_is_reported_not_hung() {
     let out = run_testguest("mode=triple", 1, DEADLINE);
     assert_eq!(out.code(), Some(4), "{out:?}");
     assert!(out.stdout.contains("testguest: triple-faulting"), "{out:?}");
-    assert!(out.stderr.contains("guest crashed on vCPU 0: triple fault"), "{out:?}");
+    assert!(
+        out.stderr.contains("guest crashed on vCPU 0: triple fault"),
+        "{out:?}"
+    );
     assert!(out.stderr.contains("rip="), "{out:?}");
     assert!(out.stderr.contains("code at rip:"), "{out:?}");
 }
@@ -63,5 +73,9 @@ fn triple_fault_is_reported_not_hung() {
 #[test]
 fn unknown_mode_is_reported_by_the_guest() {
     let out = run_testguest("mode=nosuchmode", 1, DEADLINE);
-    assert!(out.stdout.contains("testguest: FAIL unknown mode=nosuchmode"), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("testguest: FAIL unknown mode=nosuchmode"),
+        "{out:?}"
+    );
 }

@@ -8,9 +8,15 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 fn assert_clean_error(out: &RunOutput, expect_code: i32, needle: &str) {
     assert_eq!(out.code(), Some(expect_code), "{out:?}");
-    assert!(out.stderr.contains(needle), "stderr lacks {needle:?}: {out:?}");
+    assert!(
+        out.stderr.contains(needle),
+        "stderr lacks {needle:?}: {out:?}"
+    );
     assert!(!out.stderr.contains("panicked"), "ftvmm panicked: {out:?}");
-    assert!(!out.stderr.contains("RUST_BACKTRACE"), "ftvmm panicked: {out:?}");
+    assert!(
+        !out.stderr.contains("RUST_BACKTRACE"),
+        "ftvmm panicked: {out:?}"
+    );
 }
 
 fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
@@ -59,30 +65,56 @@ fn truncated_elf_image() {
 #[test]
 fn zero_vcpus() {
     let k = workspace_root().join("Cargo.toml");
-    let out = run_ftvmm(&["run", "--kernel", k.to_str().unwrap(), "--vcpus", "0"], DEADLINE);
+    let out = run_ftvmm(
+        &["run", "--kernel", k.to_str().unwrap(), "--vcpus", "0"],
+        DEADLINE,
+    );
     assert_clean_error(&out, 2, "--vcpus");
 }
 
 #[test]
 fn absurd_memory() {
     let k = workspace_root().join("Cargo.toml");
-    let out = run_ftvmm(&["run", "--kernel", k.to_str().unwrap(), "--memory", "16000000"], DEADLINE);
+    let out = run_ftvmm(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "16000000",
+        ],
+        DEADLINE,
+    );
     assert_clean_error(&out, 1, "exceeds this host");
-    let out = run_ftvmm(&["run", "--kernel", k.to_str().unwrap(), "--memory", "4"], DEADLINE);
+    let out = run_ftvmm(
+        &["run", "--kernel", k.to_str().unwrap(), "--memory", "4"],
+        DEADLINE,
+    );
     assert_clean_error(&out, 1, "too small");
 }
 
 #[test]
 fn unknown_cpu_feature() {
     let k = workspace_root().join("Cargo.toml");
-    let out = run_ftvmm(&["run", "--kernel", k.to_str().unwrap(), "--cpu-features=-warp"], DEADLINE);
+    let out = run_ftvmm(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cpu-features=-warp",
+        ],
+        DEADLINE,
+    );
     assert_clean_error(&out, 2, "unknown CPU feature \"warp\"");
 }
 
 #[test]
 fn bad_serial_destination() {
     let k = workspace_root().join("Cargo.toml");
-    let out = run_ftvmm(&["run", "--kernel", k.to_str().unwrap(), "--serial", "tty"], DEADLINE);
+    let out = run_ftvmm(
+        &["run", "--kernel", k.to_str().unwrap(), "--serial", "tty"],
+        DEADLINE,
+    );
     assert_clean_error(&out, 2, "invalid --serial value");
 }
 
@@ -90,7 +122,16 @@ fn bad_serial_destination() {
 fn help_documents_every_option() {
     let out = run_ftvmm(&["run", "--help"], DEADLINE);
     assert_eq!(out.code(), Some(0));
-    for opt in ["--kernel", "--initrd", "--cmdline", "--vcpus", "--memory", "--serial", "--cpu-features", "Exit status"] {
+    for opt in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--vcpus",
+        "--memory",
+        "--serial",
+        "--cpu-features",
+        "Exit status",
+    ] {
         assert!(out.stdout.contains(opt), "help lacks {opt}");
     }
 }

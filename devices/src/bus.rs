@@ -61,9 +61,7 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength { base });
         }
-        let end = base
-            .checked_add(len)
-            .ok_or(BusError::Wraps { base, len })?;
+        let end = base.checked_add(len).ok_or(BusError::Wraps { base, len })?;
         // The closest range starting at or below `end - 1` is the only one that can overlap.
         if let Some((&other_base, other)) = self.entries.range(..end).next_back() {
             if other_base + other.len > base {
@@ -112,7 +110,9 @@ impl Bus {
 
 /// Locks a device, recovering from a poisoned lock: a device whose handler panicked on another vCPU
 /// thread keeps its last state, which is what real hardware would do.
-fn lock<'a>(device: &'a Mutex<dyn BusDevice + 'static>) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
+fn lock<'a>(
+    device: &'a Mutex<dyn BusDevice + 'static>,
+) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
     device.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -28,7 +28,14 @@ fn boot_to_marker(cmdline: &str, vcpus: u8, marker: &str) -> (Duration, Duration
     let mut child = Command::new(ftvmm_bin())
         .args(["run", "--kernel"])
         .arg(testguest())
-        .args(["--cmdline", cmdline, "--vcpus", &vcpus.to_string(), "--memory", "128"])
+        .args([
+            "--cmdline",
+            cmdline,
+            "--vcpus",
+            &vcpus.to_string(),
+            "--memory",
+            "128",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -59,13 +66,19 @@ fn config(cmdline: &str, vcpus: u8, serial: SerialOutput) -> VmConfig {
 
 /// Pauses and resumes a running guest whose vCPUs all spin in ring 3, `rounds` times.
 fn pause_resume(vcpus: u8, rounds: usize) -> Stats {
-    let log = std::env::temp_dir().join(format!("ftvmm-bench-spin-{}-{vcpus}.log", std::process::id()));
+    let log = std::env::temp_dir().join(format!(
+        "ftvmm-bench-spin-{}-{vcpus}.log",
+        std::process::id()
+    ));
     let mut machine = Machine::build(&config("mode=spin", vcpus, SerialOutput::File(log.clone())))
         .expect("build VM");
     machine.start().expect("start VM");
     let deadline = Instant::now() + Duration::from_secs(120);
     let ready = format!("testguest: spinning cpus={vcpus}");
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains(&ready) {
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains(&ready)
+    {
         assert!(Instant::now() < deadline, "guest never reported {ready:?}");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -115,6 +128,12 @@ fn main() {
 
     for vcpus in [1u8, 8] {
         let s = pause_resume(vcpus, 500);
-        print(&format!("pause+resume all vCPUs ({vcpus} vCPU{})", if vcpus > 1 { "s" } else { "" }), s);
+        print(
+            &format!(
+                "pause+resume all vCPUs ({vcpus} vCPU{})",
+                if vcpus > 1 { "s" } else { "" }
+            ),
+            s,
+        );
     }
 }

@@ -28,7 +28,10 @@ pub fn ftvmm_bin() -> PathBuf {
             return p;
         }
     }
-    panic!("no ftvmm binary under {}: run `cargo build` first (scripts/test does)", target.display());
+    panic!(
+        "no ftvmm binary under {}: run `cargo build` first (scripts/test does)",
+        target.display()
+    );
 }
 
 /// The test guest ELF built by `scripts/build-images`.

@@ -102,7 +102,13 @@ impl fmt::Display for CrashReport {
                 "  cs={:#x} (cpl {}, {}) cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
                 s.cs.selector,
                 s.cs.selector & 3,
-                if s.cs.l == 1 { "64-bit" } else if s.cs.db == 1 { "32-bit" } else { "16-bit" },
+                if s.cs.l == 1 {
+                    "64-bit"
+                } else if s.cs.db == 1 {
+                    "32-bit"
+                } else {
+                    "16-bit"
+                },
                 s.cr0,
                 s.cr3,
                 s.cr4,

@@ -80,7 +80,10 @@ pub enum MachineError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot place device {device} on the bus: {source}")]
-    Bus { device: &'static str, source: BusError },
+    Bus {
+        device: &'static str,
+        source: BusError,
+    },
     #[error("cannot create {what}: {source}")]
     Io {
         what: &'static str,
@@ -133,7 +136,11 @@ pub struct Machine {
 impl Machine {
     /// Builds the VM described by `config`, ready to [`Machine::start`].
     pub fn build(config: &VmConfig) -> Result<Self, MachineError> {
-        let span = tracing::info_span!("build", vcpus = config.vcpus, memory_mib = config.memory_mib);
+        let span = tracing::info_span!(
+            "build",
+            vcpus = config.vcpus,
+            memory_mib = config.memory_mib
+        );
         let _guard = span.enter();
         let started = Instant::now();
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
@@ -193,13 +200,19 @@ impl Machine {
         let mut event_manager = EventManager::<Subscriber>::new()
             .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
         let watcher = StopWatcher {
-            eventfd: guest_exit.eventfd().try_clone().map_err(|source| MachineError::Io {
-                what: "a handle on the stop eventfd",
-                source,
-            })?,
+            eventfd: guest_exit
+                .eventfd()
+                .try_clone()
+                .map_err(|source| MachineError::Io {
+                    what: "a handle on the stop eventfd",
+                    source,
+                })?,
         };
         event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
-        tracing::info!(elapsed_us = started.elapsed().as_micros() as u64, "VM built");
+        tracing::info!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "VM built"
+        );
         Ok(Self {
             vcpu_threads: Vec::new(),
             unstarted,
@@ -264,7 +277,12 @@ impl Machine {
     }
 
     fn stop_reason(&self) -> Option<VmExit> {
-        let crash = self.stop.crash.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let crash = self
+            .stop
+            .crash
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(report) = crash {
             return Some(VmExit::Crash(Box::new(report)));
         }
@@ -321,7 +339,10 @@ fn build_io_bus(
     let mut bus = Bus::new();
     let place = |bus: &mut Bus, device: Arc<Mutex<dyn devices::BusDevice>>, name, base, len| {
         bus.insert(device, base, len)
-            .map_err(|source| MachineError::Bus { device: name, source })
+            .map_err(|source| MachineError::Bus {
+                device: name,
+                source,
+            })
     };
     let irq = EventFdTrigger::new().map_err(|source| MachineError::Io {
         what: "the serial interrupt eventfd",

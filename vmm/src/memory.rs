@@ -68,7 +68,8 @@ pub fn validate_size(mib: u64) -> Result<(), MemoryError> {
 /// Maps `mib` MiB of anonymous guest memory (not reserved up front) with dirty bitmaps.
 pub fn create_guest_memory(mib: u64) -> Result<GuestMemory, MemoryError> {
     validate_size(mib)?;
-    GuestMemory::from_ranges(&ram_ranges(mib << 20)).map_err(|source| MemoryError::Map { mib, source })
+    GuestMemory::from_ranges(&ram_ranges(mib << 20))
+        .map_err(|source| MemoryError::Map { mib, source })
 }
 
 #[cfg(test)]
@@ -92,7 +93,10 @@ mod tests {
 
     #[test]
     fn sizes_are_validated() {
-        assert!(matches!(validate_size(1), Err(MemoryError::TooSmall { mib: 1 })));
+        assert!(matches!(
+            validate_size(1),
+            Err(MemoryError::TooSmall { mib: 1 })
+        ));
         assert!(matches!(
             validate_size(1 << 40),
             Err(MemoryError::LargerThanHost { .. })
@@ -102,7 +106,8 @@ mod tests {
     #[test]
     fn vmm_writes_mark_pages_dirty() {
         let mem = create_guest_memory(16).unwrap();
-        mem.write_obj(0xabu8, GuestAddress(5 * PAGE_SIZE as u64 + 7)).unwrap();
+        mem.write_obj(0xabu8, GuestAddress(5 * PAGE_SIZE as u64 + 7))
+            .unwrap();
         let region = mem.find_region(GuestAddress(0)).unwrap();
         let bitmap = region.bitmap();
         use vm_memory::bitmap::Bitmap;

@@ -1,7 +1,10 @@
 //! The KVM VM: the `/dev/kvm` handle, the VM file descriptor, its memory slots and in-kernel
 //! interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -76,7 +79,10 @@ impl Vm {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         })
-        .map_err(|source| VmError::Irqchip { what: "PIT", source })?;
+        .map_err(|source| VmError::Irqchip {
+            what: "PIT",
+            source,
+        })?;
         let vm = Self { kvm, fd };
         vm.register_memory(memory)?;
         Ok(vm)

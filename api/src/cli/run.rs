@@ -33,7 +33,11 @@ pub struct RunArgs {
     initrd: Option<PathBuf>,
 
     /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = "console=ttyS0 reboot=k panic=1")]
+    #[arg(
+        long,
+        value_name = "STR",
+        default_value = "console=ttyS0 reboot=k panic=1"
+    )]
     cmdline: String,
 
     /// Number of vCPUs (1 to 254).
@@ -53,7 +57,12 @@ pub struct RunArgs {
     /// CPU feature changes, comma-separated: -name hides a feature from the guest, +name (or name)
     /// requires the host to offer it. Names are Linux /proc/cpuinfo flags, e.g.
     /// -cx16,-pdpe1gb,-avx512f.
-    #[arg(long, value_name = "LIST", allow_hyphen_values = true, default_value = "")]
+    #[arg(
+        long,
+        value_name = "LIST",
+        allow_hyphen_values = true,
+        default_value = ""
+    )]
     cpu_features: CpuFeatures,
 }
 

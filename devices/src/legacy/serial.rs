@@ -140,7 +140,10 @@ mod tests {
 
     #[test]
     fn parses_serial_output_specs() {
-        assert_eq!("stdout".parse::<SerialOutput>().unwrap(), SerialOutput::Stdout);
+        assert_eq!(
+            "stdout".parse::<SerialOutput>().unwrap(),
+            SerialOutput::Stdout
+        );
         assert_eq!(
             "file:/tmp/x".parse::<SerialOutput>().unwrap(),
             SerialOutput::File("/tmp/x".into())

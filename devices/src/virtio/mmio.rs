@@ -40,9 +40,16 @@ pub struct MmioTransport {
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
     #[error("cannot create an eventfd for virtio queue {index}: {source}")]
-    EventFd { index: usize, source: std::io::Error },
+    EventFd {
+        index: usize,
+        source: std::io::Error,
+    },
     #[error("invalid maximum size {size} for virtio queue {index}: {reason}")]
-    QueueSize { index: usize, size: u16, reason: String },
+    QueueSize {
+        index: usize,
+        size: u16,
+        reason: String,
+    },
 }
 
 fn lock(d: &Mutex<dyn VirtioDevice>) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -66,7 +73,8 @@ impl MmioTransport {
                 reason: e.to_string(),
             })?);
             queue_events.push(
-                EventFd::new(EFD_NONBLOCK).map_err(|source| MmioError::EventFd { index, source })?,
+                EventFd::new(EFD_NONBLOCK)
+                    .map_err(|source| MmioError::EventFd { index, source })?,
             );
         }
         Ok(Self {
@@ -160,7 +168,8 @@ impl MmioTransport {
                 return;
             }
         }
-        let events: Result<Vec<EventFd>, _> = self.queue_events.iter().map(EventFd::try_clone).collect();
+        let events: Result<Vec<EventFd>, _> =
+            self.queue_events.iter().map(EventFd::try_clone).collect();
         let queue_events = match events {
             Ok(e) => e,
             Err(e) => {
@@ -169,8 +178,11 @@ impl MmioTransport {
                 return;
             }
         };
-        let queues: Result<Vec<Queue>, _> =
-            self.queues.iter().map(|q| Queue::try_from(q.state())).collect();
+        let queues: Result<Vec<Queue>, _> = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect();
         let queues = match queues {
             Ok(q) => q,
             Err(e) => {
@@ -227,7 +239,9 @@ impl MmioTransport {
         match offset {
             0x14 => self.device_features_sel = value,
             0x20 if !self.features_ok() => match self.driver_features_sel {
-                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                0 => {
+                    self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
+                }
                 1 => {
                     self.driver_features =
                         (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
@@ -258,7 +272,11 @@ impl MmioTransport {
             0x70 => self.set_status(value),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if configurable => {
                 if let Some(q) = self.selected_queue() {
-                    let (lo, hi) = if offset & 4 == 0 { (Some(value), None) } else { (None, Some(value)) };
+                    let (lo, hi) = if offset & 4 == 0 {
+                        (Some(value), None)
+                    } else {
+                        (None, Some(value))
+                    };
                     match offset & !4 {
                         0x80 => q.set_desc_table_address(lo, hi),
                         0x90 => q.set_avail_ring_address(lo, hi),
@@ -278,8 +296,11 @@ impl BusDevice for MmioTransport {
             return;
         }
         data.fill(0);
-        if data.len() != 4 || offset % 4 != 0 {
-            tracing::debug!("virtio-mmio read of {} bytes at {offset:#x} ignored", data.len());
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            tracing::debug!(
+                "virtio-mmio read of {} bytes at {offset:#x} ignored",
+                data.len()
+            );
             return;
         }
         let v = self.read_register(offset);
@@ -293,10 +314,13 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!("virtio-mmio write of {} bytes at {offset:#x} ignored", data.len());
+            tracing::debug!(
+                "virtio-mmio write of {} bytes at {offset:#x} ignored",
+                data.len()
+            );
             return;
         };
-        if offset % 4 == 0 {
+        if offset.is_multiple_of(4) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
     }
@@ -373,7 +397,11 @@ pub(crate) mod tests {
         wr(t, 0x20, features as u32);
         wr(t, 0x24, 1);
         wr(t, 0x20, (features >> 32) as u32);
-        wr(t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         for (q, base) in [(0u32, 0x1000u32), (1, 0x4000)] {
             wr(t, 0x30, q);
             wr(t, 0x38, 16);
@@ -382,7 +410,11 @@ pub(crate) mod tests {
             wr(t, 0xa0, base + 0x200);
             wr(t, 0x44, 1);
         }
-        wr(t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        wr(
+            t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
     }
 
     #[test]
@@ -428,13 +460,21 @@ pub(crate) mod tests {
         wr(&mut t, 0x20, 1);
         wr(&mut t, 0x24, 1);
         wr(&mut t, 0x20, 1);
-        wr(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         wr(&mut t, 0x30, 0);
         wr(&mut t, 0x38, 16);
         wr(&mut t, 0x80, 0xffff_f000);
         wr(&mut t, 0x84, 0x7);
         wr(&mut t, 0x44, 1);
-        wr(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        wr(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         assert_eq!(dev.lock().unwrap().activations, 0);
         assert_ne!(rd(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
     }

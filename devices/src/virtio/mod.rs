@@ -10,8 +10,8 @@ pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use vm_memory::bitmap::AtomicBitmap;
 use virtio_queue::Queue;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -130,7 +130,9 @@ pub trait VirtioDevice: Send {
 /// Copies `config[offset..]` into `data`, leaving out-of-range bytes as zero.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(offset) = usize::try_from(offset) else { return };
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
     if offset >= config.len() {
         return;
     }

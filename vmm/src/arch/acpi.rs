@@ -6,7 +6,9 @@
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -218,7 +220,11 @@ pub fn write_acpi_tables(
     Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);
     tables.push(("RSDP", RSDP_START, rsdp));
 
-    let end = tables.iter().map(|(_, a, b)| a + b.len() as u64).max().unwrap_or(RSDP_START);
+    let end = tables
+        .iter()
+        .map(|(_, a, b)| a + b.len() as u64)
+        .max()
+        .unwrap_or(RSDP_START);
     if end > ACPI_TABLES_END {
         return Err(AcpiError::TooLarge {
             needed: end - RSDP_START,
@@ -267,7 +273,10 @@ mod tests {
             .chunks(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let sigs: Vec<Vec<u8>> = entries.iter().map(|a| table_at(&mem, *a)[..4].to_vec()).collect();
+        let sigs: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|a| table_at(&mem, *a)[..4].to_vec())
+            .collect();
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
         for a in &entries {
             assert!(checksum_ok(&table_at(&mem, *a)));

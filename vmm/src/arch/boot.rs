@@ -37,7 +37,10 @@ const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel image {path}: {source}")]
-    OpenKernel { path: PathBuf, source: std::io::Error },
+    OpenKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel image {0} is empty")]
     EmptyKernel(PathBuf),
     #[error("kernel image {0} is neither an ELF (vmlinux, test guest) nor a bzImage")]
@@ -50,9 +53,16 @@ pub enum BootError {
     #[error("invalid kernel command line {cmdline:?}: {reason}")]
     Cmdline { cmdline: String, reason: String },
     #[error("cannot read initramfs {path}: {source}")]
-    ReadInitrd { path: PathBuf, source: std::io::Error },
+    ReadInitrd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel")]
-    InitrdTooLarge { path: PathBuf, size: u64, limit: u64 },
+    InitrdTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("cannot write initramfs to guest memory: {0}")]
     WriteInitrd(vm_memory::GuestMemoryError),
     #[error("cannot write boot parameters: {0}")]
@@ -176,10 +186,11 @@ pub fn load_kernel(mem: &GuestMemory, spec: &KernelSpec) -> Result<EntryMode, Bo
     }
     .map_err(load_err)?;
 
-    let cmdline = Cmdline::try_from(spec.cmdline, CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline {
-        cmdline: spec.cmdline.to_string(),
-        reason: e.to_string(),
-    })?;
+    let cmdline =
+        Cmdline::try_from(spec.cmdline, CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline {
+            cmdline: spec.cmdline.to_string(),
+            reason: e.to_string(),
+        })?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| BootError::Cmdline {
         cmdline: spec.cmdline.to_string(),
         reason: e.to_string(),
@@ -311,7 +322,8 @@ fn write_pvh_start_info(
             })
         })
         .collect();
-    let modlist_addr = PVH_MEMMAP_START + (memmap.len() * std::mem::size_of::<MemmapEntry>()) as u64;
+    let modlist_addr =
+        PVH_MEMMAP_START + (memmap.len() * std::mem::size_of::<MemmapEntry>()) as u64;
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
@@ -337,7 +349,8 @@ fn write_pvh_start_info(
             GuestAddress(modlist_addr),
         );
     }
-    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem).map_err(BootError::BootParams)
+    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem)
+        .map_err(BootError::BootParams)
 }
 
 #[cfg(test)]
@@ -366,26 +379,49 @@ mod tests {
     fn rejects_missing_empty_and_garbage_images() {
         let mem = crate::memory::create_guest_memory(16).unwrap();
         let missing = Path::new("/nonexistent/ftvmm/kernel");
-        assert!(matches!(load_kernel(&mem, &spec(missing)), Err(BootError::OpenKernel { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &spec(missing)),
+            Err(BootError::OpenKernel { .. })
+        ));
         let empty = temp_file("empty", b"");
-        assert!(matches!(load_kernel(&mem, &spec(&empty)), Err(BootError::EmptyKernel(_))));
+        assert!(matches!(
+            load_kernel(&mem, &spec(&empty)),
+            Err(BootError::EmptyKernel(_))
+        ));
         let garbage = temp_file("garbage", &[0x5a; 4096]);
-        assert!(matches!(load_kernel(&mem, &spec(&garbage)), Err(BootError::UnknownFormat(_))));
+        assert!(matches!(
+            load_kernel(&mem, &spec(&garbage)),
+            Err(BootError::UnknownFormat(_))
+        ));
         let mut bad_elf = b"\x7fELF".to_vec();
         bad_elf.resize(200, 0xee);
         let bad_elf = temp_file("bad-elf", &bad_elf);
-        assert!(matches!(load_kernel(&mem, &spec(&bad_elf)), Err(BootError::Load { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &spec(&bad_elf)),
+            Err(BootError::Load { .. })
+        ));
     }
 
     #[test]
     fn memory_map_has_low_ram_hole_and_high_ram() {
         let mem = crate::memory::create_guest_memory(64).unwrap();
         let map = memory_map(&mem);
-        assert_eq!(map[0], MemoryMapEntry { addr: 0, size: EBDA_START, kind: E820_RAM });
+        assert_eq!(
+            map[0],
+            MemoryMapEntry {
+                addr: 0,
+                size: EBDA_START,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(map[1].kind, E820_RESERVED);
         assert_eq!(
             map[2],
-            MemoryMapEntry { addr: HIMEM_START, size: (64 << 20) - HIMEM_START, kind: E820_RAM }
+            MemoryMapEntry {
+                addr: HIMEM_START,
+                size: (64 << 20) - HIMEM_START,
+                kind: E820_RAM
+            }
         );
     }
 }

@@ -149,7 +149,11 @@ pub struct FeatureChange {
 
 /// The names [`FEATURES`] knows, comma-separated.
 pub fn known_feature_names() -> String {
-    FEATURES.iter().map(|f| f.name).collect::<Vec<_>>().join(",")
+    FEATURES
+        .iter()
+        .map(|f| f.name)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A parsed `--cpu-features` list.
@@ -202,10 +206,15 @@ fn reg_mut(entry: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     }
 }
 
-fn find_entry(entries: &mut [kvm_cpuid_entry2], leaf: u32, subleaf: u32) -> Option<&mut kvm_cpuid_entry2> {
-    entries
-        .iter_mut()
-        .find(|e| e.function == leaf && (e.index == subleaf || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0))
+fn find_entry(
+    entries: &mut [kvm_cpuid_entry2],
+    leaf: u32,
+    subleaf: u32,
+) -> Option<&mut kvm_cpuid_entry2> {
+    entries.iter_mut().find(|e| {
+        e.function == leaf
+            && (e.index == subleaf || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+    })
 }
 
 /// Applies a feature list to a CPUID set (the same for every vCPU).
@@ -259,7 +268,11 @@ pub fn normalize_for_vcpu(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8) {
             4 => {
                 // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1.
                 let cache_level = (entry.eax >> 5) & 0x7;
-                let sharing = if cache_level >= 3 { count.saturating_sub(1) } else { 0 };
+                let sharing = if cache_level >= 3 {
+                    count.saturating_sub(1)
+                } else {
+                    0
+                };
                 entry.eax = (entry.eax & 0x3fff)
                     | ((count.saturating_sub(1).min(63)) << 26)
                     | ((sharing & 0xfff) << 14);
@@ -317,7 +330,10 @@ mod tests {
             "-nosuch".parse::<CpuFeatures>(),
             Err(CpuidError::UnknownFeature("nosuch".into()))
         );
-        assert!(matches!("-cx16,,".parse::<CpuFeatures>(), Err(CpuidError::EmptyEntry(_))));
+        assert!(matches!(
+            "-cx16,,".parse::<CpuFeatures>(),
+            Err(CpuidError::EmptyEntry(_))
+        ));
     }
 
     #[test]

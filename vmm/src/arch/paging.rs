@@ -26,7 +26,9 @@ pub fn translate(mem: &GuestMemory, sregs: &kvm_sregs, linear: u64) -> Option<u6
         }
         // 32-bit PAE: 4-entry PDPT, then PD and PT.
         let pdpte: u64 = mem
-            .read_obj(GuestAddress((sregs.cr3 & 0xffff_ffe0) + ((linear >> 30) & 3) * 8))
+            .read_obj(GuestAddress(
+                (sregs.cr3 & 0xffff_ffe0) + ((linear >> 30) & 3) * 8,
+            ))
             .ok()?;
         return walk(mem, pdpte, linear, &[21, 12]);
     }
@@ -65,10 +67,15 @@ pub fn read_linear(mem: &GuestMemory, sregs: &kvm_sregs, linear: u64, buf: &mut 
     let mut done = 0;
     while done < buf.len() {
         let addr = linear.wrapping_add(done as u64);
-        let Some(phys) = translate(mem, sregs, addr) else { break };
+        let Some(phys) = translate(mem, sregs, addr) else {
+            break;
+        };
         let in_page = (4096 - (addr & 0xfff)) as usize;
         let n = in_page.min(buf.len() - done);
-        if mem.read_slice(&mut buf[done..done + n], GuestAddress(phys)).is_err() {
+        if mem
+            .read_slice(&mut buf[done..done + n], GuestAddress(phys))
+            .is_err()
+        {
             break;
         }
         done += n;
@@ -95,10 +102,12 @@ mod tests {
         assert_eq!(translate(&mem, &sregs, 1 << 30), None);
         // Point PD entry 1 (2-4 MiB) at a 4 KiB page table mapping virtual 2 MiB to physical 0x30_0000.
         let pt = 0x40_0000u64;
-        mem.write_obj(pt | 3, GuestAddress(crate::arch::layout::PD_START + 8)).unwrap();
+        mem.write_obj(pt | 3, GuestAddress(crate::arch::layout::PD_START + 8))
+            .unwrap();
         mem.write_obj(0x30_0000u64 | 3, GuestAddress(pt)).unwrap();
         assert_eq!(translate(&mem, &sregs, 0x20_0010), Some(0x30_0010));
-        mem.write_slice(b"\x0f\x0b", GuestAddress(0x30_0010)).unwrap();
+        mem.write_slice(b"\x0f\x0b", GuestAddress(0x30_0010))
+            .unwrap();
         let mut buf = [0u8; 2];
         assert_eq!(read_linear(&mem, &sregs, 0x20_0010, &mut buf), 2);
         assert_eq!(&buf, b"\x0f\x0b");

@@ -61,7 +61,11 @@ pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
         base: (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)),
-        limit: if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw },
+        limit: if g == 1 {
+            (limit_raw << 12) | 0xfff
+        } else {
+            limit_raw
+        },
         selector: u16::from(index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -116,9 +120,10 @@ pub fn setup_sregs(mem: &GuestMemory, vcpu: &VcpuFd, mode: EntryMode) -> Result<
     }
     write(mem, "IDT", 0u64, BOOT_IDT_START)?;
 
-    let mut sregs: kvm_sregs = vcpu
-        .get_sregs()
-        .map_err(|source| RegsError::Kvm { what: "sregs", source })?;
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|source| RegsError::Kvm {
+        what: "sregs",
+        source,
+    })?;
     sregs.gdt.base = BOOT_GDT_START;
     sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
     sregs.idt.base = BOOT_IDT_START;
@@ -143,8 +148,10 @@ pub fn setup_sregs(mem: &GuestMemory, vcpu: &VcpuFd, mode: EntryMode) -> Result<
         sregs.cr4 = 0;
         sregs.efer = 0;
     }
-    vcpu.set_sregs(&sregs)
-        .map_err(|source| RegsError::Kvm { what: "sregs", source })
+    vcpu.set_sregs(&sregs).map_err(|source| RegsError::Kvm {
+        what: "sregs",
+        source,
+    })
 }
 
 /// Sets the general registers for `mode`.
@@ -165,8 +172,10 @@ pub fn setup_regs(vcpu: &VcpuFd, mode: EntryMode) -> Result<(), RegsError> {
             ..Default::default()
         },
     };
-    vcpu.set_regs(&regs)
-        .map_err(|source| RegsError::Kvm { what: "regs", source })
+    vcpu.set_regs(&regs).map_err(|source| RegsError::Kvm {
+        what: "regs",
+        source,
+    })
 }
 
 /// Sets the x87/SSE control words to their reset values.
@@ -176,8 +185,10 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu)
-        .map_err(|source| RegsError::Kvm { what: "FPU state", source })
+    vcpu.set_fpu(&fpu).map_err(|source| RegsError::Kvm {
+        what: "FPU state",
+        source,
+    })
 }
 
 mod msr_index {
@@ -212,7 +223,7 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         e(SYSCALL_MASK, 0),
         e(LSTAR, 0),
         e(IA32_TSC, 0),
-        e(IA32_MISC_ENABLE, 1), // fast strings
+        e(IA32_MISC_ENABLE, 1),               // fast strings
         e(IA32_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
     ]
 }
@@ -221,9 +232,10 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|e| RegsError::MsrList(format!("{e:?}")))?;
-    let set = vcpu
-        .set_msrs(&msrs)
-        .map_err(|source| RegsError::Kvm { what: "MSRs", source })?;
+    let set = vcpu.set_msrs(&msrs).map_err(|source| RegsError::Kvm {
+        what: "MSRs",
+        source,
+    })?;
     if set != entries.len() {
         return Err(RegsError::PartialMsrs {
             set,
@@ -244,9 +256,10 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
 
 /// Configures LINT0 as ExtINT (the PIC) and LINT1 as NMI, as firmware does.
 pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let mut lapic = vcpu
-        .get_lapic()
-        .map_err(|source| RegsError::Kvm { what: "LAPIC", source })?;
+    let mut lapic = vcpu.get_lapic().map_err(|source| RegsError::Kvm {
+        what: "LAPIC",
+        source,
+    })?;
     for (off, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
         let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[off + i] as u8);
         let val = set_delivery_mode(u32::from_le_bytes(bytes), mode);
@@ -254,8 +267,10 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
             lapic.regs[off + i] = *b as _;
         }
     }
-    vcpu.set_lapic(&lapic)
-        .map_err(|source| RegsError::Kvm { what: "LAPIC", source })
+    vcpu.set_lapic(&lapic).map_err(|source| RegsError::Kvm {
+        what: "LAPIC",
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -134,7 +134,10 @@ mod tests {
     use std::sync::Arc;
     use std::thread;
 
-    fn worker(ctl: Arc<VcpuControl>, spins: Arc<std::sync::atomic::AtomicU64>) -> thread::JoinHandle<()> {
+    fn worker(
+        ctl: Arc<VcpuControl>,
+        spins: Arc<std::sync::atomic::AtomicU64>,
+    ) -> thread::JoinHandle<()> {
         ctl.thread_started();
         thread::spawn(move || {
             loop {

@@ -9,8 +9,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{ID_BYTES, SECTOR_SIZE};
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// virtio device ID of a block device.
@@ -31,11 +31,17 @@ pub struct BlockConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("cannot open disk image {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")]
     Size { path: PathBuf, size: u64 },
     #[error("cannot create an eventfd for disk {path}: {source}")]
-    EventFd { path: PathBuf, source: std::io::Error },
+    EventFd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid --disk value {0:?}: expected path=IMG[,readonly]")]
     Parse(String),
 }
@@ -95,19 +101,27 @@ impl VirtioBlock {
             .read(true)
             .write(!config.read_only)
             .open(&path)
-            .map_err(|source| BlockError::Open { path: path.clone(), source })?;
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let size = file
             .metadata()
-            .map_err(|source| BlockError::Open { path: path.clone(), source })?
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?
             .len();
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::Size { path, size });
         }
         let mut id = [0u8; ID_BYTES];
         let name = format!("ftvmm-disk{index}");
         id[..name.len()].copy_from_slice(name.as_bytes());
-        let activate_event =
-            EventFd::new(EFD_NONBLOCK).map_err(|source| BlockError::EventFd { path: path.clone(), source })?;
+        let activate_event = EventFd::new(EFD_NONBLOCK).map_err(|source| BlockError::EventFd {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Self {
             file,
             path,
@@ -190,7 +204,13 @@ mod tests {
     #[test]
     fn parses_disk_arguments() {
         let c: BlockConfig = "path=/d.img,readonly".parse().unwrap();
-        assert_eq!(c, BlockConfig { path: "/d.img".into(), read_only: true });
+        assert_eq!(
+            c,
+            BlockConfig {
+                path: "/d.img".into(),
+                read_only: true
+            }
+        );
         let c: BlockConfig = "path=/d.img".parse().unwrap();
         assert!(!c.read_only);
         assert!("readonly".parse::<BlockConfig>().is_err());
@@ -200,12 +220,24 @@ mod tests {
 
     #[test]
     fn rejects_missing_and_unaligned_images() {
-        let missing = BlockConfig { path: "/nonexistent/disk.img".into(), read_only: false };
-        assert!(matches!(VirtioBlock::new(&missing, 0), Err(BlockError::Open { .. })));
+        let missing = BlockConfig {
+            path: "/nonexistent/disk.img".into(),
+            read_only: false,
+        };
+        assert!(matches!(
+            VirtioBlock::new(&missing, 0),
+            Err(BlockError::Open { .. })
+        ));
         let p = std::env::temp_dir().join(format!("ftvmm-blk-odd-{}", std::process::id()));
         std::fs::write(&p, [0u8; 100]).unwrap();
-        let odd = BlockConfig { path: p.clone(), read_only: true };
-        assert!(matches!(VirtioBlock::new(&odd, 0), Err(BlockError::Size { size: 100, .. })));
+        let odd = BlockConfig {
+            path: p.clone(),
+            read_only: true,
+        };
+        assert!(matches!(
+            VirtioBlock::new(&odd, 0),
+            Err(BlockError::Size { size: 100, .. })
+        ));
         std::fs::remove_file(p).unwrap();
     }
 
@@ -213,7 +245,14 @@ mod tests {
     fn config_space_holds_capacity_in_sectors() {
         let p = std::env::temp_dir().join(format!("ftvmm-blk-cap-{}", std::process::id()));
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        let dev = VirtioBlock::new(&BlockConfig { path: p.clone(), read_only: true }, 3).unwrap();
+        let dev = VirtioBlock::new(
+            &BlockConfig {
+                path: p.clone(),
+                read_only: true,
+            },
+            3,
+        )
+        .unwrap();
         let mut cap = [0u8; 8];
         dev.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 8);

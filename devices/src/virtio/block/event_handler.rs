@@ -10,7 +10,9 @@ use super::request::{execute, Disk};
 impl VirtioBlock {
     /// Processes every available request; signals the driver if any completed.
     pub fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else { return };
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
         let disk = Disk {
             file: &self.file,
             capacity: self.capacity,
@@ -19,8 +21,7 @@ impl VirtioBlock {
         };
         let mem = &active.memory;
         let mut completed = false;
-        loop {
-            let Some(chain) = active.queue.pop_descriptor_chain(mem) else { break };
+        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let used = match (chain.clone().reader(mem), chain.writer(mem)) {
                 (Ok(reader), Ok(writer)) => execute(&disk, reader, writer),
@@ -53,7 +54,10 @@ impl MutEventSubscriber for VirtioBlock {
             let _ = self.activate_event.read();
             if let Some(active) = &self.active {
                 if let Err(e) = ops.add(Events::new(&active.queue_event, EventSet::IN)) {
-                    tracing::error!("virtio-blk {}: cannot watch the queue: {e}", self.path.display());
+                    tracing::error!(
+                        "virtio-blk {}: cannot watch the queue: {e}",
+                        self.path.display()
+                    );
                 }
             }
             // The driver may have queued requests before the queue was watched.
@@ -74,7 +78,10 @@ impl MutEventSubscriber for VirtioBlock {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.activate_event, EventSet::IN)) {
-            tracing::error!("virtio-blk {}: cannot watch activation: {e}", self.path.display());
+            tracing::error!(
+                "virtio-blk {}: cannot watch activation: {e}",
+                self.path.display()
+            );
         }
     }
 }

@@ -9,8 +9,8 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 
-use vm_memory::bitmap::BitmapSlice;
 use virtio_queue::{Reader, Writer};
+use vm_memory::bitmap::BitmapSlice;
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -46,8 +46,14 @@ pub enum RequestError {
     ShortHeader(usize),
     #[error("data length {0} is not a multiple of the sector size")]
     UnalignedLength(usize),
-    #[error("request for sectors {sector}..+{len} bytes goes past the disk end ({capacity} bytes)")]
-    OutOfRange { sector: u64, len: usize, capacity: u64 },
+    #[error(
+        "request for sectors {sector}..+{len} bytes goes past the disk end ({capacity} bytes)"
+    )]
+    OutOfRange {
+        sector: u64,
+        len: usize,
+        capacity: u64,
+    },
     #[error("write to a read-only disk")]
     ReadOnly,
     #[error("unsupported request type {0}")]
@@ -78,7 +84,11 @@ pub struct Disk<'a> {
 
 /// Executes the request in `reader` (driver-to-device part) / `writer` (device-to-driver part), writes
 /// the status byte, and returns the number of bytes written to guest memory (the used length).
-pub fn execute<B: BitmapSlice>(disk: &Disk, mut reader: Reader<'_, B>, mut writer: Writer<'_, B>) -> u32 {
+pub fn execute<B: BitmapSlice>(
+    disk: &Disk,
+    mut reader: Reader<'_, B>,
+    mut writer: Writer<'_, B>,
+) -> u32 {
     let writable = writer.available_bytes();
     if writable == 0 {
         tracing::debug!("virtio-blk: {}", RequestError::NoStatus);
@@ -110,7 +120,7 @@ fn check_range(disk: &Disk, sector: u64, len: usize) -> Result<u64, RequestError
         len,
         capacity: disk.capacity,
     };
-    if len as u64 % SECTOR_SIZE != 0 {
+    if !(len as u64).is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::UnalignedLength(len));
     }
     let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(out_of_range)?;
@@ -179,7 +189,9 @@ fn run<B: BitmapSlice>(
             if disk.read_only {
                 return Ok(());
             }
-            disk.file.sync_data().map_err(|e| RequestError::Io(e.to_string()))
+            disk.file
+                .sync_data()
+                .map_err(|e| RequestError::Io(e.to_string()))
         }
         VIRTIO_BLK_T_GET_ID => {
             let n = writer.available_bytes().min(ID_BYTES);
@@ -195,10 +207,10 @@ fn run<B: BitmapSlice>(
 mod tests {
     use super::*;
     use crate::virtio::GuestMemoryMmap;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{QueueOwnedT, QueueT};
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use vm_memory::{Bytes, GuestAddress};
 
     const HDR: u64 = 0x10_0000;
@@ -233,7 +245,12 @@ mod tests {
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .map(|&(addr, len, w)| {
-                RawDescriptor::from(SplitDescriptor::new(addr, len, if w { VRING_DESC_F_WRITE as u16 } else { 0 }, 0))
+                RawDescriptor::from(SplitDescriptor::new(
+                    addr,
+                    len,
+                    if w { VRING_DESC_F_WRITE as u16 } else { 0 },
+                    0,
+                ))
             })
             .collect();
         q.build_desc_chain(&raw).unwrap();
@@ -248,11 +265,24 @@ mod tests {
     }
 
     fn header(mem: &GuestMemoryMmap, t: u32, sector: u64) {
-        mem.write_obj(RequestHeader { request_type: t, reserved: 0, sector }, GuestAddress(HDR)).unwrap();
+        mem.write_obj(
+            RequestHeader {
+                request_type: t,
+                reserved: 0,
+                sector,
+            },
+            GuestAddress(HDR),
+        )
+        .unwrap();
     }
 
     fn disk<'a>(file: &'a File, read_only: bool, id: &'a [u8; ID_BYTES]) -> Disk<'a> {
-        Disk { file, capacity: file.metadata().unwrap().len(), read_only, id }
+        Disk {
+            file,
+            capacity: file.metadata().unwrap().len(),
+            read_only,
+            id,
+        }
     }
 
     #[test]
@@ -263,14 +293,22 @@ mod tests {
         let d = disk(&f, false, &id);
         m.write_slice(&[0xab; 1024], GuestAddress(DATA)).unwrap();
         header(&m, VIRTIO_BLK_T_OUT, 2);
-        let (used, st) = run_chain(&m, &d, &[(HDR, 16, false), (DATA, 1024, false), (STATUS, 1, true)]);
+        let (used, st) = run_chain(
+            &m,
+            &d,
+            &[(HDR, 16, false), (DATA, 1024, false), (STATUS, 1, true)],
+        );
         assert_eq!((used, st), (1, VIRTIO_BLK_S_OK));
         let mut on_disk = [0u8; 1024];
         f.read_exact_at(&mut on_disk, 1024).unwrap();
         assert_eq!(on_disk, [0xab; 1024]);
         m.write_slice(&[0u8; 1024], GuestAddress(DATA)).unwrap();
         header(&m, VIRTIO_BLK_T_IN, 2);
-        let (used, st) = run_chain(&m, &d, &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)]);
+        let (used, st) = run_chain(
+            &m,
+            &d,
+            &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
+        );
         assert_eq!((used, st), (1025, VIRTIO_BLK_S_OK));
         let mut back = [0u8; 1024];
         m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
@@ -284,7 +322,11 @@ mod tests {
         let id = [0; ID_BYTES];
         let d = disk(&f, true, &id);
         header(&m, VIRTIO_BLK_T_OUT, 0);
-        let (_, st) = run_chain(&m, &d, &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+        let (_, st) = run_chain(
+            &m,
+            &d,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
     }
 
@@ -295,10 +337,18 @@ mod tests {
         let id = [0; ID_BYTES];
         let d = disk(&f, false, &id);
         header(&m, VIRTIO_BLK_T_IN, 7);
-        let (_, st) = run_chain(&m, &d, &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)]);
+        let (_, st) = run_chain(
+            &m,
+            &d,
+            &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         header(&m, VIRTIO_BLK_T_IN, u64::MAX / 2);
-        let (_, st) = run_chain(&m, &d, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+        let (_, st) = run_chain(
+            &m,
+            &d,
+            &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
     }
 
@@ -313,7 +363,11 @@ mod tests {
         let (_, st) = run_chain(&m, &d, &[(HDR, 8, false), (STATUS, 1, true)]);
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         // Unaligned data length.
-        let (_, st) = run_chain(&m, &d, &[(HDR, 16, false), (DATA, 100, true), (STATUS, 1, true)]);
+        let (_, st) = run_chain(
+            &m,
+            &d,
+            &[(HDR, 16, false), (DATA, 100, true), (STATUS, 1, true)],
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         // No writable descriptor at all: nothing written, nothing used.
         m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
@@ -323,7 +377,12 @@ mod tests {
         let q = MockSplitQueue::new(&m, 16);
         q.build_desc_chain(&[
             RawDescriptor::from(SplitDescriptor::new(HDR, 16, 0, 0)),
-            RawDescriptor::from(SplitDescriptor::new(0xffff_ffff_0000, 512, VRING_DESC_F_WRITE as u16, 0)),
+            RawDescriptor::from(SplitDescriptor::new(
+                0xffff_ffff_0000,
+                512,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
         ])
         .unwrap();
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
@@ -341,7 +400,11 @@ mod tests {
         let (_, st) = run_chain(&m, &d, &[(HDR, 16, false), (STATUS, 1, true)]);
         assert_eq!(st, VIRTIO_BLK_S_UNSUPP);
         header(&m, VIRTIO_BLK_T_GET_ID, 0);
-        let (used, st) = run_chain(&m, &d, &[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+        let (used, st) = run_chain(
+            &m,
+            &d,
+            &[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)],
+        );
         assert_eq!((used, st), (21, VIRTIO_BLK_S_OK));
         let mut got = [0u8; 20];
         m.read_slice(&mut got, GuestAddress(DATA)).unwrap();

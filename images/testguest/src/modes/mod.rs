@@ -1,0 +1,37 @@
+//! The mode table: `mode=<name>` on the command line picks one; `hello` is the default.
+//! To add a mode: add a file with `pub const MODE: Mode`, and list it in `MODES`.
+//! A mode's `run` returns when it is done; the caller then powers off. Modes print their
+//! markers as `testguest: ...` lines.
+
+use crate::cmdline::Cmdline;
+
+pub mod crash;
+pub mod hello;
+pub mod info;
+pub mod smp;
+pub mod spin;
+pub mod triple;
+
+/// One workload the guest can run.
+pub struct Mode {
+    pub name: &'static str,
+    /// One line for humans.
+    pub about: &'static str,
+    pub run: fn(&Cmdline<'_>),
+}
+
+/// Mode used when the command line has no `mode=`.
+pub const DEFAULT: &str = "hello";
+
+pub static MODES: &[Mode] = &[
+    hello::MODE,
+    info::MODE,
+    crash::MODE,
+    smp::MODE,
+    spin::MODE,
+    triple::MODE,
+];
+
+pub fn find(name: &str) -> Option<&'static Mode> {
+    MODES.iter().find(|m| m.name == name)
+}
