@@ -61,6 +61,7 @@ fn config(cmdline: &str, vcpus: u8, serial: SerialOutput) -> VmConfig {
         memory_mib: 128,
         serial,
         cpu_features: CpuFeatures::default(),
+        disks: Vec::new(),
     }
 }
 

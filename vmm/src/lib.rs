@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod crash;
+pub mod device_manager;
 pub mod machine;
 pub mod memory;
 pub mod vcpu;
@@ -11,4 +12,5 @@ pub mod vm;
 pub use arch::cpuid::CpuFeatures;
 pub use crash::CrashReport;
 pub use devices::legacy::SerialOutput;
+pub use devices::virtio::block::BlockConfig;
 pub use machine::{Machine, MachineError, VmConfig, VmExit};

@@ -8,16 +8,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::legacy::{AcpiPmDevice, SerialDevice, SerialOutput, I8042};
+use devices::virtio::block::{BlockConfig, BlockError, VirtioBlock};
 use devices::{Bus, BusError, EventFdTrigger, GuestExitEvent, GuestExitRequest};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::arch::acpi::{write_acpi_tables, AcpiError, Com1};
+use crate::arch::acpi::{write_acpi_tables, AcpiError, Com1, DsdtDevice};
 use crate::arch::boot::{load_kernel, BootError, KernelSpec};
 use crate::arch::cpuid::{apply_features, CpuFeatures, CpuidError};
 use crate::crash::CrashReport;
+use crate::device_manager::{DeviceManager, DeviceManagerError, Subscriber};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::vcpu::{kick, StopSignals, Vcpu, VcpuControl, VcpuError, VcpuShared};
 use crate::vm::{Vm, VmError};
@@ -38,6 +40,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub serial: SerialOutput,
     pub cpu_features: CpuFeatures,
+    /// virtio-blk disks, in guest order.
+    pub disks: Vec<BlockConfig>,
 }
 
 /// How a VM ended.
@@ -79,6 +83,10 @@ pub enum MachineError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
     #[error("cannot place device {device} on the bus: {source}")]
     Bus {
         device: &'static str,
@@ -118,8 +126,6 @@ impl MutEventSubscriber for StopWatcher {
         }
     }
 }
-
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A built VM. Fields drop in order: threads are stopped first (in `Drop`), then the VM, then memory.
 pub struct Machine {
@@ -162,10 +168,26 @@ impl Machine {
             what: "the guest exit eventfd",
             source,
         })?);
+        let mut event_manager = EventManager::<Subscriber>::new()
+            .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
         let io_bus = Arc::new(build_io_bus(&vm, &config.serial, &guest_exit)?);
-        let mmio_bus = Arc::new(Bus::new());
+        let mut mmio_bus = Bus::new();
+        let mut device_manager = DeviceManager::new();
+        for (index, disk) in config.disks.iter().enumerate() {
+            let block = Arc::new(Mutex::new(VirtioBlock::new(disk, index)?));
+            device_manager.add_virtio_device(
+                block,
+                &vm,
+                &memory,
+                &mut mmio_bus,
+                &mut event_manager,
+            )?;
+        }
+        let mmio_bus = Arc::new(mmio_bus);
 
-        let rsdp = write_acpi_tables(&memory, config.vcpus.into(), &[&Com1])?;
+        let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1];
+        dsdt_devices.extend(device_manager.slots().iter().map(|s| s as &dyn DsdtDevice));
+        let rsdp = write_acpi_tables(&memory, config.vcpus.into(), &dsdt_devices)?;
         let entry = load_kernel(
             &memory,
             &KernelSpec {
@@ -197,8 +219,6 @@ impl Machine {
             unstarted.push(vcpu);
         }
 
-        let mut event_manager = EventManager::<Subscriber>::new()
-            .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
         let watcher = StopWatcher {
             eventfd: guest_exit
                 .eventfd()

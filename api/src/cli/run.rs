@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use vmm::{CpuFeatures, Machine, SerialOutput, VmConfig, VmExit};
+use vmm::{BlockConfig, CpuFeatures, Machine, SerialOutput, VmConfig, VmExit};
 
 const AFTER_HELP: &str = "\
 Exit status:
@@ -17,7 +17,8 @@ Exit status:
 Examples:
   ftvmm run --kernel images/out/testguest --cmdline mode=hello
   ftvmm run --kernel vmlinux --initrd initramfs.gz --cmdline 'console=ttyS0' --vcpus 2 --memory 512
-  ftvmm run --kernel vmlinux --cpu-features=-cx16,-pdpe1gb --serial file:/tmp/console.log";
+  ftvmm run --kernel vmlinux --cpu-features=-cx16,-pdpe1gb --serial file:/tmp/console.log
+  ftvmm run --kernel images/out/testguest --cmdline mode=blk --disk path=/tmp/disk.img";
 
 /// Boot a guest kernel and run it until it powers off, resets or crashes.
 #[derive(Args, Debug)]
@@ -64,6 +65,11 @@ pub struct RunArgs {
         default_value = ""
     )]
     cpu_features: CpuFeatures,
+
+    /// A virtio-blk disk backed by a raw image file: path=IMG[,readonly]. Repeat for more disks;
+    /// the guest sees them in this order.
+    #[arg(long = "disk", value_name = "path=IMG[,readonly]")]
+    disks: Vec<BlockConfig>,
 }
 
 pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
@@ -75,6 +81,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         memory_mib: args.memory,
         serial: args.serial,
         cpu_features: args.cpu_features,
+        disks: args.disks,
     };
     let exit = Machine::run(&config)?;
     match &exit {
