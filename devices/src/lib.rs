@@ -8,6 +8,7 @@ pub mod bus;
 pub mod guest_exit;
 pub mod interrupt;
 pub mod legacy;
+pub mod output_gate;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -62,11 +62,13 @@ fn config(cmdline: &str, vcpus: u8, serial: SerialOutput) -> VmConfig {
         serial,
         cpu_features: CpuFeatures::default(),
         disks: Vec::new(),
+        nets: Vec::new(),
     }
 }
 
-/// Pauses and resumes a running guest whose vCPUs all spin in ring 3, `rounds` times.
-fn pause_resume(vcpus: u8, rounds: usize) -> Stats {
+/// Pauses and resumes a running guest whose vCPUs all spin in ring 3, `rounds` times. Returns the
+/// statistics of (pause latency, resume latency, pause+resume).
+fn pause_resume(vcpus: u8, rounds: usize) -> (Stats, Stats, Stats) {
     let log = std::env::temp_dir().join(format!(
         "ftvmm-bench-spin-{}-{vcpus}.log",
         std::process::id()
@@ -83,18 +85,22 @@ fn pause_resume(vcpus: u8, rounds: usize) -> Stats {
         assert!(Instant::now() < deadline, "guest never reported {ready:?}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut samples = Vec::with_capacity(rounds);
+    let (mut pause, mut resume, mut both) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
         machine.pause().expect("pause");
+        let paused = t.elapsed();
         machine.resume();
-        samples.push(t.elapsed());
+        let total = t.elapsed();
+        pause.push(paused);
+        resume.push(total - paused);
+        both.push(total);
         // Let the guest run between epochs, as replication would.
         std::thread::sleep(Duration::from_millis(1));
     }
     drop(machine);
     let _ = std::fs::remove_file(log);
-    stats(&samples)
+    (stats(&pause), stats(&resume), stats(&both))
 }
 
 fn main() {

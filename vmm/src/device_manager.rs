@@ -23,6 +23,10 @@ pub const VIRTIO_MAX_DEVICES: usize = 19;
 /// Event-loop subscriber type used by the VMM.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// A virtio device that also runs on the event loop.
+pub trait VirtioSubscriber: VirtioDevice + MutEventSubscriber + Send {}
+impl<T: VirtioDevice + MutEventSubscriber + Send> VirtioSubscriber for T {}
+
 /// Errors placing a device.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
@@ -101,17 +105,14 @@ impl DeviceManager {
     }
 
     /// Wires `device` into the VM: transport on the MMIO bus, ioeventfds, irqfd, event loop.
-    pub fn add_virtio_device<D>(
+    pub fn add_virtio_device(
         &mut self,
-        device: Arc<Mutex<D>>,
+        device: Arc<Mutex<dyn VirtioSubscriber>>,
         vm: &Vm,
         memory: &GuestMemory,
         mmio_bus: &mut Bus,
         event_manager: &mut EventManager<Subscriber>,
-    ) -> Result<VirtioSlot, DeviceManagerError>
-    where
-        D: VirtioDevice + MutEventSubscriber + Send + 'static,
-    {
+    ) -> Result<VirtioSlot, DeviceManagerError> {
         let index = self.slots.len();
         if index >= VIRTIO_MAX_DEVICES {
             return Err(DeviceManagerError::TooManyDevices);

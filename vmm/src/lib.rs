@@ -13,4 +13,5 @@ pub use arch::cpuid::CpuFeatures;
 pub use crash::CrashReport;
 pub use devices::legacy::SerialOutput;
 pub use devices::virtio::block::BlockConfig;
+pub use devices::virtio::net::NetConfig;
 pub use machine::{Machine, MachineError, VmConfig, VmExit};

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::{AcpiPmDevice, SerialDevice, SerialOutput, I8042};
 use devices::virtio::block::{BlockConfig, BlockError, VirtioBlock};
+use devices::virtio::net::{NetConfig, NetError, VirtioNet};
 use devices::{Bus, BusError, EventFdTrigger, GuestExitEvent, GuestExitRequest};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -19,7 +20,7 @@ use crate::arch::acpi::{write_acpi_tables, AcpiError, Com1, DsdtDevice};
 use crate::arch::boot::{load_kernel, BootError, KernelSpec};
 use crate::arch::cpuid::{apply_features, CpuFeatures, CpuidError};
 use crate::crash::CrashReport;
-use crate::device_manager::{DeviceManager, DeviceManagerError, Subscriber};
+use crate::device_manager::{DeviceManager, DeviceManagerError, Subscriber, VirtioSubscriber};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::vcpu::{kick, StopSignals, Vcpu, VcpuControl, VcpuError, VcpuShared};
 use crate::vm::{Vm, VmError};
@@ -42,6 +43,8 @@ pub struct VmConfig {
     pub cpu_features: CpuFeatures,
     /// virtio-blk disks, in guest order.
     pub disks: Vec<BlockConfig>,
+    /// virtio-net interfaces, placed after the disks.
+    pub nets: Vec<NetConfig>,
 }
 
 /// How a VM ended.
@@ -85,6 +88,8 @@ pub enum MachineError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Block(#[from] BlockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
     #[error("cannot place device {device} on the bus: {source}")]
@@ -173,15 +178,20 @@ impl Machine {
         let io_bus = Arc::new(build_io_bus(&vm, &config.serial, &guest_exit)?);
         let mut mmio_bus = Bus::new();
         let mut device_manager = DeviceManager::new();
-        for (index, disk) in config.disks.iter().enumerate() {
-            let block = Arc::new(Mutex::new(VirtioBlock::new(disk, index)?));
+        let mut add = |device: Arc<Mutex<dyn VirtioSubscriber>>| {
             device_manager.add_virtio_device(
-                block,
+                device,
                 &vm,
                 &memory,
                 &mut mmio_bus,
                 &mut event_manager,
-            )?;
+            )
+        };
+        for (index, disk) in config.disks.iter().enumerate() {
+            add(Arc::new(Mutex::new(VirtioBlock::new(disk, index)?)))?;
+        }
+        for (index, net) in config.nets.iter().enumerate() {
+            add(Arc::new(Mutex::new(VirtioNet::new(net, index)?)))?;
         }
         let mmio_bus = Arc::new(mmio_bus);
 
@@ -274,7 +284,7 @@ impl Machine {
         }
     }
 
-    /// Resumes paused vCPUs; returns once all are running again.
+    /// Resumes paused vCPUs (without waiting for their threads to be scheduled).
     pub fn resume(&self) {
         self.control.resume();
     }

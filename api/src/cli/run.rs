@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use vmm::{BlockConfig, CpuFeatures, Machine, SerialOutput, VmConfig, VmExit};
+use vmm::{BlockConfig, CpuFeatures, Machine, NetConfig, SerialOutput, VmConfig, VmExit};
 
 const AFTER_HELP: &str = "\
 Exit status:
@@ -18,7 +18,8 @@ Examples:
   ftvmm run --kernel images/out/testguest --cmdline mode=hello
   ftvmm run --kernel vmlinux --initrd initramfs.gz --cmdline 'console=ttyS0' --vcpus 2 --memory 512
   ftvmm run --kernel vmlinux --cpu-features=-cx16,-pdpe1gb --serial file:/tmp/console.log
-  ftvmm run --kernel images/out/testguest --cmdline mode=blk --disk path=/tmp/disk.img";
+  ftvmm run --kernel images/out/testguest --cmdline mode=blk --disk path=/tmp/disk.img
+  ftvmm run --kernel images/out/testguest --cmdline 'mode=net ip=10.0.0.2/24' --net tap=tap0";
 
 /// Boot a guest kernel and run it until it powers off, resets or crashes.
 #[derive(Args, Debug)]
@@ -70,6 +71,11 @@ pub struct RunArgs {
     /// the guest sees them in this order.
     #[arg(long = "disk", value_name = "path=IMG[,readonly]")]
     disks: Vec<BlockConfig>,
+
+    /// A virtio-net interface on a TAP device: tap=NAME[,mac=MAC]. An existing TAP is attached; a
+    /// missing one is created and disappears when ftvmm exits. Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<NetConfig>,
 }
 
 pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
@@ -82,6 +88,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         serial: args.serial,
         cpu_features: args.cpu_features,
         disks: args.disks,
+        nets: args.nets,
     };
     let exit = Machine::run(&config)?;
     match &exit {

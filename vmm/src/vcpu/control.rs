@@ -102,7 +102,8 @@ impl VcpuControl {
         !res.timed_out()
     }
 
-    /// Lets paused vCPUs run again and waits until they have all left the parked state.
+    /// Lets paused vCPUs run again. Does not wait for their threads to be scheduled: a pause
+    /// requested before a thread wakes simply keeps it parked, which is a correct paused state.
     pub fn resume(&self) {
         let mut s = self.lock();
         s.pause = false;
@@ -110,9 +111,7 @@ impl VcpuControl {
             self.attention.store(false, Ordering::Release);
         }
         self.changed.notify_all();
-        while s.parked > 0 {
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
-        }
+        drop(s);
     }
 
     /// Asks every vCPU thread to exit; `kick` must then interrupt each thread.

@@ -1,0 +1,267 @@
+//! The virtio-net device: configuration (MAC, link status), features, activation.
+
+use std::fmt;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::tap::{Tap, TapError};
+use crate::output_gate::{OutputGate, PassThroughGate};
+use crate::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+
+/// virtio device ID of a network card.
+pub const VIRTIO_ID_NET: u32 = 1;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Size of `struct virtio_net_hdr_v1` (virtio 1.x always includes `num_buffers`).
+pub const NET_HDR_LEN: usize = 12;
+/// Largest frame accepted from either side (no offloads are offered: 1514 + VLAN, with margin).
+pub const MAX_FRAME_LEN: usize = 65_536;
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddr {
+    type Err = NetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || NetError::Mac(s.to_string());
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut mac = [0u8; 6];
+        for (b, p) in mac.iter_mut().zip(parts) {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if mac[0] & 1 != 0 {
+            return Err(bad()); // multicast addresses cannot be a NIC's
+        }
+        Ok(Self(mac))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// A `--net` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<MacAddr>,
+}
+
+impl NetConfig {
+    /// The MAC the guest gets: the configured one, or a locally administered default per index.
+    pub fn mac_or_default(&self, index: usize) -> MacAddr {
+        self.mac
+            .unwrap_or(MacAddr([0x52, 0x54, 0x00, 0xf7, 0x00, index as u8]))
+    }
+}
+
+/// Errors creating a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid --net value {0:?}: expected tap=NAME[,mac=MAC]")]
+    Parse(String),
+    #[error("invalid MAC address {0:?}: expected six hex bytes like 52:54:00:12:34:56 (unicast)")]
+    Mac(String),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("cannot create an eventfd for network device {tap}: {source}")]
+    EventFd { tap: String, source: std::io::Error },
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = NetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut tap = None;
+        let mut mac = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", t)) if !t.is_empty() => tap = Some(t.to_string()),
+                Some(("mac", m)) => mac = Some(m.parse()?),
+                _ => return Err(NetError::Parse(s.to_string())),
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or_else(|| NetError::Parse(s.to_string()))?,
+            mac,
+        })
+    }
+}
+
+/// Queue processing state once the driver is ready.
+pub(super) struct Active {
+    pub memory: GuestMemoryMmap,
+    pub rx_queue: Queue,
+    pub tx_queue: Queue,
+    pub rx_event: EventFd,
+    pub tx_event: EventFd,
+    pub interrupt: Arc<VirtioInterrupt>,
+}
+
+/// Frame counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    pub rx_frames: u64,
+    pub rx_dropped: u64,
+    pub tx_frames: u64,
+    pub tx_dropped: u64,
+}
+
+/// A virtio-net device on a TAP.
+pub struct VirtioNet {
+    pub(super) tap: Tap,
+    pub(super) mac: MacAddr,
+    pub(super) acked_features: u64,
+    config: [u8; 8],
+    pub(super) activate_event: EventFd,
+    pub(super) active: Option<Active>,
+    pub(super) gate: Box<dyn OutputGate>,
+    /// A frame read from the TAP that found no receive buffer yet: `(buffer, length)`.
+    pub(super) rx_pending: Option<usize>,
+    pub(super) rx_buf: Vec<u8>,
+    pub(super) tx_buf: Vec<u8>,
+    pub(super) tap_watched: bool,
+    pub counters: NetCounters,
+}
+
+impl VirtioNet {
+    /// Opens the TAP named by `config`; transmit goes through a pass-through gate.
+    pub fn new(config: &NetConfig, index: usize) -> Result<Self, NetError> {
+        let tap = Tap::open(&config.tap)?;
+        let mac = config.mac_or_default(index);
+        let mut cfg = [0u8; 8];
+        cfg[..6].copy_from_slice(&mac.0);
+        cfg[6..].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        let activate_event = EventFd::new(EFD_NONBLOCK).map_err(|source| NetError::EventFd {
+            tap: config.tap.clone(),
+            source,
+        })?;
+        Ok(Self {
+            tap,
+            mac,
+            acked_features: 0,
+            config: cfg,
+            activate_event,
+            active: None,
+            gate: Box::new(PassThroughGate::new()),
+            rx_pending: None,
+            rx_buf: vec![0u8; MAX_FRAME_LEN],
+            tx_buf: vec![0u8; NET_HDR_LEN + MAX_FRAME_LEN],
+            tap_watched: false,
+            counters: NetCounters::default(),
+        })
+    }
+
+    /// Replaces the transmit gate (replication installs an epoch-holding gate).
+    pub fn set_output_gate(&mut self, gate: Box<dyn OutputGate>) {
+        self.gate = gate;
+    }
+
+    /// The guest's MAC.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// The TAP's name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+}
+
+impl VirtioDevice for VirtioNet {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("virtio-net: ignored config write at {offset:#x}");
+    }
+
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 2 || ctx.queue_events.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: ctx.queues.len(),
+            });
+        }
+        let tx_queue = ctx.queues.remove(1);
+        let rx_queue = ctx.queues.remove(0);
+        let tx_event = ctx.queue_events.remove(1);
+        let rx_event = ctx.queue_events.remove(0);
+        self.active = Some(Active {
+            memory: ctx.memory,
+            rx_queue,
+            tx_queue,
+            rx_event,
+            tx_event,
+            interrupt: ctx.interrupt,
+        });
+        self.activate_event
+            .write(1)
+            .map_err(|e| ActivateError::Backend(format!("cannot signal activation: {e}")))
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.rx_pending = None;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_net_arguments_and_macs() {
+        let c: NetConfig = "tap=tap0,mac=52:54:00:aa:bb:cc".parse().unwrap();
+        assert_eq!(c.tap, "tap0");
+        assert_eq!(c.mac.unwrap().to_string(), "52:54:00:aa:bb:cc");
+        let c: NetConfig = "tap=tap1".parse().unwrap();
+        assert_eq!(c.mac_or_default(3).to_string(), "52:54:00:f7:00:03");
+        assert!("mac=52:54:00:aa:bb:cc".parse::<NetConfig>().is_err());
+        assert!("tap=x,mac=zz:54:00:aa:bb:cc".parse::<NetConfig>().is_err());
+        assert!("tap=x,mac=01:00:5e:00:00:01".parse::<NetConfig>().is_err());
+        assert!("tap=x,mac=52:54:00:aa:bb".parse::<NetConfig>().is_err());
+        assert!("tap=x,speed=10".parse::<NetConfig>().is_err());
+    }
+}
