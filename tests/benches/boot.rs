@@ -133,14 +133,10 @@ fn main() {
     }
     print("VMM start-up (Machine::build, 1 vCPU)", stats(&build));
 
-    for vcpus in [1u8, 8] {
-        let s = pause_resume(vcpus, 500);
-        print(
-            &format!(
-                "pause+resume all vCPUs ({vcpus} vCPU{})",
-                if vcpus > 1 { "s" } else { "" }
-            ),
-            s,
-        );
+    for vcpus in [1u8, 2, 8] {
+        let (pause, resume, both) = pause_resume(vcpus, 500);
+        print(&format!("pause all vCPUs ({vcpus} vCPUs)"), pause);
+        print(&format!("resume all vCPUs ({vcpus} vCPUs)"), resume);
+        print(&format!("pause+resume all vCPUs ({vcpus} vCPUs)"), both);
     }
 }
