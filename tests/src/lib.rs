@@ -1,6 +1,8 @@
 //! Helpers for the integration tests: find the `ftvmm` binary and the guest images, and run ftvmm
 //! with a deadline so that no test can hang.
 
+pub mod netns;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -159,5 +161,117 @@ mod tests {
         assert_eq!(s.max, Duration::from_millis(100));
         assert_eq!(s.median, Duration::from_millis(51));
         assert_eq!(s.p99, Duration::from_millis(99));
+    }
+}
+
+/// A running ftvmm process whose serial output (stdout) is collected in the background; killed
+/// when dropped.
+pub struct RunningVm {
+    child: std::process::Child,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl RunningVm {
+    /// Starts `cmd` (an ftvmm invocation) with piped output.
+    pub fn spawn(mut cmd: Command) -> Self {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ftvmm");
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (o, e) = (output.clone(), stderr.clone());
+        let out_pipe = child.stdout.take().expect("piped");
+        let err_pipe = child.stderr.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out_pipe)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut s = o.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err_pipe)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut s = e.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Self {
+            child,
+            output,
+            stderr,
+        }
+    }
+
+    /// Everything the guest printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until the output contains `marker`; panics (with the output) after `timeout` or if
+    /// ftvmm exits first.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.output().contains(marker) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "ftvmm exited ({status}) before printing {marker:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.output(),
+                    self.stderr.lock().unwrap()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no {marker:?} within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.output(),
+                    self.stderr.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for ftvmm to exit on its own within `timeout`; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait ftvmm") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "ftvmm still running after {timeout:?}\nstdout:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills ftvmm (as a host failure would) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

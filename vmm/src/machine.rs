@@ -289,6 +289,11 @@ impl Machine {
         self.control.resume();
     }
 
+    /// Waits until every vCPU thread has left the paused state after [`Machine::resume`].
+    pub fn wait_running(&self, timeout: Duration) -> bool {
+        self.control.wait_running(timeout)
+    }
+
     /// Runs the event loop until the guest powers off, resets or crashes, then stops the vCPUs.
     pub fn wait(&mut self) -> Result<VmExit, MachineError> {
         if self.vcpu_threads.is_empty() {

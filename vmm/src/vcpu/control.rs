@@ -114,6 +114,18 @@ impl VcpuControl {
         drop(s);
     }
 
+    /// Waits until no vCPU thread is parked (all are back to running the guest). Returns false on
+    /// timeout.
+    pub fn wait_running(&self, timeout: Duration) -> bool {
+        let s = self.lock();
+        let (s, res) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| !s.pause && s.parked > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        drop(s);
+        !res.timed_out()
+    }
+
     /// Asks every vCPU thread to exit; `kick` must then interrupt each thread.
     pub fn request_stop(&self) {
         self.lock().stop = true;
