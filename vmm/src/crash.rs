@@ -5,6 +5,7 @@ use std::fmt;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
+use crate::arch::emulate::{decode_at_rip, format_instruction};
 use crate::arch::paging::read_linear;
 use crate::memory::GuestMemory;
 
@@ -58,6 +59,8 @@ pub struct CrashReport {
     pub sregs: Option<kvm_sregs>,
     /// Up to 15 bytes at CS:RIP (fewer if unmapped).
     pub code: Vec<u8>,
+    /// The instruction at RIP, decoded (AT&T syntax), when the bytes decode.
+    pub instruction: Option<String>,
 }
 
 impl CrashReport {
@@ -66,10 +69,12 @@ impl CrashReport {
         let regs = fd.get_regs().ok();
         let sregs = fd.get_sregs().ok();
         let mut code = Vec::new();
+        let mut instruction = None;
         if let (Some(r), Some(s)) = (&regs, &sregs) {
             let mut buf = [0u8; 15];
             let n = read_linear(mem, s, s.cs.base.wrapping_add(r.rip), &mut buf);
             code.extend_from_slice(&buf[..n]);
+            instruction = decode_at_rip(mem, r, s).map(|i| format_instruction(&i));
         }
         Self {
             vcpu: vcpu_id,
@@ -77,6 +82,7 @@ impl CrashReport {
             regs,
             sregs,
             code,
+            instruction,
         }
     }
 }
@@ -119,7 +125,11 @@ impl fmt::Display for CrashReport {
             write!(f, "  code at rip: unavailable")
         } else {
             let hex: Vec<String> = self.code.iter().map(|b| format!("{b:02x}")).collect();
-            write!(f, "  code at rip: {}", hex.join(" "))
+            write!(f, "  code at rip: {}", hex.join(" "))?;
+            if let Some(i) = &self.instruction {
+                write!(f, " ({i})")?;
+            }
+            Ok(())
         }
     }
 }
@@ -142,11 +152,12 @@ mod tests {
             }),
             sregs: None,
             code: vec![0x0f, 0x01, 0xca],
+            instruction: Some("clac".into()),
         };
         let text = report.to_string();
         assert!(text.contains("vCPU 1"));
         assert!(text.contains("emulation failure"));
         assert!(text.contains("rip=0x0000000000100042"));
-        assert!(text.contains("0f 01 ca"));
+        assert!(text.contains("0f 01 ca (clac)"));
     }
 }

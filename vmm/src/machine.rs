@@ -19,6 +19,7 @@ use vmm_sys_util::signal::Killable;
 use crate::arch::acpi::{write_acpi_tables, AcpiError, Com1, DsdtDevice};
 use crate::arch::boot::{load_kernel, BootError, KernelSpec};
 use crate::arch::cpuid::{apply_features, CpuFeatures, CpuidError};
+use crate::arch::emulate::EmulationCounters;
 use crate::crash::CrashReport;
 use crate::device_manager::{DeviceManager, DeviceManagerError, Subscriber, VirtioSubscriber};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
@@ -142,6 +143,7 @@ pub struct Machine {
     vm: Vm,
     memory: GuestMemory,
     vcpu_count: u8,
+    emulation: Arc<EmulationCounters>,
 }
 
 impl Machine {
@@ -215,7 +217,9 @@ impl Machine {
             guest_exit: guest_exit.clone(),
             crash: Mutex::new(None),
         });
+        let emulation = Arc::new(EmulationCounters::default());
         let shared = VcpuShared {
+            emulation: emulation.clone(),
             io_bus,
             mmio_bus,
             memory: memory.clone(),
@@ -252,6 +256,7 @@ impl Machine {
             vm,
             memory,
             vcpu_count: config.vcpus,
+            emulation,
         })
     }
 
@@ -308,6 +313,13 @@ impl Machine {
                 .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
         };
         self.shutdown_vcpus();
+        let fired = self.emulation.snapshot();
+        if !fired.is_empty() {
+            tracing::info!(
+                ?fired,
+                "instruction emulation fallback completed instructions KVM could not"
+            );
+        }
         Ok(exit)
     }
 
@@ -335,6 +347,11 @@ impl Machine {
                 tracing::error!("a vCPU thread panicked");
             }
         }
+    }
+
+    /// How often the instruction-emulation fallback fired.
+    pub fn emulation_counters(&self) -> &EmulationCounters {
+        &self.emulation
     }
 
     /// Number of vCPUs.

@@ -3,6 +3,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+pub mod emulate;
 pub mod layout;
 pub mod paging;
 pub mod regs;

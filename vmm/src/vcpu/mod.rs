@@ -12,10 +12,13 @@ use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use crate::arch::cpuid::normalize_for_vcpu;
+use crate::arch::emulate::{self, EmulationCounters};
 use crate::arch::regs::{self, EntryMode, RegsError};
 use crate::crash::{CrashKind, CrashReport};
 use crate::memory::GuestMemory;
 pub use control::{Directive, VcpuControl};
+
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,7 @@ pub struct Vcpu {
     memory: GuestMemory,
     control: Arc<VcpuControl>,
     stop: Arc<StopSignals>,
+    emulation: Arc<EmulationCounters>,
 }
 
 /// What vCPUs share.
@@ -71,6 +75,7 @@ pub struct VcpuShared {
     pub memory: GuestMemory,
     pub control: Arc<VcpuControl>,
     pub stop: Arc<StopSignals>,
+    pub emulation: Arc<EmulationCounters>,
 }
 
 impl Vcpu {
@@ -87,6 +92,7 @@ impl Vcpu {
             memory: shared.memory,
             control: shared.control,
             stop: shared.stop,
+            emulation: shared.emulation,
         })
     }
 
@@ -189,7 +195,7 @@ impl Vcpu {
             }
             VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
             VcpuExit::Shutdown => return Err(CrashKind::TripleFault),
-            VcpuExit::InternalError => return Err(self.internal_error()),
+            VcpuExit::InternalError => return self.handle_internal_error(),
             VcpuExit::FailEntry(reason, _cpu) => return Err(CrashKind::FailEntry { reason }),
             VcpuExit::SystemEvent(kind, _) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
@@ -205,6 +211,26 @@ impl Vcpu {
             other => return Err(CrashKind::UnexpectedExit(format!("{other:?}"))),
         }
         Ok(())
+    }
+
+    /// An emulation failure may be an instruction ftvmm can complete itself; anything else is fatal.
+    fn handle_internal_error(&mut self) -> Result<(), CrashKind> {
+        let kind = self.internal_error();
+        if let CrashKind::InternalError {
+            suberror: KVM_INTERNAL_ERROR_EMULATION,
+            ..
+        } = kind
+        {
+            match emulate::try_complete(&self.fd, &self.memory, &self.emulation) {
+                Ok(Some(done)) => {
+                    tracing::trace!(?done, "completed an instruction KVM could not emulate");
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!("emulation fallback failed: {e}"),
+            }
+        }
+        Err(kind)
     }
 
     fn internal_error(&mut self) -> CrashKind {
