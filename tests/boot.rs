@@ -81,10 +81,24 @@ fn unknown_mode_is_reported_by_the_guest() {
 }
 
 fn run_bootproto(image: &str) -> integration_tests::RunOutput {
-    let path = integration_tests::workspace_root().join("images/out/bootproto").join(image);
-    assert!(path.exists(), "{} missing: run scripts/build-images", path.display());
+    let path = integration_tests::workspace_root()
+        .join("images/out/bootproto")
+        .join(image);
+    assert!(
+        path.exists(),
+        "{} missing: run scripts/build-images",
+        path.display()
+    );
     integration_tests::run_ftvmm(
-        &["run", "--kernel", path.to_str().unwrap(), "--cmdline", "proto check 42", "--memory", "64"],
+        &[
+            "run",
+            "--kernel",
+            path.to_str().unwrap(),
+            "--cmdline",
+            "proto check 42",
+            "--memory",
+            "64",
+        ],
         DEADLINE,
     )
 }
@@ -92,13 +106,19 @@ fn run_bootproto(image: &str) -> integration_tests::RunOutput {
 #[test]
 fn pvh_entry_gets_start_info_and_command_line() {
     let out = run_bootproto("pvh.elf");
-    assert!(out.stdout.contains("pvh: ok cmdline=proto check 42"), "{out:?}");
+    assert!(
+        out.stdout.contains("pvh: ok cmdline=proto check 42"),
+        "{out:?}"
+    );
     assert_eq!(out.code(), Some(0), "{out:?}");
 }
 
 #[test]
 fn bzimage_entry_gets_boot_params_and_command_line() {
     let out = run_bootproto("bzImage");
-    assert!(out.stdout.contains("bzimage: ok cmdline=proto check 42"), "{out:?}");
+    assert!(
+        out.stdout.contains("bzimage: ok cmdline=proto check 42"),
+        "{out:?}"
+    );
     assert_eq!(out.code(), Some(0), "{out:?}");
 }

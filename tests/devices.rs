@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration_tests::netns::NetNs;
@@ -23,7 +23,17 @@ fn scratch(name: &str, size: u64) -> PathBuf {
 fn run_blk(cmdline: &str, disk: &str) -> integration_tests::RunOutput {
     let guest = testguest();
     run_ftvmm(
-        &["run", "--kernel", guest.to_str().unwrap(), "--memory", "128", "--cmdline", cmdline, "--disk", disk],
+        &[
+            "run",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--memory",
+            "128",
+            "--cmdline",
+            cmdline,
+            "--disk",
+            disk,
+        ],
         DEADLINE,
     )
 }
@@ -33,17 +43,34 @@ fn blk_pattern_is_written_verified_and_persists() {
     const SIZE: u64 = 8 << 20;
     let img = scratch("pattern.img", SIZE);
     let out = run_blk("mode=blk seed=7", &format!("path={}", img.display()));
-    assert!(out.stdout.contains(&format!("testguest: blk ok bytes={SIZE}")), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("testguest: blk ok bytes={SIZE}")),
+        "{out:?}"
+    );
     assert_eq!(out.code(), Some(0), "{out:?}");
     // The image file holds the pattern after ftvmm exits: every sector was written...
     let bytes = std::fs::read(&img).unwrap();
-    let zero_sectors = bytes.chunks(512).filter(|s| s.iter().all(|b| *b == 0)).count();
+    let zero_sectors = bytes
+        .chunks(512)
+        .filter(|s| s.iter().all(|b| *b == 0))
+        .count();
     assert_eq!(zero_sectors, 0, "sectors left unwritten on the host image");
     // ...and a second VM, with the disk read-only, reads back exactly that pattern.
-    let out = run_blk("mode=blk blk=verify seed=7", &format!("path={},readonly", img.display()));
-    assert!(out.stdout.contains(&format!("testguest: blk verify ok bytes={SIZE}")), "{out:?}");
+    let out = run_blk(
+        "mode=blk blk=verify seed=7",
+        &format!("path={},readonly", img.display()),
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("testguest: blk verify ok bytes={SIZE}")),
+        "{out:?}"
+    );
     // A different seed does not verify: the check can fail.
-    let out = run_blk("mode=blk blk=verify seed=8", &format!("path={},readonly", img.display()));
+    let out = run_blk(
+        "mode=blk blk=verify seed=8",
+        &format!("path={},readonly", img.display()),
+    );
     assert!(out.stdout.contains("testguest: blk verify FAIL"), "{out:?}");
 }
 
@@ -51,12 +78,18 @@ fn blk_pattern_is_written_verified_and_persists() {
 fn read_only_disk_rejects_writes() {
     let img = scratch("ro.img", 1 << 20);
     std::fs::write(&img, vec![0x5au8; 1 << 20]).unwrap();
-    let out = run_blk("mode=blk blk=readonly-check", &format!("path={},readonly", img.display()));
+    let out = run_blk(
+        "mode=blk blk=readonly-check",
+        &format!("path={},readonly", img.display()),
+    );
     assert!(out.stdout.contains("testguest: blk readonly ok"), "{out:?}");
-    assert!(std::fs::read(&img).unwrap().iter().all(|b| *b == 0x5a), "read-only image changed");
+    assert!(
+        std::fs::read(&img).unwrap().iter().all(|b| *b == 0x5a),
+        "read-only image changed"
+    );
 }
 
-fn spawn_net_guest(ns: &NetNs, disk: &PathBuf) -> RunningVm {
+fn spawn_net_guest(ns: &NetNs, disk: &Path) -> RunningVm {
     let mut cmd = ns.command(ftvmm_bin().to_str().unwrap());
     cmd.args(["run", "--kernel"])
         .arg(testguest())
@@ -70,7 +103,9 @@ fn spawn_net_guest(ns: &NetNs, disk: &PathBuf) -> RunningVm {
 
 /// Sends one line, returns the reply line.
 fn ask(conn: &mut BufReader<TcpStream>, line: &str) -> String {
-    conn.get_mut().write_all(format!("{line}\n").as_bytes()).unwrap();
+    conn.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
     let mut reply = String::new();
     conn.read_line(&mut reply).unwrap();
     reply.trim_end().to_string()
@@ -89,14 +124,25 @@ fn net_ping_echo_and_kv_survive_a_reboot() {
     let mut vm = spawn_net_guest(&ns, &disk);
     let guest = ns.guest_ip();
 
-    let ping = ns.command("ping").args(["-c", "3", "-W", "5", &guest]).output().unwrap();
-    assert!(ping.status.success(), "ping failed: {}", String::from_utf8_lossy(&ping.stdout));
+    let ping = ns
+        .command("ping")
+        .args(["-c", "3", "-W", "5", &guest])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "ping failed: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
 
     let g = guest.clone();
     ns.run(move || {
         // TCP echo on port 7.
-        let mut echo = TcpStream::connect_timeout(&format!("{g}:7").parse().unwrap(), Duration::from_secs(20)).unwrap();
-        echo.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut echo =
+            TcpStream::connect_timeout(&format!("{g}:7").parse().unwrap(), Duration::from_secs(20))
+                .unwrap();
+        echo.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         let msg = b"the quick brown fox\n";
         echo.write_all(msg).unwrap();
         let mut back = vec![0u8; msg.len()];
