@@ -149,20 +149,6 @@ pub fn stats(samples: &[Duration]) -> Stats {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stats_pick_order_statistics() {
-        let ms: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
-        let s = stats(&ms);
-        assert_eq!(s.min, Duration::from_millis(1));
-        assert_eq!(s.max, Duration::from_millis(100));
-        assert_eq!(s.median, Duration::from_millis(51));
-        assert_eq!(s.p99, Duration::from_millis(99));
-    }
-}
 
 /// A running ftvmm process whose serial output (stdout) is collected in the background; killed
 /// when dropped.
@@ -273,5 +259,20 @@ impl RunningVm {
 impl Drop for RunningVm {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_pick_order_statistics() {
+        let ms: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+        let s = stats(&ms);
+        assert_eq!(s.min, Duration::from_millis(1));
+        assert_eq!(s.max, Duration::from_millis(100));
+        assert_eq!(s.median, Duration::from_millis(51));
+        assert_eq!(s.p99, Duration::from_millis(99));
     }
 }
