@@ -1,11 +1,40 @@
 //! Running virtio-blk on the event loop: watch the activation and queue eventfds, process requests.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::VirtioBlock;
 use super::request::{execute, Disk};
+use crate::virtio::GuestMemoryMmap;
+
+/// Executes every request available on `queue` against `disk`. Returns whether any completed (the
+/// driver must then be interrupted). This is the whole guest-facing request path, so the fuzz target
+/// drives it directly.
+pub fn process_requests(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &Disk) -> bool {
+    let mut completed = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let used = match (chain.clone().reader(mem), chain.writer(mem)) {
+            (Ok(reader), Ok(writer)) => execute(disk, reader, writer),
+            (r, w) => {
+                // Descriptors outside guest memory or overflowing: nothing can be written.
+                tracing::debug!(
+                    "virtio-blk: unusable descriptor chain {head}: {:?} / {:?}",
+                    r.err(),
+                    w.err()
+                );
+                0
+            }
+        };
+        if let Err(e) = queue.add_used(mem, head, used) {
+            tracing::warn!("virtio-blk: cannot return descriptor {head}: {e}");
+            break;
+        }
+        completed = true;
+    }
+    completed
+}
 
 impl VirtioBlock {
     /// Processes every available request; signals the driver if any completed.
@@ -19,29 +48,7 @@ impl VirtioBlock {
             read_only: self.read_only,
             id: &self.id,
         };
-        let mem = &active.memory;
-        let mut completed = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let used = match (chain.clone().reader(mem), chain.writer(mem)) {
-                (Ok(reader), Ok(writer)) => execute(&disk, reader, writer),
-                (r, w) => {
-                    // Descriptors outside guest memory or overflowing: nothing can be written.
-                    tracing::debug!(
-                        "virtio-blk: unusable descriptor chain {head}: {:?} / {:?}",
-                        r.err(),
-                        w.err()
-                    );
-                    0
-                }
-            };
-            if let Err(e) = active.queue.add_used(mem, head, used) {
-                tracing::warn!("virtio-blk: cannot return descriptor {head}: {e}");
-                break;
-            }
-            completed = true;
-        }
-        if completed {
+        if process_requests(&mut active.queue, &active.memory, &disk) {
             active.interrupt.signal_used_queue();
         }
     }
