@@ -149,7 +149,6 @@ pub fn stats(samples: &[Duration]) -> Stats {
     }
 }
 
-
 /// A running ftvmm process whose serial output (stdout) is collected in the background; killed
 /// when dropped.
 pub struct RunningVm {
