@@ -122,3 +122,26 @@ fn bzimage_entry_gets_boot_params_and_command_line() {
     );
     assert_eq!(out.code(), Some(0), "{out:?}");
 }
+
+#[test]
+fn cpu_template_adds_its_kernel_command_line() {
+    let path = integration_tests::workspace_root().join("images/out/bootproto/bzImage");
+    let out = integration_tests::run_ftvmm(
+        &[
+            "run",
+            "--kernel",
+            path.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0",
+            "--cpu-template",
+            "emulated-ring0",
+        ],
+        DEADLINE,
+    );
+    assert!(
+        out.stdout
+            .contains("bzimage: ok cmdline=console=ttyS0 noxsave clearcpuid=popcnt,smap,pdpe1gb"),
+        "{out:?}"
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}");
+}

@@ -9,6 +9,7 @@ pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
+pub use arch::cpu_template::CpuTemplate;
 pub use arch::cpuid::CpuFeatures;
 pub use crash::CrashReport;
 pub use devices::legacy::SerialOutput;

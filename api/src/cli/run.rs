@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use vmm::{BlockConfig, CpuFeatures, Machine, NetConfig, SerialOutput, VmConfig, VmExit};
+use vmm::{
+    BlockConfig, CpuFeatures, CpuTemplate, Machine, NetConfig, SerialOutput, VmConfig, VmExit,
+};
 
 const AFTER_HELP: &str = "\
 Exit status:
@@ -67,6 +69,12 @@ pub struct RunArgs {
     )]
     cpu_features: CpuFeatures,
 
+    /// A named CPU template: CPUID masks plus kernel command-line additions for a kind of host.
+    /// `emulated-ring0`: hosts whose KVM emulates guest kernel mode (masks cx16, pdpe1gb, xsave, smap,
+    /// popcnt; appends `noxsave clearcpuid=popcnt,smap,pdpe1gb`). Applied before --cpu-features.
+    #[arg(long, value_name = "NAME")]
+    cpu_template: Option<CpuTemplate>,
+
     /// A virtio-blk disk backed by a raw image file: path=IMG[,readonly]. Repeat for more disks;
     /// the guest sees them in this order.
     #[arg(long = "disk", value_name = "path=IMG[,readonly]")]
@@ -79,14 +87,20 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let (mut cpu_features, mut cmdline) = (CpuFeatures::default(), args.cmdline);
+    if let Some(template) = &args.cpu_template {
+        cpu_features = template.cpu_features()?;
+        cmdline = template.extend_cmdline(&cmdline);
+    }
+    cpu_features.extend(&args.cpu_features);
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
-        cmdline: args.cmdline,
+        cmdline,
         vcpus: args.vcpus,
         memory_mib: args.memory,
         serial: args.serial,
-        cpu_features: args.cpu_features,
+        cpu_features,
         disks: args.disks,
         nets: args.nets,
     };

@@ -2,6 +2,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod emulate;
 pub mod layout;
