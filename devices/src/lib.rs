@@ -9,6 +9,7 @@ pub mod guest_exit;
 pub mod interrupt;
 pub mod legacy;
 pub mod output_gate;
+pub mod persist;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -23,7 +23,8 @@ use crate::arch::emulate::EmulationCounters;
 use crate::crash::CrashReport;
 use crate::device_manager::{DeviceManager, DeviceManagerError, Subscriber, VirtioSubscriber};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
-use crate::vcpu::{kick, StopSignals, Vcpu, VcpuControl, VcpuError, VcpuShared};
+use crate::vcpu::state::saveable_msrs;
+use crate::vcpu::{kick, StopSignals, Vcpu, VcpuControl, VcpuError, VcpuShared, VcpuStateError};
 use crate::vm::{Vm, VmError};
 
 /// The most vCPUs a guest may have (APIC IDs are 8-bit and 0xff is broadcast).
@@ -87,6 +88,8 @@ pub enum MachineError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    VcpuState(#[from] VcpuStateError),
     #[error(transparent)]
     Block(#[from] BlockError),
     #[error(transparent)]
@@ -231,6 +234,10 @@ impl Machine {
             let vcpu = Vcpu::new(vm.fd(), id, shared.clone())?;
             vcpu.configure(&cpuid, config.vcpus, (id == 0).then_some(entry))?;
             unstarted.push(vcpu);
+        }
+        let msr_indices = Arc::new(saveable_msrs(vm.kvm(), unstarted[0].fd(), 0)?);
+        for vcpu in &mut unstarted {
+            vcpu.set_msr_indices(msr_indices.clone());
         }
 
         let watcher = StopWatcher {

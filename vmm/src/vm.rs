@@ -137,6 +137,11 @@ impl Vm {
             .map_err(|source| VmError::Irqfd { gsi, source })
     }
 
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
     /// The VM file descriptor.
     pub fn fd(&self) -> &VmFd {
         &self.fd

@@ -9,6 +9,7 @@ use vm_superio::Serial;
 
 use crate::bus::BusDevice;
 use crate::interrupt::EventFdTrigger;
+use crate::persist::UartState;
 
 /// Where the guest's serial output goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +87,24 @@ impl SerialDevice {
         Self {
             serial: Serial::new(interrupt, out),
         }
+    }
+}
+
+impl SerialDevice {
+    /// The UART's registers and receive FIFO.
+    pub fn save_state(&self) -> UartState {
+        UartState::from(&self.serial.state())
+    }
+
+    /// A UART restored from `state`.
+    pub fn from_state(
+        state: &UartState,
+        interrupt: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        Serial::from_state(&state.into(), interrupt, NoEvents, out)
+            .map(|serial| Self { serial })
+            .map_err(|e| format!("invalid UART state: {e}"))
     }
 }
 

@@ -3,6 +3,8 @@
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
+
+use crate::persist::{MmioTransportState, VirtioState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{status, ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt};
@@ -36,7 +38,7 @@ pub struct MmioTransport {
     activated: bool,
 }
 
-/// Errors creating a transport.
+/// Errors creating or restoring a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
     #[error("cannot create an eventfd for virtio queue {index}: {source}")]
@@ -50,6 +52,12 @@ pub enum MmioError {
         size: u16,
         reason: String,
     },
+    #[error("snapshot has {got} queues for a device with {expected}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("snapshot queue {index} is invalid: {reason}")]
+    QueueState { index: usize, reason: String },
+    #[error("cannot restore the virtio device: {0}")]
+    Device(String),
 }
 
 fn lock(d: &Mutex<dyn VirtioDevice>) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -107,6 +115,95 @@ impl MmioTransport {
     /// The virtio device status register.
     pub fn device_status(&self) -> u32 {
         self.device_status
+    }
+
+    /// The transport's and device's state. Call with the vCPUs paused and the device idle (from the
+    /// event loop thread), so nothing moves underneath.
+    pub fn save_state(&self) -> VirtioState {
+        let device = lock(&self.device);
+        let live = if self.activated {
+            device.queue_states()
+        } else {
+            None
+        };
+        let queues = live
+            .unwrap_or_else(|| self.queues.iter().map(|q| q.state()).collect())
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        VirtioState {
+            transport: MmioTransportState {
+                device_status: self.device_status,
+                device_features_sel: self.device_features_sel,
+                driver_features_sel: self.driver_features_sel,
+                driver_features: self.driver_features,
+                queue_sel: self.queue_sel,
+                config_generation: self.config_generation,
+                interrupt_status: self.interrupt.status(),
+                activated: self.activated,
+                queues,
+            },
+            device: device.save_state(),
+        }
+    }
+
+    /// Loads a saved state (guest memory must already hold the snapshot's contents) and, if the
+    /// device was running, re-activates it with its queues where they were.
+    pub fn restore_state(&mut self, state: &VirtioState) -> Result<(), MmioError> {
+        let t = &state.transport;
+        if t.queues.len() != self.queues.len() {
+            return Err(MmioError::QueueCount {
+                expected: self.queues.len(),
+                got: t.queues.len(),
+            });
+        }
+        let mut queues = Vec::with_capacity(t.queues.len());
+        for (index, (saved, current)) in t.queues.iter().zip(&self.queues).enumerate() {
+            let mut qs: virtio_queue::QueueState = (*saved).into();
+            // The maximum size is the device's, not the snapshot's.
+            qs.max_size = current.max_size();
+            let q = Queue::try_from(qs).map_err(|e| MmioError::QueueState {
+                index,
+                reason: e.to_string(),
+            })?;
+            if q.ready() && !q.is_valid(&self.memory) {
+                return Err(MmioError::QueueState {
+                    index,
+                    reason: "rings outside guest memory".into(),
+                });
+            }
+            queues.push(q);
+        }
+        lock(&self.device)
+            .restore_state(&state.device)
+            .map_err(MmioError::Device)?;
+        self.queues = queues;
+        self.device_status = t.device_status;
+        self.device_features_sel = t.device_features_sel;
+        self.driver_features_sel = t.driver_features_sel;
+        self.driver_features = t.driver_features;
+        self.queue_sel = t.queue_sel;
+        self.config_generation = t.config_generation;
+        self.activated = false;
+        if t.activated {
+            self.activate();
+            if !self.activated {
+                return Err(MmioError::Device("re-activation failed".into()));
+            }
+        }
+        if t.interrupt_status != 0 {
+            // Whatever the driver had not acknowledged is raised again.
+            for bit in [super::INT_VRING, super::INT_CONFIG] {
+                if t.interrupt_status & bit != 0 {
+                    if bit == super::INT_VRING {
+                        self.interrupt.signal_used_queue();
+                    } else {
+                        self.interrupt.signal_config_change();
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -367,6 +464,23 @@ pub(crate) mod tests {
             self.resets += 1;
             true
         }
+        fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+            None
+        }
+        fn save_state(&self) -> crate::persist::VirtioDeviceState {
+            crate::persist::VirtioDeviceState::Block {
+                acked_features: self.acked,
+            }
+        }
+        fn restore_state(&mut self, s: &crate::persist::VirtioDeviceState) -> Result<(), String> {
+            match s {
+                crate::persist::VirtioDeviceState::Block { acked_features } => {
+                    self.acked = *acked_features;
+                    Ok(())
+                }
+                _ => Err("wrong device".into()),
+            }
+        }
     }
 
     fn rd(t: &mut MmioTransport, off: u64) -> u32 {
@@ -488,6 +602,36 @@ pub(crate) mod tests {
         t.write(0x70, &[1]);
         t.write(0x71, &[1, 2, 3, 4]);
         assert_eq!(rd(&mut t, 0x70), 0);
+    }
+
+    #[test]
+    fn state_round_trips_into_a_new_transport_and_reactivates() {
+        let (mut t, _) = transport();
+        init_driver(&mut t, VIRTIO_F_VERSION_1 | 1);
+        let saved = t.save_state();
+        assert!(saved.transport.activated);
+        assert_eq!(saved.transport.queues[1].desc_table, 0x4000);
+        let (mut t2, dev2) = transport();
+        t2.restore_state(&saved).unwrap();
+        assert_eq!(dev2.lock().unwrap().activations, 1);
+        assert_eq!(dev2.lock().unwrap().acked, VIRTIO_F_VERSION_1 | 1);
+        assert_eq!(t2.save_state(), saved);
+    }
+
+    #[test]
+    fn corrupt_queue_state_is_refused() {
+        let (mut t, _) = transport();
+        init_driver(&mut t, VIRTIO_F_VERSION_1 | 1);
+        let mut saved = t.save_state();
+        saved.transport.queues[0].size = 3; // not a power of two
+        let (mut t2, dev2) = transport();
+        assert!(t2.restore_state(&saved).is_err());
+        assert_eq!(dev2.lock().unwrap().activations, 0);
+        saved.transport.queues.pop();
+        assert!(matches!(
+            t2.restore_state(&saved),
+            Err(MmioError::QueueCount { .. })
+        ));
     }
 
     #[test]

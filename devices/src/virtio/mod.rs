@@ -11,7 +11,9 @@ pub mod net;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
+
+use crate::persist::VirtioDeviceState;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
@@ -126,6 +128,13 @@ pub trait VirtioDevice: Send {
     /// Stops processing and forgets queue state (driver reset). Returns false if the device cannot
     /// be reset, in which case the transport reports DEVICE_NEEDS_RESET.
     fn reset(&mut self) -> bool;
+    /// The live queues' positions while the device is active (they move on after activation, so
+    /// the transport's copies are stale).
+    fn queue_states(&self) -> Option<Vec<QueueState>>;
+    /// The device's own state for a snapshot.
+    fn save_state(&self) -> VirtioDeviceState;
+    /// Loads the device's own state (before the transport re-activates it).
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), String>;
 }
 
 /// Copies `config[offset..]` into `data`, leaving out-of-range bytes as zero.

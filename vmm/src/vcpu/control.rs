@@ -4,9 +4,30 @@
 //! access half done, so whoever paused may then read or write any guest state. Replication pauses
 //! at every epoch, so this path is kept short: one mutex, one condvar, one signal per thread.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
+
+use super::state::{VcpuState, VcpuStateError};
+
+/// Work a parked vCPU thread does on its own vCPU (KVM wants vCPU ioctls from the vCPU's thread).
+pub enum VcpuRequest {
+    /// Capture the vCPU's state.
+    SaveState(Sender<Result<VcpuState, VcpuStateError>>),
+    /// Load a state into the vCPU.
+    RestoreState(Box<VcpuState>, Sender<Result<(), VcpuStateError>>),
+}
+
+/// Errors handing a request to a vCPU.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("vCPU {0} is not paused")]
+    NotPaused(u8),
+    #[error("vCPU {0} already has a request pending")]
+    Busy(u8),
+}
 
 #[derive(Default)]
 struct State {
@@ -16,6 +37,8 @@ struct State {
     parked: usize,
     /// vCPU threads that have not exited yet.
     live: usize,
+    /// One pending request per vCPU id, served while parked.
+    mailbox: HashMap<u8, VcpuRequest>,
 }
 
 /// Shared by the VMM and all vCPU threads of one VM.
@@ -61,9 +84,9 @@ impl VcpuControl {
         self.attention.load(Ordering::Acquire)
     }
 
-    /// Called by a vCPU thread (with no guest access in flight): parks while paused, and says whether
-    /// to keep running.
-    pub fn checkpoint(&self) -> Directive {
+    /// Called by vCPU thread `id` (with no guest access in flight): parks while paused, serving
+    /// requests addressed to it with `serve`, and says whether to keep running.
+    pub fn checkpoint(&self, id: u8, serve: &mut dyn FnMut(VcpuRequest)) -> Directive {
         let mut s = self.lock();
         if s.stop {
             return Directive::Stop;
@@ -72,6 +95,12 @@ impl VcpuControl {
             s.parked += 1;
             self.changed.notify_all();
             while s.pause && !s.stop {
+                if let Some(request) = s.mailbox.remove(&id) {
+                    drop(s);
+                    serve(request);
+                    s = self.lock();
+                    continue;
+                }
                 s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
             s.parked -= 1;
@@ -133,6 +162,20 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
+    /// Hands `request` to paused vCPU `id`; its reply arrives on the request's channel.
+    pub fn send(&self, id: u8, request: VcpuRequest) -> Result<(), RequestError> {
+        let mut s = self.lock();
+        if !s.pause || s.parked < s.live {
+            return Err(RequestError::NotPaused(id));
+        }
+        if s.mailbox.contains_key(&id) {
+            return Err(RequestError::Busy(id));
+        }
+        s.mailbox.insert(id, request);
+        self.changed.notify_all();
+        Ok(())
+    }
+
     /// Whether a pause is in force.
     pub fn is_paused(&self) -> bool {
         self.lock().pause
@@ -152,7 +195,7 @@ mod tests {
         ctl.thread_started();
         thread::spawn(move || {
             loop {
-                if ctl.needs_attention() && ctl.checkpoint() == Directive::Stop {
+                if ctl.needs_attention() && ctl.checkpoint(0, &mut |_| {}) == Directive::Stop {
                     break;
                 }
                 spins.fetch_add(1, Ordering::Relaxed);

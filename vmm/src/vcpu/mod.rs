@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod kick;
+pub mod state;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,7 +17,8 @@ use crate::arch::emulate::{self, EmulationCounters};
 use crate::arch::regs::{self, EntryMode, RegsError};
 use crate::crash::{CrashKind, CrashReport};
 use crate::memory::GuestMemory;
-pub use control::{Directive, VcpuControl};
+pub use control::{Directive, RequestError, VcpuControl, VcpuRequest};
+pub use state::{VcpuState, VcpuStateError};
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 
@@ -65,6 +67,7 @@ pub struct Vcpu {
     control: Arc<VcpuControl>,
     stop: Arc<StopSignals>,
     emulation: Arc<EmulationCounters>,
+    msr_indices: Arc<Vec<u32>>,
 }
 
 /// What vCPUs share.
@@ -93,6 +96,7 @@ impl Vcpu {
             control: shared.control,
             stop: shared.stop,
             emulation: shared.emulation,
+            msr_indices: Arc::default(),
         })
     }
 
@@ -125,6 +129,26 @@ impl Vcpu {
         Ok(())
     }
 
+    /// The vCPU file descriptor.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Sets which MSRs snapshots capture (see [`state::saveable_msrs`]).
+    pub fn set_msr_indices(&mut self, indices: Arc<Vec<u32>>) {
+        self.msr_indices = indices;
+    }
+
+    /// Captures the state of this (not yet started) vCPU.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuStateError> {
+        VcpuState::capture(&self.fd, self.id, &self.msr_indices)
+    }
+
+    /// Loads `state` into this (not yet started) vCPU.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuStateError> {
+        state.restore(&self.fd)
+    }
+
     /// Starts the vCPU's thread.
     pub fn spawn(self) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
@@ -149,7 +173,9 @@ impl Vcpu {
         loop {
             if self.control.needs_attention() {
                 self.complete_pending_access();
-                if self.control.checkpoint() == Directive::Stop {
+                let (fd, id, msrs) = (&self.fd, self.id, self.msr_indices.clone());
+                let mut serve = |request: VcpuRequest| serve_request(fd, id, &msrs, request);
+                if self.control.checkpoint(id, &mut serve) == Directive::Stop {
                     break;
                 }
             }
@@ -255,5 +281,18 @@ impl Vcpu {
             Ok(exit) => tracing::warn!("completing pending access: unexpected exit {exit:?}"),
         }
         self.fd.set_kvm_immediate_exit(0);
+    }
+}
+
+/// Serves a request on a parked vCPU's own thread.
+fn serve_request(fd: &VcpuFd, id: u8, msr_indices: &[u32], request: VcpuRequest) {
+    // A dropped receiver means the requester gave up; nothing to do.
+    match request {
+        VcpuRequest::SaveState(reply) => {
+            let _ = reply.send(VcpuState::capture(fd, id, msr_indices));
+        }
+        VcpuRequest::RestoreState(state, reply) => {
+            let _ = reply.send(state.restore(fd));
+        }
     }
 }

@@ -8,6 +8,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{ID_BYTES, SECTOR_SIZE};
+use crate::persist::VirtioDeviceState;
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice,
     VirtioInterrupt, VIRTIO_F_VERSION_1,
@@ -194,6 +195,36 @@ impl VirtioDevice for VirtioBlock {
         // The event handler notices the missing state and stops watching the queue.
         self.active = None;
         true
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block {
+            acked_features: self.acked_features,
+        }
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), String> {
+        match state {
+            VirtioDeviceState::Block { acked_features } => {
+                if acked_features & !self.avail_features() != 0 {
+                    return Err(format!(
+                        "disk {}: snapshot features {acked_features:#x} exceed what it offers ({:#x}; read-only differs?)",
+                        self.path.display(),
+                        self.avail_features()
+                    ));
+                }
+                self.acked_features = *acked_features;
+                Ok(())
+            }
+            other => Err(format!(
+                "disk {}: snapshot holds a {other:?}, not a block device",
+                self.path.display()
+            )),
+        }
     }
 }
 

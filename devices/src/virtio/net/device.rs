@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::tap::{Tap, TapError};
 use crate::output_gate::{OutputGate, PassThroughGate};
+use crate::persist::VirtioDeviceState;
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice,
     VirtioInterrupt, VIRTIO_F_VERSION_1,
@@ -244,6 +245,44 @@ impl VirtioDevice for VirtioNet {
         self.active = None;
         self.rx_pending = None;
         true
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx_queue.state(), a.tx_queue.state()])
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net {
+            acked_features: self.acked_features,
+            mac: self.mac.0,
+        }
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), String> {
+        match state {
+            VirtioDeviceState::Net {
+                acked_features,
+                mac,
+            } => {
+                if acked_features & !self.avail_features() != 0 {
+                    return Err(format!(
+                        "NIC {}: snapshot features {acked_features:#x} not offered",
+                        self.tap.name()
+                    ));
+                }
+                self.acked_features = *acked_features;
+                // The guest's MAC is part of its state: it follows the guest whatever --net said.
+                self.mac = MacAddr(*mac);
+                self.config[..6].copy_from_slice(mac);
+                Ok(())
+            }
+            other => Err(format!(
+                "NIC {}: snapshot holds a {other:?}, not a network device",
+                self.tap.name()
+            )),
+        }
     }
 }
 
