@@ -26,14 +26,12 @@ impl<'a> Cmdline<'a> {
     }
 
     /// `key` parsed as an unsigned number (decimal, or hex with 0x).
-    #[allow(dead_code)] // for workload modes (sizes, rates)
     pub fn get_u64(&self, key: &str) -> Option<Result<u64, core::num::ParseIntError>> {
         self.get(key).map(parse_u64)
     }
 }
 
 /// Decimal or 0x-prefixed hexadecimal.
-#[allow(dead_code)] // for workload modes (sizes, rates)
 pub fn parse_u64(s: &str) -> Result<u64, core::num::ParseIntError> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16),

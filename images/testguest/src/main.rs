@@ -18,6 +18,7 @@ mod heap;
 mod mem;
 mod modes;
 mod serial;
+mod virtio;
 
 use arch::cpu;
 use cmdline::Cmdline;

@@ -1,5 +1,5 @@
 //! `mode=info`: print what the guest sees of the boot ABI (e820 map, ACPI tables, MADT, CPUID
-//! vendor, TSC frequency) for debugging the VMM, then `testguest: info ok`.
+//! vendor, virtio-mmio devices, TSC frequency) for debugging the VMM, then `testguest: info ok`.
 
 use super::Mode;
 use crate::acpi_tables;
@@ -74,6 +74,12 @@ fn run(cmdline: &Cmdline<'_>) {
             }
         }
         Err(e) => println!("testguest: acpi error {:?}", e),
+    }
+    for slot in crate::virtio::probe::scan() {
+        println!(
+            "testguest: virtio slot={} addr={:#x} device_id={} version={}",
+            slot.index, slot.addr, slot.device_id, slot.version
+        );
     }
     let (hz, src) = time::tsc_hz();
     println!("testguest: tsc_hz={} source={}", hz, src.name());

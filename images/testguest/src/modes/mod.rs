@@ -5,9 +5,11 @@
 
 use crate::cmdline::Cmdline;
 
+pub mod blk;
 pub mod crash;
 pub mod hello;
 pub mod info;
+pub mod net;
 pub mod smp;
 pub mod spin;
 pub mod triple;
@@ -30,6 +32,8 @@ pub static MODES: &[Mode] = &[
     smp::MODE,
     spin::MODE,
     triple::MODE,
+    blk::MODE,
+    net::MODE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Mode> {
