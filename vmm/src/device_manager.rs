@@ -96,6 +96,7 @@ impl DsdtDevice for VirtioSlot {
 #[derive(Default)]
 pub struct DeviceManager {
     slots: Vec<VirtioSlot>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl DeviceManager {
@@ -137,9 +138,11 @@ impl DeviceManager {
                 })?;
         }
         vm.register_irqfd(transport.interrupt().eventfd(), slot.irq)?;
+        let transport = Arc::new(Mutex::new(transport));
         mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_WINDOW_SIZE)
+            .insert(transport.clone(), slot.base, MMIO_WINDOW_SIZE)
             .map_err(|source| DeviceManagerError::Bus { index, source })?;
+        self.transports.push(transport);
         event_manager.add_subscriber(device);
         tracing::info!(
             index,
@@ -149,6 +152,11 @@ impl DeviceManager {
         );
         self.slots.push(slot);
         Ok(slot)
+    }
+
+    /// The transports of the devices placed so far, in slot order.
+    pub fn transports(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.transports
     }
 
     /// The devices placed so far, for the DSDT.

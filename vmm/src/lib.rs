@@ -6,6 +6,7 @@ pub mod crash;
 pub mod device_manager;
 pub mod machine;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

@@ -2,10 +2,12 @@
 //! interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,6 +41,25 @@ pub enum VmError {
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
     #[error("{requested} vCPUs requested but this host's KVM allows at most {max}")]
     TooManyVcpus { requested: usize, max: usize },
+}
+
+/// The VM-wide interrupt controllers, PIT and clock.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// Errors capturing or restoring VM state.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {op} the VM's {what}: {source}")]
+pub struct VmStateError {
+    op: &'static str,
+    what: &'static str,
+    source: kvm_ioctls::Error,
 }
 
 /// A KVM VM with its memory registered.
@@ -135,6 +156,58 @@ impl Vm {
         self.fd
             .register_irqfd(eventfd, gsi)
             .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+
+    /// Captures the interrupt controllers, PIT and clock (vCPUs paused).
+    pub fn save_state(&self) -> Result<VmState, VmStateError> {
+        let get = |what| {
+            move |source| VmStateError {
+                op: "read",
+                what,
+                source,
+            }
+        };
+        let chip = |id| -> Result<kvm_irqchip, VmStateError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(get("interrupt controller"))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(get("PIT"))?,
+            clock: self.fd.get_clock().map_err(get("clock"))?,
+        })
+    }
+
+    /// Loads a captured state (before any vCPU runs).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmStateError> {
+        let set = |what| {
+            move |source| VmStateError {
+                op: "set",
+                what,
+                source,
+            }
+        };
+        self.fd.set_pit2(&state.pit).map_err(set("PIT"))?;
+        // Only the clock value is restored; KVM rejects flags it reports but does not accept.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(set("clock"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(set("interrupt controller"))?;
+        }
+        Ok(())
     }
 
     /// The `/dev/kvm` handle.

@@ -347,12 +347,15 @@ impl MmioTransport {
             },
             0x24 => self.driver_features_sel = value,
             0x30 => self.queue_sel = value,
-            0x38 if configurable => {
+            // A size of 0 is how drivers unset a queue; it is not a size to validate.
+            0x38 if configurable && value != 0 => {
                 if let Some(q) = self.selected_queue() {
                     q.set_size(value as u16)
                 }
             }
-            0x44 if configurable => {
+            // QueueReady reads back what was last written (virtio 1.x 4.2.2.2): a driver stops a
+            // queue by writing 0 and waiting to read 0, also after DRIVER_OK.
+            0x44 if configurable || value == 0 => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(value == 1)
                 }
@@ -632,6 +635,19 @@ pub(crate) mod tests {
             t2.restore_state(&saved),
             Err(MmioError::QueueCount { .. })
         ));
+    }
+
+    #[test]
+    fn a_running_queue_can_be_stopped_and_reads_back_zero() {
+        let (mut t, _) = transport();
+        init_driver(&mut t, VIRTIO_F_VERSION_1 | 1);
+        wr(&mut t, 0x30, 0);
+        assert_eq!(rd(&mut t, 0x44), 1);
+        wr(&mut t, 0x44, 0);
+        assert_eq!(rd(&mut t, 0x44), 0);
+        // Re-enabling is still refused while the device runs.
+        wr(&mut t, 0x44, 1);
+        assert_eq!(rd(&mut t, 0x44), 0);
     }
 
     #[test]

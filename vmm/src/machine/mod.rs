@@ -1,30 +1,38 @@
-//! A whole virtual machine and its lifecycle: build (memory, KVM VM, devices, ACPI, kernel, vCPUs),
-//! start, pause, resume, wait for the guest to stop, tear down.
+//! A whole virtual machine and its lifecycle: build (`builder.rs`: memory, KVM VM, devices, ACPI,
+//! kernel, vCPUs), start, pause, resume, wait for the guest to stop, snapshot and restore
+//! (`snapshot.rs`), tear down.
 
-use std::os::fd::AsRawFd;
+mod builder;
+mod snapshot;
+
+pub use snapshot::{
+    RestoreOptions, SnapshotError, SnapshotInfo, VmSnapshot, SNAPSHOT_MEMORY_FILE,
+    SNAPSHOT_STATE_FILE,
+};
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use devices::legacy::{AcpiPmDevice, SerialDevice, SerialOutput, I8042};
-use devices::virtio::block::{BlockConfig, BlockError, VirtioBlock};
-use devices::virtio::net::{NetConfig, NetError, VirtioNet};
-use devices::{Bus, BusError, EventFdTrigger, GuestExitEvent, GuestExitRequest};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use devices::legacy::{SerialDevice, SerialOutput};
+use devices::virtio::block::{BlockConfig, BlockError};
+use devices::virtio::mmio::MmioTransport;
+use devices::virtio::net::{NetConfig, NetError};
+use devices::{BusError, GuestExitRequest};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::arch::acpi::{write_acpi_tables, AcpiError, Com1, DsdtDevice};
-use crate::arch::boot::{load_kernel, BootError, KernelSpec};
-use crate::arch::cpuid::{apply_features, CpuFeatures, CpuidError};
+use crate::arch::acpi::AcpiError;
+use crate::arch::boot::BootError;
+use crate::arch::cpuid::{CpuFeatures, CpuidError};
 use crate::arch::emulate::EmulationCounters;
 use crate::crash::CrashReport;
-use crate::device_manager::{DeviceManager, DeviceManagerError, Subscriber, VirtioSubscriber};
-use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
-use crate::vcpu::state::saveable_msrs;
-use crate::vcpu::{kick, StopSignals, Vcpu, VcpuControl, VcpuError, VcpuShared, VcpuStateError};
+use crate::device_manager::{DeviceManagerError, Subscriber};
+use crate::memory::{GuestMemory, MemoryError};
+use crate::vcpu::{kick, StopSignals, Vcpu, VcpuControl, VcpuError, VcpuStateError};
 use crate::vm::{Vm, VmError};
 
 /// The most vCPUs a guest may have (APIC IDs are 8-bit and 0xff is broadcast).
@@ -47,6 +55,29 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// virtio-net interfaces, placed after the disks.
     pub nets: Vec<NetConfig>,
+}
+
+/// The virtual hardware of a VM: what a restore must recreate (backends may be renamed).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MachineDescription {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub disks: Vec<DiskDescription>,
+    pub nets: Vec<NetDescription>,
+}
+
+/// A virtio-blk disk of a [`MachineDescription`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskDescription {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// A virtio-net NIC of a [`MachineDescription`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetDescription {
+    pub tap: String,
+    pub mac: [u8; 6],
 }
 
 /// How a VM ended.
@@ -114,11 +145,15 @@ pub enum MachineError {
     PauseTimeout(Duration),
     #[error("the VM is not running")]
     NotRunning,
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot restore device state: {0}")]
+    DeviceState(String),
 }
 
 /// Wakes the event loop when the guest or a vCPU asks the VM to stop.
-struct StopWatcher {
-    eventfd: EventFd,
+pub(super) struct StopWatcher {
+    pub(super) eventfd: EventFd,
 }
 
 impl MutEventSubscriber for StopWatcher {
@@ -138,6 +173,9 @@ impl MutEventSubscriber for StopWatcher {
 
 /// A built VM. Fields drop in order: threads are stopped first (in `Drop`), then the VM, then memory.
 pub struct Machine {
+    description: MachineDescription,
+    serial: Arc<Mutex<SerialDevice>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     vcpu_threads: Vec<JoinHandle<()>>,
     unstarted: Vec<Vcpu>,
     control: Arc<VcpuControl>,
@@ -150,123 +188,6 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Builds the VM described by `config`, ready to [`Machine::start`].
-    pub fn build(config: &VmConfig) -> Result<Self, MachineError> {
-        let span = tracing::info_span!(
-            "build",
-            vcpus = config.vcpus,
-            memory_mib = config.memory_mib
-        );
-        let _guard = span.enter();
-        let started = Instant::now();
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(MachineError::VcpuCount(config.vcpus));
-        }
-        let memory = create_guest_memory(config.memory_mib)?;
-        let vm = Vm::new(&memory)?;
-        if usize::from(config.vcpus) > vm.max_vcpus() {
-            return Err(VmError::TooManyVcpus {
-                requested: config.vcpus.into(),
-                max: vm.max_vcpus(),
-            }
-            .into());
-        }
-        let mut cpuid = vm.supported_cpuid()?;
-        apply_features(&mut cpuid, &config.cpu_features)?;
-
-        let guest_exit = Arc::new(GuestExitEvent::new().map_err(|source| MachineError::Io {
-            what: "the guest exit eventfd",
-            source,
-        })?);
-        let mut event_manager = EventManager::<Subscriber>::new()
-            .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
-        let io_bus = Arc::new(build_io_bus(&vm, &config.serial, &guest_exit)?);
-        let mut mmio_bus = Bus::new();
-        let mut device_manager = DeviceManager::new();
-        let mut add = |device: Arc<Mutex<dyn VirtioSubscriber>>| {
-            device_manager.add_virtio_device(
-                device,
-                &vm,
-                &memory,
-                &mut mmio_bus,
-                &mut event_manager,
-            )
-        };
-        for (index, disk) in config.disks.iter().enumerate() {
-            add(Arc::new(Mutex::new(VirtioBlock::new(disk, index)?)))?;
-        }
-        for (index, net) in config.nets.iter().enumerate() {
-            add(Arc::new(Mutex::new(VirtioNet::new(net, index)?)))?;
-        }
-        let mmio_bus = Arc::new(mmio_bus);
-
-        let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1];
-        dsdt_devices.extend(device_manager.slots().iter().map(|s| s as &dyn DsdtDevice));
-        let rsdp = write_acpi_tables(&memory, config.vcpus.into(), &dsdt_devices)?;
-        let entry = load_kernel(
-            &memory,
-            &KernelSpec {
-                kernel: &config.kernel,
-                initrd: config.initrd.as_deref(),
-                cmdline: &config.cmdline,
-                rsdp,
-            },
-        )?;
-        tracing::info!(?entry, "kernel loaded");
-
-        kick::install_kick_handler().map_err(MachineError::KickHandler)?;
-        let control = Arc::new(VcpuControl::new());
-        let stop = Arc::new(StopSignals {
-            guest_exit: guest_exit.clone(),
-            crash: Mutex::new(None),
-        });
-        let emulation = Arc::new(EmulationCounters::default());
-        let shared = VcpuShared {
-            emulation: emulation.clone(),
-            io_bus,
-            mmio_bus,
-            memory: memory.clone(),
-            control: control.clone(),
-            stop: stop.clone(),
-        };
-        let mut unstarted = Vec::with_capacity(config.vcpus.into());
-        for id in 0..config.vcpus {
-            let vcpu = Vcpu::new(vm.fd(), id, shared.clone())?;
-            vcpu.configure(&cpuid, config.vcpus, (id == 0).then_some(entry))?;
-            unstarted.push(vcpu);
-        }
-        let msr_indices = Arc::new(saveable_msrs(vm.kvm(), unstarted[0].fd(), 0)?);
-        for vcpu in &mut unstarted {
-            vcpu.set_msr_indices(msr_indices.clone());
-        }
-
-        let watcher = StopWatcher {
-            eventfd: guest_exit
-                .eventfd()
-                .try_clone()
-                .map_err(|source| MachineError::Io {
-                    what: "a handle on the stop eventfd",
-                    source,
-                })?,
-        };
-        event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
-        tracing::info!(
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "VM built"
-        );
-        Ok(Self {
-            vcpu_threads: Vec::new(),
-            unstarted,
-            control,
-            stop,
-            event_manager,
-            vm,
-            memory,
-            vcpu_count: config.vcpus,
-            emulation,
-        })
-    }
-
     /// Starts every vCPU thread.
     pub fn start(&mut self) -> Result<(), MachineError> {
         for vcpu in self.unstarted.drain(..) {
@@ -361,6 +282,11 @@ impl Machine {
         &self.emulation
     }
 
+    /// The VM's virtual hardware.
+    pub fn description(&self) -> &MachineDescription {
+        &self.description
+    }
+
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> u8 {
         self.vcpu_count
@@ -388,51 +314,4 @@ impl Drop for Machine {
     fn drop(&mut self) {
         self.shutdown_vcpus();
     }
-}
-
-fn build_io_bus(
-    vm: &Vm,
-    serial: &SerialOutput,
-    guest_exit: &Arc<GuestExitEvent>,
-) -> Result<Bus, MachineError> {
-    let mut bus = Bus::new();
-    let place = |bus: &mut Bus, device: Arc<Mutex<dyn devices::BusDevice>>, name, base, len| {
-        bus.insert(device, base, len)
-            .map_err(|source| MachineError::Bus {
-                device: name,
-                source,
-            })
-    };
-    let irq = EventFdTrigger::new().map_err(|source| MachineError::Io {
-        what: "the serial interrupt eventfd",
-        source,
-    })?;
-    vm.register_irqfd(irq.eventfd(), SerialDevice::COM1_IRQ)?;
-    tracing::debug!(fd = irq.eventfd().as_raw_fd(), "COM1 irqfd");
-    let out = serial.open().map_err(|e| MachineError::Io {
-        what: "the serial output",
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    place(
-        &mut bus,
-        Arc::new(Mutex::new(SerialDevice::new(irq, out))),
-        "COM1",
-        SerialDevice::COM1_BASE,
-        SerialDevice::LEN,
-    )?;
-    place(
-        &mut bus,
-        Arc::new(Mutex::new(I8042::new(guest_exit.clone()))),
-        "i8042",
-        I8042::BASE,
-        I8042::LEN,
-    )?;
-    place(
-        &mut bus,
-        Arc::new(Mutex::new(AcpiPmDevice::new(guest_exit.clone()))),
-        "ACPI PM",
-        AcpiPmDevice::BASE,
-        AcpiPmDevice::LEN,
-    )?;
-    Ok(bus)
 }

@@ -1,0 +1,258 @@
+//! Building a machine: the virtual hardware shared by a fresh boot and a restore (`assemble`), and the
+//! boot path on top of it (ACPI tables, kernel, boot vCPU state).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use devices::legacy::{AcpiPmDevice, SerialDevice, SerialOutput, I8042};
+use devices::persist::UartState;
+use devices::virtio::block::{BlockConfig, VirtioBlock};
+use devices::virtio::net::{NetConfig, VirtioNet};
+use devices::{Bus, BusDevice, EventFdTrigger, GuestExitEvent};
+use event_manager::{EventManager, SubscriberOps};
+use kvm_bindings::CpuId;
+
+use super::{
+    DiskDescription, Machine, MachineDescription, MachineError, NetDescription, StopWatcher,
+    VmConfig, MAX_VCPUS,
+};
+use crate::arch::acpi::{write_acpi_tables, Com1, DsdtDevice};
+use crate::arch::boot::{load_kernel, KernelSpec};
+use crate::arch::cpuid::{apply_features, CpuFeatures};
+use crate::arch::emulate::EmulationCounters;
+use crate::device_manager::{DeviceManager, Subscriber, VirtioSubscriber};
+use crate::memory::{create_guest_memory, GuestMemory};
+use crate::vcpu::state::saveable_msrs;
+use crate::vcpu::{kick, StopSignals, Vcpu, VcpuControl, VcpuShared};
+use crate::vm::{Vm, VmError};
+
+/// The virtual hardware to assemble.
+pub(super) struct Hardware<'a> {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub serial: &'a SerialOutput,
+    pub serial_state: Option<&'a UartState>,
+    pub cpu_features: &'a CpuFeatures,
+    pub disks: &'a [BlockConfig],
+    pub nets: &'a [NetConfig],
+}
+
+impl Machine {
+    /// Builds the VM described by `config`, ready to [`Machine::start`].
+    pub fn build(config: &VmConfig) -> Result<Self, MachineError> {
+        let span = tracing::info_span!(
+            "build",
+            vcpus = config.vcpus,
+            memory_mib = config.memory_mib
+        );
+        let _guard = span.enter();
+        let started = Instant::now();
+        let (mut machine, cpuid, slots) = Self::assemble(&Hardware {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            serial: &config.serial,
+            serial_state: None,
+            cpu_features: &config.cpu_features,
+            disks: &config.disks,
+            nets: &config.nets,
+        })?;
+        let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1];
+        dsdt_devices.extend(slots.slots().iter().map(|s| s as &dyn DsdtDevice));
+        let rsdp = write_acpi_tables(&machine.memory, config.vcpus.into(), &dsdt_devices)?;
+        let entry = load_kernel(
+            &machine.memory,
+            &KernelSpec {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                rsdp,
+            },
+        )?;
+        tracing::info!(?entry, "kernel loaded");
+        for vcpu in &machine.unstarted {
+            vcpu.configure(&cpuid, config.vcpus, (vcpu.id() == 0).then_some(entry))?;
+        }
+        machine.finish_vcpu_setup()?;
+        tracing::info!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "VM built"
+        );
+        Ok(machine)
+    }
+
+    /// Creates memory, the KVM VM, devices and (unconfigured) vCPUs. Returns the machine, the
+    /// CPUID to give vCPUs, and the device manager (for the DSDT).
+    pub(super) fn assemble(hw: &Hardware) -> Result<(Self, CpuId, DeviceManager), MachineError> {
+        if hw.vcpus == 0 || hw.vcpus > MAX_VCPUS {
+            return Err(MachineError::VcpuCount(hw.vcpus));
+        }
+        let memory = create_guest_memory(hw.memory_mib)?;
+        let vm = Vm::new(&memory)?;
+        if usize::from(hw.vcpus) > vm.max_vcpus() {
+            return Err(VmError::TooManyVcpus {
+                requested: hw.vcpus.into(),
+                max: vm.max_vcpus(),
+            }
+            .into());
+        }
+        let mut cpuid = vm.supported_cpuid()?;
+        apply_features(&mut cpuid, hw.cpu_features)?;
+
+        let guest_exit = Arc::new(GuestExitEvent::new().map_err(|source| MachineError::Io {
+            what: "the guest exit eventfd",
+            source,
+        })?);
+        let mut event_manager = EventManager::<Subscriber>::new()
+            .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
+        let (io_bus, serial) = build_io_bus(&vm, hw.serial, hw.serial_state, &guest_exit)?;
+        let io_bus = Arc::new(io_bus);
+        let mut mmio_bus = Bus::new();
+        let mut device_manager = DeviceManager::new();
+        let mut description = MachineDescription {
+            vcpus: hw.vcpus,
+            memory_mib: hw.memory_mib,
+            disks: Vec::new(),
+            nets: Vec::new(),
+        };
+        let mut add = |device: Arc<Mutex<dyn VirtioSubscriber>>| {
+            device_manager.add_virtio_device(
+                device,
+                &vm,
+                &memory,
+                &mut mmio_bus,
+                &mut event_manager,
+            )
+        };
+        for (index, disk) in hw.disks.iter().enumerate() {
+            add(Arc::new(Mutex::new(VirtioBlock::new(disk, index)?)))?;
+            description.disks.push(DiskDescription {
+                path: disk.path.clone(),
+                read_only: disk.read_only,
+            });
+        }
+        for (index, net) in hw.nets.iter().enumerate() {
+            let nic = VirtioNet::new(net, index)?;
+            description.nets.push(NetDescription {
+                tap: net.tap.clone(),
+                mac: nic.mac().0,
+            });
+            add(Arc::new(Mutex::new(nic)))?;
+        }
+        let mmio_bus = Arc::new(mmio_bus);
+
+        kick::install_kick_handler().map_err(MachineError::KickHandler)?;
+        let control = Arc::new(VcpuControl::new());
+        let stop = Arc::new(StopSignals {
+            guest_exit: guest_exit.clone(),
+            crash: Mutex::new(None),
+        });
+        let emulation = Arc::new(EmulationCounters::default());
+        let shared = VcpuShared {
+            emulation: emulation.clone(),
+            io_bus,
+            mmio_bus,
+            memory: memory.clone(),
+            control: control.clone(),
+            stop: stop.clone(),
+        };
+        let mut unstarted = Vec::with_capacity(hw.vcpus.into());
+        for id in 0..hw.vcpus {
+            unstarted.push(Vcpu::new(vm.fd(), id, shared.clone())?);
+        }
+        let watcher = StopWatcher {
+            eventfd: guest_exit
+                .eventfd()
+                .try_clone()
+                .map_err(|source| MachineError::Io {
+                    what: "a handle on the stop eventfd",
+                    source,
+                })?,
+        };
+        event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
+        let machine = Self {
+            description,
+            serial,
+            transports: device_manager.transports().to_vec(),
+            vcpu_threads: Vec::new(),
+            unstarted,
+            control,
+            stop,
+            event_manager,
+            vm,
+            memory,
+            vcpu_count: hw.vcpus,
+            emulation,
+        };
+        Ok((machine, cpuid, device_manager))
+    }
+
+    /// Once vCPUs hold their CPUID, decides which MSRs snapshots capture.
+    pub(super) fn finish_vcpu_setup(&mut self) -> Result<(), MachineError> {
+        let first = self.unstarted.first().ok_or(MachineError::VcpuCount(0))?;
+        let msr_indices = Arc::new(saveable_msrs(self.vm.kvm(), first.fd(), 0)?);
+        for vcpu in &mut self.unstarted {
+            vcpu.set_msr_indices(msr_indices.clone());
+        }
+        Ok(())
+    }
+
+    /// Guest memory, for restore.
+    pub(super) fn memory_mut(&mut self) -> &mut GuestMemory {
+        &mut self.memory
+    }
+}
+
+/// The port I/O bus: COM1 (fresh or restored), the i8042 and the ACPI PM registers.
+fn build_io_bus(
+    vm: &Vm,
+    serial: &SerialOutput,
+    serial_state: Option<&UartState>,
+    guest_exit: &Arc<GuestExitEvent>,
+) -> Result<(Bus, Arc<Mutex<SerialDevice>>), MachineError> {
+    let mut bus = Bus::new();
+    let place = |bus: &mut Bus, device: Arc<Mutex<dyn BusDevice>>, name, base, len| {
+        bus.insert(device, base, len)
+            .map_err(|source| MachineError::Bus {
+                device: name,
+                source,
+            })
+    };
+    let irq = EventFdTrigger::new().map_err(|source| MachineError::Io {
+        what: "the serial interrupt eventfd",
+        source,
+    })?;
+    vm.register_irqfd(irq.eventfd(), SerialDevice::COM1_IRQ)?;
+    let out = serial.open().map_err(|e| MachineError::Io {
+        what: "the serial output",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let uart = match serial_state {
+        Some(state) => {
+            SerialDevice::from_state(state, irq, out).map_err(MachineError::DeviceState)?
+        }
+        None => SerialDevice::new(irq, out),
+    };
+    let uart = Arc::new(Mutex::new(uart));
+    place(
+        &mut bus,
+        uart.clone(),
+        "COM1",
+        SerialDevice::COM1_BASE,
+        SerialDevice::LEN,
+    )?;
+    place(
+        &mut bus,
+        Arc::new(Mutex::new(I8042::new(guest_exit.clone()))),
+        "i8042",
+        I8042::BASE,
+        I8042::LEN,
+    )?;
+    place(
+        &mut bus,
+        Arc::new(Mutex::new(AcpiPmDevice::new(guest_exit.clone()))),
+        "ACPI PM",
+        AcpiPmDevice::BASE,
+        AcpiPmDevice::LEN,
+    )?;
+    Ok((bus, uart))
+}
