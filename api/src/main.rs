@@ -1,6 +1,8 @@
 //! The `ftvmm` command: a fault-tolerant KVM virtual machine monitor.
 
 mod cli;
+mod client;
+mod server;
 
 use std::process::ExitCode;
 

@@ -2,6 +2,7 @@
 //! device wiring, and the VM lifecycle (run, pause, resume, shutdown).
 
 pub mod arch;
+pub mod control;
 pub mod crash;
 pub mod device_manager;
 pub mod machine;
@@ -12,8 +13,9 @@ pub mod vm;
 
 pub use arch::cpu_template::CpuTemplate;
 pub use arch::cpuid::CpuFeatures;
+pub use control::{ControlHandle, VmCommand, VmInfo, VmReply};
 pub use crash::CrashReport;
 pub use devices::legacy::SerialOutput;
 pub use devices::virtio::block::BlockConfig;
 pub use devices::virtio::net::NetConfig;
-pub use machine::{Machine, MachineError, VmConfig, VmExit};
+pub use machine::{Machine, MachineError, RestoreOptions, VmConfig, VmExit};

@@ -1,6 +1,8 @@
 //! Command-line interface: one module per subcommand.
 
+mod restore;
 mod run;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -24,11 +26,15 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Run(run::RunArgs),
+    Restore(restore::RestoreArgs),
+    Vm(vm::VmArgs),
 }
 
 /// Runs the chosen subcommand and returns the process exit status.
 pub fn dispatch(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Restore(args) => restore::restore(args),
+        Command::Vm(args) => vm::vm(args),
     }
 }

@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// missing one is created and disappears when ftvmm exits. Repeatable.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<NetConfig>,
+
+    /// Serve the VM's control API (JSON over HTTP) on this Unix socket; see `ftvmm vm --help`.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
@@ -104,7 +108,22 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         disks: args.disks,
         nets: args.nets,
     };
-    let exit = Machine::run(&config)?;
+    let machine = Machine::build(&config)?;
+    run_machine(machine, args.api_socket.as_deref())
+}
+
+/// Starts `machine`, serves its API when asked, and waits for the guest to stop; returns the
+/// process exit status.
+pub(super) fn run_machine(
+    mut machine: Machine,
+    api_socket: Option<&std::path::Path>,
+) -> Result<u8, Box<dyn std::error::Error>> {
+    let _server = match api_socket {
+        Some(path) => Some(crate::server::spawn(path, machine.control_handle()?)?),
+        None => None,
+    };
+    machine.start()?;
+    let exit = machine.wait()?;
     match &exit {
         VmExit::PowerOff => tracing::info!("guest powered off"),
         VmExit::Reset => eprintln!("ftvmm: the guest reset itself"),

@@ -182,6 +182,7 @@ impl Machine {
             memory,
             vcpu_count: hw.vcpus,
             emulation,
+            inbox: None,
         };
         Ok((machine, cpuid, device_manager))
     }

@@ -20,7 +20,7 @@ use devices::virtio::block::{BlockConfig, BlockError};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::net::{NetConfig, NetError};
 use devices::{BusError, GuestExitRequest};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
@@ -29,6 +29,10 @@ use crate::arch::acpi::AcpiError;
 use crate::arch::boot::BootError;
 use crate::arch::cpuid::{CpuFeatures, CpuidError};
 use crate::arch::emulate::EmulationCounters;
+use crate::control::{
+    control_channel, ControlHandle, ControlInbox, RunState, SnapshotReport, VmCommand, VmInfo,
+    VmReply,
+};
 use crate::crash::CrashReport;
 use crate::device_manager::{DeviceManagerError, Subscriber};
 use crate::memory::{GuestMemory, MemoryError};
@@ -185,6 +189,7 @@ pub struct Machine {
     memory: GuestMemory,
     vcpu_count: u8,
     emulation: Arc<EmulationCounters>,
+    inbox: Option<ControlInbox>,
 }
 
 impl Machine {
@@ -239,6 +244,7 @@ impl Machine {
             self.event_manager
                 .run()
                 .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
+            self.serve_commands();
         };
         self.shutdown_vcpus();
         let fired = self.emulation.snapshot();
@@ -249,6 +255,84 @@ impl Machine {
             );
         }
         Ok(exit)
+    }
+
+    /// A handle through which other threads (the API server) control this VM while
+    /// [`Machine::wait`] runs its event loop.
+    pub fn control_handle(&mut self) -> Result<ControlHandle, MachineError> {
+        let (handle, inbox, waker) = control_channel().map_err(|source| MachineError::Io {
+            what: "the control channel",
+            source,
+        })?;
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(waker)));
+        self.inbox = Some(inbox);
+        Ok(handle)
+    }
+
+    fn serve_commands(&mut self) {
+        while let Some((command, reply)) = self.inbox.as_ref().and_then(ControlInbox::next) {
+            let span = tracing::info_span!("command", ?command);
+            let _guard = span.enter();
+            let answer = self.execute(command);
+            // The requester may have given up waiting; that is not the VM's problem.
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Carries out one control command.
+    pub fn execute(&mut self, command: VmCommand) -> VmReply {
+        match command {
+            VmCommand::Info => VmReply::Info(self.info()),
+            VmCommand::Pause if self.control.is_paused() => {
+                VmReply::Conflict("the VM is already paused".into())
+            }
+            VmCommand::Pause => match self.pause() {
+                Ok(()) => VmReply::Done(self.info()),
+                Err(e) => VmReply::Error(e.to_string()),
+            },
+            VmCommand::Resume if !self.control.is_paused() => {
+                VmReply::Conflict("the VM is not paused".into())
+            }
+            VmCommand::Resume => {
+                self.resume();
+                VmReply::Done(self.info())
+            }
+            VmCommand::Snapshot { dir } => match self.snapshot(&dir) {
+                Ok(info) => VmReply::Snapshot(SnapshotReport {
+                    dir,
+                    paused_ms: info.paused_for.as_secs_f64() * 1e3,
+                    memory_bytes: info.memory_bytes,
+                }),
+                Err(e) => VmReply::Error(e.to_string()),
+            },
+        }
+    }
+
+    /// What the VM is and whether it runs.
+    pub fn info(&self) -> VmInfo {
+        VmInfo {
+            state: if self.control.is_paused() {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
+            vcpus: self.vcpu_count,
+            memory_mib: self.description.memory_mib,
+            disks: self
+                .description
+                .disks
+                .iter()
+                .map(|d| d.path.display().to_string())
+                .collect(),
+            nets: self
+                .description
+                .nets
+                .iter()
+                .map(|n| n.tap.clone())
+                .collect(),
+            emulated_instructions: self.emulation.total(),
+        }
     }
 
     fn stop_reason(&self) -> Option<VmExit> {

@@ -1,0 +1,293 @@
+//! Snapshot and restore across processes, and the control API's errors.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use integration_tests::netns::NetNs;
+use integration_tests::{ftvmm_bin, run_ftvmm, testguest, RunningVm};
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ftvmm-snapshot-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn kv(ns: &NetNs, commands: &'static [&'static str]) -> Vec<String> {
+    let addr = format!("{}:4000", ns.guest_ip());
+    ns.run(move || {
+        let s =
+            TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(20)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut r = BufReader::new(s);
+        commands
+            .iter()
+            .map(|c| {
+                r.get_mut().write_all(format!("{c}\n").as_bytes()).unwrap();
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                line.trim_end().to_string()
+            })
+            .collect()
+    })
+}
+
+fn ftvmm_in(ns: &NetNs, args: &[&str]) -> RunningVm {
+    let mut cmd = ns.command(ftvmm_bin().to_str().unwrap());
+    cmd.args(args);
+    RunningVm::spawn(cmd)
+}
+
+fn vm_cli(socket: &Path, args: &[&str]) -> integration_tests::RunOutput {
+    let mut full = vec!["vm", "--api-socket", socket.to_str().unwrap()];
+    full.extend_from_slice(args);
+    run_ftvmm(&full, DEADLINE)
+}
+
+#[test]
+fn net_guest_snapshot_restores_in_a_new_process_with_kv_state_and_disk_log() {
+    let ns = NetNs::with_tap().expect("netns");
+    let dir = scratch_dir("kv");
+    let disk = dir.join("kv.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let sock = dir.join("vm.sock");
+    let snap = dir.join("snap");
+    let cmdline = format!("mode=net ip={}/24", ns.guest_ip());
+    let disk_arg = format!("path={}", disk.display());
+    let mut vm = ftvmm_in(
+        &ns,
+        &[
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "128",
+            "--net",
+            "tap=tap0",
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            &cmdline,
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    vm.wait_for("testguest: net up", DEADLINE);
+    assert_eq!(
+        kv(&ns, &["SET color green", "INCR n", "INCR n"]),
+        ["OK", "1", "2"]
+    );
+
+    let out = vm_cli(&sock, &["snapshot", "--dir", snap.to_str().unwrap()]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(out.stdout.contains("\"memory_bytes\""), "{out:?}");
+    // The VM keeps running after the snapshot...
+    assert_eq!(kv(&ns, &["GET n"]), ["VALUE 2"]);
+    vm.kill();
+
+    // ...and a new process continues from the snapshot, with the guest's memory state intact.
+    let sock2 = dir.join("vm2.sock");
+    let mut restored = ftvmm_in(
+        &ns,
+        &[
+            "restore",
+            "--dir",
+            snap.to_str().unwrap(),
+            "--api-socket",
+            sock2.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        kv(&ns, &["GET color", "INCR n", "GET n"]),
+        ["VALUE green", "3", "VALUE 3"]
+    );
+    let info = vm_cli(&sock2, &["info"]);
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
+    restored.kill();
+
+    // The disk log is intact too: a fresh boot on the same disk replays it.
+    let mut fresh = ftvmm_in(
+        &ns,
+        &[
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "128",
+            "--net",
+            "tap=tap0",
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    fresh.wait_for("testguest: kv restored keys=2", DEADLINE);
+    assert_eq!(kv(&ns, &["GET n"]), ["VALUE 3"]);
+}
+
+fn snapshot_of_spinning_guest(dir: &Path) -> PathBuf {
+    let sock = dir.join("spin.sock");
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.args([
+        "run",
+        "--kernel",
+        testguest().to_str().unwrap(),
+        "--memory",
+        "64",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "mode=spin",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    let mut vm = RunningVm::spawn(cmd);
+    vm.wait_for("testguest: spinning cpus=2", DEADLINE);
+    let snap = dir.join("snap");
+    let out = vm_cli(&sock, &["snapshot", "--dir", snap.to_str().unwrap()]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    snap
+}
+
+#[test]
+fn corrupted_or_truncated_snapshots_are_refused() {
+    let dir = scratch_dir("corrupt");
+    let snap = snapshot_of_spinning_guest(&dir);
+    let state = snap.join("state");
+    let good = std::fs::read(&state).unwrap();
+
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    std::fs::write(&state, &bad).unwrap();
+    let out = run_ftvmm(
+        &[
+            "restore",
+            "--dir",
+            snap.to_str().unwrap(),
+            "--serial",
+            "null",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("checksum mismatch"), "{out:?}");
+
+    std::fs::write(&state, &good[..good.len() - 100]).unwrap();
+    let out = run_ftvmm(
+        &[
+            "restore",
+            "--dir",
+            snap.to_str().unwrap(),
+            "--serial",
+            "null",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("truncated"), "{out:?}");
+
+    std::fs::write(&state, &good).unwrap();
+    let mem = snap.join("memory");
+    let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    f.set_len(4096).unwrap();
+    let out = run_ftvmm(
+        &[
+            "restore",
+            "--dir",
+            snap.to_str().unwrap(),
+            "--serial",
+            "null",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("memory file"), "{out:?}");
+    assert!(!out.stderr.contains("panicked"), "{out:?}");
+}
+
+/// Raw HTTP to the API socket: (status, body).
+fn http(sock: &Path, request: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn api_reports_errors_as_json_with_meaningful_status() {
+    let dir = scratch_dir("api");
+    let sock = dir.join("api.sock");
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.args([
+        "run",
+        "--kernel",
+        testguest().to_str().unwrap(),
+        "--memory",
+        "64",
+        "--cmdline",
+        "mode=spin",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    let mut vm = RunningVm::spawn(cmd);
+    vm.wait_for("testguest: spinning cpus=1", DEADLINE);
+
+    assert_eq!(vm_cli(&sock, &["pause"]).code(), Some(0));
+    let again = vm_cli(&sock, &["pause"]);
+    assert_eq!(again.code(), Some(1));
+    assert!(
+        again.stderr.contains("already paused (HTTP 409)"),
+        "{again:?}"
+    );
+    assert_eq!(vm_cli(&sock, &["resume"]).code(), Some(0));
+
+    let close = "Connection: close\r\nHost: x\r\n";
+    let (status, body) = http(&sock, &format!("GET /api/v1/nope HTTP/1.1\r\n{close}\r\n"));
+    assert_eq!(status, 404);
+    assert!(body.contains("\"error\""), "{body}");
+    let bad = "{\"dir\": 5}";
+    let (status, body) = http(
+        &sock,
+        &format!("PUT /api/v1/vm/snapshot HTTP/1.1\r\n{close}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{bad}", bad.len()),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid request body"), "{body}");
+    let (status, body) = http(
+        &sock,
+        &format!("GET /api/v1/openapi.json HTTP/1.1\r\n{close}\r\n"),
+    );
+    assert_eq!(status, 200);
+    assert!(body.contains("/api/v1/vm/snapshot"), "{body}");
+
+    // A snapshot into a path that cannot be a directory fails cleanly and the VM keeps running.
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = vm_cli(
+        &sock,
+        &["snapshot", "--dir", file.join("sub").to_str().unwrap()],
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    let info = vm_cli(&sock, &["info"]);
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
+
+    // No socket: a clear error.
+    let out = vm_cli(&dir.join("missing.sock"), &["info"]);
+    assert_eq!(out.code(), Some(1));
+    assert!(
+        out.stderr.contains("cannot connect to the API socket"),
+        "{out:?}"
+    );
+}

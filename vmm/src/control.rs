@@ -1,0 +1,170 @@
+//! Commands to a running VM from other threads (the API server): they are queued here and carried
+//! out by the thread that runs the VM's event loop, so they never race device processing.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// What can be asked of a running VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmCommand {
+    Info,
+    Pause,
+    Resume,
+    Snapshot { dir: PathBuf },
+}
+
+/// The run state of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// Information about a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: RunState,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub disks: Vec<String>,
+    pub nets: Vec<String>,
+    /// Instructions completed by the emulation fallback.
+    pub emulated_instructions: u64,
+}
+
+/// Result of a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub dir: PathBuf,
+    pub paused_ms: f64,
+    pub memory_bytes: u64,
+}
+
+/// A command's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VmReply {
+    Info(VmInfo),
+    Done(VmInfo),
+    Snapshot(SnapshotReport),
+    /// The command failed; the VM is unaffected.
+    Error(String),
+    /// The command does not make sense in the VM's current state.
+    Conflict(String),
+}
+
+/// Errors reaching the VM.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("the VM has stopped")]
+    Gone,
+    #[error("the VM did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Handle for sending commands; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct ControlHandle {
+    tx: Sender<(VmCommand, Sender<VmReply>)>,
+    wake: std::sync::Arc<EventFd>,
+}
+
+impl ControlHandle {
+    /// Sends `command` and waits up to `timeout` for the reply.
+    pub fn request(&self, command: VmCommand, timeout: Duration) -> Result<VmReply, ControlError> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.tx
+            .send((command, reply_tx))
+            .map_err(|_| ControlError::Gone)?;
+        self.wake.write(1).map_err(|_| ControlError::Gone)?;
+        reply_rx.recv_timeout(timeout).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => ControlError::Timeout(timeout),
+            mpsc::RecvTimeoutError::Disconnected => ControlError::Gone,
+        })
+    }
+}
+
+/// The VM side: commands waiting to be carried out.
+pub struct ControlInbox {
+    rx: Receiver<(VmCommand, Sender<VmReply>)>,
+}
+
+impl ControlInbox {
+    /// The next queued command, if any.
+    pub fn next(&self) -> Option<(VmCommand, Sender<VmReply>)> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// Wakes the event loop when a command arrives.
+pub struct ControlWaker {
+    wake: std::sync::Arc<EventFd>,
+}
+
+impl MutEventSubscriber for ControlWaker {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.wake.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.wake.as_ref(), EventSet::IN)) {
+            tracing::error!("cannot watch the control eventfd: {e}");
+        }
+    }
+}
+
+/// Creates a connected handle, inbox and event-loop waker.
+pub fn control_channel() -> std::io::Result<(ControlHandle, ControlInbox, ControlWaker)> {
+    let (tx, rx) = mpsc::channel();
+    let wake = std::sync::Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    Ok((
+        ControlHandle {
+            tx,
+            wake: wake.clone(),
+        },
+        ControlInbox { rx },
+        ControlWaker { wake },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_reach_the_inbox_and_replies_come_back() {
+        let (handle, inbox, _waker) = control_channel().unwrap();
+        let t =
+            std::thread::spawn(move || handle.request(VmCommand::Pause, Duration::from_secs(5)));
+        let (cmd, reply) = loop {
+            if let Some(x) = inbox.next() {
+                break x;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(cmd, VmCommand::Pause);
+        reply
+            .send(VmReply::Conflict("already paused".into()))
+            .unwrap();
+        assert_eq!(
+            t.join().unwrap(),
+            Ok(VmReply::Conflict("already paused".into()))
+        );
+    }
+
+    #[test]
+    fn a_dropped_vm_is_reported_gone() {
+        let (handle, inbox, _waker) = control_channel().unwrap();
+        drop(inbox);
+        assert_eq!(
+            handle.request(VmCommand::Info, Duration::from_secs(1)),
+            Err(ControlError::Gone)
+        );
+    }
+}
