@@ -5,6 +5,7 @@ pub mod arch;
 pub mod control;
 pub mod crash;
 pub mod device_manager;
+pub mod dirty;
 pub mod machine;
 pub mod memory;
 pub mod snapshot;

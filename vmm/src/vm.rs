@@ -39,6 +39,11 @@ pub enum VmError {
     SupportedCpuid(kvm_ioctls::Error),
     #[error("cannot route interrupt line {gsi} to an eventfd: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("cannot read the dirty log of memory slot {slot}: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("{requested} vCPUs requested but this host's KVM allows at most {max}")]
     TooManyVcpus { requested: usize, max: usize },
 }
@@ -110,6 +115,29 @@ impl Vm {
     }
 
     fn register_memory(&self, memory: &GuestMemory) -> Result<(), VmError> {
+        self.set_memory_slots(memory, 0)
+    }
+
+    /// Turns KVM's dirty-page logging on or off for every memory slot. Turning it on starts with an
+    /// empty log.
+    pub fn set_dirty_logging(&self, memory: &GuestMemory, enabled: bool) -> Result<(), VmError> {
+        let flags = if enabled {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        self.set_memory_slots(memory, flags)
+    }
+
+    /// The pages of memory slot `slot` (of `size` bytes) written by vCPUs since the last call, as a
+    /// bitmap; KVM clears its log as it hands it over.
+    pub fn take_dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, size)
+            .map_err(|source| VmError::DirtyLog { slot, source })
+    }
+
+    fn set_memory_slots(&self, memory: &GuestMemory, flags: u32) -> Result<(), VmError> {
         for (slot, region) in memory.iter().enumerate() {
             let slot = slot as u32;
             let addr = region.start_addr().raw_value();
@@ -120,7 +148,7 @@ impl Vm {
                 .expect("a mapped region has a host address at offset 0");
             let mem_region = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: addr,
                 memory_size: size,
                 userspace_addr: host as u64,

@@ -96,15 +96,22 @@ impl SerialDevice {
         UartState::from(&self.serial.state())
     }
 
-    /// A UART restored from `state`.
-    pub fn from_state(
-        state: &UartState,
-        interrupt: EventFdTrigger,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, String> {
-        Serial::from_state(&state.into(), interrupt, NoEvents, out)
-            .map(|serial| Self { serial })
-            .map_err(|e| format!("invalid UART state: {e}"))
+    /// Loads the UART's registers and FIFO, keeping its interrupt line and output.
+    pub fn restore_state(&mut self, state: &UartState) -> Result<(), String> {
+        let trigger = self
+            .serial
+            .interrupt_evt()
+            .try_clone()
+            .map_err(|e| format!("cannot clone the UART interrupt: {e}"))?;
+        let spare = trigger
+            .try_clone()
+            .map_err(|e| format!("cannot clone the UART interrupt: {e}"))?;
+        let placeholder: Box<dyn Write + Send> = Box::new(io::sink());
+        let old = std::mem::replace(&mut self.serial, Serial::new(spare, placeholder));
+        let out = old.into_writer();
+        self.serial = Serial::from_state(&state.into(), trigger, NoEvents, out)
+            .map_err(|e| format!("invalid UART state: {e}"))?;
+        Ok(())
     }
 }
 

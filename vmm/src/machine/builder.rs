@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::legacy::{AcpiPmDevice, SerialDevice, SerialOutput, I8042};
-use devices::persist::UartState;
 use devices::virtio::block::{BlockConfig, VirtioBlock};
 use devices::virtio::net::{NetConfig, VirtioNet};
 use devices::{Bus, BusDevice, EventFdTrigger, GuestExitEvent};
@@ -31,7 +30,6 @@ pub(super) struct Hardware<'a> {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub serial: &'a SerialOutput,
-    pub serial_state: Option<&'a UartState>,
     pub cpu_features: &'a CpuFeatures,
     pub disks: &'a [BlockConfig],
     pub nets: &'a [NetConfig],
@@ -51,7 +49,6 @@ impl Machine {
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             serial: &config.serial,
-            serial_state: None,
             cpu_features: &config.cpu_features,
             disks: &config.disks,
             nets: &config.nets,
@@ -104,7 +101,7 @@ impl Machine {
         })?);
         let mut event_manager = EventManager::<Subscriber>::new()
             .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
-        let (io_bus, serial) = build_io_bus(&vm, hw.serial, hw.serial_state, &guest_exit)?;
+        let (io_bus, serial) = build_io_bus(&vm, hw.serial, &guest_exit)?;
         let io_bus = Arc::new(io_bus);
         let mut mmio_bus = Bus::new();
         let mut device_manager = DeviceManager::new();
@@ -207,7 +204,6 @@ impl Machine {
 fn build_io_bus(
     vm: &Vm,
     serial: &SerialOutput,
-    serial_state: Option<&UartState>,
     guest_exit: &Arc<GuestExitEvent>,
 ) -> Result<(Bus, Arc<Mutex<SerialDevice>>), MachineError> {
     let mut bus = Bus::new();
@@ -227,13 +223,7 @@ fn build_io_bus(
         what: "the serial output",
         source: std::io::Error::other(e.to_string()),
     })?;
-    let uart = match serial_state {
-        Some(state) => {
-            SerialDevice::from_state(state, irq, out).map_err(MachineError::DeviceState)?
-        }
-        None => SerialDevice::new(irq, out),
-    };
-    let uart = Arc::new(Mutex::new(uart));
+    let uart = Arc::new(Mutex::new(SerialDevice::new(irq, out)));
     place(
         &mut bus,
         uart.clone(),

@@ -195,19 +195,21 @@ impl Machine {
             path: state_path.clone(),
             source,
         })?;
-        let d = &snap.description;
-        if snap.vcpus.len() != usize::from(d.vcpus)
-            || snap.virtio.len() != d.disks.len() + d.nets.len()
-        {
-            return Err(SnapshotError::Mismatch(format!(
-                "{} vCPU states for {} vCPUs, {} virtio states for {} devices",
-                snap.vcpus.len(),
-                d.vcpus,
-                snap.virtio.len(),
-                d.disks.len() + d.nets.len()
-            ))
-            .into());
-        }
+        let mut machine = Self::assemble_for_restore(&snap.description, options)?;
+        let mem_path = dir.join(SNAPSHOT_MEMORY_FILE);
+        memory::load_memory(machine.memory_mut(), &mem_path).map_err(io_err("load", &mem_path))?;
+        machine.apply_state(&snap)?;
+        tracing::info!("machine restored");
+        Ok(machine)
+    }
+
+    /// Creates the virtual hardware `description` names (with `options`' backends), with zeroed
+    /// memory and nothing restored yet: fill memory, then call [`Machine::apply_state`].
+    pub fn assemble_for_restore(
+        description: &MachineDescription,
+        options: &RestoreOptions,
+    ) -> Result<Self, MachineError> {
+        let d = description;
         let disks = match &options.disks {
             Some(disks) if disks.len() != d.disks.len() => {
                 return Err(SnapshotError::Mismatch(format!(
@@ -247,27 +249,47 @@ impl Machine {
                 .collect(),
         };
         let serial = options.serial.clone().unwrap_or(SerialOutput::Stdout);
-        let (mut machine, _cpuid, _devices) = Machine::assemble(&Hardware {
+        let (machine, _cpuid, _devices) = Machine::assemble(&Hardware {
             vcpus: d.vcpus,
             memory_mib: d.memory_mib,
             serial: &serial,
-            serial_state: Some(&snap.serial),
             // The restored vCPUs carry their own CPUID.
             cpu_features: &CpuFeatures::default(),
             disks: &disks,
             nets: &nets,
         })?;
-        let mem_path = dir.join(SNAPSHOT_MEMORY_FILE);
-        memory::load_memory(machine.memory_mut(), &mem_path).map_err(io_err("load", &mem_path))?;
-        machine
-            .vm
+        Ok(machine)
+    }
+
+    /// Loads vCPU, VM and device state into a machine from [`Machine::assemble_for_restore`] whose
+    /// memory already holds the guest's.
+    pub fn apply_state(&mut self, snap: &VmSnapshot) -> Result<(), MachineError> {
+        let d = &self.description;
+        if snap.vcpus.len() != usize::from(d.vcpus)
+            || snap.virtio.len() != d.disks.len() + d.nets.len()
+        {
+            return Err(SnapshotError::Mismatch(format!(
+                "{} vCPU states for {} vCPUs, {} virtio states for {} devices",
+                snap.vcpus.len(),
+                d.vcpus,
+                snap.virtio.len(),
+                d.disks.len() + d.nets.len()
+            ))
+            .into());
+        }
+        self.vm
             .restore_state(&snap.vm)
             .map_err(SnapshotError::from)?;
-        for (vcpu, state) in machine.unstarted.iter().zip(&snap.vcpus) {
+        for (vcpu, state) in self.unstarted.iter().zip(&snap.vcpus) {
             vcpu.restore_state(state).map_err(SnapshotError::from)?;
         }
-        machine.finish_vcpu_setup()?;
-        for (index, (transport, state)) in machine.transports.iter().zip(&snap.virtio).enumerate() {
+        self.finish_vcpu_setup()?;
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_state(&snap.serial)
+            .map_err(MachineError::DeviceState)?;
+        for (index, (transport, state)) in self.transports.iter().zip(&snap.virtio).enumerate() {
             transport
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -277,7 +299,6 @@ impl Machine {
                     reason: e.to_string(),
                 })?;
         }
-        tracing::info!("machine restored");
-        Ok(machine)
+        Ok(())
     }
 }
