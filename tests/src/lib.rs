@@ -231,6 +231,25 @@ impl RunningVm {
         }
     }
 
+    /// Everything ftvmm printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr contains `marker`; panics after `timeout`.
+    pub fn wait_for_stderr(&mut self, marker: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(marker) {
+            if Instant::now() > deadline {
+                panic!(
+                    "no {marker:?} on stderr within {timeout:?}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for ftvmm to exit on its own within `timeout`; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;

@@ -105,3 +105,77 @@ impl Drop for NetNs {
         }
     }
 }
+
+/// Two "hosts" (namespaces `A` and `B`, each with a bridge holding its TAP `tap0` and a host address)
+/// and a "LAN" namespace whose bridge joins them through veth pairs, where clients live. A guest
+/// behind host A's TAP can move to host B's and keep its address: the LAN bridge learns where its MAC
+/// is from the guest's traffic and the RARP announcement.
+pub struct TwoHosts {
+    pub lan: NetNs,
+    pub a: NetNs,
+    pub b: NetNs,
+    subnet: u8,
+}
+
+impl TwoHosts {
+    /// Builds the topology on `10.78.<n>.0/24`: client `.1`, host A `.11`, host B `.12`, guest `.2`.
+    pub fn new() -> Result<Self, String> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let subnet = ((std::process::id() + n * 7) % 200 + 10) as u8;
+        let base = format!("ftvmm-t{}-{n}", std::process::id());
+        let make = |suffix: &str| -> Result<NetNs, String> {
+            let name = format!("{base}{suffix}");
+            ip(&["netns", "add", &name])?;
+            let ns = NetNs { name, subnet };
+            ns.exec_ip(&["link", "set", "lo", "up"])?;
+            Ok(ns)
+        };
+        let lan = make("l")?;
+        let a = make("a")?;
+        let b = make("b")?;
+        let hosts = Self { lan, a, b, subnet };
+        hosts
+            .lan
+            .exec_ip(&["link", "add", "br0", "type", "bridge"])?;
+        hosts
+            .lan
+            .exec_ip(&["addr", "add", &format!("10.78.{subnet}.1/24"), "dev", "br0"])?;
+        hosts.lan.exec_ip(&["link", "set", "br0", "up"])?;
+        for (host, octet, port) in [(&hosts.a, 11, "pa"), (&hosts.b, 12, "pb")] {
+            // veth: one end in the LAN bridge, the other in the host's own bridge with its TAP.
+            hosts.lan.exec_ip(&[
+                "link", "add", port, "type", "veth", "peer", "name", "uplink",
+            ])?;
+            hosts
+                .lan
+                .exec_ip(&["link", "set", "uplink", "netns", &host.name])?;
+            hosts.lan.exec_ip(&["link", "set", port, "master", "br0"])?;
+            hosts.lan.exec_ip(&["link", "set", port, "up"])?;
+            host.exec_ip(&["link", "add", "br0", "type", "bridge"])?;
+            host.exec_ip(&["link", "set", "uplink", "master", "br0"])?;
+            host.exec_ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+            host.exec_ip(&["link", "set", "tap0", "master", "br0"])?;
+            host.exec_ip(&[
+                "addr",
+                "add",
+                &format!("10.78.{subnet}.{octet}/24"),
+                "dev",
+                "br0",
+            ])?;
+            for dev in ["uplink", "tap0", "br0"] {
+                host.exec_ip(&["link", "set", dev, "up"])?;
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// The guest's address.
+    pub fn guest_ip(&self) -> String {
+        format!("10.78.{}.2", self.subnet)
+    }
+
+    /// Host B's address, where it receives migrations.
+    pub fn b_ip(&self) -> String {
+        format!("10.78.{}.12", self.subnet)
+    }
+}

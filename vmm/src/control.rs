@@ -10,13 +10,28 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// A job run on the VM's event-loop thread with the machine in hand (migration hand-over).
+pub type MachineJob = Box<dyn FnOnce(&mut crate::Machine) -> VmReply + Send>;
+
 /// What can be asked of a running VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmCommand {
     Info,
     Pause,
     Resume,
     Snapshot { dir: PathBuf },
+    Run(MachineJob),
+}
+
+impl std::fmt::Debug for VmCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Self::Info => write!(f, "Info"),
+            Self::Pause => write!(f, "Pause"),
+            Self::Resume => write!(f, "Resume"),
+            Self::Snapshot { dir } => write!(f, "Snapshot {{ dir: {} }}", dir.display()),
+            Self::Run(_) => write!(f, "Run(job)"),
+        }
+    }
 }
 
 /// The run state of a VM.
@@ -148,7 +163,7 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        assert_eq!(cmd, VmCommand::Pause);
+        assert!(matches!(cmd, VmCommand::Pause));
         reply
             .send(VmReply::Conflict("already paused".into()))
             .unwrap();

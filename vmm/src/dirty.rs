@@ -55,7 +55,7 @@ impl DirtySet {
                 .map(|r| {
                     let pages = r.len().div_ceil(PAGE_SIZE as u64) as usize;
                     let mut bitmap = vec![u64::MAX; pages.div_ceil(64)];
-                    if pages % 64 != 0 {
+                    if !pages.is_multiple_of(64) {
                         if let Some(last) = bitmap.last_mut() {
                             *last = (1u64 << (pages % 64)) - 1;
                         }

@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand.
 
+mod receive;
 mod restore;
 mod run;
 mod vm;
@@ -27,6 +28,7 @@ pub struct Cli {
 enum Command {
     Run(run::RunArgs),
     Restore(restore::RestoreArgs),
+    Receive(receive::ReceiveArgs),
     Vm(vm::VmArgs),
 }
 
@@ -35,6 +37,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::restore(args),
+        Command::Receive(args) => receive::receive(args),
         Command::Vm(args) => vm::vm(args),
     }
 }

@@ -115,19 +115,35 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
 /// Starts `machine`, serves its API when asked, and waits for the guest to stop; returns the
 /// process exit status.
 pub(super) fn run_machine(
+    machine: Machine,
+    api_socket: Option<&std::path::Path>,
+) -> Result<u8, Box<dyn std::error::Error>> {
+    run_machine_after(machine, api_socket, |_| {})
+}
+
+/// As [`run_machine`], calling `started` once the vCPUs run.
+pub(super) fn run_machine_after(
     mut machine: Machine,
     api_socket: Option<&std::path::Path>,
+    started: impl FnOnce(&Machine),
 ) -> Result<u8, Box<dyn std::error::Error>> {
     let _server = match api_socket {
         Some(path) => Some(crate::server::spawn(path, machine.control_handle()?)?),
         None => None,
     };
     machine.start()?;
+    started(&machine);
     let exit = machine.wait()?;
     match &exit {
         VmExit::PowerOff => tracing::info!("guest powered off"),
         VmExit::Reset => eprintln!("ftvmm: the guest reset itself"),
         VmExit::Crash(report) => eprintln!("ftvmm: {report}"),
+        VmExit::MigratedAway { to } => {
+            eprintln!("ftvmm: the VM migrated to {to}; this copy has stopped");
+            if let Some(server) = &_server {
+                server.linger_until_migration_reported(std::time::Duration::from_secs(10));
+            }
+        }
     }
     Ok(exit.exit_code() as u8)
 }

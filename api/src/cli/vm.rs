@@ -39,9 +39,26 @@ enum VmAction {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Live-migrate the VM to a host where `ftvmm receive --listen HOST:PORT` waits; prints progress
+    /// until it completes (exit 0) or fails or is cancelled (exit 1; the guest keeps running here).
+    Migrate {
+        /// The destination's HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Stop-and-copy once the estimated downtime is below this many milliseconds.
+        #[arg(long, value_name = "N", default_value_t = 50)]
+        downtime_ms: u64,
+    },
+    /// Show the current (or last) migration's progress.
+    Migration,
+    /// Cancel a migration before its hand-over; the guest keeps running here.
+    CancelMigration,
 }
 
 pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    if let VmAction::Migrate { to, downtime_ms } = &args.action {
+        return migrate(&args.api_socket, to, *downtime_ms);
+    }
     let (method, path, body) = match &args.action {
         VmAction::Info => ("GET", "/api/v1/vm", None),
         VmAction::Pause => ("PUT", "/api/v1/vm/pause", None),
@@ -51,6 +68,9 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
                 .map_err(|e| format!("invalid --dir {}: {e}", dir.display()))?;
             ("PUT", "/api/v1/vm/snapshot", Some(json!({ "dir": dir })))
         }
+        VmAction::Migration => ("GET", "/api/v1/vm/migration", None),
+        VmAction::CancelMigration => ("PUT", "/api/v1/vm/migration/cancel", None),
+        VmAction::Migrate { .. } => unreachable!("handled above"),
     };
     let resp = client::request(&args.api_socket, method, path, body.as_ref(), TIMEOUT)?;
     if (200..300).contains(&resp.status) {
@@ -68,5 +88,66 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
             .map(str::to_string)
             .unwrap_or_else(|| resp.body.to_string());
         Err(format!("{msg} (HTTP {})", resp.status).into())
+    }
+}
+
+fn api_error(resp: &client::ApiResponse) -> String {
+    let msg = resp.body["error"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| resp.body.to_string());
+    format!("{msg} (HTTP {})", resp.status)
+}
+
+/// Starts a migration and follows it to the end, printing a progress line per change.
+fn migrate(
+    socket: &std::path::Path,
+    to: &str,
+    downtime_ms: u64,
+) -> Result<u8, Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let body = json!({ "to": to, "downtime_ms": downtime_ms });
+    let resp = client::request(socket, "PUT", "/api/v1/vm/migrate", Some(&body), TIMEOUT)?;
+    if resp.status != 202 {
+        return Err(api_error(&resp).into());
+    }
+    let mut last = String::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let resp = client::request(socket, "GET", "/api/v1/vm/migration", None, TIMEOUT)?;
+        if resp.status != 200 {
+            return Err(api_error(&resp).into());
+        }
+        let s = &resp.body;
+        let state = s["state"].as_str().unwrap_or("unknown").to_string();
+        let line = format!(
+            "migration: {state} round={} sent={:.1} MiB dirty={} pages rate={:.0} pages/s est_downtime={:.1} ms",
+            s["round"],
+            s["bytes_sent"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            s["dirty_pages"],
+            s["dirty_rate_pages_per_s"].as_f64().unwrap_or(0.0),
+            s["estimated_downtime_ms"].as_f64().unwrap_or(0.0),
+        );
+        if line != last {
+            let _ = writeln!(std::io::stderr(), "{line}");
+            last = line;
+        }
+        match state.as_str() {
+            "completed" => {
+                let _ = writeln!(
+                    std::io::stdout().lock(),
+                    "{}",
+                    serde_json::to_string_pretty(s)?
+                );
+                return Ok(0);
+            }
+            "failed" | "cancelled" => {
+                let why = s["error"].as_str().unwrap_or(&state).to_string();
+                return Err(
+                    format!("migration {state}: {why}; the guest keeps running here").into(),
+                );
+            }
+            _ => {}
+        }
     }
 }

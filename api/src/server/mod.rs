@@ -8,7 +8,10 @@
 mod routes;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vmm::ControlHandle;
 
@@ -29,7 +32,19 @@ pub enum ServerError {
 /// A running API server; the socket file is removed when it is dropped.
 pub struct ApiServer {
     path: PathBuf,
+    outcome_reported: Arc<AtomicBool>,
     _thread: JoinHandle<()>,
+}
+
+impl ApiServer {
+    /// After the VM migrated away: keeps serving for up to `grace` so that whoever started the
+    /// migration can read its outcome before this process exits.
+    pub fn linger_until_migration_reported(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while !self.outcome_reported.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for ApiServer {
@@ -63,7 +78,9 @@ pub fn spawn(path: &Path, handle: ControlHandle) -> Result<ApiServer, ServerErro
         .enable_time()
         .build()
         .map_err(ServerError::Runtime)?;
-    let app = routes::router(handle);
+    let state = routes::ApiState::new(handle);
+    let outcome_reported = state.outcome_reported.clone();
+    let app = routes::router(state);
     let thread = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -84,6 +101,7 @@ pub fn spawn(path: &Path, handle: ControlHandle) -> Result<ApiServer, ServerErro
     tracing::info!(socket = %path.display(), "API server listening");
     Ok(ApiServer {
         path: path.to_path_buf(),
+        outcome_reported,
         _thread: thread,
     })
 }

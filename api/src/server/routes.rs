@@ -10,9 +10,32 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
 use utoipa::{OpenApi, ToSchema};
+
+use replication::migration::{start_migration, MigrationHandle, MigrationParams, MigrationStatus};
 use vmm::control::{ControlError, VmCommand, VmReply};
 use vmm::ControlHandle;
+
+impl ApiState {
+    /// Fresh state for the VM behind `handle`.
+    pub fn new(handle: ControlHandle) -> Self {
+        Self {
+            handle,
+            migration: Arc::new(Mutex::new(None)),
+            outcome_reported: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+}
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    handle: ControlHandle,
+    migration: Arc<Mutex<Option<MigrationHandle>>>,
+    /// Set once a client has been told that a migration finished.
+    pub(super) outcome_reported: Arc<std::sync::atomic::AtomicBool>,
+}
 
 /// How long a command may take (snapshots of large guests take a while).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
@@ -23,6 +46,15 @@ pub struct SnapshotRequest {
     /// Directory to write the snapshot to (created if missing).
     #[schema(value_type = String)]
     pub dir: PathBuf,
+}
+
+/// Body of `PUT /api/v1/vm/migrate`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct MigrateRequest {
+    /// Destination `HOST:PORT` where `ftvmm receive` listens.
+    pub to: String,
+    /// Downtime target in milliseconds (default 50).
+    pub downtime_ms: Option<u64>,
 }
 
 /// Every error response.
@@ -59,8 +91,22 @@ pub struct SnapshotSchema {
         title = "ftvmm VM control API",
         description = "Per-VM control over a Unix socket."
     ),
-    paths(vm_info, vm_pause, vm_resume, vm_snapshot),
-    components(schemas(SnapshotRequest, ErrorBody, VmInfoSchema, SnapshotSchema))
+    paths(
+        vm_info,
+        vm_pause,
+        vm_resume,
+        vm_snapshot,
+        vm_migrate,
+        vm_migration,
+        vm_migration_cancel
+    ),
+    components(schemas(
+        SnapshotRequest,
+        MigrateRequest,
+        ErrorBody,
+        VmInfoSchema,
+        SnapshotSchema
+    ))
 )]
 pub struct ApiDoc;
 
@@ -96,22 +142,22 @@ async fn call(handle: ControlHandle, command: VmCommand) -> Response {
 /// VM information.
 #[utoipa::path(get, path = "/api/v1/vm", responses(
     (status = 200, body = VmInfoSchema), (status = 503, body = ErrorBody)))]
-async fn vm_info(State(handle): State<ControlHandle>) -> Response {
-    call(handle, VmCommand::Info).await
+async fn vm_info(State(st): State<ApiState>) -> Response {
+    call(st.handle, VmCommand::Info).await
 }
 
 /// Pauses every vCPU.
 #[utoipa::path(put, path = "/api/v1/vm/pause", responses(
     (status = 200, body = VmInfoSchema), (status = 409, body = ErrorBody, description = "already paused")))]
-async fn vm_pause(State(handle): State<ControlHandle>) -> Response {
-    call(handle, VmCommand::Pause).await
+async fn vm_pause(State(st): State<ApiState>) -> Response {
+    call(st.handle, VmCommand::Pause).await
 }
 
 /// Resumes a paused VM.
 #[utoipa::path(put, path = "/api/v1/vm/resume", responses(
     (status = 200, body = VmInfoSchema), (status = 409, body = ErrorBody, description = "not paused")))]
-async fn vm_resume(State(handle): State<ControlHandle>) -> Response {
-    call(handle, VmCommand::Resume).await
+async fn vm_resume(State(st): State<ApiState>) -> Response {
+    call(st.handle, VmCommand::Resume).await
 }
 
 /// Writes a full snapshot (vCPUs, devices, memory) to a directory; a running VM is paused for it
@@ -119,18 +165,113 @@ async fn vm_resume(State(handle): State<ControlHandle>) -> Response {
 #[utoipa::path(put, path = "/api/v1/vm/snapshot", request_body = SnapshotRequest, responses(
     (status = 200, body = SnapshotSchema), (status = 400, body = ErrorBody), (status = 500, body = ErrorBody)))]
 async fn vm_snapshot(
-    State(handle): State<ControlHandle>,
+    State(st): State<ApiState>,
     body: Result<Json<SnapshotRequest>, JsonRejection>,
 ) -> Response {
     match body {
         Ok(Json(req)) if req.dir.as_os_str().is_empty() => {
             error(StatusCode::BAD_REQUEST, "\"dir\" must not be empty")
         }
-        Ok(Json(req)) => call(handle, VmCommand::Snapshot { dir: req.dir }).await,
+        Ok(Json(req)) => call(st.handle, VmCommand::Snapshot { dir: req.dir }).await,
         Err(e) => error(
             StatusCode::BAD_REQUEST,
             format!("invalid request body: {}", e.body_text()),
         ),
+    }
+}
+
+fn migration_status(st: &ApiState) -> Option<MigrationStatus> {
+    st.migration
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(MigrationHandle::status)
+}
+
+/// Starts a live migration to a destination running `ftvmm receive`; poll its progress with
+/// `GET /api/v1/vm/migration`.
+#[utoipa::path(put, path = "/api/v1/vm/migrate", request_body = MigrateRequest, responses(
+    (status = 202, description = "started; body is the migration status"),
+    (status = 400, body = ErrorBody), (status = 409, body = ErrorBody, description = "a migration is in progress")))]
+async fn vm_migrate(
+    State(st): State<ApiState>,
+    body: Result<Json<MigrateRequest>, JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {}", e.body_text()),
+            )
+        }
+    };
+    if req.to.trim().is_empty() || !req.to.contains(':') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("\"to\" must be HOST:PORT, got {:?}", req.to),
+        );
+    }
+    if migration_status(&st).is_some_and(|s| !s.finished()) {
+        return error(StatusCode::CONFLICT, "a migration is already in progress");
+    }
+    let mut params = MigrationParams::to(req.to);
+    if let Some(ms) = req.downtime_ms {
+        params.downtime_target = Duration::from_millis(ms);
+    }
+    let slot = st.migration.clone();
+    let control = st.handle.clone();
+    let job = move |machine: &mut vmm::Machine| {
+        let handle = start_migration(machine, params, control);
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        VmReply::Done(machine.info())
+    };
+    let handle = st.handle.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        handle.request(VmCommand::Run(Box::new(job)), COMMAND_TIMEOUT)
+    })
+    .await;
+    match started {
+        Ok(Ok(VmReply::Done(_))) => match migration_status(&st) {
+            Some(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
+            None => error(StatusCode::INTERNAL_SERVER_ERROR, "migration did not start"),
+        },
+        Ok(Ok(other)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected reply {other:?}"),
+        ),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Progress of the current (or last) migration.
+#[utoipa::path(get, path = "/api/v1/vm/migration", responses(
+    (status = 200, description = "the migration status"), (status = 404, body = ErrorBody)))]
+async fn vm_migration(State(st): State<ApiState>) -> Response {
+    match migration_status(&st) {
+        Some(status) => {
+            if status.finished() {
+                st.outcome_reported
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Json(status).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, "no migration has been started"),
+    }
+}
+
+/// Cancels a migration before its hand-over; the guest keeps running here.
+#[utoipa::path(put, path = "/api/v1/vm/migration/cancel", responses(
+    (status = 200, description = "cancellation requested"), (status = 409, body = ErrorBody)))]
+async fn vm_migration_cancel(State(st): State<ApiState>) -> Response {
+    let guard = st.migration.lock().unwrap_or_else(|e| e.into_inner());
+    match guard.as_ref() {
+        Some(m) if !m.status().finished() => {
+            m.cancel();
+            Json(m.status()).into_response()
+        }
+        _ => error(StatusCode::CONFLICT, "no migration in progress"),
     }
 }
 
@@ -146,13 +287,16 @@ async fn not_found() -> Response {
 }
 
 /// The API's router.
-pub fn router(handle: ControlHandle) -> Router {
+pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/vm", get(vm_info))
         .route("/api/v1/vm/pause", put(vm_pause))
         .route("/api/v1/vm/resume", put(vm_resume))
         .route("/api/v1/vm/snapshot", put(vm_snapshot))
+        .route("/api/v1/vm/migrate", put(vm_migrate))
+        .route("/api/v1/vm/migration", get(vm_migration))
+        .route("/api/v1/vm/migration/cancel", put(vm_migration_cancel))
         .route("/api/v1/openapi.json", get(openapi))
         .fallback(not_found)
-        .with_state(handle)
+        .with_state(state)
 }

@@ -84,7 +84,7 @@ impl Machine {
             return Err(MachineError::VcpuCount(hw.vcpus));
         }
         let memory = create_guest_memory(hw.memory_mib)?;
-        let vm = Vm::new(&memory)?;
+        let vm = Arc::new(Vm::new(&memory)?);
         if usize::from(hw.vcpus) > vm.max_vcpus() {
             return Err(VmError::TooManyVcpus {
                 requested: hw.vcpus.into(),
@@ -127,13 +127,16 @@ impl Machine {
                 read_only: disk.read_only,
             });
         }
+        let mut nics = Vec::with_capacity(hw.nets.len());
         for (index, net) in hw.nets.iter().enumerate() {
             let nic = VirtioNet::new(net, index)?;
             description.nets.push(NetDescription {
                 tap: net.tap.clone(),
                 mac: nic.mac().0,
             });
-            add(Arc::new(Mutex::new(nic)))?;
+            let nic = Arc::new(Mutex::new(nic));
+            nics.push(nic.clone());
+            add(nic)?;
         }
         let mmio_bus = Arc::new(mmio_bus);
 
@@ -170,6 +173,7 @@ impl Machine {
             description,
             serial,
             transports: device_manager.transports().to_vec(),
+            nics,
             vcpu_threads: Vec::new(),
             unstarted,
             control,
@@ -180,6 +184,7 @@ impl Machine {
             vcpu_count: hw.vcpus,
             emulation,
             inbox: None,
+            migrated_to: None,
         };
         Ok((machine, cpuid, device_manager))
     }

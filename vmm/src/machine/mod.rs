@@ -18,7 +18,7 @@ use std::time::Duration;
 use devices::legacy::{SerialDevice, SerialOutput};
 use devices::virtio::block::{BlockConfig, BlockError};
 use devices::virtio::mmio::MmioTransport;
-use devices::virtio::net::{NetConfig, NetError};
+use devices::virtio::net::{NetConfig, NetError, VirtioNet};
 use devices::{BusError, GuestExitRequest};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -93,6 +93,8 @@ pub enum VmExit {
     Reset,
     /// The guest crashed.
     Crash(Box<CrashReport>),
+    /// The guest now runs elsewhere (live migration completed).
+    MigratedAway { to: String },
 }
 
 impl VmExit {
@@ -102,6 +104,7 @@ impl VmExit {
             Self::PowerOff => 0,
             Self::Reset => 3,
             Self::Crash(_) => 4,
+            Self::MigratedAway { .. } => 0,
         }
     }
 }
@@ -180,16 +183,19 @@ pub struct Machine {
     description: MachineDescription,
     serial: Arc<Mutex<SerialDevice>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    nics: Vec<Arc<Mutex<VirtioNet>>>,
     vcpu_threads: Vec<JoinHandle<()>>,
     unstarted: Vec<Vcpu>,
     control: Arc<VcpuControl>,
     stop: Arc<StopSignals>,
     event_manager: EventManager<Subscriber>,
-    vm: Vm,
+    vm: Arc<Vm>,
     memory: GuestMemory,
     vcpu_count: u8,
     emulation: Arc<EmulationCounters>,
     inbox: Option<ControlInbox>,
+    /// Set when the guest was handed to another host; the event loop then ends.
+    migrated_to: Option<String>,
 }
 
 impl Machine {
@@ -298,6 +304,7 @@ impl Machine {
                 self.resume();
                 VmReply::Done(self.info())
             }
+            VmCommand::Run(job) => job(self),
             VmCommand::Snapshot { dir } => match self.snapshot(&dir) {
                 Ok(info) => VmReply::Snapshot(SnapshotReport {
                     dir,
@@ -335,7 +342,22 @@ impl Machine {
         }
     }
 
+    /// Announces every NIC's MAC on its TAP (after the guest arrived from another host).
+    pub fn announce_network(&self) {
+        for nic in &self.nics {
+            nic.lock().unwrap_or_else(|e| e.into_inner()).announce();
+        }
+    }
+
+    /// Records that the guest now runs on `to`: this machine must never run it again.
+    pub fn mark_migrated(&mut self, to: String) {
+        self.migrated_to = Some(to);
+    }
+
     fn stop_reason(&self) -> Option<VmExit> {
+        if let Some(to) = &self.migrated_to {
+            return Some(VmExit::MigratedAway { to: to.clone() });
+        }
         let crash = self
             .stop
             .crash
@@ -381,8 +403,8 @@ impl Machine {
         &self.memory
     }
 
-    /// The KVM VM.
-    pub fn vm(&self) -> &Vm {
+    /// The KVM VM (shared with threads that read its dirty log during migration).
+    pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
     }
 

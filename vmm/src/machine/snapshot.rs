@@ -125,8 +125,10 @@ impl Machine {
         })
     }
 
-    fn write_snapshot(&self, dir: &Path) -> Result<u64, MachineError> {
-        let state = VmSnapshot {
+    /// Captures everything but guest memory. The vCPUs must be paused (or not started) and the
+    /// caller on the event-loop thread, so nothing moves underneath.
+    pub fn capture_state(&self) -> Result<VmSnapshot, MachineError> {
+        Ok(VmSnapshot {
             description: self.description.clone(),
             vm: self.vm.save_state().map_err(SnapshotError::from)?,
             vcpus: self.save_vcpus()?,
@@ -140,7 +142,11 @@ impl Machine {
                 .iter()
                 .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save_state())
                 .collect(),
-        };
+        })
+    }
+
+    fn write_snapshot(&self, dir: &Path) -> Result<u64, MachineError> {
+        let state = self.capture_state()?;
         let blob = snapshot::encode(&state).map_err(|source| SnapshotError::Format {
             path: dir.join(SNAPSHOT_STATE_FILE),
             source,

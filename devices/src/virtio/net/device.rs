@@ -181,6 +181,24 @@ impl VirtioNet {
         self.gate = gate;
     }
 
+    /// Broadcasts the guest's MAC (RARP, three times) so the network learns where it is now.
+    /// VMM-generated, so it bypasses the output gate.
+    pub fn announce(&mut self) {
+        use crate::output_gate::OutputSink;
+        let frame = super::announce::rarp_frame(self.mac);
+        for _ in 0..3 {
+            if let Err(e) = self.tap.send(&frame) {
+                tracing::warn!(
+                    "virtio-net {}: cannot announce {}: {e}",
+                    self.tap.name(),
+                    self.mac
+                );
+                return;
+            }
+        }
+        tracing::info!("announced {} on {}", self.mac, self.tap.name());
+    }
+
     /// The guest's MAC.
     pub fn mac(&self) -> MacAddr {
         self.mac

@@ -7,6 +7,7 @@ use crate::cmdline::Cmdline;
 
 pub mod blk;
 pub mod crash;
+pub mod dirtier;
 pub mod hello;
 pub mod info;
 pub mod net;

@@ -192,9 +192,16 @@ fn serve(cmdline: &Cmdline<'_>) -> Result<(), String> {
         server::ECHO_PORT,
         server::KV_PORT
     );
+    let mut dirtier = super::dirtier::Dirtier::from_cmdline(cmdline, hz)?;
+    if let Some(d) = &dirtier {
+        println!("testguest: dirtying pages_per_s={} buffer_mb={}", d.rate(), d.buffer_mb());
+    }
     let mut commit = |payload: &[u8], store: &Store| persistence.commit(payload, store);
     let mut reported_errors = 0;
     loop {
+        if let Some(d) = dirtier.as_mut() {
+            d.tick();
+        }
         iface.poll(now(), &mut dev, &mut sockets);
         server.echo(&mut sockets);
         server.kv_round(&mut sockets, &mut store, &mut commit);

@@ -1,0 +1,425 @@
+//! The migrating side: pre-copy rounds on a thread of their own while the guest runs, then the
+//! fenced hand-over on the VM's event-loop thread.
+
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm::control::{ControlHandle, VmCommand, VmReply};
+use vmm::dirty::{DirtySet, DirtyTracker};
+use vmm::memory::{GuestMemory, PAGE_SIZE};
+use vmm::vm::Vm;
+use vmm::Machine;
+
+use super::{MigrationParams, MigrationState, MigrationStatus};
+use crate::wire::{read_frame, write_frame, FrameError, Message, PageRun};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bandwidth assumed before any measurement, bytes per second.
+const ASSUMED_BANDWIDTH: f64 = 100e6;
+/// Sends smaller than this are too short to measure bandwidth by.
+const MEASURE_MIN_BYTES: u64 = 256 << 10;
+/// Raw page bytes per `Pages` message.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// A migration in progress, as its starter sees it.
+pub struct MigrationHandle {
+    status: Arc<Mutex<MigrationStatus>>,
+    cancel: Arc<AtomicBool>,
+    _thread: JoinHandle<()>,
+}
+
+impl MigrationHandle {
+    /// Current progress.
+    pub fn status(&self) -> MigrationStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Asks the migration to stop before the hand-over; the guest keeps running here.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SourceError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("cannot connect to {to}: {source}")]
+    Connect { to: String, source: std::io::Error },
+    #[error("{0}")]
+    Wire(#[from] FrameError),
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    #[error("unexpected message from the destination: {0}")]
+    Protocol(String),
+    #[error("dirty tracking: {0}")]
+    Dirty(String),
+    #[error("reading guest memory at {gpa:#x}: {reason}")]
+    Memory { gpa: u64, reason: String },
+    #[error("the VM: {0}")]
+    Vm(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+type Status = Arc<Mutex<MigrationStatus>>;
+
+fn update(status: &Status, f: impl FnOnce(&mut MigrationStatus)) {
+    f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
+}
+
+/// Starts migrating `machine` to `params.to`. Call on the VM's event-loop thread (from a control
+/// command); `control` is used later to run the hand-over there.
+pub fn start_migration(
+    machine: &Machine,
+    params: MigrationParams,
+    control: ControlHandle,
+) -> MigrationHandle {
+    let status = Arc::new(Mutex::new(MigrationStatus::new(&params.to)));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let job = Job {
+        params,
+        memory: machine.memory().clone(),
+        vm: machine.vm().clone(),
+        description: machine.description().clone(),
+        control,
+        status: status.clone(),
+        cancel: cancel.clone(),
+        started: Instant::now(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || job.run())
+        .expect("spawning the migration thread");
+    MigrationHandle {
+        status,
+        cancel,
+        _thread: thread,
+    }
+}
+
+struct Job {
+    params: MigrationParams,
+    memory: GuestMemory,
+    vm: Arc<Vm>,
+    description: vmm::machine::MachineDescription,
+    control: ControlHandle,
+    status: Status,
+    cancel: Arc<AtomicBool>,
+    started: Instant,
+}
+
+impl Job {
+    fn run(self) {
+        let span = tracing::info_span!("migration", to = %self.params.to);
+        let _guard = span.enter();
+        let status = self.status.clone();
+        let started = self.started;
+        let result = self.migrate();
+        update(&status, |s| {
+            s.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+            match &result {
+                Ok(()) => s.state = MigrationState::Completed,
+                Err(SourceError::Cancelled) => s.state = MigrationState::Cancelled,
+                Err(e) => {
+                    s.state = MigrationState::Failed;
+                    s.error = Some(e.to_string());
+                }
+            }
+        });
+        match result {
+            Ok(()) => tracing::info!("migration completed"),
+            Err(e) => {
+                tracing::warn!("migration did not complete: {e}; the guest keeps running here")
+            }
+        }
+    }
+
+    fn migrate(self) -> Result<(), SourceError> {
+        let addr = self
+            .params
+            .to
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| SourceError::Resolve(self.params.to.clone()))?;
+        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
+            SourceError::Connect {
+                to: self.params.to.clone(),
+                source,
+            }
+        })?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(FrameError::from)?;
+        stream
+            .set_write_timeout(Some(IO_TIMEOUT))
+            .map_err(FrameError::from)?;
+        write_frame(
+            &mut stream,
+            &Message::Hello {
+                description: self.description.clone(),
+            },
+        )?;
+        expect(&mut stream, |m| matches!(m, Message::Ready), "Ready")?;
+
+        let mut tracker = DirtyTracker::new();
+        tracker
+            .start(&self.vm, &self.memory)
+            .map_err(|e| SourceError::Dirty(e.to_string()))?;
+        update(&self.status, |s| s.state = MigrationState::PreCopy);
+        let result = self.precopy(&mut stream, &mut tracker);
+        match result {
+            Ok(()) => self.hand_over(stream, tracker),
+            Err(e) => {
+                if matches!(e, SourceError::Cancelled) {
+                    let _ = write_frame(&mut stream, &Message::Cancel);
+                }
+                let _ = tracker.stop(&self.vm, &self.memory);
+                Err(e)
+            }
+        }
+    }
+
+    fn precopy(
+        &self,
+        stream: &mut TcpStream,
+        tracker: &mut DirtyTracker,
+    ) -> Result<(), SourceError> {
+        // Round 0: everything (zero pages are skipped: the destination's memory starts zeroed).
+        send_set(
+            stream,
+            &self.memory,
+            &DirtySet::all(&self.memory),
+            0,
+            true,
+            &self.status,
+        )?;
+        let mut last_collect = Instant::now();
+        for round in 1.. {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(SourceError::Cancelled);
+            }
+            tracker
+                .collect(&self.vm, &self.memory)
+                .map_err(|e| SourceError::Dirty(e.to_string()))?;
+            let pending = tracker.pending_pages();
+            let since = last_collect.elapsed().as_secs_f64().max(1e-6);
+            last_collect = Instant::now();
+            let measured = self
+                .status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .bandwidth_bytes_per_s;
+            // Until a round has been big enough to measure, assume a modest 100 MB/s link.
+            let bandwidth = if measured > 0.0 {
+                measured
+            } else {
+                ASSUMED_BANDWIDTH
+            };
+            let estimate_ms = (pending * PAGE_SIZE as u64) as f64 / bandwidth * 1e3;
+            update(&self.status, |s| {
+                s.round = round;
+                s.dirty_pages = pending;
+                s.dirty_rate_pages_per_s = pending as f64 / since;
+                s.estimated_downtime_ms = estimate_ms;
+                s.elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3;
+            });
+            tracing::debug!(round, pending, estimate_ms, "pre-copy round");
+            if estimate_ms <= self.params.downtime_target.as_secs_f64() * 1e3
+                || round > self.params.max_rounds
+                || self.started.elapsed() > self.params.precopy_timeout
+            {
+                return Ok(());
+            }
+            let set = tracker.take();
+            if let Err(e) = send_set(stream, &self.memory, &set, round, false, &self.status) {
+                tracker.fold_back(&set);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the stop-and-copy and fenced hand-over on the VM's event-loop thread.
+    fn hand_over(&self, stream: TcpStream, tracker: DirtyTracker) -> Result<(), SourceError> {
+        update(&self.status, |s| s.state = MigrationState::StopAndCopy);
+        let status = self.status.clone();
+        let to = self.params.to.clone();
+        let job = move |machine: &mut Machine| -> VmReply {
+            match stop_and_copy(machine, stream, tracker, &status, &to) {
+                Ok(downtime) => {
+                    update(&status, |s| {
+                        s.downtime_ms = Some(downtime.as_secs_f64() * 1e3)
+                    });
+                    VmReply::Done(machine.info())
+                }
+                Err(e) => VmReply::Error(e.to_string()),
+            }
+        };
+        match self
+            .control
+            .request(VmCommand::Run(Box::new(job)), Duration::from_secs(300))
+        {
+            Ok(VmReply::Done(_)) => Ok(()),
+            Ok(VmReply::Error(e)) => Err(SourceError::Vm(e)),
+            Ok(other) => Err(SourceError::Vm(format!("unexpected reply {other:?}"))),
+            Err(e) => Err(SourceError::Vm(e.to_string())),
+        }
+    }
+}
+
+/// Stops the vCPUs, sends the last dirty pages and the state, and completes the fenced hand-over.
+/// On any failure before `Go` is sent the guest is resumed here. Returns the downtime.
+fn stop_and_copy(
+    machine: &mut Machine,
+    mut stream: TcpStream,
+    mut tracker: DirtyTracker,
+    status: &Status,
+    to: &str,
+) -> Result<Duration, SourceError> {
+    let t0 = Instant::now();
+    machine
+        .pause()
+        .map_err(|e| SourceError::Vm(e.to_string()))?;
+    let vm = machine.vm().clone();
+    let memory = machine.memory().clone();
+    let result = (|| -> Result<(), SourceError> {
+        tracker
+            .collect(&vm, &memory)
+            .map_err(|e| SourceError::Dirty(e.to_string()))?;
+        let set = tracker.take();
+        update(status, |s| s.dirty_pages = set.count());
+        send_set(&mut stream, &memory, &set, u32::MAX, false, status)?;
+        let state = machine
+            .capture_state()
+            .map_err(|e| SourceError::Vm(e.to_string()))?;
+        let snapshot = vmm::snapshot::encode(&state).map_err(|e| SourceError::Vm(e.to_string()))?;
+        write_frame(&mut stream, &Message::State { snapshot })?;
+        expect(&mut stream, |m| matches!(m, Message::Applied), "Applied")?;
+        write_frame(&mut stream, &Message::Go)?;
+        stream.flush().map_err(FrameError::from)?;
+        Ok(())
+    })();
+    let _ = tracker.stop(&vm, &memory);
+    match result {
+        Ok(()) => {
+            // From here on the guest belongs to the destination: never run it again.
+            machine.mark_migrated(to.to_string());
+            Ok(t0.elapsed())
+        }
+        Err(e) => {
+            let _ = write_frame(&mut stream, &Message::Cancel);
+            machine.resume();
+            Err(e)
+        }
+    }
+}
+
+/// Reads one message and checks it is the expected one.
+fn expect(
+    stream: &mut TcpStream,
+    ok: impl Fn(&Message) -> bool,
+    what: &str,
+) -> Result<(), SourceError> {
+    match read_frame::<_, Message>(stream)? {
+        m if ok(&m) => Ok(()),
+        Message::Error { message } => Err(SourceError::Refused(message)),
+        other => Err(SourceError::Protocol(format!(
+            "expected {what}, got {other:?}"
+        ))),
+    }
+}
+
+/// Sends the pages of `set`; with `skip_zero`, all-zero pages are left out.
+fn send_set(
+    stream: &mut TcpStream,
+    mem: &GuestMemory,
+    set: &DirtySet,
+    round: u32,
+    skip_zero: bool,
+    status: &Status,
+) -> Result<(), SourceError> {
+    let started = Instant::now();
+    let mut runs: Vec<PageRun> = Vec::new();
+    let mut batch = 0usize;
+    let mut bytes = 0u64;
+    let mut pages = 0u64;
+    let mut buf = vec![0u8; BATCH_BYTES];
+    let flush = |runs: &mut Vec<PageRun>,
+                 batch: &mut usize,
+                 stream: &mut TcpStream|
+     -> Result<(), SourceError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        write_frame(
+            stream,
+            &Message::Pages {
+                round,
+                runs: std::mem::take(runs),
+            },
+        )?;
+        *batch = 0;
+        Ok(())
+    };
+    for (addr, len) in set.runs() {
+        let mut done = 0u64;
+        while done < len {
+            let n = ((len - done) as usize).min(BATCH_BYTES);
+            let gpa = addr.0 + done;
+            mem.read_slice(&mut buf[..n], GuestAddress(gpa))
+                .map_err(|e| SourceError::Memory {
+                    gpa,
+                    reason: e.to_string(),
+                })?;
+            for (i, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
+                if skip_zero && page.iter().all(|b| *b == 0) {
+                    continue;
+                }
+                let page_gpa = gpa + (i * PAGE_SIZE) as u64;
+                match runs.last_mut() {
+                    Some(last) if last.gpa + last.data.len() as u64 == page_gpa => {
+                        last.data.extend_from_slice(page)
+                    }
+                    _ => runs.push(PageRun {
+                        gpa: page_gpa,
+                        data: page.to_vec(),
+                    }),
+                }
+                batch += page.len();
+                bytes += page.len() as u64;
+                pages += 1;
+                if batch >= BATCH_BYTES {
+                    flush(&mut runs, &mut batch, stream)?;
+                }
+            }
+            done += n as u64;
+        }
+    }
+    flush(&mut runs, &mut batch, stream)?;
+    let secs = started.elapsed().as_secs_f64();
+    update(status, |s| {
+        s.bytes_sent += bytes;
+        s.pages_sent += pages;
+        if bytes >= MEASURE_MIN_BYTES && secs > 0.0 {
+            let sample = bytes as f64 / secs;
+            s.bandwidth_bytes_per_s = if s.bandwidth_bytes_per_s > 0.0 {
+                0.5 * s.bandwidth_bytes_per_s + 0.5 * sample
+            } else {
+                sample
+            };
+        }
+    });
+    Ok(())
+}

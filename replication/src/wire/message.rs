@@ -1,0 +1,34 @@
+//! The messages of live migration (and, later, replication checkpoints).
+
+use serde::{Deserialize, Serialize};
+use vmm::machine::MachineDescription;
+
+/// A run of consecutive guest pages.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// Guest physical address of the first byte.
+    pub gpa: u64,
+    pub data: Vec<u8>,
+}
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Source → destination, first: the virtual hardware to build.
+    Hello { description: MachineDescription },
+    /// Destination → source: hardware built, ready for memory.
+    Ready,
+    /// Source → destination: guest memory contents.
+    Pages { round: u32, runs: Vec<PageRun> },
+    /// Source → destination, last: vCPU, VM and device state (an encoded `VmSnapshot`), sent
+    /// with the vCPUs stopped.
+    State { snapshot: Vec<u8> },
+    /// Destination → source: state applied; the destination will run the guest once told to.
+    Applied,
+    /// Source → destination: the source has stopped for good; run the guest.
+    Go,
+    /// Source → destination: migration abandoned; discard everything.
+    Cancel,
+    /// Either way: the sender gives up, with why.
+    Error { message: String },
+}

@@ -1,0 +1,8 @@
+//! The wire protocol between two ftvmm processes: versioned, framed, checksummed messages over a
+//! byte stream (TCP). `frame.rs` is the framing; `message.rs` the messages.
+
+pub mod frame;
+pub mod message;
+
+pub use frame::{read_frame, write_frame, FrameError, PROTOCOL_VERSION};
+pub use message::{Message, PageRun};

@@ -1,0 +1,296 @@
+//! Live migration between two ftvmm processes on two "hosts" (network namespaces), with a client
+//! that keeps one TCP connection open and keeps incrementing a counter; and the failure cases: a
+//! destination that dies mid-migration, and a corrupted stream.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::netns::TwoHosts;
+use integration_tests::{ftvmm_bin, run_ftvmm, testguest, RunningVm};
+use replication::wire::{read_frame, write_frame, Message};
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ftvmm-migration-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn vm_cli(socket: &Path, args: &[&str]) -> integration_tests::RunOutput {
+    let mut full = vec!["vm", "--api-socket", socket.to_str().unwrap()];
+    full.extend_from_slice(args);
+    run_ftvmm(&full, DEADLINE)
+}
+
+/// Starts the net guest (dirtying memory) on host A.
+fn source_vm(hosts: &TwoHosts, dir: &Path, dirty: u32) -> (RunningVm, PathBuf) {
+    let disk = dir.join("kv.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let sock = dir.join("a.sock");
+    let mut cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
+    cmd.args([
+        "run",
+        "--kernel",
+        testguest().to_str().unwrap(),
+        "--memory",
+        "256",
+        "--net",
+        "tap=tap0",
+    ])
+    .arg("--disk")
+    .arg(format!("path={}", disk.display()))
+    .args([
+        "--cmdline",
+        &format!(
+            "mode=net ip={}/24 dirty={dirty} dirty_mb=32",
+            hosts.guest_ip()
+        ),
+    ])
+    .args(["--api-socket", sock.to_str().unwrap()]);
+    let mut vm = RunningVm::spawn(cmd);
+    vm.wait_for("testguest: net up", DEADLINE);
+    (vm, sock)
+}
+
+/// A client in the LAN namespace incrementing `counter` on one connection until `stop`; checks every
+/// reply is exactly one more than the last. Returns the last value.
+fn incrementer(
+    hosts: &TwoHosts,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    let addr = format!("{}:4000", hosts.guest_ip());
+    let path = format!("/var/run/netns/{}", hosts.lan.name());
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        // SAFETY: joins this new thread (only) to the LAN namespace.
+        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        if ret != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(20))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(s);
+        let mut last = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            r.get_mut()
+                .write_all(b"INCR counter\n")
+                .map_err(|e| format!("after {last}: send: {e}"))?;
+            let mut line = String::new();
+            r.read_line(&mut line)
+                .map_err(|e| format!("after {last}: receive: {e}"))?;
+            let v: u64 = line
+                .trim()
+                .parse()
+                .map_err(|_| format!("after {last}: bad reply {line:?}"))?;
+            if v != last + 1 {
+                return Err(format!(
+                    "counter went from {last} to {v}: an acknowledged increment was lost"
+                ));
+            }
+            last = v;
+        }
+        Ok(last)
+    })
+}
+
+#[test]
+fn net_guest_live_migrates_while_a_client_keeps_incrementing() {
+    let hosts = TwoHosts::new().expect("two-host topology");
+    let dir = scratch_dir("live");
+    let (mut src, sock_a) = source_vm(&hosts, &dir, 2000);
+    let sock_b = dir.join("b.sock");
+    let listen = format!("{}:7000", hosts.b_ip());
+    let mut dst_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
+    dst_cmd.args([
+        "receive",
+        "--listen",
+        &listen,
+        "--api-socket",
+        sock_b.to_str().unwrap(),
+    ]);
+    let mut dst = RunningVm::spawn(dst_cmd);
+    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = incrementer(&hosts, stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let out = vm_cli(
+        &sock_a,
+        &["migrate", "--to", &listen, "--downtime-ms", "50"],
+    );
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "{out:?}\nsource stderr:\n{}\ndestination stderr:\n{}",
+        src.stderr(),
+        dst.stderr()
+    );
+    assert!(out.stdout.contains("\"completed\""), "{out:?}");
+    assert_eq!(
+        src.wait_exit(DEADLINE),
+        Some(0),
+        "the source must stop after the hand-over"
+    );
+    assert!(src.stderr().contains("migrated to"), "{}", src.stderr());
+
+    // The client keeps going against the guest on host B.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    let last = client
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("client: {e}\ndestination:\n{}", dst.stderr()));
+    assert!(last > 0);
+    let info = vm_cli(&sock_b, &["info"]);
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
+    assert!(
+        dst.stderr().contains("guest received from"),
+        "{}",
+        dst.stderr()
+    );
+}
+
+#[test]
+fn a_destination_dying_mid_migration_leaves_the_source_running() {
+    let hosts = TwoHosts::new().expect("two-host topology");
+    let dir = scratch_dir("dies");
+    let (src, sock_a) = source_vm(&hosts, &dir, 5000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = incrementer(&hosts, stop.clone());
+
+    // A destination that takes the hello and some memory, then disappears.
+    let listen = format!("{}:7001", hosts.b_ip());
+    let l2 = listen.clone();
+    let fake = hosts.b.run(move || TcpListener::bind(&l2).unwrap());
+    let fake_dst = std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        assert!(matches!(
+            read_frame::<_, Message>(&mut s).unwrap(),
+            Message::Hello { .. }
+        ));
+        write_frame(&mut s, &Message::Ready).unwrap();
+        for _ in 0..2 {
+            let _ = read_frame::<_, Message>(&mut s);
+        }
+        // Dropped here: the connection breaks mid-migration.
+    });
+    let out = vm_cli(&sock_a, &["migrate", "--to", &listen]);
+    fake_dst.join().unwrap();
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("the guest keeps running here"),
+        "{out:?}"
+    );
+
+    // A real destination killed while receiving.
+    let sock_b = dir.join("b.sock");
+    let listen = format!("{}:7002", hosts.b_ip());
+    let mut dst_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
+    dst_cmd.args([
+        "receive",
+        "--listen",
+        &listen,
+        "--api-socket",
+        sock_b.to_str().unwrap(),
+    ]);
+    let mut dst = RunningVm::spawn(dst_cmd);
+    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+    let socket = sock_a.clone();
+    let target = listen.clone();
+    // A 1 ms downtime target keeps a dirtying guest in pre-copy long enough to kill the destination.
+    let migrate = std::thread::spawn(move || {
+        vm_cli(&socket, &["migrate", "--to", &target, "--downtime-ms", "1"])
+    });
+    let t0 = Instant::now();
+    loop {
+        let st = vm_cli(&sock_a, &["migration"]);
+        if st.stdout.contains("\"pre_copy\"") && !st.stdout.contains("\"round\": 0") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "migration never reached pre-copy: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.kill();
+    let out = migrate.join().unwrap();
+    assert_eq!(out.code(), Some(1), "{out:?}");
+
+    // The source never stopped serving: the client saw every increment, and it still runs.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let last = client.join().unwrap().expect("client unaffected");
+    assert!(last > 0);
+    let info = vm_cli(&sock_a, &["info"]);
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
+    let status = vm_cli(&sock_a, &["migration"]);
+    assert!(status.stdout.contains("\"failed\""), "{status:?}");
+    assert!(src.output().contains("net up"));
+}
+
+#[test]
+fn a_destination_refuses_corrupted_or_truncated_streams() {
+    for (name, corrupt) in [("bitflip", true), ("truncated", false)] {
+        let port = 17_300 + std::process::id() % 1000 + u32::from(corrupt);
+        let listen = format!("127.0.0.1:{port}");
+        let mut cmd = std::process::Command::new(ftvmm_bin());
+        cmd.args(["receive", "--listen", &listen, "--serial", "null"]);
+        let mut dst = RunningVm::spawn(cmd);
+        dst.wait_for_stderr("waiting for a migration", DEADLINE);
+        let mut s = TcpStream::connect(&listen).unwrap();
+        let description = vmm::machine::MachineDescription {
+            vcpus: 1,
+            memory_mib: 32,
+            disks: vec![],
+            nets: vec![],
+        };
+        write_frame(&mut s, &Message::Hello { description }).unwrap();
+        assert_eq!(
+            read_frame::<_, Message>(&mut s).unwrap(),
+            Message::Ready,
+            "{name}"
+        );
+        let mut frame = Vec::new();
+        write_frame(
+            &mut frame,
+            &Message::Pages {
+                round: 0,
+                runs: vec![replication::wire::PageRun {
+                    gpa: 0x10_0000,
+                    data: vec![0x5a; 4096],
+                }],
+            },
+        )
+        .unwrap();
+        if corrupt {
+            let mid = frame.len() / 2;
+            frame[mid] ^= 0x01;
+            s.write_all(&frame).unwrap();
+        } else {
+            s.write_all(&frame[..frame.len() / 2]).unwrap();
+            drop(s);
+        }
+        assert_eq!(dst.wait_exit(DEADLINE), Some(1), "{name}: {}", dst.stderr());
+        let err = dst.stderr();
+        let expected = if corrupt {
+            "checksum mismatch"
+        } else {
+            "peer closed the connection"
+        };
+        assert!(err.contains(expected), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!err.contains("guest received"), "{err}");
+    }
+}
