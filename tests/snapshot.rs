@@ -91,7 +91,47 @@ fn net_guest_snapshot_restores_in_a_new_process_with_kv_state_and_disk_log() {
     assert!(out.stdout.contains("\"memory_bytes\""), "{out:?}");
     // The VM keeps running after the snapshot...
     assert_eq!(kv(&ns, &["GET n"]), ["VALUE 2"]);
+    // ...and a diff snapshot on top holds only what changed since.
+    assert_eq!(kv(&ns, &["SET later yes"]), ["OK"]);
+    let diff = dir.join("diff");
+    let out = vm_cli(
+        &sock,
+        &["snapshot", "--dir", diff.to_str().unwrap(), "--diff"],
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let full_bytes = std::fs::metadata(snap.join("memory")).unwrap().len();
+    let diff_on_disk = std::process::Command::new("du")
+        .args(["-k"])
+        .arg(diff.join("memory"))
+        .output()
+        .unwrap();
+    let diff_kib: u64 = String::from_utf8_lossy(&diff_on_disk.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        diff_kib * 1024 < full_bytes / 8,
+        "diff snapshot holds {diff_kib} KiB of a {full_bytes}-byte guest"
+    );
+    assert_eq!(kv(&ns, &["INCR n"]), ["3"]);
     vm.kill();
+
+    // The diff snapshot restores to the state at its time (base memory + its pages).
+    let sock_d = dir.join("vmd.sock");
+    let mut from_diff = ftvmm_in(
+        &ns,
+        &[
+            "restore",
+            "--dir",
+            diff.to_str().unwrap(),
+            "--api-socket",
+            sock_d.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(kv(&ns, &["GET later", "GET n"]), ["VALUE yes", "VALUE 2"]);
+    from_diff.kill();
 
     // ...and a new process continues from the snapshot, with the guest's memory state intact.
     let sock2 = dir.join("vm2.sock");

@@ -23,7 +23,11 @@ struct Outcome {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -38,8 +42,21 @@ fn migrate_once(cmdline: &str, run: usize) -> Outcome {
     let sock = dir.join("src.sock");
     let mut src_cmd = Command::new(ftvmm_bin());
     src_cmd
-        .args(["run", "--kernel", testguest().to_str().unwrap(), "--memory", &MEMORY_MIB.to_string()])
-        .args(["--vcpus", "2", "--cmdline", cmdline, "--api-socket", sock.to_str().unwrap()]);
+        .args([
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            &MEMORY_MIB.to_string(),
+        ])
+        .args([
+            "--vcpus",
+            "2",
+            "--cmdline",
+            cmdline,
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ]);
     let mut src = RunningVm::spawn(src_cmd);
     src.wait_for("testguest: spinning", DEADLINE);
     let listen = format!("127.0.0.1:{}", free_port());
@@ -50,7 +67,16 @@ fn migrate_once(cmdline: &str, run: usize) -> Outcome {
     // Let the dirtying workload reach its rate.
     std::thread::sleep(Duration::from_millis(500));
     let out = run_ftvmm(
-        &["vm", "--api-socket", sock.to_str().unwrap(), "migrate", "--to", &listen, "--downtime-ms", "50"],
+        &[
+            "vm",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "migrate",
+            "--to",
+            &listen,
+            "--downtime-ms",
+            "50",
+        ],
         DEADLINE,
     );
     assert_eq!(out.code(), Some(0), "migration failed: {out:?}");
@@ -68,10 +94,18 @@ fn migrate_once(cmdline: &str, run: usize) -> Outcome {
 
 fn report(name: &str, outcomes: &[Outcome]) {
     let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
-    let down = stats(&outcomes.iter().map(|o| ms(o.downtime_ms)).collect::<Vec<_>>());
+    let down = stats(
+        &outcomes
+            .iter()
+            .map(|o| ms(o.downtime_ms))
+            .collect::<Vec<_>>(),
+    );
     let total = stats(&outcomes.iter().map(|o| ms(o.total_ms)).collect::<Vec<_>>());
     let rounds: Vec<u64> = outcomes.iter().map(|o| o.rounds).collect();
-    let sent: Vec<String> = outcomes.iter().map(|o| format!("{:.0}", o.mib_sent)).collect();
+    let sent: Vec<String> = outcomes
+        .iter()
+        .map(|o| format!("{:.0}", o.mib_sent))
+        .collect();
     println!(
         "{name:<34} downtime median {:>8.2} ms max {:>8.2} ms | total median {:>8.1} ms max {:>8.1} ms | rounds {rounds:?} | MiB sent {}",
         down.median.as_secs_f64() * 1e3,
@@ -99,18 +133,25 @@ fn dirty_round_cost(pages_per_s: u32) {
     let mut machine = Machine::build(&config).expect("build");
     machine.start().expect("start");
     let t0 = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("spinning") {
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("spinning")
+    {
         assert!(t0.elapsed() < DEADLINE);
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut tracker = DirtyTracker::new();
-    tracker.start(machine.vm(), machine.memory()).expect("start dirty logging");
+    tracker
+        .start(machine.vm(), machine.memory())
+        .expect("start dirty logging");
     let mut samples = Vec::new();
     let mut pages = Vec::new();
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(20));
         let t = Instant::now();
-        tracker.collect(machine.vm(), machine.memory()).expect("collect");
+        tracker
+            .collect(machine.vm(), machine.memory())
+            .expect("collect");
         samples.push(t.elapsed());
         pages.push(tracker.take().count());
     }
@@ -135,7 +176,13 @@ fn main() {
     let dirty: Vec<Outcome> = (0..RUNS)
         .map(|i| migrate_once(&format!("mode=spin dirty={rate} dirty_mb=128"), i))
         .collect();
-    report(&format!("dirtying {rate} pages/s (~{} MB/s)", rate * 4096 / 1_000_000), &dirty);
+    report(
+        &format!(
+            "dirtying {rate} pages/s (~{} MB/s)",
+            rate * 4096 / 1_000_000
+        ),
+        &dirty,
+    );
     dirty_round_cost(0);
     dirty_round_cost(rate);
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");

@@ -18,7 +18,11 @@ pub enum VmCommand {
     Info,
     Pause,
     Resume,
-    Snapshot { dir: PathBuf },
+    /// A snapshot into `dir`; `diff` for only the pages written since the previous one.
+    Snapshot {
+        dir: PathBuf,
+        diff: bool,
+    },
     Run(MachineJob),
 }
 
@@ -28,7 +32,9 @@ impl std::fmt::Debug for VmCommand {
             Self::Info => write!(f, "Info"),
             Self::Pause => write!(f, "Pause"),
             Self::Resume => write!(f, "Resume"),
-            Self::Snapshot { dir } => write!(f, "Snapshot {{ dir: {} }}", dir.display()),
+            Self::Snapshot { dir, diff } => {
+                write!(f, "Snapshot {{ dir: {}, diff: {diff} }}", dir.display())
+            }
             Self::Run(_) => write!(f, "Run(job)"),
         }
     }

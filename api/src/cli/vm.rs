@@ -38,6 +38,10 @@ enum VmAction {
         /// Directory to write to (created if missing).
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
+        /// Write only the pages changed since this VM's previous snapshot (full or diff), which the
+        /// new one names as its base; restoring it needs the base directories too.
+        #[arg(long)]
+        diff: bool,
     },
     /// Live-migrate the VM to a host where `ftvmm receive --listen HOST:PORT` waits; prints progress
     /// until it completes (exit 0) or fails or is cancelled (exit 1; the guest keeps running here).
@@ -63,10 +67,14 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         VmAction::Info => ("GET", "/api/v1/vm", None),
         VmAction::Pause => ("PUT", "/api/v1/vm/pause", None),
         VmAction::Resume => ("PUT", "/api/v1/vm/resume", None),
-        VmAction::Snapshot { dir } => {
+        VmAction::Snapshot { dir, diff } => {
             let dir = std::path::absolute(dir)
                 .map_err(|e| format!("invalid --dir {}: {e}", dir.display()))?;
-            ("PUT", "/api/v1/vm/snapshot", Some(json!({ "dir": dir })))
+            (
+                "PUT",
+                "/api/v1/vm/snapshot",
+                Some(json!({ "dir": dir, "diff": diff })),
+            )
         }
         VmAction::Migration => ("GET", "/api/v1/vm/migration", None),
         VmAction::CancelMigration => ("PUT", "/api/v1/vm/migration/cancel", None),

@@ -46,6 +46,9 @@ pub struct SnapshotRequest {
     /// Directory to write the snapshot to (created if missing).
     #[schema(value_type = String)]
     pub dir: PathBuf,
+    /// Only the pages written since this VM's previous snapshot (which becomes its base).
+    #[serde(default)]
+    pub diff: bool,
 }
 
 /// Body of `PUT /api/v1/vm/migrate`.
@@ -172,7 +175,16 @@ async fn vm_snapshot(
         Ok(Json(req)) if req.dir.as_os_str().is_empty() => {
             error(StatusCode::BAD_REQUEST, "\"dir\" must not be empty")
         }
-        Ok(Json(req)) => call(st.handle, VmCommand::Snapshot { dir: req.dir }).await,
+        Ok(Json(req)) => {
+            call(
+                st.handle,
+                VmCommand::Snapshot {
+                    dir: req.dir,
+                    diff: req.diff,
+                },
+            )
+            .await
+        }
         Err(e) => error(
             StatusCode::BAD_REQUEST,
             format!("invalid request body: {}", e.body_text()),

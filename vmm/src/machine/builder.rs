@@ -185,6 +185,7 @@ impl Machine {
             emulation,
             inbox: None,
             migrated_to: None,
+            diff_base: None,
         };
         Ok((machine, cpuid, device_manager))
     }

@@ -6,7 +6,7 @@ mod builder;
 mod snapshot;
 
 pub use snapshot::{
-    RestoreOptions, SnapshotError, SnapshotInfo, VmSnapshot, SNAPSHOT_MEMORY_FILE,
+    RestoreOptions, SnapshotError, SnapshotInfo, SnapshotKind, VmSnapshot, SNAPSHOT_MEMORY_FILE,
     SNAPSHOT_STATE_FILE,
 };
 
@@ -196,6 +196,8 @@ pub struct Machine {
     inbox: Option<ControlInbox>,
     /// Set when the guest was handed to another host; the event loop then ends.
     migrated_to: Option<String>,
+    /// Tracking since the last snapshot, for diff snapshots.
+    diff_base: Option<snapshot::DiffBase>,
 }
 
 impl Machine {
@@ -305,7 +307,14 @@ impl Machine {
                 VmReply::Done(self.info())
             }
             VmCommand::Run(job) => job(self),
-            VmCommand::Snapshot { dir } => match self.snapshot(&dir) {
+            VmCommand::Snapshot { dir, diff } => match self.snapshot(
+                &dir,
+                if diff {
+                    SnapshotKind::Diff
+                } else {
+                    SnapshotKind::Full
+                },
+            ) {
                 Ok(info) => VmReply::Snapshot(SnapshotReport {
                     dir,
                     paused_ms: info.paused_for.as_secs_f64() * 1e3,

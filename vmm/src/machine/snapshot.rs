@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::builder::Hardware;
 use super::{Machine, MachineDescription, MachineError};
 use crate::arch::cpuid::CpuFeatures;
+use crate::dirty::{DirtySet, DirtyTracker, RegionDirty};
 use crate::snapshot::{self, memory, FormatError};
 use crate::vcpu::{VcpuRequest, VcpuState, VcpuStateError};
 use crate::vm::{VmState, VmStateError};
@@ -26,6 +27,62 @@ use crate::vm::{VmState, VmStateError};
 pub const SNAPSHOT_STATE_FILE: &str = "state";
 /// File holding guest memory.
 pub const SNAPSHOT_MEMORY_FILE: &str = "memory";
+/// In a diff snapshot: the pages it holds (the rest come from its base).
+pub const SNAPSHOT_PAGES_FILE: &str = "pages";
+/// In a diff snapshot: the path of the snapshot it builds on.
+pub const SNAPSHOT_BASE_FILE: &str = "base";
+/// Longest chain of diff snapshots followed on restore.
+const MAX_DIFF_CHAIN: usize = 64;
+
+/// The pages of a diff snapshot, as stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct PageSetFile {
+    /// (base, length, bitmap) per memory region.
+    regions: Vec<(u64, u64, Vec<u64>)>,
+}
+
+impl From<&DirtySet> for PageSetFile {
+    fn from(set: &DirtySet) -> Self {
+        Self {
+            regions: set
+                .regions
+                .iter()
+                .map(|r| (r.base.0, r.len, r.bitmap.clone()))
+                .collect(),
+        }
+    }
+}
+
+impl From<PageSetFile> for DirtySet {
+    fn from(f: PageSetFile) -> Self {
+        Self {
+            regions: f
+                .regions
+                .into_iter()
+                .map(|(base, len, bitmap)| RegionDirty {
+                    base: vm_memory::GuestAddress(base),
+                    len,
+                    bitmap,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Full or diff.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// All of guest memory.
+    Full,
+    /// Only pages written since the VM's previous snapshot, which it names as its base.
+    Diff,
+}
+
+/// Dirty tracking kept since the last snapshot, for the next diff snapshot.
+pub(super) struct DiffBase {
+    tracker: DirtyTracker,
+    last_dir: PathBuf,
+}
 
 const VCPU_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,6 +119,12 @@ pub enum SnapshotError {
     Device { index: usize, reason: String },
     #[error("snapshot does not fit this machine: {0}")]
     Mismatch(String),
+    #[error("no base for a diff snapshot: take a full snapshot of this VM first")]
+    NoDiffBase,
+    #[error("dirty tracking: {0}")]
+    Dirty(String),
+    #[error("diff snapshot chain from {0} is longer than {MAX_DIFF_CHAIN} or loops")]
+    ChainTooLong(PathBuf),
 }
 
 /// What a snapshot took.
@@ -98,7 +161,11 @@ impl Machine {
     /// Writes a full snapshot of the running (or not yet started) VM to `dir`. The vCPUs are paused
     /// for the duration and resumed afterwards unless they were already paused. Must be called from
     /// the thread that runs the event loop, so devices are idle.
-    pub fn snapshot(&mut self, dir: &Path) -> Result<SnapshotInfo, MachineError> {
+    pub fn snapshot(
+        &mut self,
+        dir: &Path,
+        kind: SnapshotKind,
+    ) -> Result<SnapshotInfo, MachineError> {
         let span = tracing::info_span!("snapshot", dir = %dir.display());
         let _guard = span.enter();
         std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
@@ -108,7 +175,7 @@ impl Machine {
         if started && !was_paused {
             self.pause()?;
         }
-        let result = self.write_snapshot(dir);
+        let result = self.write_snapshot(dir, kind);
         let paused_for = t0.elapsed();
         if started && !was_paused {
             self.resume();
@@ -145,8 +212,11 @@ impl Machine {
         })
     }
 
-    fn write_snapshot(&self, dir: &Path) -> Result<u64, MachineError> {
+    fn write_snapshot(&mut self, dir: &Path, kind: SnapshotKind) -> Result<u64, MachineError> {
         let state = self.capture_state()?;
+        if kind == SnapshotKind::Diff {
+            return self.write_diff(dir, &state);
+        }
         let blob = snapshot::encode(&state).map_err(|source| SnapshotError::Format {
             path: dir.join(SNAPSHOT_STATE_FILE),
             source,
@@ -160,7 +230,74 @@ impl Machine {
         std::fs::rename(&mem_tmp, &mem_final).map_err(io_err("rename", &mem_final))?;
         let state_final = dir.join(SNAPSHOT_STATE_FILE);
         std::fs::rename(&state_tmp, &state_final).map_err(io_err("rename", &state_final))?;
+        // From this full snapshot on, track writes for the next diff (still paused: nothing is missed).
+        let mut tracker = DirtyTracker::new();
+        tracker
+            .start(&self.vm, &self.memory)
+            .map_err(|e| SnapshotError::Dirty(e.to_string()))?;
+        self.diff_base = Some(DiffBase {
+            tracker,
+            last_dir: absolute(dir),
+        });
         Ok(memory_bytes)
+    }
+
+    fn write_diff(&mut self, dir: &Path, state: &VmSnapshot) -> Result<u64, MachineError> {
+        let base = self.diff_base.as_mut().ok_or(SnapshotError::NoDiffBase)?;
+        base.tracker
+            .collect(&self.vm, &self.memory)
+            .map_err(|e| SnapshotError::Dirty(e.to_string()))?;
+        let set = base.tracker.take();
+        let result = (|| -> Result<u64, SnapshotError> {
+            let blob = snapshot::encode(state).map_err(|source| SnapshotError::Format {
+                path: dir.join(SNAPSHOT_STATE_FILE),
+                source,
+            })?;
+            let pages = snapshot::encode(&PageSetFile::from(&set)).map_err(|source| {
+                SnapshotError::Format {
+                    path: dir.join(SNAPSHOT_PAGES_FILE),
+                    source,
+                }
+            })?;
+            let mem_path = dir.join(SNAPSHOT_MEMORY_FILE);
+            let bytes = memory::save_pages(&self.memory, &set, &mem_path)
+                .map_err(io_err("write", &mem_path))?;
+            for (name, data) in [
+                (SNAPSHOT_PAGES_FILE, pages),
+                (
+                    SNAPSHOT_BASE_FILE,
+                    base.last_dir.as_os_str().as_encoded_bytes().to_vec(),
+                ),
+            ] {
+                let p = dir.join(name);
+                std::fs::write(&p, data).map_err(io_err("write", &p))?;
+            }
+            // The state file last: a directory without it is not a snapshot.
+            let state_tmp = dir.join(format!("{SNAPSHOT_STATE_FILE}.tmp"));
+            std::fs::write(&state_tmp, &blob).map_err(io_err("write", &state_tmp))?;
+            let state_final = dir.join(SNAPSHOT_STATE_FILE);
+            std::fs::rename(&state_tmp, &state_final).map_err(io_err("rename", &state_final))?;
+            Ok(bytes)
+        })();
+        match result {
+            Ok(bytes) => {
+                base.last_dir = absolute(dir);
+                Ok(bytes)
+            }
+            Err(e) => {
+                // Those pages must go into the next diff.
+                base.tracker.fold_back(&set);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Forgets the diff base (another user of dirty tracking, such as migration, takes over the
+    /// logs); the next snapshot must be full.
+    pub fn invalidate_diff_base(&mut self) {
+        if let Some(mut base) = self.diff_base.take() {
+            let _ = base.tracker.stop(&self.vm, &self.memory);
+        }
     }
 
     /// Captures every vCPU's state: through the parked vCPU threads when running, directly otherwise.
@@ -202,8 +339,7 @@ impl Machine {
             source,
         })?;
         let mut machine = Self::assemble_for_restore(&snap.description, options)?;
-        let mem_path = dir.join(SNAPSHOT_MEMORY_FILE);
-        memory::load_memory(machine.memory_mut(), &mem_path).map_err(io_err("load", &mem_path))?;
+        load_memory_chain(machine.memory_mut(), dir, 0)?;
         machine.apply_state(&snap)?;
         tracing::info!("machine restored");
         Ok(machine)
@@ -307,4 +443,38 @@ impl Machine {
         }
         Ok(())
     }
+}
+
+fn absolute(dir: &Path) -> PathBuf {
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Loads the memory of the snapshot in `dir`: its full memory file, or its base's memory and then
+/// its own pages.
+fn load_memory_chain(
+    mem: &crate::memory::GuestMemory,
+    dir: &Path,
+    depth: usize,
+) -> Result<(), SnapshotError> {
+    if depth > MAX_DIFF_CHAIN {
+        return Err(SnapshotError::ChainTooLong(dir.to_path_buf()));
+    }
+    let mem_path = dir.join(SNAPSHOT_MEMORY_FILE);
+    let base_path = dir.join(SNAPSHOT_BASE_FILE);
+    if !base_path.exists() {
+        return memory::load_memory(mem, &mem_path).map_err(io_err("load", &mem_path));
+    }
+    let base = std::fs::read(&base_path).map_err(io_err("read", &base_path))?;
+    // SAFETY-free: the base file holds a path this process wrote; invalid UTF-8 is kept as bytes.
+    let base_dir = PathBuf::from(std::ffi::OsString::from(
+        String::from_utf8_lossy(&base).into_owned(),
+    ));
+    load_memory_chain(mem, &base_dir, depth + 1)?;
+    let pages_path = dir.join(SNAPSHOT_PAGES_FILE);
+    let blob = std::fs::read(&pages_path).map_err(io_err("read", &pages_path))?;
+    let pages: PageSetFile = snapshot::decode(&blob).map_err(|source| SnapshotError::Format {
+        path: pages_path.clone(),
+        source,
+    })?;
+    memory::load_pages(mem, &DirtySet::from(pages), &mem_path).map_err(io_err("load", &mem_path))
 }

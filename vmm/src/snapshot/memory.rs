@@ -6,7 +6,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::dirty::DirtySet;
 
 use crate::memory::{GuestMemory, PAGE_SIZE};
 
@@ -89,6 +91,83 @@ pub fn load_memory(mem: &GuestMemory, path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Where guest address `gpa` lives in a memory file (regions back to back).
+fn file_offset(mem: &GuestMemory, gpa: u64) -> Option<u64> {
+    let mut offset = 0;
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        if gpa >= start && gpa < start + region.len() {
+            return Some(offset + gpa - start);
+        }
+        offset += region.len();
+    }
+    None
+}
+
+/// Writes only the pages of `set` into a memory file laid out like [`save_memory`]'s (other pages
+/// are holes). Returns the bytes written.
+pub fn save_pages(mem: &GuestMemory, set: &DirtySet, path: &Path) -> io::Result<u64> {
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)?;
+    file.set_len(total_size(mem))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut written = 0;
+    for (addr, len) in set.runs() {
+        let mut done = 0u64;
+        while done < len {
+            let n = CHUNK.min((len - done) as usize);
+            let gpa = addr.0 + done;
+            mem.read_slice(&mut buf[..n], GuestAddress(gpa))
+                .map_err(|e| io::Error::other(format!("reading guest memory at {gpa:#x}: {e}")))?;
+            let at = file_offset(mem, gpa)
+                .ok_or_else(|| io::Error::other(format!("{gpa:#x} is not guest RAM")))?;
+            file.write_all_at(&buf[..n], at)?;
+            written += n as u64;
+            done += n as u64;
+        }
+    }
+    file.sync_all()?;
+    Ok(written)
+}
+
+/// Copies the pages of `set` from a file written by [`save_pages`] into guest memory.
+pub fn load_pages(mem: &GuestMemory, set: &DirtySet, path: &Path) -> io::Result<()> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    if size != total_size(mem) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "memory file {} is {size} bytes, the guest has {}",
+                path.display(),
+                total_size(mem)
+            ),
+        ));
+    }
+    let mut buf = vec![0u8; CHUNK];
+    for (addr, len) in set.runs() {
+        let mut done = 0u64;
+        while done < len {
+            let n = CHUNK.min((len - done) as usize);
+            let gpa = addr.0 + done;
+            let at = file_offset(mem, gpa).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("page {gpa:#x} is not guest RAM"),
+                )
+            })?;
+            file.read_exact_at(&mut buf[..n], at)?;
+            mem.write_slice(&buf[..n], GuestAddress(gpa))
+                .map_err(|e| io::Error::other(format!("writing guest memory at {gpa:#x}: {e}")))?;
+            done += n as u64;
+        }
+    }
+    Ok(())
+}
+
 trait AddRaw {
     fn unchecked_add_raw(self, n: u64) -> Self;
 }
@@ -102,7 +181,6 @@ impl AddRaw for vm_memory::GuestAddress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestAddress;
 
     #[test]
     fn round_trips_and_leaves_zero_pages_as_holes() {
@@ -123,6 +201,30 @@ mod tests {
         assert_eq!(copy.read_obj::<u8>(GuestAddress(0x10_2fff)).unwrap(), 0xee);
         let small = crate::memory::create_guest_memory(32).unwrap();
         assert!(load_memory(&small, &path).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn page_files_carry_only_the_set() {
+        let mem = crate::memory::create_guest_memory(16).unwrap();
+        mem.write_slice(&[1u8; PAGE_SIZE], GuestAddress(0x20_0000))
+            .unwrap();
+        mem.write_slice(&[2u8; PAGE_SIZE], GuestAddress(0x30_0000))
+            .unwrap();
+        let mut set = DirtySet::all(&mem);
+        for r in &mut set.regions {
+            r.bitmap.iter_mut().for_each(|w| *w = 0);
+            let page = 0x20_0000 / PAGE_SIZE;
+            r.bitmap[page / 64] |= 1 << (page % 64);
+        }
+        let dir = std::env::temp_dir().join(format!("ftvmm-pages-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory.diff");
+        assert_eq!(save_pages(&mem, &set, &path).unwrap(), PAGE_SIZE as u64);
+        let copy = crate::memory::create_guest_memory(16).unwrap();
+        load_pages(&copy, &set, &path).unwrap();
+        assert_eq!(copy.read_obj::<u8>(GuestAddress(0x20_0000)).unwrap(), 1);
+        assert_eq!(copy.read_obj::<u8>(GuestAddress(0x30_0000)).unwrap(), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
