@@ -246,9 +246,40 @@ fn id_bits(count: u32) -> u32 {
     }
 }
 
+/// The extended topology leaves (0xB, and 0x1F when offered) must describe the SMT level, the core
+/// level and a terminating invalid level; KVM may offer only some subleaves, and a guest reading a
+/// missing one would see a topology without a core level (every vCPU its own package).
+fn ensure_topology_subleaves(cpuid: &mut CpuId) {
+    for leaf in [0xb, 0x1f] {
+        let present: Vec<u32> = cpuid
+            .as_slice()
+            .iter()
+            .filter(|e| e.function == leaf)
+            .map(|e| e.index)
+            .collect();
+        if present.is_empty() {
+            continue;
+        }
+        for index in 0..3 {
+            if !present.contains(&index) {
+                let entry = kvm_cpuid_entry2 {
+                    function: leaf,
+                    index,
+                    flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                    ..Default::default()
+                };
+                if let Err(e) = cpuid.push(entry) {
+                    tracing::warn!("cannot add CPUID leaf {leaf:#x} subleaf {index}: {e:?}");
+                }
+            }
+        }
+    }
+}
+
 /// Adapts the common CPUID set to vCPU `vcpu_id` of `vcpu_count`: one socket, one thread per core,
 /// `vcpu_count` cores, APIC ID = vCPU index.
 pub fn normalize_for_vcpu(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8) {
+    ensure_topology_subleaves(cpuid);
     let count = u32::from(vcpu_count);
     let apic_id = u32::from(vcpu_id);
     let core_bits = id_bits(count);
@@ -368,6 +399,21 @@ mod tests {
         assert_eq!(s[1].edx, 5);
         assert_eq!(s[2].eax, 3);
         assert_eq!(s[2].ebx, 8);
+    }
+
+    #[test]
+    fn missing_topology_subleaves_are_added() {
+        let mut b0 = entry(0xb, 0);
+        b0.flags = kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+        let mut c = cpuid(&[entry(1, 0), b0]);
+        normalize_for_vcpu(&mut c, 1, 2);
+        let leaf_b: Vec<_> = c.as_slice().iter().filter(|e| e.function == 0xb).collect();
+        assert_eq!(leaf_b.len(), 3);
+        let core = leaf_b.iter().find(|e| e.index == 1).unwrap();
+        assert_eq!((core.eax, core.ebx, (core.ecx >> 8) & 0xff), (1, 2, 2));
+        let end = leaf_b.iter().find(|e| e.index == 2).unwrap();
+        assert_eq!((end.ecx >> 8) & 0xff, 0);
+        assert!(leaf_b.iter().all(|e| e.edx == 1));
     }
 
     #[test]
