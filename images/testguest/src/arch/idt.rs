@@ -5,8 +5,9 @@
 //! ring 3 (on the same CPU's kernel stack, which is user-accessible), which prints
 //! `testguest: EXCEPTION vector=N rip=0x.. err=0x..` and powers off.
 //!
-//! Ring-3 service calls (number in rax, result in rax, rdx clobbered): 0 = no-op (returns 0),
-//! 1 = triple fault (lidt a zero-limit IDT, then ud2); anything else returns u64::MAX. They are
+//! Ring-3 service calls (number in rax, argument in rdx, result in rax): 0 = no-op (returns 0),
+//! 1 = triple fault (lidt a zero-limit IDT, then ud2), 2 = the emulation probe (see
+//! [`SVC_EMULATE_PROBE`]); anything else returns u64::MAX. They are
 //! reachable two ways: `int 0x80` (works where ring 3 runs under VMX), and a `ud2` at the fixed
 //! address `tg_svc_ud2` (the #UD stub recognises it). The guest itself uses the latter
 //! (`tg_svc_call`) because on the test host an `int n` from ring 3 is not emulated and raises #UD.
@@ -18,6 +19,11 @@ use core::sync::atomic::{AtomicU32, Ordering};
 /// Service call numbers.
 pub const SVC_NOP: u64 = 0;
 pub const SVC_TRIPLE_FAULT: u64 = 1;
+/// Runs, in ring 0, instructions some hosts' KVM cannot emulate (`popcnt`, `int3`, `fwait`, and
+/// `stac`/`clac` when the argument's bit 0 is set) and returns the popcnt of [`EMULATE_PROBE`].
+pub const SVC_EMULATE_PROBE: u64 = 2;
+/// The value service 2 counts the bits of.
+pub const EMULATE_PROBE: u64 = 0xF0F0_0F0F_1234_5678;
 
 core::arch::global_asm!(
     r#"
@@ -70,13 +76,21 @@ tg_isr_\n:
 tg_exc_common:
     pop rdi
     pop rsi
+    cmp edi, 3
+    je 8f
     cmp edi, 6
     jne 7f
-    lea rdx, [rip + tg_svc_ud2]
-    cmp [rsp], rdx
+    lea rcx, [rip + tg_svc_ud2]
+    cmp [rsp], rcx
     jne 7f
     add qword ptr [rsp], 2      /* return after the ud2 */
     jmp tg_int80
+8:
+    /* The #BP of service 2's int3 returns to the next instruction. */
+    lea rcx, [rip + tg_emul_int3_ret]
+    cmp [rsp], rcx
+    jne 7f
+    iretq
 7:
     mov rdx, [rsp]
     mov rcx, [rsp + 8]
@@ -96,6 +110,8 @@ tg_exc_common:
 tg_int80:
     cmp rax, {svc_triple}
     je 4f
+    cmp rax, {svc_emulate}
+    je 3f
     test rax, rax
     jz 5f
     mov rax, -1
@@ -104,6 +120,19 @@ tg_int80:
 4:
     lidt [rip + tg_null_idtr]
     ud2
+3:
+    movabs rcx, {probe}
+    popcnt rax, rcx
+    int3
+    .global tg_emul_int3_ret
+tg_emul_int3_ret:
+    fwait
+    test rdx, 1
+    jz 2f
+    stac
+    clac
+2:
+    iretq
 
     /* Vector 0xff, the APIC's spurious vector (SVR): nothing to acknowledge. */
 tg_spurious:
@@ -160,6 +189,12 @@ tg_exc_user:
     .global tg_svc_call
 tg_svc_call:
     mov rax, rdi
+    jmp tg_svc_ud2
+    /* u64 tg_svc_call_arg(u64 nr, u64 arg): arg in rdx. */
+    .global tg_svc_call_arg
+tg_svc_call_arg:
+    mov rax, rdi
+    mov rdx, rsi
     .global tg_svc_ud2
 tg_svc_ud2:
     ud2
@@ -197,11 +232,15 @@ tg_idt:
     uds = const USER_DS,
     uflags = const USER_RFLAGS,
     svc_triple = const SVC_TRIPLE_FAULT,
+    svc_emulate = const SVC_EMULATE_PROBE,
+    probe = const EMULATE_PROBE,
 );
 
 unsafe extern "C" {
     /// Service call `nr` (see the module doc); returns the service's result.
     pub fn tg_svc_call(nr: u64) -> u64;
+    /// Service call `nr` with an argument.
+    pub fn tg_svc_call_arg(nr: u64, arg: u64) -> u64;
 }
 
 /// How many exception reports are under way (guards against faulting while reporting).

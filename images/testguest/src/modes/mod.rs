@@ -8,6 +8,7 @@ use crate::cmdline::Cmdline;
 pub mod blk;
 pub mod crash;
 pub mod dirtier;
+pub mod emulate;
 pub mod hello;
 pub mod info;
 pub mod net;
@@ -28,6 +29,7 @@ pub const DEFAULT: &str = "hello";
 
 pub static MODES: &[Mode] = &[
     hello::MODE,
+    emulate::MODE,
     info::MODE,
     crash::MODE,
     smp::MODE,
