@@ -285,6 +285,12 @@ fn api_reports_errors_as_json_with_meaningful_status() {
     let mut vm = RunningVm::spawn(cmd);
     vm.wait_for("testguest: spinning cpus=1", DEADLINE);
 
+    let vcpus = vm_cli(&sock, &["vcpus"]);
+    assert_eq!(vcpus.code(), Some(0), "{vcpus:?}");
+    assert!(
+        vcpus.stdout.contains("\"rip\"") && vcpus.stdout.contains("\"cpl\": 3"),
+        "{vcpus:?}"
+    );
     assert_eq!(vm_cli(&sock, &["pause"]).code(), Some(0));
     let again = vm_cli(&sock, &["pause"]);
     assert_eq!(again.code(), Some(1));

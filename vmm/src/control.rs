@@ -23,6 +23,8 @@ pub enum VmCommand {
         dir: PathBuf,
         diff: bool,
     },
+    /// Where every vCPU is (a running VM is paused for a moment to look).
+    Vcpus,
     Run(MachineJob),
 }
 
@@ -35,6 +37,7 @@ impl std::fmt::Debug for VmCommand {
             Self::Snapshot { dir, diff } => {
                 write!(f, "Snapshot {{ dir: {}, diff: {diff} }}", dir.display())
             }
+            Self::Vcpus => write!(f, "Vcpus"),
             Self::Run(_) => write!(f, "Run(job)"),
         }
     }
@@ -68,12 +71,30 @@ pub struct SnapshotReport {
     pub memory_bytes: u64,
 }
 
+/// Where one vCPU is, for diagnosis.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuSummary {
+    pub id: u8,
+    /// KVM MP state (0 runnable, 1 uninitialized, 2 init received, 3 halted, 4 SIPI received).
+    pub mp_state: u32,
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cpl: u8,
+    /// The instruction at RIP, decoded, when readable.
+    pub instruction: Option<String>,
+}
+
 /// A command's answer.
 #[derive(Clone, Debug, PartialEq)]
 pub enum VmReply {
     Info(VmInfo),
     Done(VmInfo),
     Snapshot(SnapshotReport),
+    Vcpus(Vec<VcpuSummary>),
     /// The command failed; the VM is unaffected.
     Error(String),
     /// The command does not make sense in the VM's current state.

@@ -29,6 +29,8 @@ pub struct VmArgs {
 enum VmAction {
     /// Show the VM's state, vCPUs, memory and devices.
     Info,
+    /// Show where every vCPU is (registers, MP state, instruction at RIP).
+    Vcpus,
     /// Pause every vCPU.
     Pause,
     /// Resume a paused VM.
@@ -65,6 +67,7 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
     }
     let (method, path, body) = match &args.action {
         VmAction::Info => ("GET", "/api/v1/vm", None),
+        VmAction::Vcpus => ("GET", "/api/v1/vm/vcpus", None),
         VmAction::Pause => ("PUT", "/api/v1/vm/pause", None),
         VmAction::Resume => ("PUT", "/api/v1/vm/resume", None),
         VmAction::Snapshot { dir, diff } => {

@@ -136,6 +136,7 @@ async fn call(handle: ControlHandle, command: VmCommand) -> Response {
         Ok(Ok(reply)) => match reply {
             VmReply::Info(info) | VmReply::Done(info) => Json(info).into_response(),
             VmReply::Snapshot(report) => Json(report).into_response(),
+            VmReply::Vcpus(v) => Json(v).into_response(),
             VmReply::Conflict(m) => error(StatusCode::CONFLICT, m),
             VmReply::Error(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
         },
@@ -147,6 +148,13 @@ async fn call(handle: ControlHandle, command: VmCommand) -> Response {
     (status = 200, body = VmInfoSchema), (status = 503, body = ErrorBody)))]
 async fn vm_info(State(st): State<ApiState>) -> Response {
     call(st.handle, VmCommand::Info).await
+}
+
+/// Where every vCPU is: registers, MP state and the instruction at RIP (the VM is paused for a
+/// moment to look). For diagnosing a guest that seems stuck.
+#[utoipa::path(get, path = "/api/v1/vm/vcpus", responses((status = 200, description = "one entry per vCPU")))]
+async fn vm_vcpus(State(st): State<ApiState>) -> Response {
+    call(st.handle, VmCommand::Vcpus).await
 }
 
 /// Pauses every vCPU.
@@ -302,6 +310,7 @@ async fn not_found() -> Response {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/vm", get(vm_info))
+        .route("/api/v1/vm/vcpus", get(vm_vcpus))
         .route("/api/v1/vm/pause", put(vm_pause))
         .route("/api/v1/vm/resume", put(vm_resume))
         .route("/api/v1/vm/snapshot", put(vm_snapshot))

@@ -30,8 +30,8 @@ use crate::arch::boot::BootError;
 use crate::arch::cpuid::{CpuFeatures, CpuidError};
 use crate::arch::emulate::EmulationCounters;
 use crate::control::{
-    control_channel, ControlHandle, ControlInbox, RunState, SnapshotReport, VmCommand, VmInfo,
-    VmReply,
+    control_channel, ControlHandle, ControlInbox, RunState, SnapshotReport, VcpuSummary, VmCommand,
+    VmInfo, VmReply,
 };
 use crate::crash::CrashReport;
 use crate::device_manager::{DeviceManagerError, Subscriber};
@@ -307,6 +307,10 @@ impl Machine {
                 VmReply::Done(self.info())
             }
             VmCommand::Run(job) => job(self),
+            VmCommand::Vcpus => match self.vcpu_summaries() {
+                Ok(v) => VmReply::Vcpus(v),
+                Err(e) => VmReply::Error(e.to_string()),
+            },
             VmCommand::Snapshot { dir, diff } => match self.snapshot(
                 &dir,
                 if diff {
@@ -323,6 +327,34 @@ impl Machine {
                 Err(e) => VmReply::Error(e.to_string()),
             },
         }
+    }
+
+    /// Where every vCPU is; a running VM is paused for the look and resumed.
+    pub fn vcpu_summaries(&mut self) -> Result<Vec<VcpuSummary>, MachineError> {
+        let was_paused = self.control.is_paused() || self.vcpu_threads.is_empty();
+        if !was_paused {
+            self.pause()?;
+        }
+        let states = self.save_vcpus();
+        if !was_paused {
+            self.resume();
+        }
+        Ok(states?
+            .iter()
+            .map(|s| VcpuSummary {
+                id: s.id,
+                mp_state: s.mp_state.mp_state,
+                rip: s.regs.rip,
+                rsp: s.regs.rsp,
+                rflags: s.regs.rflags,
+                cr0: s.sregs.cr0,
+                cr3: s.sregs.cr3,
+                cr4: s.sregs.cr4,
+                cpl: (s.sregs.cs.selector & 3) as u8,
+                instruction: crate::arch::emulate::decode_at_rip(&self.memory, &s.regs, &s.sregs)
+                    .map(|i| crate::arch::emulate::format_instruction(&i)),
+            })
+            .collect())
     }
 
     /// What the VM is and whether it runs.
