@@ -71,7 +71,8 @@ pub struct RunArgs {
 
     /// A named CPU template: CPUID masks plus kernel command-line additions for a kind of host.
     /// `emulated-ring0`: hosts whose KVM emulates guest kernel mode (masks cx16, pdpe1gb, xsave, smap,
-    /// popcnt; appends `noxsave clearcpuid=popcnt,smap,pdpe1gb`). Applied before --cpu-features.
+    /// popcnt and the hypercall-based KVM PV features; appends `noxsave clearcpuid=popcnt,smap,pdpe1gb`).
+    /// Applied before --cpu-features.
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<CpuTemplate>,
 

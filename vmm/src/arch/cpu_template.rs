@@ -2,7 +2,9 @@
 //! instructions a host cannot run.
 //!
 //! `emulated-ring0` is for hosts whose KVM emulates guest kernel mode in software (see DESIGN.md): their
-//! emulator fails on `cmpxchg16b`, `xsave`/`xrstor`, `clac`/`stac`, `popcnt` and 1 GiB pages. CPUID bits
+//! emulator fails on `cmpxchg16b`, `xsave`/`xrstor`, `clac`/`stac`, `popcnt` and 1 GiB pages, and a
+//! `vmcall` from guest ring 0 never completes (measured: a Linux AP hangs in the PV send-IPI
+//! hypercall), so the KVM paravirtual features that work by hypercall are hidden too. CPUID bits
 //! are masked where the host honours the mask (CX16, PDPE1GB), and where it does not (XSAVE, SMAP,
 //! POPCNT are passed through from the host whatever the VMM says) the Linux command line tells the
 //! kernel not to use them. The fallback in [`super::emulate`] completes what still slips through.
@@ -24,8 +26,9 @@ pub struct CpuTemplate {
 /// The templates ftvmm knows.
 pub const TEMPLATES: &[CpuTemplate] = &[CpuTemplate {
     name: "emulated-ring0",
-    description: "hosts whose KVM emulates guest ring 0 (no cmpxchg16b, xsave, clac/stac, popcnt, 1 GiB pages)",
-    features: "-cx16,-pdpe1gb,-xsave,-smap,-popcnt",
+    description: "hosts whose KVM emulates guest ring 0 (no cmpxchg16b, xsave, clac/stac, popcnt, 1 GiB pages, \
+                  and no hypercalls: a ring-0 vmcall never completes there)",
+    features: "-cx16,-pdpe1gb,-xsave,-smap,-popcnt,-kvm_pv_send_ipi,-kvm_pv_sched_yield,-kvm_pv_unhalt",
     cmdline: "noxsave clearcpuid=popcnt,smap,pdpe1gb",
 }];
 

@@ -126,6 +126,21 @@ pub const FEATURES: &[FeatureBit] = &[
     f("pdpe1gb", 0x8000_0001, 0, Reg::Edx, 26),
     f("rdtscp", 0x8000_0001, 0, Reg::Edx, 27),
     f("lm", 0x8000_0001, 0, Reg::Edx, 29),
+    // KVM paravirtual features (leaf 0x4000_0001 EAX), as Linux's kvm_para.h names them.
+    f("kvm_clocksource", 0x4000_0001, 0, Reg::Eax, 0),
+    f("kvm_nop_io_delay", 0x4000_0001, 0, Reg::Eax, 1),
+    f("kvm_clocksource2", 0x4000_0001, 0, Reg::Eax, 3),
+    f("kvm_async_pf", 0x4000_0001, 0, Reg::Eax, 4),
+    f("kvm_steal_time", 0x4000_0001, 0, Reg::Eax, 5),
+    f("kvm_pv_eoi", 0x4000_0001, 0, Reg::Eax, 6),
+    f("kvm_pv_unhalt", 0x4000_0001, 0, Reg::Eax, 7),
+    f("kvm_pv_tlb_flush", 0x4000_0001, 0, Reg::Eax, 9),
+    f("kvm_async_pf_vmexit", 0x4000_0001, 0, Reg::Eax, 10),
+    f("kvm_pv_send_ipi", 0x4000_0001, 0, Reg::Eax, 11),
+    f("kvm_poll_control", 0x4000_0001, 0, Reg::Eax, 12),
+    f("kvm_pv_sched_yield", 0x4000_0001, 0, Reg::Eax, 13),
+    f("kvm_async_pf_int", 0x4000_0001, 0, Reg::Eax, 14),
+    f("kvm_msi_ext_dest_id", 0x4000_0001, 0, Reg::Eax, 15),
 ];
 
 /// Errors in CPU feature lists.
