@@ -63,6 +63,7 @@ fn config(cmdline: &str, vcpus: u8, serial: SerialOutput) -> VmConfig {
         cpu_features: CpuFeatures::default(),
         disks: Vec::new(),
         nets: Vec::new(),
+        dirty_ring: None,
     }
 }
 

@@ -8,7 +8,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::{ftvmm_bin, run_ftvmm, stats, testguest, RunningVm};
-use vmm::dirty::DirtyTracker;
 use vmm::{CpuFeatures, Machine, SerialOutput, VmConfig};
 
 const RUNS: usize = 5;
@@ -116,8 +115,9 @@ fn report(name: &str, outcomes: &[Outcome]) {
     );
 }
 
-/// Time of one dirty-tracking round (KVM_GET_DIRTY_LOG + the VMM bitmap) on a guest dirtying memory.
-fn dirty_round_cost(pages_per_s: u32) {
+/// Time of one dirty-tracking round (KVM_GET_DIRTY_LOG, or a dirty-ring harvest, + the VMM bitmap)
+/// on a guest dirtying memory.
+fn dirty_round_cost(pages_per_s: u32, dirty_ring: Option<u32>) {
     let log = std::env::temp_dir().join(format!("ftvmm-bench-dirty-{}.log", std::process::id()));
     let config = VmConfig {
         kernel: testguest(),
@@ -129,6 +129,7 @@ fn dirty_round_cost(pages_per_s: u32) {
         cpu_features: CpuFeatures::default(),
         disks: Vec::new(),
         nets: Vec::new(),
+        dirty_ring,
     };
     let mut machine = Machine::build(&config).expect("build");
     machine.start().expect("start");
@@ -140,7 +141,7 @@ fn dirty_round_cost(pages_per_s: u32) {
         assert!(t0.elapsed() < DEADLINE);
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut tracker = DirtyTracker::new();
+    let mut tracker = machine.dirty_tracker();
     tracker
         .start(machine.vm(), machine.memory())
         .expect("start dirty logging");
@@ -160,8 +161,12 @@ fn dirty_round_cost(pages_per_s: u32) {
     let _ = std::fs::remove_file(log);
     let s = stats(&samples);
     pages.sort_unstable();
+    let kind = match dirty_ring {
+        Some(n) => format!("dirty-ring ({n} entries)"),
+        None => "dirty-log".to_string(),
+    };
     println!(
-        "dirty-log round, {MEMORY_MIB} MiB, {pages_per_s} pages/s     median {:.3} ms p99 {:.3} ms | pages per 20 ms round: median {}",
+        "{kind} round, {MEMORY_MIB} MiB, {pages_per_s} pages/s     median {:.3} ms p99 {:.3} ms | pages per 20 ms round: median {}",
         s.median.as_secs_f64() * 1e3,
         s.p99.as_secs_f64() * 1e3,
         pages[pages.len() / 2]
@@ -183,9 +188,8 @@ fn main() {
         ),
         &dirty,
     );
-    dirty_round_cost(0);
-    dirty_round_cost(rate);
-    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-    let ring = kvm.check_extension_raw(192); // KVM_CAP_DIRTY_LOG_RING
-    println!("dirty ring: not used by ftvmm yet (KVM_CAP_DIRTY_LOG_RING here: {ring}); only the dirty log is measured");
+    for ring in [None, Some(4096)] {
+        dirty_round_cost(0, ring);
+        dirty_round_cost(rate, ring);
+    }
 }

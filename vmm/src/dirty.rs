@@ -9,6 +9,9 @@
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
+use std::sync::Arc;
+
+use crate::dirty_ring::DirtyRings;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::vm::{Vm, VmError};
 
@@ -110,24 +113,40 @@ impl DirtySet {
     }
 }
 
-/// Accumulates dirty pages from KVM and the VMM's bitmap while tracking is on.
+/// Accumulates dirty pages from KVM (its dirty log, or its dirty ring when the VM has one) and the
+/// VMM's bitmap while tracking is on.
 pub struct DirtyTracker {
     pending: DirtySet,
     active: bool,
+    ring: Option<Arc<DirtyRings>>,
 }
 
 impl DirtyTracker {
-    /// A tracker that is not yet tracking.
+    /// A tracker using KVM's dirty log, not yet tracking.
     pub fn new() -> Self {
         Self {
             pending: DirtySet::default(),
             active: false,
+            ring: None,
+        }
+    }
+
+    /// A tracker using the VM's dirty rings (the VM was built with them), not yet tracking.
+    pub fn with_ring(ring: Arc<DirtyRings>) -> Self {
+        Self {
+            ring: Some(ring),
+            ..Self::new()
         }
     }
 
     /// Starts tracking: KVM logging on, both logs cleared, nothing pending.
     pub fn start(&mut self, vm: &Vm, mem: &GuestMemory) -> Result<(), VmError> {
         vm.set_dirty_logging(mem, true)?;
+        if let Some(ring) = &self.ring {
+            // Entries pushed before now belong to nobody.
+            ring.harvest(vm.fd(), |_, _| {})
+                .map_err(|e| VmError::DirtyRing(e.to_string()))?;
+        }
         for region in mem.iter() {
             vmm_bitmap(region).reset();
         }
@@ -147,8 +166,22 @@ impl DirtyTracker {
 
     /// Moves what KVM and the VMM logged since the last call into the pending set.
     pub fn collect(&mut self, vm: &Vm, mem: &GuestMemory) -> Result<(), VmError> {
+        if let Some(ring) = &self.ring {
+            let regions = &mut self.pending.regions;
+            ring.harvest(vm.fd(), |slot, page| {
+                if let Some(r) = regions.get_mut(slot as usize) {
+                    if let Some(word) = r.bitmap.get_mut((page / 64) as usize) {
+                        *word |= 1 << (page % 64);
+                    }
+                }
+            })
+            .map_err(|e| VmError::DirtyRing(e.to_string()))?;
+        }
         for (slot, (region, pending)) in mem.iter().zip(&mut self.pending.regions).enumerate() {
-            let kvm = vm.take_dirty_log(slot as u32, region.len() as usize)?;
+            let kvm = match self.ring {
+                Some(_) => Vec::new(),
+                None => vm.take_dirty_log(slot as u32, region.len() as usize)?,
+            };
             let vmm = vmm_bitmap(region).get_and_reset();
             for (i, word) in pending.bitmap.iter_mut().enumerate() {
                 *word |= kvm.get(i).copied().unwrap_or(0) | vmm.get(i).copied().unwrap_or(0);

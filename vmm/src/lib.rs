@@ -6,6 +6,7 @@ pub mod control;
 pub mod crash;
 pub mod device_manager;
 pub mod dirty;
+pub mod dirty_ring;
 pub mod machine;
 pub mod memory;
 pub mod snapshot;

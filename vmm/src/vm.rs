@@ -39,6 +39,8 @@ pub enum VmError {
     SupportedCpuid(kvm_ioctls::Error),
     #[error("cannot route interrupt line {gsi} to an eventfd: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("dirty ring: {0}")]
+    DirtyRing(String),
     #[error("cannot read the dirty log of memory slot {slot}: {source}")]
     DirtyLog {
         slot: u32,

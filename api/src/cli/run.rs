@@ -86,6 +86,11 @@ pub struct RunArgs {
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<NetConfig>,
 
+    /// Track dirty pages (for migration and diff snapshots) with KVM's dirty ring of ENTRIES entries
+    /// per vCPU (a power of two, e.g. 4096) instead of KVM's dirty log.
+    #[arg(long, value_name = "ENTRIES")]
+    dirty_ring: Option<u32>,
+
     /// Serve the VM's control API (JSON over HTTP) on this Unix socket; see `ftvmm vm --help`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -108,6 +113,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         cpu_features,
         disks: args.disks,
         nets: args.nets,
+        dirty_ring: args.dirty_ring,
     };
     let machine = Machine::build(&config)?;
     run_machine(machine, args.api_socket.as_deref())

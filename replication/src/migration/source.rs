@@ -90,6 +90,7 @@ pub fn start_migration(
         params,
         memory: machine.memory().clone(),
         vm: machine.vm().clone(),
+        tracker: machine.dirty_tracker(),
         description: machine.description().clone(),
         control,
         status: status.clone(),
@@ -112,6 +113,7 @@ struct Job {
     memory: GuestMemory,
     vm: Arc<Vm>,
     description: vmm::machine::MachineDescription,
+    tracker: DirtyTracker,
     control: ControlHandle,
     status: Status,
     cancel: Arc<AtomicBool>,
@@ -144,7 +146,7 @@ impl Job {
         }
     }
 
-    fn migrate(self) -> Result<(), SourceError> {
+    fn migrate(mut self) -> Result<(), SourceError> {
         let addr = self
             .params
             .to
@@ -173,7 +175,7 @@ impl Job {
         )?;
         expect(&mut stream, |m| matches!(m, Message::Ready), "Ready")?;
 
-        let mut tracker = DirtyTracker::new();
+        let mut tracker = std::mem::take(&mut self.tracker);
         tracker
             .start(&self.vm, &self.memory)
             .map_err(|e| SourceError::Dirty(e.to_string()))?;

@@ -33,6 +33,7 @@ pub(super) struct Hardware<'a> {
     pub cpu_features: &'a CpuFeatures,
     pub disks: &'a [BlockConfig],
     pub nets: &'a [NetConfig],
+    pub dirty_ring: Option<u32>,
 }
 
 impl Machine {
@@ -52,6 +53,7 @@ impl Machine {
             cpu_features: &config.cpu_features,
             disks: &config.disks,
             nets: &config.nets,
+            dirty_ring: config.dirty_ring,
         })?;
         let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1];
         dsdt_devices.extend(slots.slots().iter().map(|s| s as &dyn DsdtDevice));
@@ -94,6 +96,10 @@ impl Machine {
         }
         let mut cpuid = vm.supported_cpuid()?;
         apply_features(&mut cpuid, hw.cpu_features)?;
+        if let Some(entries) = hw.dirty_ring {
+            let max = vm.kvm().check_extension_int(kvm_ioctls::Cap::DirtyLogRing);
+            crate::dirty_ring::enable(vm.fd(), max, entries)?;
+        }
 
         let guest_exit = Arc::new(GuestExitEvent::new().map_err(|source| MachineError::Io {
             what: "the guest exit eventfd",
@@ -159,6 +165,13 @@ impl Machine {
         for id in 0..hw.vcpus {
             unstarted.push(Vcpu::new(vm.fd(), id, shared.clone())?);
         }
+        let dirty_rings = match hw.dirty_ring {
+            Some(entries) => {
+                let fds: Vec<_> = unstarted.iter().map(|v| v.fd()).collect();
+                Some(Arc::new(crate::dirty_ring::DirtyRings::map(&fds, entries)?))
+            }
+            None => None,
+        };
         let watcher = StopWatcher {
             eventfd: guest_exit
                 .eventfd()
@@ -186,6 +199,7 @@ impl Machine {
             inbox: None,
             migrated_to: None,
             diff_base: None,
+            dirty_rings,
         };
         Ok((machine, cpuid, device_manager))
     }

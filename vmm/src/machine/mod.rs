@@ -59,6 +59,9 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// virtio-net interfaces, placed after the disks.
     pub nets: Vec<NetConfig>,
+    /// Track dirty pages with KVM's dirty ring of this many entries per vCPU instead of its dirty
+    /// log.
+    pub dirty_ring: Option<u32>,
 }
 
 /// The virtual hardware of a VM: what a restore must recreate (backends may be renamed).
@@ -150,6 +153,8 @@ pub enum MachineError {
     EventLoop(String),
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
+    #[error(transparent)]
+    DirtyRing(#[from] crate::dirty_ring::DirtyRingError),
     #[error("the VM is not running")]
     NotRunning,
     #[error(transparent)]
@@ -198,6 +203,8 @@ pub struct Machine {
     migrated_to: Option<String>,
     /// Tracking since the last snapshot, for diff snapshots.
     diff_base: Option<snapshot::DiffBase>,
+    /// The vCPUs' dirty rings, when the VM tracks with them.
+    dirty_rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
 }
 
 impl Machine {
@@ -380,6 +387,14 @@ impl Machine {
                 .map(|n| n.tap.clone())
                 .collect(),
             emulated_instructions: self.emulation.total(),
+        }
+    }
+
+    /// A dirty-page tracker of the kind this VM uses (dirty ring or dirty log).
+    pub fn dirty_tracker(&self) -> crate::dirty::DirtyTracker {
+        match &self.dirty_rings {
+            Some(rings) => crate::dirty::DirtyTracker::with_ring(rings.clone()),
+            None => crate::dirty::DirtyTracker::new(),
         }
     }
 

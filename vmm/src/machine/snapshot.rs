@@ -231,7 +231,7 @@ impl Machine {
         let state_final = dir.join(SNAPSHOT_STATE_FILE);
         std::fs::rename(&state_tmp, &state_final).map_err(io_err("rename", &state_final))?;
         // From this full snapshot on, track writes for the next diff (still paused: nothing is missed).
-        let mut tracker = DirtyTracker::new();
+        let mut tracker = self.dirty_tracker();
         tracker
             .start(&self.vm, &self.memory)
             .map_err(|e| SnapshotError::Dirty(e.to_string()))?;
@@ -399,6 +399,7 @@ impl Machine {
             cpu_features: &CpuFeatures::default(),
             disks: &disks,
             nets: &nets,
+            dirty_ring: None,
         })?;
         Ok(machine)
     }

@@ -21,6 +21,7 @@ pub use control::{Directive, RequestError, VcpuControl, VcpuRequest};
 pub use state::{VcpuState, VcpuStateError};
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+const KVM_EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +221,10 @@ impl Vcpu {
                 }
             }
             VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
+            VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                // The dirty tracker harvests and resets the ring; wait for it rather than spin.
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
             VcpuExit::Shutdown => return Err(CrashKind::TripleFault),
             VcpuExit::InternalError => return self.handle_internal_error(),
             VcpuExit::FailEntry(reason, _cpu) => return Err(CrashKind::FailEntry { reason }),
