@@ -61,6 +61,21 @@ fn source_vm(hosts: &TwoHosts, dir: &Path, dirty: u32) -> (RunningVm, PathBuf) {
     (vm, sock)
 }
 
+/// `ftvmm receive` on host B, listening on `listen`, ready.
+fn receiver(hosts: &TwoHosts, listen: &str, sock: &Path) -> RunningVm {
+    let mut cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
+    cmd.args([
+        "receive",
+        "--listen",
+        listen,
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    let mut dst = RunningVm::spawn(cmd);
+    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+    dst
+}
+
 /// A client in the LAN namespace incrementing `counter` on one connection until `stop`; checks every
 /// reply is exactly one more than the last. Returns the last value.
 fn incrementer(
@@ -111,16 +126,7 @@ fn net_guest_live_migrates_while_a_client_keeps_incrementing() {
     let (mut src, sock_a) = source_vm(&hosts, &dir, 2000);
     let sock_b = dir.join("b.sock");
     let listen = format!("{}:7000", hosts.b_ip());
-    let mut dst_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
-    dst_cmd.args([
-        "receive",
-        "--listen",
-        &listen,
-        "--api-socket",
-        sock_b.to_str().unwrap(),
-    ]);
-    let mut dst = RunningVm::spawn(dst_cmd);
-    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+    let mut dst = receiver(&hosts, &listen, &sock_b);
 
     let stop = Arc::new(AtomicBool::new(false));
     let client = incrementer(&hosts, stop.clone());
@@ -196,16 +202,7 @@ fn a_destination_dying_mid_migration_leaves_the_source_running() {
     // A real destination killed while receiving.
     let sock_b = dir.join("b.sock");
     let listen = format!("{}:7002", hosts.b_ip());
-    let mut dst_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
-    dst_cmd.args([
-        "receive",
-        "--listen",
-        &listen,
-        "--api-socket",
-        sock_b.to_str().unwrap(),
-    ]);
-    let mut dst = RunningVm::spawn(dst_cmd);
-    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+    let mut dst = receiver(&hosts, &listen, &sock_b);
     let socket = sock_a.clone();
     let target = listen.clone();
     // A 1 ms downtime target keeps a dirtying guest in pre-copy long enough to kill the destination.

@@ -43,6 +43,25 @@ fn ftvmm_in(ns: &NetNs, args: &[&str]) -> RunningVm {
     RunningVm::spawn(cmd)
 }
 
+/// The net test guest with a disk, in `ns`, optionally serving its API on `sock`.
+fn net_guest(ns: &NetNs, disk_arg: &str, cmdline: &str, sock: Option<&Path>) -> RunningVm {
+    let guest = testguest();
+    let mut args = vec![
+        "run",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--memory",
+        "128",
+        "--net",
+        "tap=tap0",
+    ];
+    args.extend_from_slice(&["--disk", disk_arg, "--cmdline", cmdline]);
+    if let Some(sock) = sock {
+        args.extend_from_slice(&["--api-socket", sock.to_str().unwrap()]);
+    }
+    ftvmm_in(ns, &args)
+}
+
 fn vm_cli(socket: &Path, args: &[&str]) -> integration_tests::RunOutput {
     let mut full = vec!["vm", "--api-socket", socket.to_str().unwrap()];
     full.extend_from_slice(args);
@@ -62,24 +81,7 @@ fn net_guest_snapshot_restores_in_a_new_process_with_kv_state_and_disk_log() {
     let snap = dir.join("snap");
     let cmdline = format!("mode=net ip={}/24", ns.guest_ip());
     let disk_arg = format!("path={}", disk.display());
-    let mut vm = ftvmm_in(
-        &ns,
-        &[
-            "run",
-            "--kernel",
-            testguest().to_str().unwrap(),
-            "--memory",
-            "128",
-            "--net",
-            "tap=tap0",
-            "--disk",
-            &disk_arg,
-            "--cmdline",
-            &cmdline,
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-    );
+    let mut vm = net_guest(&ns, &disk_arg, &cmdline, Some(&sock));
     vm.wait_for("testguest: net up", DEADLINE);
     assert_eq!(
         kv(&ns, &["SET color green", "INCR n", "INCR n"]),
@@ -154,22 +156,7 @@ fn net_guest_snapshot_restores_in_a_new_process_with_kv_state_and_disk_log() {
     restored.kill();
 
     // The disk log is intact too: a fresh boot on the same disk replays it.
-    let mut fresh = ftvmm_in(
-        &ns,
-        &[
-            "run",
-            "--kernel",
-            testguest().to_str().unwrap(),
-            "--memory",
-            "128",
-            "--net",
-            "tap=tap0",
-            "--disk",
-            &disk_arg,
-            "--cmdline",
-            &cmdline,
-        ],
-    );
+    let mut fresh = net_guest(&ns, &disk_arg, &cmdline, None);
     fresh.wait_for("testguest: kv restored keys=2", DEADLINE);
     assert_eq!(kv(&ns, &["GET n"]), ["VALUE 3"]);
 }

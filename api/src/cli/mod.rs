@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand.
 
+mod backends;
 mod receive;
 mod restore;
 mod run;

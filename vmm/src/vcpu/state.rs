@@ -55,6 +55,26 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+/// A KVM MSR list holding `entries`.
+fn msr_list(id: u8, entries: &[kvm_msr_entry]) -> Result<Msrs, VcpuStateError> {
+    Msrs::from_entries(entries).map_err(|e| VcpuStateError::List {
+        id,
+        what: "MSRs",
+        reason: format!("{e:?}"),
+    })
+}
+
+/// Entries for reading the MSRs `indices`.
+fn msr_queries(indices: &[u32]) -> Vec<kvm_msr_entry> {
+    indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// The MSRs worth saving: every index KVM lists that this vCPU can actually read.
 pub fn saveable_msrs(kvm: &Kvm, fd: &VcpuFd, id: u8) -> Result<Vec<u32>, VcpuStateError> {
     let list = kvm
@@ -69,18 +89,7 @@ pub fn saveable_msrs(kvm: &Kvm, fd: &VcpuFd, id: u8) -> Result<Vec<u32>, VcpuSta
     let mut readable = Vec::with_capacity(candidates.len());
     // KVM_GET_MSRS stops at the first MSR it cannot read: keep what was read, skip that one, go on.
     while !candidates.is_empty() {
-        let entries: Vec<kvm_msr_entry> = candidates
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| VcpuStateError::List {
-            id,
-            what: "MSRs",
-            reason: format!("{e:?}"),
-        })?;
+        let mut msrs = msr_list(id, &msr_queries(&candidates))?;
         let n = fd
             .get_msrs(&mut msrs)
             .map_err(|source| VcpuStateError::Kvm {
@@ -120,18 +129,8 @@ impl VcpuState {
         let xcrs = fd.get_xcrs().map_err(get("XCRs"))?;
         let debug_regs = fd.get_debug_regs().map_err(get("debug registers"))?;
         let lapic = fd.get_lapic().map_err(get("LAPIC"))?;
-        let entries: Vec<kvm_msr_entry> = msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| VcpuStateError::List {
-            id,
-            what: "MSRs",
-            reason: format!("{e:?}"),
-        })?;
+        let entries = msr_queries(msr_indices);
+        let mut msrs = msr_list(id, &entries)?;
         let n = fd.get_msrs(&mut msrs).map_err(get("MSRs"))?;
         if n != entries.len() {
             return Err(VcpuStateError::PartialMsrs {
@@ -192,11 +191,7 @@ impl VcpuState {
         fd.set_debug_regs(&self.debug_regs)
             .map_err(set("debug registers"))?;
         fd.set_lapic(&self.lapic).map_err(set("LAPIC"))?;
-        let msrs = Msrs::from_entries(&self.msrs).map_err(|e| VcpuStateError::List {
-            id,
-            what: "MSRs",
-            reason: format!("{e:?}"),
-        })?;
+        let msrs = msr_list(id, &self.msrs)?;
         let n = fd.set_msrs(&msrs).map_err(set("MSRs"))?;
         if n != self.msrs.len() {
             return Err(VcpuStateError::PartialMsrs {

@@ -1,0 +1,40 @@
+//! Options shared by the commands that bring an existing guest to this host (`restore`, `receive`):
+//! this host's backends for the guest's devices, and its API socket.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use vmm::{BlockConfig, NetConfig, RestoreOptions, SerialOutput};
+
+/// This host's serial output, disks and TAPs for a guest that already has its devices.
+#[derive(Args, Debug)]
+pub struct BackendArgs {
+    /// Where the guest's COM1 output goes: stdout, null, or file:PATH.
+    #[arg(long, value_name = "DEST", default_value = "stdout")]
+    serial: SerialOutput,
+
+    /// This host's image for each of the guest's disks (path=IMG[,readonly]), one per disk, in
+    /// order. Without it the paths the guest had are used (shared storage).
+    #[arg(long = "disk", value_name = "path=IMG[,readonly]")]
+    disks: Vec<BlockConfig>,
+
+    /// This host's TAP for each of the guest's NICs (tap=NAME), one per NIC, in order. The guest
+    /// keeps its MAC address. Without it the TAP names the guest had are used.
+    #[arg(long = "net", value_name = "tap=NAME")]
+    nets: Vec<NetConfig>,
+
+    /// Serve the VM's control API on this Unix socket once it runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+}
+
+impl BackendArgs {
+    /// The backends as restore options.
+    pub fn restore_options(&self) -> RestoreOptions {
+        RestoreOptions {
+            serial: Some(self.serial.clone()),
+            disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
+            nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
+        }
+    }
+}
