@@ -126,7 +126,7 @@ fn net_guest_live_migrates_while_a_client_keeps_incrementing() {
     let (mut src, sock_a) = source_vm(&hosts, &dir, 2000);
     let sock_b = dir.join("b.sock");
     let listen = format!("{}:7000", hosts.b_ip());
-    let mut dst = receiver(&hosts, &listen, &sock_b);
+    let dst = receiver(&hosts, &listen, &sock_b);
 
     let stop = Arc::new(AtomicBool::new(false));
     let client = incrementer(&hosts, stop.clone());
