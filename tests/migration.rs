@@ -291,3 +291,49 @@ fn a_destination_refuses_corrupted_or_truncated_streams() {
         assert!(!err.contains("guest received"), "{err}");
     }
 }
+
+#[test]
+fn migration_with_the_dirty_ring_completes() {
+    let dir = scratch_dir("ring");
+    let sock_a = dir.join("a.sock");
+    let sock_b = dir.join("b.sock");
+    let mut src_cmd = std::process::Command::new(ftvmm_bin());
+    src_cmd
+        .args([
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "256",
+            "--vcpus",
+            "2",
+        ])
+        .args([
+            "--cmdline",
+            "mode=spin dirty=5000 dirty_mb=32",
+            "--dirty-ring",
+            "4096",
+        ])
+        .args(["--api-socket", sock_a.to_str().unwrap()]);
+    let mut src = RunningVm::spawn(src_cmd);
+    src.wait_for("testguest: spinning cpus=2", DEADLINE);
+    let port = 17_900 + std::process::id() % 1000;
+    let listen = format!("127.0.0.1:{port}");
+    let mut dst_cmd = std::process::Command::new(ftvmm_bin());
+    dst_cmd.args([
+        "receive",
+        "--listen",
+        &listen,
+        "--api-socket",
+        sock_b.to_str().unwrap(),
+    ]);
+    let mut dst = RunningVm::spawn(dst_cmd);
+    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+    let out = vm_cli(&sock_a, &["migrate", "--to", &listen]);
+    assert_eq!(out.code(), Some(0), "{out:?}\n{}", src.stderr());
+    assert_eq!(src.wait_exit(DEADLINE), Some(0));
+    // The guest carries on spinning in ring 3 on both vCPUs at the destination.
+    let vcpus = vm_cli(&sock_b, &["vcpus"]);
+    assert_eq!(vcpus.stdout.matches("\"cpl\": 3").count(), 2, "{vcpus:?}");
+    dst.kill();
+}
