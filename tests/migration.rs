@@ -337,3 +337,61 @@ fn migration_with_the_dirty_ring_completes() {
     assert_eq!(vcpus.stdout.matches("\"cpl\": 3").count(), 2, "{vcpus:?}");
     dst.kill();
 }
+
+#[test]
+fn a_migration_can_be_cancelled_and_the_guest_stays() {
+    let dir = scratch_dir("cancel");
+    let sock_a = dir.join("a.sock");
+    let mut src_cmd = std::process::Command::new(ftvmm_bin());
+    src_cmd
+        .args([
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "256",
+        ])
+        .args([
+            "--cmdline",
+            "mode=spin dirty=20000 dirty_mb=64",
+            "--api-socket",
+            sock_a.to_str().unwrap(),
+        ]);
+    let mut src = RunningVm::spawn(src_cmd);
+    src.wait_for("testguest: spinning", DEADLINE);
+    let port = 18_900 + std::process::id() % 1000;
+    let listen = format!("127.0.0.1:{port}");
+    let mut dst_cmd = std::process::Command::new(ftvmm_bin());
+    dst_cmd.args(["receive", "--listen", &listen, "--serial", "null"]);
+    let mut dst = RunningVm::spawn(dst_cmd);
+    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+
+    // A 1 ms target keeps a fast-dirtying guest in pre-copy.
+    let socket = sock_a.clone();
+    let target = listen.clone();
+    let migrate = std::thread::spawn(move || {
+        vm_cli(&socket, &["migrate", "--to", &target, "--downtime-ms", "1"])
+    });
+    let t0 = Instant::now();
+    while !vm_cli(&sock_a, &["migration"])
+        .stdout
+        .contains("\"pre_copy\"")
+    {
+        assert!(t0.elapsed() < DEADLINE, "migration never reached pre-copy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cancel = vm_cli(&sock_a, &["cancel-migration"]);
+    assert_eq!(cancel.code(), Some(0), "{cancel:?}");
+    let out = migrate.join().unwrap();
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("migration cancelled"), "{out:?}");
+    // The destination discards everything; the source keeps running its guest.
+    assert_eq!(dst.wait_exit(DEADLINE), Some(1), "{}", dst.stderr());
+    assert!(
+        dst.stderr().contains("cancelled by the source"),
+        "{}",
+        dst.stderr()
+    );
+    let info = vm_cli(&sock_a, &["info"]);
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
+}

@@ -20,6 +20,9 @@ use crate::wire::{read_frame, write_frame, FrameError, Message, PageRun};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the hand-over costs besides the last pages (state capture, transfer, apply, round trip), in
+/// milliseconds, as measured on the development machine.
+const HANDOVER_OVERHEAD_MS: f64 = 10.0;
 /// Bandwidth assumed before any measurement, bytes per second.
 const ASSUMED_BANDWIDTH: f64 = 100e6;
 /// Sends smaller than this are too short to measure bandwidth by.
@@ -238,7 +241,11 @@ impl Job {
                 s.elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3;
             });
             tracing::debug!(round, pending, estimate_ms, "pre-copy round");
-            if estimate_ms <= self.params.downtime_target.as_secs_f64() * 1e3
+            // The hand-over also sends the device state and waits for the destination to apply it;
+            // keep room for that inside the target.
+            let target_ms = self.params.downtime_target.as_secs_f64() * 1e3;
+            let page_budget_ms = (target_ms - HANDOVER_OVERHEAD_MS).max(target_ms / 2.0);
+            if estimate_ms <= page_budget_ms
                 || round > self.params.max_rounds
                 || self.started.elapsed() > self.params.precopy_timeout
             {
