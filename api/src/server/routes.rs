@@ -241,10 +241,12 @@ async fn vm_migrate(
     }
     let slot = st.migration.clone();
     let control = st.handle.clone();
-    let job = move |machine: &mut vmm::Machine| {
-        let handle = start_migration(machine, params, control);
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
-        VmReply::Done(machine.info())
+    let job = move |machine: &mut vmm::Machine| match start_migration(machine, params, control) {
+        Ok(handle) => {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+            VmReply::Done(machine.info())
+        }
+        Err(e) => VmReply::Error(format!("cannot start the migration thread: {e}")),
     };
     let handle = st.handle.clone();
     let started = tokio::task::spawn_blocking(move || {

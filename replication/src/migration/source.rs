@@ -83,10 +83,12 @@ fn update(status: &Status, f: impl FnOnce(&mut MigrationStatus)) {
 /// Starts migrating `machine` to `params.to`. Call on the VM's event-loop thread (from a control
 /// command); `control` is used later to run the hand-over there.
 pub fn start_migration(
-    machine: &Machine,
+    machine: &mut Machine,
     params: MigrationParams,
     control: ControlHandle,
-) -> MigrationHandle {
+) -> std::io::Result<MigrationHandle> {
+    // Migration takes over the dirty logs; a later snapshot of this VM (if it stays) must be full.
+    machine.invalidate_diff_base();
     let status = Arc::new(Mutex::new(MigrationStatus::new(&params.to)));
     let cancel = Arc::new(AtomicBool::new(false));
     let job = Job {
@@ -102,13 +104,12 @@ pub fn start_migration(
     };
     let thread = std::thread::Builder::new()
         .name("migration".into())
-        .spawn(move || job.run())
-        .expect("spawning the migration thread");
-    MigrationHandle {
+        .spawn(move || job.run())?;
+    Ok(MigrationHandle {
         status,
         cancel,
         _thread: thread,
-    }
+    })
 }
 
 struct Job {
