@@ -183,6 +183,10 @@ async fn vm_snapshot(
         Ok(Json(req)) if req.dir.as_os_str().is_empty() => {
             error(StatusCode::BAD_REQUEST, "\"dir\" must not be empty")
         }
+        Ok(Json(_)) if migration_status(&st).is_some_and(|m| !m.finished()) => error(
+            StatusCode::CONFLICT,
+            "a migration is in progress; take the snapshot after it ends",
+        ),
         Ok(Json(req)) => {
             call(
                 st.handle,
