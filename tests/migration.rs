@@ -395,3 +395,82 @@ fn a_migration_can_be_cancelled_and_the_guest_stays() {
     let info = vm_cli(&sock_a, &["info"]);
     assert!(info.stdout.contains("\"running\""), "{info:?}");
 }
+
+/// Forwards one connection from `listener` to `target` (both made inside host B's namespace), flipping
+/// one bit of the source's stream once `corrupt_after` bytes have passed.
+fn corrupting_proxy(
+    hosts: &TwoHosts,
+    listen: String,
+    target: String,
+    corrupt_after: usize,
+) -> std::thread::JoinHandle<()> {
+    let listener = hosts.b.run(move || TcpListener::bind(&listen).unwrap());
+    let path = format!("/var/run/netns/{}", hosts.b.name());
+    std::thread::spawn(move || {
+        let (mut from_src, _) = listener.accept().unwrap();
+        let ns = std::fs::File::open(&path).unwrap();
+        // SAFETY: joins this new thread (only) to host B's namespace to reach the destination.
+        assert_eq!(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) },
+            0
+        );
+        let mut to_dst = TcpStream::connect(&target).unwrap();
+        let (mut back_src, mut back_dst) =
+            (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_dst, &mut back_src);
+        });
+        let mut passed = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match std::io::Read::read(&mut from_src, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if passed <= corrupt_after && passed + n > corrupt_after {
+                buf[corrupt_after - passed] ^= 0x10;
+            }
+            passed += n;
+            if to_dst.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to_dst.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+    })
+}
+
+#[test]
+fn a_corrupted_stream_is_refused_and_the_source_keeps_serving() {
+    let hosts = TwoHosts::new().expect("two-host topology");
+    let dir = scratch_dir("corrupt-live");
+    let (src, sock_a) = source_vm(&hosts, &dir, 2000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = incrementer(&hosts, stop.clone());
+
+    let dst_listen = "127.0.0.1:7004".to_string();
+    let mut dst_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
+    dst_cmd.args(["receive", "--listen", &dst_listen, "--serial", "null"]);
+    let mut dst = RunningVm::spawn(dst_cmd);
+    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+    let proxy_listen = format!("{}:7003", hosts.b_ip());
+    let proxy = corrupting_proxy(&hosts, proxy_listen.clone(), dst_listen, 200_000);
+
+    let out = vm_cli(&sock_a, &["migrate", "--to", &proxy_listen]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert_eq!(dst.wait_exit(DEADLINE), Some(1), "{}", dst.stderr());
+    assert!(
+        dst.stderr().contains("checksum mismatch"),
+        "{}",
+        dst.stderr()
+    );
+    proxy.join().unwrap();
+
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let last = client.join().unwrap().expect("client unaffected");
+    assert!(last > 0);
+    let info = vm_cli(&sock_a, &["info"]);
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
+    assert!(src.output().contains("net up"));
+}
