@@ -76,6 +76,24 @@ fn receiver(hosts: &TwoHosts, listen: &str, sock: &Path) -> RunningVm {
     dst
 }
 
+/// `ftvmm receive` on an ephemeral loopback port of this namespace; returns it and its address.
+fn loopback_receiver(extra: &[&str]) -> (RunningVm, String) {
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.args(["receive", "--listen", "127.0.0.1:0"]).args(extra);
+    let mut dst = RunningVm::spawn(cmd);
+    dst.wait_for_stderr("waiting for a migration on ", DEADLINE);
+    let addr = dst
+        .stderr()
+        .lines()
+        .find_map(|l| {
+            l.split("waiting for a migration on ")
+                .nth(1)
+                .map(str::to_string)
+        })
+        .expect("bound address");
+    (dst, addr)
+}
+
 /// A client in the LAN namespace incrementing `counter` on one connection until `stop`; checks every
 /// reply is exactly one more than the last. Returns the last value.
 fn incrementer(
@@ -240,12 +258,7 @@ fn a_destination_dying_mid_migration_leaves_the_source_running() {
 #[test]
 fn a_destination_refuses_corrupted_or_truncated_streams() {
     for (name, corrupt) in [("bitflip", true), ("truncated", false)] {
-        let port = 17_300 + std::process::id() % 1000 + u32::from(corrupt);
-        let listen = format!("127.0.0.1:{port}");
-        let mut cmd = std::process::Command::new(ftvmm_bin());
-        cmd.args(["receive", "--listen", &listen, "--serial", "null"]);
-        let mut dst = RunningVm::spawn(cmd);
-        dst.wait_for_stderr("waiting for a migration", DEADLINE);
+        let (mut dst, listen) = loopback_receiver(&["--serial", "null"]);
         let mut s = TcpStream::connect(&listen).unwrap();
         let description = vmm::machine::MachineDescription {
             vcpus: 1,
@@ -317,18 +330,7 @@ fn migration_with_the_dirty_ring_completes() {
         .args(["--api-socket", sock_a.to_str().unwrap()]);
     let mut src = RunningVm::spawn(src_cmd);
     src.wait_for("testguest: spinning cpus=2", DEADLINE);
-    let port = 17_900 + std::process::id() % 1000;
-    let listen = format!("127.0.0.1:{port}");
-    let mut dst_cmd = std::process::Command::new(ftvmm_bin());
-    dst_cmd.args([
-        "receive",
-        "--listen",
-        &listen,
-        "--api-socket",
-        sock_b.to_str().unwrap(),
-    ]);
-    let mut dst = RunningVm::spawn(dst_cmd);
-    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+    let (mut dst, listen) = loopback_receiver(&["--api-socket", sock_b.to_str().unwrap()]);
     let out = vm_cli(&sock_a, &["migrate", "--to", &listen]);
     assert_eq!(out.code(), Some(0), "{out:?}\n{}", src.stderr());
     assert_eq!(src.wait_exit(DEADLINE), Some(0));
@@ -359,12 +361,7 @@ fn a_migration_can_be_cancelled_and_the_guest_stays() {
         ]);
     let mut src = RunningVm::spawn(src_cmd);
     src.wait_for("testguest: spinning", DEADLINE);
-    let port = 18_900 + std::process::id() % 1000;
-    let listen = format!("127.0.0.1:{port}");
-    let mut dst_cmd = std::process::Command::new(ftvmm_bin());
-    dst_cmd.args(["receive", "--listen", &listen, "--serial", "null"]);
-    let mut dst = RunningVm::spawn(dst_cmd);
-    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+    let (mut dst, listen) = loopback_receiver(&["--serial", "null"]);
 
     // A 1 ms target keeps a fast-dirtying guest in pre-copy.
     let socket = sock_a.clone();
