@@ -179,11 +179,26 @@ fn small_kernel_boots_with_two_vcpus_and_its_devices() {
 
 #[test]
 fn small_kernel_survives_snapshot_and_restore_mid_boot() {
+    check_snapshot_restore("small");
+}
+
+#[test]
+fn debian_cloud_kernel_survives_snapshot_and_restore_mid_boot() {
+    if std::env::var_os("FTVMM_SLOW_TESTS").is_none() {
+        eprintln!("skipped: set FTVMM_SLOW_TESTS=1 to snapshot the Debian cloud kernel (slow on hosts that emulate ring 0)");
+        return;
+    }
+    check_snapshot_restore("debian");
+}
+
+/// Boots `kind`, snapshots it once both CPUs are up, kills it, restores the snapshot in a new
+/// process and checks that the kernel carries on to /init.
+fn check_snapshot_restore(kind: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let image = image("small");
+    let image = image(kind);
     let ns = NetNs::with_tap().expect("netns");
-    let disk = scratch_disk("snap");
-    let dir = std::env::temp_dir().join(format!("ftvmm-linux-snap-{}", std::process::id()));
+    let disk = scratch_disk(&format!("{kind}-snap"));
+    let dir = std::env::temp_dir().join(format!("ftvmm-linux-snap-{kind}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("vm.sock");
