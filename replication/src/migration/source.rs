@@ -304,21 +304,36 @@ fn stop_and_copy(
         .map_err(|e| SourceError::Vm(e.to_string()))?;
     let vm = machine.vm().clone();
     let memory = machine.memory().clone();
+    let paused = t0.elapsed();
     let result = (|| -> Result<(), SourceError> {
         tracker
             .collect(&vm, &memory)
             .map_err(|e| SourceError::Dirty(e.to_string()))?;
         let set = tracker.take();
         update(status, |s| s.dirty_pages = set.count());
+        let collected = t0.elapsed();
         send_set(&mut stream, &memory, &set, u32::MAX, false, status)?;
+        let pages_sent = t0.elapsed();
         let state = machine
             .capture_state()
             .map_err(|e| SourceError::Vm(e.to_string()))?;
         let snapshot = vmm::snapshot::encode(&state).map_err(|e| SourceError::Vm(e.to_string()))?;
+        let captured = t0.elapsed();
         write_frame(&mut stream, &Message::State { snapshot })?;
         expect(&mut stream, |m| matches!(m, Message::Applied), "Applied")?;
+        let applied = t0.elapsed();
         write_frame(&mut stream, &Message::Go)?;
         stream.flush().map_err(FrameError::from)?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::info!(
+            pages = set.count(),
+            paused_ms = ms(paused),
+            collected_ms = ms(collected),
+            pages_sent_ms = ms(pages_sent),
+            state_captured_ms = ms(captured),
+            applied_ms = ms(applied),
+            "hand-over timeline"
+        );
         Ok(())
     })();
     let _ = tracker.stop(&vm, &memory);

@@ -3,7 +3,8 @@
 //! On native KVM these exits never happen and this code never runs. On hosts whose KVM emulates guest
 //! kernel mode (see DESIGN.md), `KVM_EXIT_INTERNAL_ERROR` / emulation failure is reported for a handful
 //! of instructions that a stock Linux kernel executes; ftvmm decodes the instruction (iced-x86) and
-//! completes it when it knows how: `int3` (advance RIP, inject #BP), `clac`/`stac`, `popcnt`, `fwait`.
+//! completes it when it knows how: `int3` (advance RIP, inject #BP), `clac`/`stac`, `popcnt`, `fwait`,
+//! `ldmxcsr`/`stmxcsr`.
 //! Anything else ends the VM with the crash report. A counter per instruction says how often this fired.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use iced_x86::{
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
-use crate::arch::paging::read_linear;
+use crate::arch::paging::{read_linear, write_linear};
 use crate::memory::GuestMemory;
 
 const RFLAGS_CF: u64 = 1 << 0;
@@ -34,15 +35,24 @@ pub enum Completed {
     Stac,
     Popcnt,
     Fwait,
+    Ldmxcsr,
+    Stmxcsr,
 }
 
-const KINDS: [Completed; 5] = [
+const KINDS: [Completed; 7] = [
     Completed::Int3,
     Completed::Clac,
     Completed::Stac,
     Completed::Popcnt,
     Completed::Fwait,
+    Completed::Ldmxcsr,
+    Completed::Stmxcsr,
 ];
+
+/// Index of MXCSR in the XSAVE area's 32-bit words (byte offset 24 of the legacy region).
+const XSAVE_MXCSR_WORD: usize = 6;
+/// MXCSR bits that may be set (the rest are reserved; setting them raises #GP on hardware).
+const MXCSR_MASK: u32 = 0xffff;
 
 /// How often each instruction was completed, VM-wide.
 #[derive(Debug, Default)]
@@ -189,6 +199,18 @@ fn segment_base(sregs: &kvm_sregs, reg: Register) -> Option<u64> {
     })
 }
 
+/// The linear address of memory operand `op` of `instr`.
+fn operand_address(
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    instr: &Instruction,
+    op: u32,
+) -> Option<u64> {
+    instr.virtual_address(op, 0, |reg, _, _| {
+        segment_base(sregs, reg).or_else(|| read_gpr(regs, reg))
+    })
+}
+
 /// Reads the value of operand `op` (register or memory) of `instr`.
 fn read_operand(
     mem: &GuestMemory,
@@ -200,9 +222,7 @@ fn read_operand(
     match instr.op_kind(op) {
         OpKind::Register => read_gpr(regs, instr.op_register(op)),
         OpKind::Memory => {
-            let linear = instr.virtual_address(op, 0, |reg, _, _| {
-                segment_base(sregs, reg).or_else(|| read_gpr(regs, reg))
-            })?;
+            let linear = operand_address(regs, sregs, instr, op)?;
             let size = instr.memory_size().size();
             let mut buf = [0u8; 8];
             if size == 0 || size > 8 {
@@ -253,6 +273,33 @@ pub fn try_complete(
             Completed::Stac
         }
         Mnemonic::Wait => Completed::Fwait,
+        Mnemonic::Ldmxcsr => {
+            let Some(value) = read_operand(mem, &regs, &sregs, &instr, 0) else {
+                return Ok(None);
+            };
+            let value = value as u32;
+            if value & !MXCSR_MASK != 0 {
+                // Hardware raises #GP here; leave that to the guest's real fault path.
+                return Ok(None);
+            }
+            let mut xsave = fd.get_xsave().map_err(kvm("XSAVE state"))?;
+            xsave.region[XSAVE_MXCSR_WORD] = value;
+            // SAFETY: the legacy 4 KiB XSAVE buffer just read from this vCPU, with one field changed;
+            // ftvmm enables no dynamically sized XSAVE features.
+            unsafe { fd.set_xsave(&xsave) }.map_err(kvm("XSAVE state"))?;
+            Completed::Ldmxcsr
+        }
+        Mnemonic::Stmxcsr => {
+            let xsave = fd.get_xsave().map_err(kvm("XSAVE state"))?;
+            let mxcsr = xsave.region[XSAVE_MXCSR_WORD];
+            let Some(linear) = operand_address(&regs, &sregs, &instr, 0) else {
+                return Ok(None);
+            };
+            if write_linear(mem, &sregs, linear, &mxcsr.to_le_bytes()) != 4 {
+                return Ok(None);
+            }
+            Completed::Stmxcsr
+        }
         Mnemonic::Popcnt => {
             let Some(src) = read_operand(mem, &regs, &sregs, &instr, 1) else {
                 return Ok(None);
@@ -306,6 +353,14 @@ mod tests {
         assert_eq!(decode(&[0x0f, 0x01, 0xca]).mnemonic(), Mnemonic::Clac);
         assert_eq!(decode(&[0x0f, 0x01, 0xcb]).mnemonic(), Mnemonic::Stac);
         assert_eq!(decode(&[0x9b]).mnemonic(), Mnemonic::Wait);
+        assert_eq!(
+            decode(&[0x0f, 0xae, 0x54, 0x24, 0x04]).mnemonic(),
+            Mnemonic::Ldmxcsr
+        );
+        assert_eq!(
+            decode(&[0x0f, 0xae, 0x5c, 0x24, 0x04]).mnemonic(),
+            Mnemonic::Stmxcsr
+        );
         let p = decode(&[0xf3, 0x48, 0x0f, 0xb8, 0xc3]); // popcnt %rbx,%rax
         assert_eq!(p.mnemonic(), Mnemonic::Popcnt);
         assert_eq!(p.op_register(0), Register::RAX);

@@ -83,6 +83,27 @@ pub fn read_linear(mem: &GuestMemory, sregs: &kvm_sregs, linear: u64, buf: &mut 
     done
 }
 
+/// Writes `data` at a linear address, page by page; returns how many bytes were written.
+pub fn write_linear(mem: &GuestMemory, sregs: &kvm_sregs, linear: u64, data: &[u8]) -> usize {
+    let mut done = 0;
+    while done < data.len() {
+        let addr = linear.wrapping_add(done as u64);
+        let Some(phys) = translate(mem, sregs, addr) else {
+            break;
+        };
+        let in_page = (4096 - (addr & 0xfff)) as usize;
+        let n = in_page.min(data.len() - done);
+        if mem
+            .write_slice(&data[done..done + n], GuestAddress(phys))
+            .is_err()
+        {
+            break;
+        }
+        done += n;
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

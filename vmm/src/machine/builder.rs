@@ -207,11 +207,18 @@ impl Machine {
     /// Once vCPUs hold their CPUID, decides which MSRs snapshots capture.
     pub(super) fn finish_vcpu_setup(&mut self) -> Result<(), MachineError> {
         let first = self.unstarted.first().ok_or(MachineError::VcpuCount(0))?;
-        let msr_indices = Arc::new(saveable_msrs(self.vm.kvm(), first.fd(), 0)?);
+        let msr_indices = saveable_msrs(self.vm.kvm(), first.fd(), 0)?;
+        self.set_msr_indices(msr_indices);
+        Ok(())
+    }
+
+    /// Decides which MSRs snapshots capture from a list already known to be readable (a restored
+    /// vCPU's), sparing the probe on restore and migration hand-over.
+    pub(super) fn set_msr_indices(&mut self, indices: Vec<u32>) {
+        let msr_indices = Arc::new(indices);
         for vcpu in &mut self.unstarted {
             vcpu.set_msr_indices(msr_indices.clone());
         }
-        Ok(())
     }
 
     /// Guest memory, for restore.

@@ -426,7 +426,8 @@ impl Machine {
         for (vcpu, state) in self.unstarted.iter().zip(&snap.vcpus) {
             vcpu.restore_state(state).map_err(SnapshotError::from)?;
         }
-        self.finish_vcpu_setup()?;
+        // The snapshot's vCPUs list exactly the MSRs that were readable; no need to probe again.
+        self.set_msr_indices(snap.vcpus[0].msrs.iter().map(|m| m.index).collect());
         self.serial
             .lock()
             .unwrap_or_else(|e| e.into_inner())

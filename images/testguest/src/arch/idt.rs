@@ -19,11 +19,14 @@ use core::sync::atomic::{AtomicU32, Ordering};
 /// Service call numbers.
 pub const SVC_NOP: u64 = 0;
 pub const SVC_TRIPLE_FAULT: u64 = 1;
-/// Runs, in ring 0, instructions some hosts' KVM cannot emulate (`popcnt`, `int3`, `fwait`, and
-/// `stac`/`clac` when the argument's bit 0 is set) and returns the popcnt of [`EMULATE_PROBE`].
+/// Runs, in ring 0, instructions some hosts' KVM cannot emulate (`popcnt`, `int3`, `fwait`,
+/// `ldmxcsr`/`stmxcsr` with [`EMULATE_MXCSR`], and `stac`/`clac` when the argument's bit 0 is set)
+/// and returns the popcnt of [`EMULATE_PROBE`].
 pub const SVC_EMULATE_PROBE: u64 = 2;
 /// The value service 2 counts the bits of.
 pub const EMULATE_PROBE: u64 = 0xF0F0_0F0F_1234_5678;
+/// The MXCSR service 2 loads (the reset value with flush-to-zero set).
+pub const EMULATE_MXCSR: u32 = 0x9f80;
 
 core::arch::global_asm!(
     r#"
@@ -127,6 +130,12 @@ tg_int80:
     .global tg_emul_int3_ret
 tg_emul_int3_ret:
     fwait
+    /* MXCSR round trip through memory: load the probe value, store it back. */
+    sub rsp, 8
+    mov dword ptr [rsp], {mxcsr}
+    ldmxcsr [rsp]
+    stmxcsr [rsp + 4]
+    add rsp, 8
     test rdx, 1
     jz 2f
     stac
@@ -234,6 +243,7 @@ tg_idt:
     svc_triple = const SVC_TRIPLE_FAULT,
     svc_emulate = const SVC_EMULATE_PROBE,
     probe = const EMULATE_PROBE,
+    mxcsr = const EMULATE_MXCSR,
 );
 
 unsafe extern "C" {
