@@ -119,7 +119,7 @@ fn boot_command(
         "--vcpus",
         "2",
         "--memory",
-        "512",
+        "256",
         "--cpu-template",
         "emulated-ring0",
     ])
