@@ -25,6 +25,9 @@ pub trait OutputGate: Send {
 
     /// Units currently held back.
     fn held(&self) -> usize;
+
+    /// Output submitted from now on belongs to `epoch` (the previous epochs' checkpoints were taken).
+    fn begin_epoch(&mut self, _epoch: u64) {}
 }
 
 /// A gate that holds nothing: output leaves as soon as the guest produces it.
@@ -61,6 +64,53 @@ impl OutputGate for PassThroughGate {
     }
 }
 
+/// The replication gate: output is tagged with the epoch it was produced in and held until that
+/// epoch's checkpoint is committed on the standby ([`OutputGate::release_through`]).
+#[derive(Debug, Default)]
+pub struct EpochGate {
+    epoch: u64,
+    held: std::collections::VecDeque<(u64, Vec<u8>)>,
+}
+
+impl EpochGate {
+    /// A gate whose output belongs to `epoch` until told otherwise.
+    pub fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            held: Default::default(),
+        }
+    }
+}
+
+impl OutputGate for EpochGate {
+    fn submit(&mut self, data: &[u8], _sink: &mut dyn OutputSink) -> io::Result<()> {
+        self.held.push_back((self.epoch, data.to_vec()));
+        Ok(())
+    }
+
+    fn release_through(&mut self, epoch: u64, sink: &mut dyn OutputSink) -> io::Result<usize> {
+        let mut released = 0;
+        while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
+            if let Some((_, data)) = self.held.pop_front() {
+                // A frame the network cannot take now is dropped, as a congested link would.
+                if let Err(e) = sink.send(&data) {
+                    tracing::debug!("gated output dropped on release: {e}");
+                }
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    fn begin_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +122,22 @@ mod tests {
             self.0.push(data.to_vec());
             Ok(())
         }
+    }
+
+    #[test]
+    fn epoch_gate_holds_output_until_its_epoch_commits() {
+        let mut gate = EpochGate::new(1);
+        let mut sink = Collect::default();
+        gate.submit(b"e1-a", &mut sink).unwrap();
+        gate.begin_epoch(2);
+        gate.submit(b"e2-a", &mut sink).unwrap();
+        assert!(sink.0.is_empty());
+        assert_eq!(gate.held(), 2);
+        assert_eq!(gate.release_through(0, &mut sink).unwrap(), 0);
+        assert_eq!(gate.release_through(1, &mut sink).unwrap(), 1);
+        assert_eq!(sink.0, vec![b"e1-a".to_vec()]);
+        assert_eq!(gate.release_through(5, &mut sink).unwrap(), 1);
+        assert_eq!(gate.held(), 0);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Moving a running guest between hosts: the checkpoint wire protocol (`wire`) and live migration
-//! (`migration`). Replication (the epoch loop, failover) is built on the same transport.
+//! (`migration`), and protection by a hot standby (`protection`: the epoch loop, the standby and
+//! failover), on the same transport.
 
 pub mod migration;
+pub mod protection;
 pub mod wire;

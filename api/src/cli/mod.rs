@@ -4,6 +4,7 @@ mod backends;
 mod receive;
 mod restore;
 mod run;
+mod standby;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,7 @@ enum Command {
     Run(run::RunArgs),
     Restore(restore::RestoreArgs),
     Receive(receive::ReceiveArgs),
+    Standby(standby::StandbyArgs),
     Vm(vm::VmArgs),
 }
 
@@ -39,6 +41,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::restore(args),
         Command::Receive(args) => receive::receive(args),
+        Command::Standby(args) => standby::standby(args),
         Command::Vm(args) => vm::vm(args),
     }
 }

@@ -27,7 +27,7 @@ pub fn receive(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
             eprintln!("ftvmm: waiting for a migration on {addr}");
         })?;
     eprintln!("ftvmm: guest received from {peer}; running it here");
-    super::run::run_machine_after(machine, args.backends.api_socket.as_deref(), |m| {
+    super::run::run_machine_after(machine, args.backends.api_socket.as_deref(), None, |m| {
         m.announce_network()
     })
 }

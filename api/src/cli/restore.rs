@@ -22,5 +22,5 @@ pub struct RestoreArgs {
 
 pub fn restore(args: RestoreArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let machine = Machine::restore(&args.dir, &args.backends.restore_options())?;
-    super::run::run_machine(machine, args.backends.api_socket.as_deref())
+    super::run::run_machine(machine, args.backends.api_socket.as_deref(), None)
 }

@@ -91,6 +91,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "ENTRIES")]
     dirty_ring: Option<u32>,
 
+    /// Protect the guest with a hot standby (`ftvmm standby --listen HOST:PORT` on another host):
+    /// checkpoint it every --epoch-ms and hold its network output until the standby has each
+    /// checkpoint. If the standby is lost the guest runs on unprotected. Guests with disks cannot be
+    /// protected yet.
+    #[arg(long, value_name = "HOST:PORT")]
+    standby: Option<String>,
+
+    /// Time between checkpoints when protected, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(5..=10_000))]
+    epoch_ms: u64,
+
     /// Serve the VM's control API (JSON over HTTP) on this Unix socket; see `ftvmm vm --help`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -115,8 +127,28 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         nets: args.nets,
         dirty_ring: args.dirty_ring,
     };
-    let machine = Machine::build(&config)?;
-    run_machine(machine, args.api_socket.as_deref())
+    let mut machine = Machine::build(&config)?;
+    let protection = match args.standby {
+        Some(standby) => Some(replication::protection::ProtectionParams {
+            standby,
+            epoch: std::time::Duration::from_millis(args.epoch_ms),
+        }),
+        None => None,
+    };
+    let _server = match args.api_socket.as_deref() {
+        Some(path) => Some(crate::server::spawn(path, machine.control_handle()?)?),
+        None => None,
+    };
+    if let Some(params) = protection {
+        let control = machine.control_handle()?;
+        // Checkpoints start once the vCPUs run; the loop waits for the event loop to serve it.
+        let handle = replication::protection::start_protection(&mut machine, params, control)?;
+        machine.start()?;
+        let exit = machine.wait()?;
+        handle.stop();
+        return Ok(report_exit(&exit, None));
+    }
+    run_machine(machine, None, _server)
 }
 
 /// Starts `machine`, serves its API when asked, and waits for the guest to stop; returns the
@@ -124,33 +156,41 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
 pub(super) fn run_machine(
     machine: Machine,
     api_socket: Option<&std::path::Path>,
+    server: Option<crate::server::ApiServer>,
 ) -> Result<u8, Box<dyn std::error::Error>> {
-    run_machine_after(machine, api_socket, |_| {})
+    run_machine_after(machine, api_socket, server, |_| {})
 }
 
 /// As [`run_machine`], calling `started` once the vCPUs run.
 pub(super) fn run_machine_after(
     mut machine: Machine,
     api_socket: Option<&std::path::Path>,
+    server: Option<crate::server::ApiServer>,
     started: impl FnOnce(&Machine),
 ) -> Result<u8, Box<dyn std::error::Error>> {
-    let _server = match api_socket {
-        Some(path) => Some(crate::server::spawn(path, machine.control_handle()?)?),
-        None => None,
+    let _server = match (server, api_socket) {
+        (Some(s), _) => Some(s),
+        (None, Some(path)) => Some(crate::server::spawn(path, machine.control_handle()?)?),
+        (None, None) => None,
     };
     machine.start()?;
     started(&machine);
     let exit = machine.wait()?;
-    match &exit {
+    Ok(report_exit(&exit, _server.as_ref()))
+}
+
+/// Tells the user how the VM ended and returns the exit status.
+fn report_exit(exit: &VmExit, server: Option<&crate::server::ApiServer>) -> u8 {
+    match exit {
         VmExit::PowerOff => tracing::info!("guest powered off"),
         VmExit::Reset => eprintln!("ftvmm: the guest reset itself"),
         VmExit::Crash(report) => eprintln!("ftvmm: {report}"),
         VmExit::MigratedAway { to } => {
             eprintln!("ftvmm: the VM migrated to {to}; this copy has stopped");
-            if let Some(server) = &_server {
+            if let Some(server) = server {
                 server.linger_until_migration_reported(std::time::Duration::from_secs(10));
             }
         }
     }
-    Ok(exit.exit_code() as u8)
+    exit.exit_code() as u8
 }

@@ -150,6 +150,9 @@ fn unexpected(peer: SocketAddr, wanted: &str, got: &Message) -> ReceiveError {
         Message::Go => "Go",
         Message::Cancel => "Cancel",
         Message::Error { .. } => "Error",
+        Message::EpochPages { .. } => "EpochPages",
+        Message::EpochEnd { .. } => "EpochEnd",
+        Message::Committed { .. } => "Committed",
     };
     ReceiveError::Protocol {
         peer,

@@ -31,4 +31,15 @@ pub enum Message {
     Cancel,
     /// Either way: the sender gives up, with why.
     Error { message: String },
+    /// Primary → standby: pages of checkpoint `epoch` (one or more messages).
+    EpochPages { epoch: u64, runs: Vec<PageRun> },
+    /// Primary → standby: checkpoint `epoch` is complete: `pages` pages were sent for it, and this
+    /// is the vCPU, VM and device state (an encoded `VmSnapshot`) at its end.
+    EpochEnd {
+        epoch: u64,
+        pages: u64,
+        state: Vec<u8>,
+    },
+    /// Standby → primary: checkpoint `epoch` is applied; its output may be released.
+    Committed { epoch: u64 },
 }

@@ -197,6 +197,7 @@ impl Machine {
             vcpu_count: hw.vcpus,
             emulation,
             inbox: None,
+            control_handle: None,
             migrated_to: None,
             diff_base: None,
             dirty_rings,

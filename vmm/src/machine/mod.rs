@@ -199,6 +199,7 @@ pub struct Machine {
     vcpu_count: u8,
     emulation: Arc<EmulationCounters>,
     inbox: Option<ControlInbox>,
+    control_handle: Option<ControlHandle>,
     /// Set when the guest was handed to another host; the event loop then ends.
     migrated_to: Option<String>,
     /// Tracking since the last snapshot, for diff snapshots.
@@ -275,6 +276,9 @@ impl Machine {
     /// A handle through which other threads (the API server) control this VM while
     /// [`Machine::wait`] runs its event loop.
     pub fn control_handle(&mut self) -> Result<ControlHandle, MachineError> {
+        if let Some(handle) = &self.control_handle {
+            return Ok(handle.clone());
+        }
         let (handle, inbox, waker) = control_channel().map_err(|source| MachineError::Io {
             what: "the control channel",
             source,
@@ -282,6 +286,7 @@ impl Machine {
         self.event_manager
             .add_subscriber(Arc::new(Mutex::new(waker)));
         self.inbox = Some(inbox);
+        self.control_handle = Some(handle.clone());
         Ok(handle)
     }
 
@@ -396,6 +401,41 @@ impl Machine {
             Some(rings) => crate::dirty::DirtyTracker::with_ring(rings.clone()),
             None => crate::dirty::DirtyTracker::new(),
         }
+    }
+
+    /// Puts every NIC's transmit path behind an epoch gate starting at `epoch` (replication), or
+    /// back to pass-through (`None`: unprotected; anything held is released).
+    pub fn set_output_gating(&self, epoch: Option<u64>) {
+        for nic in &self.nics {
+            let gate: Box<dyn devices::output_gate::OutputGate> = match epoch {
+                Some(e) => Box::new(devices::output_gate::EpochGate::new(e)),
+                None => Box::new(devices::output_gate::PassThroughGate::new()),
+            };
+            nic.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_output_gate(gate);
+        }
+    }
+
+    /// Output produced from now on belongs to `epoch`.
+    pub fn begin_output_epoch(&self, epoch: u64) {
+        for nic in &self.nics {
+            nic.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .begin_output_epoch(epoch);
+        }
+    }
+
+    /// Releases output held for epochs up to `epoch`; returns the frames released.
+    pub fn release_output(&self, epoch: u64) -> usize {
+        self.nics
+            .iter()
+            .map(|nic| {
+                nic.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .release_output(epoch)
+            })
+            .sum()
     }
 
     /// Announces every NIC's MAC on its TAP (after the guest arrived from another host).

@@ -176,9 +176,29 @@ impl VirtioNet {
         })
     }
 
-    /// Replaces the transmit gate (replication installs an epoch-holding gate).
+    /// Replaces the transmit gate (replication installs an epoch-holding gate). Whatever the old
+    /// gate still held is released first.
     pub fn set_output_gate(&mut self, gate: Box<dyn OutputGate>) {
+        if let Err(e) = self.gate.release_through(u64::MAX, &mut self.tap) {
+            tracing::warn!("virtio-net {}: releasing held output: {e}", self.tap.name());
+        }
         self.gate = gate;
+    }
+
+    /// Transmitted frames from now on belong to `epoch`.
+    pub fn begin_output_epoch(&mut self, epoch: u64) {
+        self.gate.begin_epoch(epoch);
+    }
+
+    /// Sends the frames held for epochs up to `epoch` (their checkpoint is committed).
+    pub fn release_output(&mut self, epoch: u64) -> usize {
+        match self.gate.release_through(epoch, &mut self.tap) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("virtio-net {}: releasing output: {e}", self.tap.name());
+                0
+            }
+        }
     }
 
     /// Broadcasts the guest's MAC (RARP, three times) so the network learns where it is now.

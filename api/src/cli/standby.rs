@@ -1,0 +1,50 @@
+//! `ftvmm standby`: be the hot standby of a protected guest, and run it when its primary dies.
+
+use std::time::Duration;
+
+use clap::Args;
+use replication::protection::run_standby;
+
+use super::backends::BackendArgs;
+
+/// Wait for a primary (`ftvmm run ... --standby HOST:PORT`), keep its latest committed checkpoint,
+/// and when the primary is lost, resume the guest here from that checkpoint.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "The standby applies a checkpoint only once all of it has arrived and verified; a torn \
+one is discarded whole. Output the guest produced after the last committed checkpoint was never released \
+by the primary, so no client saw anything this copy does not also hold.\n\n\
+Example:\n  ftvmm standby --listen 0.0.0.0:7100 --net tap=tap0 --api-socket /run/vm.sock"
+)]
+pub struct StandbyArgs {
+    /// Address to listen on for the primary, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+
+    /// Declare the primary dead after this long without a checkpoint, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    failure_timeout_ms: u64,
+
+    #[command(flatten)]
+    backends: BackendArgs,
+}
+
+pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let takeover = run_standby(
+        &args.listen,
+        &args.backends.restore_options(),
+        Duration::from_millis(args.failure_timeout_ms),
+        |addr| eprintln!("ftvmm: standing by on {addr}"),
+    )?;
+    eprintln!(
+        "ftvmm: primary lost ({}); taking over from checkpoint {}",
+        takeover.reason, takeover.epoch
+    );
+    super::run::run_machine_after(
+        takeover.machine,
+        args.backends.api_socket.as_deref(),
+        None,
+        |m| m.announce_network(),
+    )
+}

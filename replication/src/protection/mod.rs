@@ -1,0 +1,47 @@
+//! Protecting a running guest with a hot standby (Remus-style): the primary checkpoints the guest
+//! every epoch and streams each checkpoint to the standby (`epoch_loop.rs`); output produced in epoch
+//! N is held by the NICs' output gates until the standby has committed checkpoint N; when the
+//! primary dies, the standby resumes the guest from its last committed checkpoint (`standby.rs`).
+//!
+//! Correctness rules kept here (DESIGN.md): an epoch's dirty set is never lost (it is folded back if
+//! it cannot be sent); the standby applies an epoch only when all of it has arrived and verified, and
+//! discards a torn one whole; output of epoch N leaves only after the standby acknowledged N; a lost
+//! standby leaves the primary running unprotected, its held output released, reported as degraded.
+//! Not yet: replicating disk writes (a protected guest may not have disks), fencing with a witness,
+//! and re-protecting to a new standby.
+
+pub mod epoch_loop;
+pub mod standby;
+
+use serde::{Deserialize, Serialize};
+
+pub use epoch_loop::{start_protection, ProtectionHandle, ProtectionParams};
+pub use standby::{run_standby, StandbyError, Takeover};
+
+/// Where protection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtectionState {
+    Connecting,
+    /// The first, full checkpoint is being sent.
+    Syncing,
+    Protected,
+    /// The standby was lost: the guest runs unprotected, its output no longer held.
+    Degraded,
+}
+
+/// Progress of protection, as the API reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProtectionStatus {
+    pub state: ProtectionState,
+    pub standby: String,
+    /// Last committed epoch.
+    pub committed_epoch: u64,
+    /// How long the vCPUs were paused for the last checkpoint.
+    pub last_pause_ms: f64,
+    /// Pages in the last checkpoint.
+    pub last_pages: u64,
+    /// From the end of the pause to the standby's acknowledgement, last epoch.
+    pub last_commit_ms: f64,
+    pub error: Option<String>,
+}

@@ -1,0 +1,122 @@
+//! A protected guest survives the death of its primary: the standby on another "host" resumes it from
+//! the last committed checkpoint, and a client that kept one TCP connection open and kept incrementing
+//! a counter loses no acknowledged increment.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::netns::TwoHosts;
+use integration_tests::{ftvmm_bin, testguest, RunningVm};
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+#[test]
+fn a_protected_guest_survives_the_loss_of_its_primary() {
+    let hosts = TwoHosts::new().expect("two-host topology");
+    let listen = format!("{}:7100", hosts.b_ip());
+    let mut standby_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
+    standby_cmd.args([
+        "standby",
+        "--listen",
+        &listen,
+        "--failure-timeout-ms",
+        "1000",
+    ]);
+    let mut standby = RunningVm::spawn(standby_cmd);
+    standby.wait_for_stderr("standing by on", DEADLINE);
+
+    let mut primary_cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
+    primary_cmd
+        .env("FTVMM_LOG", "replication=info")
+        .args([
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "128",
+            "--net",
+            "tap=tap0",
+        ])
+        .args([
+            "--cmdline",
+            &format!("mode=net ip={}/24 dirty=500 dirty_mb=8", hosts.guest_ip()),
+        ])
+        .args(["--standby", &listen, "--epoch-ms", "50"]);
+    let mut primary = RunningVm::spawn(primary_cmd);
+    primary.wait_for("testguest: net up", DEADLINE);
+    primary.wait_for_stderr("guest protected by", DEADLINE);
+
+    // One connection, incrementing without pause; every reply must be exactly one more.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let addr = format!("{}:4000", hosts.guest_ip());
+    let path = format!("/var/run/netns/{}", hosts.lan.name());
+    let (st, ack) = (stop.clone(), acknowledged.clone());
+    let client = std::thread::spawn(move || -> Result<u64, String> {
+        let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        // SAFETY: joins this new thread (only) to the LAN namespace.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+            return Err("setns".into());
+        }
+        let s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(20))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(s);
+        let mut last = 0u64;
+        while !st.load(Ordering::SeqCst) {
+            r.get_mut()
+                .write_all(b"INCR counter\n")
+                .map_err(|e| format!("after {last}: {e}"))?;
+            let mut line = String::new();
+            r.read_line(&mut line)
+                .map_err(|e| format!("after {last}: {e}"))?;
+            let v: u64 = line
+                .trim()
+                .parse()
+                .map_err(|_| format!("after {last}: bad reply {line:?}"))?;
+            if v != last + 1 {
+                return Err(format!(
+                    "counter went from {last} to {v}: an acknowledged increment was lost"
+                ));
+            }
+            last = v;
+            ack.store(v, Ordering::SeqCst);
+        }
+        Ok(last)
+    });
+
+    // Let some increments through the output gate, then lose the primary's host.
+    let t0 = Instant::now();
+    while acknowledged.load(Ordering::SeqCst) < 10 {
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "no increments acknowledged\nprimary:\n{}",
+            primary.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    primary.kill();
+    let at_failure = acknowledged.load(Ordering::SeqCst);
+
+    standby.wait_for_stderr("taking over from checkpoint", DEADLINE);
+    // The client goes on against the standby, on the same connection.
+    let t1 = Instant::now();
+    while acknowledged.load(Ordering::SeqCst) < at_failure + 10 {
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "no progress after failover (at {at_failure})\nstandby:\n{}",
+            standby.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let last = client
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("client: {e}\nstandby:\n{}", standby.stderr()));
+    assert!(last >= at_failure + 10);
+}
