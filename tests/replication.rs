@@ -16,6 +16,9 @@ const DEADLINE: Duration = Duration::from_secs(180);
 #[test]
 fn a_protected_guest_survives_the_loss_of_its_primary() {
     let hosts = TwoHosts::new().expect("two-host topology");
+    let dir = std::env::temp_dir().join(format!("ftvmm-replication-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("primary.sock");
     let listen = format!("{}:7100", hosts.b_ip());
     let mut standby_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
     standby_cmd.args([
@@ -44,7 +47,8 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
             "--cmdline",
             &format!("mode=net ip={}/24 dirty=500 dirty_mb=8", hosts.guest_ip()),
         ])
-        .args(["--standby", &listen, "--epoch-ms", "50"]);
+        .args(["--standby", &listen, "--epoch-ms", "50"])
+        .args(["--api-socket", sock.to_str().unwrap()]);
     let mut primary = RunningVm::spawn(primary_cmd);
     primary.wait_for("testguest: net up", DEADLINE);
     primary.wait_for_stderr("guest protected by", DEADLINE);
@@ -99,6 +103,16 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The primary reports its protection: committed epochs, pause and commit figures.
+    let status = integration_tests::run_ftvmm(
+        &["vm", "--api-socket", sock.to_str().unwrap(), "protection"],
+        DEADLINE,
+    );
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(s["state"], "protected", "{s}");
+    assert!(s["committed_epoch"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["last_pause_ms"].as_f64().is_some(), "{s}");
     primary.kill();
     let at_failure = acknowledged.load(Ordering::SeqCst);
 
@@ -119,4 +133,5 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
         .unwrap()
         .unwrap_or_else(|e| panic!("client: {e}\nstandby:\n{}", standby.stderr()));
     assert!(last >= at_failure + 10);
+    let _ = std::fs::remove_dir_all(dir);
 }

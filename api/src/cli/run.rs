@@ -143,10 +143,19 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         let control = machine.control_handle()?;
         // Checkpoints start once the vCPUs run; the loop waits for the event loop to serve it.
         let handle = replication::protection::start_protection(&mut machine, params, control)?;
+        let stopper = handle.stop_flag();
+        let kept = match &_server {
+            Some(server) => {
+                server.set_protection(handle);
+                None
+            }
+            None => Some(handle),
+        };
         machine.start()?;
         let exit = machine.wait()?;
-        handle.stop();
-        return Ok(report_exit(&exit, None));
+        stopper.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(kept);
+        return Ok(report_exit(&exit, _server.as_ref()));
     }
     run_machine(machine, None, _server)
 }

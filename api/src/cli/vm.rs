@@ -57,6 +57,8 @@ enum VmAction {
     },
     /// Show the current (or last) migration's progress.
     Migration,
+    /// Show protection by a hot standby (state, committed epoch, pause and commit figures).
+    Protection,
     /// Cancel a migration before its hand-over; the guest keeps running here.
     CancelMigration,
 }
@@ -80,6 +82,7 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
             )
         }
         VmAction::Migration => ("GET", "/api/v1/vm/migration", None),
+        VmAction::Protection => ("GET", "/api/v1/vm/protection", None),
         VmAction::CancelMigration => ("PUT", "/api/v1/vm/migration/cancel", None),
         VmAction::Migrate { .. } => unreachable!("handled above"),
     };

@@ -33,10 +33,16 @@ pub enum ServerError {
 pub struct ApiServer {
     path: PathBuf,
     outcome_reported: Arc<AtomicBool>,
+    protection: Arc<std::sync::Mutex<Option<replication::protection::ProtectionHandle>>>,
     _thread: JoinHandle<()>,
 }
 
 impl ApiServer {
+    /// Lets the API report on (and keeps alive) the VM's epoch loop.
+    pub fn set_protection(&self, handle: replication::protection::ProtectionHandle) {
+        *self.protection.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+    }
+
     /// After the VM migrated away: keeps serving for up to `grace` so that whoever started the
     /// migration can read its outcome before this process exits.
     pub fn linger_until_migration_reported(&self, grace: Duration) {
@@ -80,6 +86,7 @@ pub fn spawn(path: &Path, handle: ControlHandle) -> Result<ApiServer, ServerErro
         .map_err(ServerError::Runtime)?;
     let state = routes::ApiState::new(handle);
     let outcome_reported = state.outcome_reported.clone();
+    let protection = state.protection.clone();
     let app = routes::router(state);
     let thread = std::thread::Builder::new()
         .name("api".into())
@@ -102,6 +109,7 @@ pub fn spawn(path: &Path, handle: ControlHandle) -> Result<ApiServer, ServerErro
     Ok(ApiServer {
         path: path.to_path_buf(),
         outcome_reported,
+        protection,
         _thread: thread,
     })
 }

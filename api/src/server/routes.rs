@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use utoipa::{OpenApi, ToSchema};
 
 use replication::migration::{start_migration, MigrationHandle, MigrationParams, MigrationStatus};
+use replication::protection::ProtectionHandle;
 use vmm::control::{ControlError, VmCommand, VmReply};
 use vmm::ControlHandle;
 
@@ -24,6 +25,7 @@ impl ApiState {
             handle,
             migration: Arc::new(Mutex::new(None)),
             outcome_reported: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            protection: Arc::new(Mutex::new(None)),
         }
     }
 }
@@ -35,6 +37,8 @@ pub struct ApiState {
     migration: Arc<Mutex<Option<MigrationHandle>>>,
     /// Set once a client has been told that a migration finished.
     pub(super) outcome_reported: Arc<std::sync::atomic::AtomicBool>,
+    /// The epoch loop, when the VM is protected by a standby.
+    pub(super) protection: Arc<Mutex<Option<ProtectionHandle>>>,
 }
 
 /// How long a command may take (snapshots of large guests take a while).
@@ -301,6 +305,26 @@ async fn vm_migration_cancel(State(st): State<ApiState>) -> Response {
     }
 }
 
+/// Protection by a hot standby: state, last committed epoch, the last checkpoint's pause, pages and
+/// commit latency.
+#[utoipa::path(get, path = "/api/v1/vm/protection", responses(
+    (status = 200, description = "the protection status"), (status = 404, body = ErrorBody)))]
+async fn vm_protection(State(st): State<ApiState>) -> Response {
+    let status = st
+        .protection
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(ProtectionHandle::status);
+    match status {
+        Some(s) => Json(s).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "the VM is not protected (start it with --standby)",
+        ),
+    }
+}
+
 async fn openapi() -> Response {
     Json(ApiDoc::openapi()).into_response()
 }
@@ -317,6 +341,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/vm", get(vm_info))
         .route("/api/v1/vm/vcpus", get(vm_vcpus))
+        .route("/api/v1/vm/protection", get(vm_protection))
         .route("/api/v1/vm/pause", put(vm_pause))
         .route("/api/v1/vm/resume", put(vm_resume))
         .route("/api/v1/vm/snapshot", put(vm_snapshot))

@@ -51,6 +51,11 @@ impl ProtectionHandle {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
     }
+
+    /// The flag [`ProtectionHandle::stop`] sets, for whoever must stop the loop without the handle.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
