@@ -1,0 +1,74 @@
+//! Protection benchmarks (run by `scripts/bench-replication`): the epoch pause (vCPUs stopped for a
+//! checkpoint) and the commit latency (end of pause to the standby's acknowledgement) of a 256 MiB,
+//! 2-vCPU test guest protected over loopback, idle and dirtying memory. Prints figures only.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::{ftvmm_bin, run_ftvmm, stats, testguest, RunningVm};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn ms(v: &serde_json::Value) -> Option<Duration> {
+    v.as_f64().map(|m| Duration::from_secs_f64(m / 1e3))
+}
+
+fn protect(cmdline: &str, epoch_ms: u32) {
+    let dir = std::env::temp_dir().join(format!("ftvmm-bench-repl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("p.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut standby_cmd = Command::new(ftvmm_bin());
+    standby_cmd.args(["standby", "--listen", &listen, "--serial", "null"]);
+    let mut standby = RunningVm::spawn(standby_cmd);
+    standby.wait_for_stderr("standing by", DEADLINE);
+    let mut primary_cmd = Command::new(ftvmm_bin());
+    primary_cmd
+        .args(["run", "--kernel", testguest().to_str().unwrap(), "--memory", "256", "--vcpus", "2"])
+        .args(["--cmdline", cmdline, "--standby", &listen, "--epoch-ms", &epoch_ms.to_string()])
+        .args(["--api-socket", sock.to_str().unwrap()]);
+    let mut primary = RunningVm::spawn(primary_cmd);
+    primary.wait_for("testguest: spinning", DEADLINE);
+    let (mut pauses, mut commits, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+    let mut last_epoch = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        let out = run_ftvmm(&["vm", "--api-socket", sock.to_str().unwrap(), "protection"], DEADLINE);
+        if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
+            let epoch = s["committed_epoch"].as_u64().unwrap_or(0);
+            if epoch > last_epoch && epoch > 2 {
+                pauses.extend(ms(&s["last_pause_ms"]));
+                commits.extend(ms(&s["last_commit_ms"]));
+                pages.push(s["last_pages"].as_u64().unwrap_or(0));
+            }
+            last_epoch = epoch;
+        }
+        std::thread::sleep(Duration::from_millis(97));
+    }
+    primary.kill();
+    standby.kill();
+    let _ = std::fs::remove_dir_all(dir);
+    if pauses.is_empty() {
+        println!("{cmdline}: no epochs sampled");
+        return;
+    }
+    let (p, c) = (stats(&pauses), stats(&commits));
+    pages.sort_unstable();
+    println!(
+        "{cmdline:<28} epoch {epoch_ms} ms | pause median {:.2} ms p99 {:.2} ms | commit median {:.2} ms p99 {:.2} ms | pages/epoch median {} | {} epochs sampled",
+        p.median.as_secs_f64() * 1e3,
+        p.p99.as_secs_f64() * 1e3,
+        c.median.as_secs_f64() * 1e3,
+        c.p99.as_secs_f64() * 1e3,
+        pages[pages.len() / 2],
+        pauses.len()
+    );
+}
+
+fn main() {
+    println!("ftvmm protection benchmarks (test guest, 256 MiB, 2 vCPUs, standby over loopback, 10 s each)");
+    protect("mode=spin", 50);
+    protect("mode=spin dirty=10000 dirty_mb=64", 50);
+    protect("mode=spin dirty=10000 dirty_mb=64", 20);
+}
