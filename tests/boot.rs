@@ -140,7 +140,7 @@ fn cpu_template_adds_its_kernel_command_line() {
     );
     assert!(
         out.stdout
-            .contains("bzimage: ok cmdline=console=ttyS0 noxsave clearcpuid=popcnt,smap,pdpe1gb"),
+            .contains("bzimage: ok cmdline=console=ttyS0 noxsave clearcpuid=popcnt,smap,pdpe1gb,ssse3,avx,avx2,avx512f"),
         "{out:?}"
     );
     assert_eq!(out.code(), Some(0), "{out:?}");

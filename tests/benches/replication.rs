@@ -17,7 +17,11 @@ fn protect(cmdline: &str, epoch_ms: u32) {
     let dir = std::env::temp_dir().join(format!("ftvmm-bench-repl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("p.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let listen = format!("127.0.0.1:{port}");
     let mut standby_cmd = Command::new(ftvmm_bin());
     standby_cmd.args(["standby", "--listen", &listen, "--serial", "null"]);
@@ -25,8 +29,23 @@ fn protect(cmdline: &str, epoch_ms: u32) {
     standby.wait_for_stderr("standing by", DEADLINE);
     let mut primary_cmd = Command::new(ftvmm_bin());
     primary_cmd
-        .args(["run", "--kernel", testguest().to_str().unwrap(), "--memory", "256", "--vcpus", "2"])
-        .args(["--cmdline", cmdline, "--standby", &listen, "--epoch-ms", &epoch_ms.to_string()])
+        .args([
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "256",
+            "--vcpus",
+            "2",
+        ])
+        .args([
+            "--cmdline",
+            cmdline,
+            "--standby",
+            &listen,
+            "--epoch-ms",
+            &epoch_ms.to_string(),
+        ])
         .args(["--api-socket", sock.to_str().unwrap()]);
     let mut primary = RunningVm::spawn(primary_cmd);
     primary.wait_for("testguest: spinning", DEADLINE);
@@ -34,7 +53,10 @@ fn protect(cmdline: &str, epoch_ms: u32) {
     let mut last_epoch = 0;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(10) {
-        let out = run_ftvmm(&["vm", "--api-socket", sock.to_str().unwrap(), "protection"], DEADLINE);
+        let out = run_ftvmm(
+            &["vm", "--api-socket", sock.to_str().unwrap(), "protection"],
+            DEADLINE,
+        );
         if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
             let epoch = s["committed_epoch"].as_u64().unwrap_or(0);
             if epoch > last_epoch && epoch > 2 {

@@ -71,7 +71,8 @@ pub struct RunArgs {
 
     /// A named CPU template: CPUID masks plus kernel command-line additions for a kind of host.
     /// `emulated-ring0`: hosts whose KVM emulates guest kernel mode (masks cx16, pdpe1gb, xsave, smap,
-    /// popcnt and the hypercall-based KVM PV features; appends `noxsave clearcpuid=popcnt,smap,pdpe1gb`).
+    /// popcnt, ssse3, avx, avx2, avx512f and the hypercall-based KVM PV features; appends `noxsave
+    /// clearcpuid=popcnt,smap,pdpe1gb,ssse3,avx,avx2,avx512f`, merged into a clearcpuid= you give).
     /// Applied before --cpu-features.
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<CpuTemplate>,

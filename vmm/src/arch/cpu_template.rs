@@ -27,9 +27,10 @@ pub struct CpuTemplate {
 pub const TEMPLATES: &[CpuTemplate] = &[CpuTemplate {
     name: "emulated-ring0",
     description: "hosts whose KVM emulates guest ring 0 (no cmpxchg16b, xsave, clac/stac, popcnt, 1 GiB pages, \
-                  and no hypercalls: a ring-0 vmcall never completes there)",
-    features: "-cx16,-pdpe1gb,-xsave,-smap,-popcnt,-kvm_pv_send_ipi,-kvm_pv_sched_yield,-kvm_pv_unhalt",
-    cmdline: "noxsave clearcpuid=popcnt,smap,pdpe1gb",
+                  some SIMD instructions, and no hypercalls: a ring-0 vmcall never completes there)",
+    features: "-cx16,-pdpe1gb,-xsave,-smap,-popcnt,-ssse3,-avx,-avx2,-avx512f,\
+               -kvm_pv_send_ipi,-kvm_pv_sched_yield,-kvm_pv_unhalt",
+    cmdline: "noxsave clearcpuid=popcnt,smap,pdpe1gb,ssse3,avx,avx2,avx512f",
 }];
 
 /// Errors choosing a template.
@@ -67,18 +68,35 @@ impl CpuTemplate {
             })
     }
 
-    /// `cmdline` with the template's additions (those already present are not repeated).
+    /// `cmdline` with the template's additions: words already present are not repeated, and a
+    /// `key=a,b` list parameter the user already gave (Linux keeps only the last `clearcpuid=`) gets
+    /// the template's values merged into it instead of a second copy.
     pub fn extend_cmdline(&self, cmdline: &str) -> String {
-        let mut out = cmdline.trim().to_string();
+        let mut words: Vec<String> = cmdline.split_whitespace().map(str::to_string).collect();
         for word in self.cmdline.split_whitespace() {
-            if !cmdline.split_whitespace().any(|w| w == word) {
-                if !out.is_empty() {
-                    out.push(' ');
+            if words.iter().any(|w| w == word) {
+                continue;
+            }
+            let merged = word.split_once('=').and_then(|(key, values)| {
+                let prefix = format!("{key}=");
+                let existing = words.iter_mut().find(|w| w.starts_with(&prefix))?;
+                let mut list: Vec<String> = existing[prefix.len()..]
+                    .split(',')
+                    .map(str::to_string)
+                    .collect();
+                for v in values.split(',') {
+                    if !list.iter().any(|x| x == v) {
+                        list.push(v.to_string());
+                    }
                 }
-                out.push_str(word);
+                *existing = format!("{prefix}{}", list.join(","));
+                Some(())
+            });
+            if merged.is_none() {
+                words.push(word.to_string());
             }
         }
-        out
+        words.join(" ")
     }
 }
 
@@ -101,11 +119,19 @@ mod tests {
     #[test]
     fn cmdline_additions_are_appended_once() {
         let t: CpuTemplate = "emulated-ring0".parse().unwrap();
+        let all = "clearcpuid=popcnt,smap,pdpe1gb,ssse3,avx,avx2,avx512f";
         let c = t.extend_cmdline("console=ttyS0 noxsave");
-        assert_eq!(c, "console=ttyS0 noxsave clearcpuid=popcnt,smap,pdpe1gb");
+        assert_eq!(c, format!("console=ttyS0 noxsave {all}"));
+        assert_eq!(t.extend_cmdline(""), format!("noxsave {all}"));
+    }
+
+    #[test]
+    fn list_parameters_are_merged_not_repeated() {
+        let t: CpuTemplate = "emulated-ring0".parse().unwrap();
+        let c = t.extend_cmdline("clearcpuid=erms,popcnt console=ttyS0");
         assert_eq!(
-            t.extend_cmdline(""),
-            "noxsave clearcpuid=popcnt,smap,pdpe1gb"
+            c,
+            "clearcpuid=erms,popcnt,smap,pdpe1gb,ssse3,avx,avx2,avx512f console=ttyS0 noxsave"
         );
     }
 }
