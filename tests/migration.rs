@@ -2,7 +2,7 @@
 //! that keeps one TCP connection open and keeps incrementing a counter; and the failure cases: a
 //! destination that dies mid-migration, and a corrupted stream.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -94,47 +94,18 @@ fn loopback_receiver(extra: &[&str]) -> (RunningVm, String) {
     (dst, addr)
 }
 
-/// A client in the LAN namespace incrementing `counter` on one connection until `stop`; checks every
-/// reply is exactly one more than the last. Returns the last value.
+/// A client in the LAN namespace incrementing the counter on one connection until `stop`.
 fn incrementer(
     hosts: &TwoHosts,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Result<u64, String>> {
-    let addr = format!("{}:4000", hosts.guest_ip());
-    let path = format!("/var/run/netns/{}", hosts.lan.name());
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-        // SAFETY: joins this new thread (only) to the LAN namespace.
-        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-        if ret != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
-        let s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(20))
-            .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        let mut r = BufReader::new(s);
-        let mut last = 0u64;
-        while !stop.load(Ordering::SeqCst) {
-            r.get_mut()
-                .write_all(b"INCR counter\n")
-                .map_err(|e| format!("after {last}: send: {e}"))?;
-            let mut line = String::new();
-            r.read_line(&mut line)
-                .map_err(|e| format!("after {last}: receive: {e}"))?;
-            let v: u64 = line
-                .trim()
-                .parse()
-                .map_err(|_| format!("after {last}: bad reply {line:?}"))?;
-            if v != last + 1 {
-                return Err(format!(
-                    "counter went from {last} to {v}: an acknowledged increment was lost"
-                ));
-            }
-            last = v;
-        }
-        Ok(last)
-    })
+    integration_tests::clients::incrementer(
+        hosts.lan.name(),
+        format!("{}:4000", hosts.guest_ip()),
+        stop,
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        Duration::from_secs(30),
+    )
 }
 
 #[test]

@@ -2,8 +2,6 @@
 //! the last committed checkpoint, and a client that kept one TCP connection open and kept incrementing
 //! a counter loses no acknowledged increment.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,42 +54,13 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
     // One connection, incrementing without pause; every reply must be exactly one more.
     let stop = Arc::new(AtomicBool::new(false));
     let acknowledged = Arc::new(AtomicU64::new(0));
-    let addr = format!("{}:4000", hosts.guest_ip());
-    let path = format!("/var/run/netns/{}", hosts.lan.name());
-    let (st, ack) = (stop.clone(), acknowledged.clone());
-    let client = std::thread::spawn(move || -> Result<u64, String> {
-        let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-        // SAFETY: joins this new thread (only) to the LAN namespace.
-        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
-            return Err("setns".into());
-        }
-        let s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(20))
-            .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
-        let mut r = BufReader::new(s);
-        let mut last = 0u64;
-        while !st.load(Ordering::SeqCst) {
-            r.get_mut()
-                .write_all(b"INCR counter\n")
-                .map_err(|e| format!("after {last}: {e}"))?;
-            let mut line = String::new();
-            r.read_line(&mut line)
-                .map_err(|e| format!("after {last}: {e}"))?;
-            let v: u64 = line
-                .trim()
-                .parse()
-                .map_err(|_| format!("after {last}: bad reply {line:?}"))?;
-            if v != last + 1 {
-                return Err(format!(
-                    "counter went from {last} to {v}: an acknowledged increment was lost"
-                ));
-            }
-            last = v;
-            ack.store(v, Ordering::SeqCst);
-        }
-        Ok(last)
-    });
+    let client = integration_tests::clients::incrementer(
+        hosts.lan.name(),
+        format!("{}:4000", hosts.guest_ip()),
+        stop.clone(),
+        acknowledged.clone(),
+        Duration::from_secs(60),
+    );
 
     // Let some increments through the output gate, then lose the primary's host.
     let t0 = Instant::now();

@@ -2,7 +2,7 @@
 //! fenced hand-over on the VM's event-loop thread.
 
 use std::io::Write;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,7 +16,7 @@ use vmm::vm::Vm;
 use vmm::Machine;
 
 use super::{MigrationParams, MigrationState, MigrationStatus};
-use crate::wire::{read_frame, write_frame, FrameError, Message, PageRun};
+use crate::wire::{read_frame, session, write_frame, FrameError, Message, PageRun};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,10 +54,8 @@ impl MigrationHandle {
 
 #[derive(Debug, thiserror::Error)]
 enum SourceError {
-    #[error("cannot resolve {0}")]
-    Resolve(String),
-    #[error("cannot connect to {to}: {source}")]
-    Connect { to: String, source: std::io::Error },
+    #[error("{0}")]
+    Session(#[from] session::SessionError),
     #[error("{0}")]
     Wire(#[from] FrameError),
     #[error("the destination refused: {0}")]
@@ -151,33 +149,12 @@ impl Job {
     }
 
     fn migrate(mut self) -> Result<(), SourceError> {
-        let addr = self
-            .params
-            .to
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| SourceError::Resolve(self.params.to.clone()))?;
-        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
-            SourceError::Connect {
-                to: self.params.to.clone(),
-                source,
-            }
-        })?;
-        let _ = stream.set_nodelay(true);
-        stream
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .map_err(FrameError::from)?;
-        stream
-            .set_write_timeout(Some(IO_TIMEOUT))
-            .map_err(FrameError::from)?;
-        write_frame(
-            &mut stream,
-            &Message::Hello {
-                description: self.description.clone(),
-            },
+        let mut stream = session::open(
+            &self.params.to,
+            &self.description,
+            CONNECT_TIMEOUT,
+            IO_TIMEOUT,
         )?;
-        expect(&mut stream, |m| matches!(m, Message::Ready), "Ready")?;
 
         let mut tracker = std::mem::take(&mut self.tracker);
         tracker

@@ -2,7 +2,7 @@
 //! state, start a new output epoch, resume; send the checkpoint; when the standby commits it, release
 //! the output it produced.
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -15,7 +15,7 @@ use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::Machine;
 
 use super::{ProtectionState, ProtectionStatus};
-use crate::wire::{read_frame, write_frame, FrameError, Message, PageRun};
+use crate::wire::{read_frame, session, write_frame, FrameError, Message, PageRun};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,8 +60,8 @@ impl ProtectionHandle {
 
 #[derive(Debug, thiserror::Error)]
 enum LoopError {
-    #[error("cannot reach the standby at {to}: {reason}")]
-    Connect { to: String, reason: String },
+    #[error("{0}")]
+    Session(#[from] session::SessionError),
     #[error("standby link: {0}")]
     Wire(#[from] FrameError),
     #[error("the standby refused: {0}")]
@@ -167,38 +167,12 @@ impl EpochLoop {
     }
 
     fn protect(&self) -> Result<(), LoopError> {
-        let to = &self.params.standby;
-        let addr = to
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| LoopError::Connect {
-                to: to.clone(),
-                reason: "cannot resolve".into(),
-            })?;
-        let mut stream =
-            TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| LoopError::Connect {
-                to: to.clone(),
-                reason: e.to_string(),
-            })?;
-        let _ = stream.set_nodelay(true);
-        stream
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .map_err(FrameError::from)?;
-        stream
-            .set_write_timeout(Some(IO_TIMEOUT))
-            .map_err(FrameError::from)?;
-        write_frame(
-            &mut stream,
-            &Message::Hello {
-                description: self.description.clone(),
-            },
+        let mut stream = session::open(
+            &self.params.standby,
+            &self.description,
+            CONNECT_TIMEOUT,
+            IO_TIMEOUT,
         )?;
-        match read_frame::<_, Message>(&mut stream)? {
-            Message::Ready => {}
-            Message::Error { message } => return Err(LoopError::Refused(message)),
-            other => return Err(LoopError::Protocol(format!("{other:?}"))),
-        }
         update(&self.status, |s| s.state = ProtectionState::Syncing);
         for epoch in 0u64.. {
             if self.stop.load(Ordering::SeqCst) {

@@ -3,6 +3,7 @@
 
 pub mod frame;
 pub mod message;
+pub mod session;
 
 pub use frame::{read_frame, write_frame, FrameError, PROTOCOL_VERSION};
 pub use message::{Message, PageRun};

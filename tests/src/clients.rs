@@ -1,0 +1,57 @@
+//! Clients of the test guest's services, run from inside a test's network namespace.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Keeps one connection to the key-value service at `addr` and sends `INCR counter` until `stop`,
+/// from a thread inside the network namespace `netns`. Every reply must be exactly one more than the
+/// last: a gap means an acknowledged increment was lost. Each value is also stored in
+/// `acknowledged`. Returns the last value.
+pub fn incrementer(
+    netns: &str,
+    addr: String,
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicU64>,
+    reply_timeout: Duration,
+) -> JoinHandle<Result<u64, String>> {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        // SAFETY: joins this new thread (only) to the namespace; no memory is shared with the kernel.
+        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        if ret != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let target = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+        let s = TcpStream::connect_timeout(&target, Duration::from_secs(20))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(reply_timeout))
+            .map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(s);
+        let mut last = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            r.get_mut()
+                .write_all(b"INCR counter\n")
+                .map_err(|e| format!("after {last}: send: {e}"))?;
+            let mut line = String::new();
+            r.read_line(&mut line)
+                .map_err(|e| format!("after {last}: receive: {e}"))?;
+            let v: u64 = line
+                .trim()
+                .parse()
+                .map_err(|_| format!("after {last}: bad reply {line:?}"))?;
+            if v != last + 1 {
+                return Err(format!(
+                    "counter went from {last} to {v}: an acknowledged increment was lost"
+                ));
+            }
+            last = v;
+            acknowledged.store(v, Ordering::SeqCst);
+        }
+        Ok(last)
+    })
+}
