@@ -156,6 +156,9 @@ pub struct RunningVm {
     child: std::process::Child,
     output: std::sync::Arc<std::sync::Mutex<String>>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The threads copying stdout and stderr; joined once the process has exited, so that
+    /// everything it printed is collected.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl RunningVm {
@@ -173,30 +176,22 @@ impl RunningVm {
         let (o, e) = (output.clone(), stderr.clone());
         let out_pipe = child.stdout.take().expect("piped");
         let err_pipe = child.stderr.take().expect("piped");
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out_pipe)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let mut s = o.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(err_pipe)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let mut s = e.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
+        let copy = |pipe: Box<dyn std::io::Read + Send>,
+                    into: std::sync::Arc<std::sync::Mutex<String>>| {
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut s = into.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            })
+        };
+        let readers = vec![copy(Box::new(out_pipe), o), copy(Box::new(err_pipe), e)];
         Self {
             child,
             output,
             stderr,
+            readers,
         }
     }
 
@@ -256,6 +251,10 @@ impl RunningVm {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait ftvmm") {
+                // The pipes are closed (unless a child of ftvmm still holds them): collect the rest.
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
                 return status.code();
             }
             if Instant::now() > deadline {
