@@ -62,6 +62,20 @@ fn net_guest(ns: &NetNs, disk_arg: &str, cmdline: &str, sock: Option<&Path>) -> 
     ftvmm_in(ns, &args)
 }
 
+/// `ftvmm restore` of the snapshot in `dir`, in `ns`, serving its API on `sock`.
+fn restore_in(ns: &NetNs, dir: &Path, sock: &Path) -> RunningVm {
+    ftvmm_in(
+        ns,
+        &[
+            "restore",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    )
+}
+
 fn vm_cli(socket: &Path, args: &[&str]) -> integration_tests::RunOutput {
     let mut full = vec!["vm", "--api-socket", socket.to_str().unwrap()];
     full.extend_from_slice(args);
@@ -122,31 +136,13 @@ fn net_guest_snapshot_restores_in_a_new_process_with_kv_state_and_disk_log() {
 
     // The diff snapshot restores to the state at its time (base memory + its pages).
     let sock_d = dir.join("vmd.sock");
-    let mut from_diff = ftvmm_in(
-        &ns,
-        &[
-            "restore",
-            "--dir",
-            diff.to_str().unwrap(),
-            "--api-socket",
-            sock_d.to_str().unwrap(),
-        ],
-    );
+    let mut from_diff = restore_in(&ns, &diff, &sock_d);
     assert_eq!(kv(&ns, &["GET later", "GET n"]), ["VALUE yes", "VALUE 2"]);
     from_diff.kill();
 
     // ...and a new process continues from the snapshot, with the guest's memory state intact.
     let sock2 = dir.join("vm2.sock");
-    let mut restored = ftvmm_in(
-        &ns,
-        &[
-            "restore",
-            "--dir",
-            snap.to_str().unwrap(),
-            "--api-socket",
-            sock2.to_str().unwrap(),
-        ],
-    );
+    let mut restored = restore_in(&ns, &snap, &sock2);
     assert_eq!(
         kv(&ns, &["GET color", "INCR n", "GET n"]),
         ["VALUE green", "3", "VALUE 3"]
