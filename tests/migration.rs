@@ -76,6 +76,23 @@ fn receiver(hosts: &TwoHosts, listen: &str, sock: &Path) -> RunningVm {
     dst
 }
 
+/// A 256 MiB test guest in `mode=spin` (with `cmdline`'s workload) serving its API on `sock`, ready.
+fn spinning_source(cmdline: &str, sock: &Path, extra: &[&str]) -> RunningVm {
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.args([
+        "run",
+        "--kernel",
+        testguest().to_str().unwrap(),
+        "--memory",
+        "256",
+    ])
+    .args(["--cmdline", cmdline, "--api-socket", sock.to_str().unwrap()])
+    .args(extra);
+    let mut src = RunningVm::spawn(cmd);
+    src.wait_for("testguest: spinning", DEADLINE);
+    src
+}
+
 /// `ftvmm receive` on an ephemeral loopback port of this namespace; returns it and its address.
 fn loopback_receiver(extra: &[&str]) -> (RunningVm, String) {
     let mut cmd = std::process::Command::new(ftvmm_bin());
@@ -281,26 +298,11 @@ fn migration_with_the_dirty_ring_completes() {
     let dir = scratch_dir("ring");
     let sock_a = dir.join("a.sock");
     let sock_b = dir.join("b.sock");
-    let mut src_cmd = std::process::Command::new(ftvmm_bin());
-    src_cmd
-        .args([
-            "run",
-            "--kernel",
-            testguest().to_str().unwrap(),
-            "--memory",
-            "256",
-            "--vcpus",
-            "2",
-        ])
-        .args([
-            "--cmdline",
-            "mode=spin dirty=5000 dirty_mb=32",
-            "--dirty-ring",
-            "4096",
-        ])
-        .args(["--api-socket", sock_a.to_str().unwrap()]);
-    let mut src = RunningVm::spawn(src_cmd);
-    src.wait_for("testguest: spinning cpus=2", DEADLINE);
+    let mut src = spinning_source(
+        "mode=spin dirty=5000 dirty_mb=32",
+        &sock_a,
+        &["--vcpus", "2", "--dirty-ring", "4096"],
+    );
     let (mut dst, listen) = loopback_receiver(&["--api-socket", sock_b.to_str().unwrap()]);
     let out = vm_cli(&sock_a, &["migrate", "--to", &listen]);
     assert_eq!(out.code(), Some(0), "{out:?}\n{}", src.stderr());
@@ -315,23 +317,7 @@ fn migration_with_the_dirty_ring_completes() {
 fn a_migration_can_be_cancelled_and_the_guest_stays() {
     let dir = scratch_dir("cancel");
     let sock_a = dir.join("a.sock");
-    let mut src_cmd = std::process::Command::new(ftvmm_bin());
-    src_cmd
-        .args([
-            "run",
-            "--kernel",
-            testguest().to_str().unwrap(),
-            "--memory",
-            "256",
-        ])
-        .args([
-            "--cmdline",
-            "mode=spin dirty=20000 dirty_mb=64",
-            "--api-socket",
-            sock_a.to_str().unwrap(),
-        ]);
-    let mut src = RunningVm::spawn(src_cmd);
-    src.wait_for("testguest: spinning", DEADLINE);
+    let _src = spinning_source("mode=spin dirty=20000 dirty_mb=64", &sock_a, &[]);
     let (mut dst, listen) = loopback_receiver(&["--serial", "null"]);
 
     // A 1 ms target keeps a fast-dirtying guest in pre-copy.

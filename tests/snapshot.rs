@@ -157,6 +157,22 @@ fn net_guest_snapshot_restores_in_a_new_process_with_kv_state_and_disk_log() {
     assert_eq!(kv(&ns, &["GET n"]), ["VALUE 3"]);
 }
 
+/// `ftvmm restore` of `snap`, which must refuse it (exit status 1); returns its output.
+fn restore_refused(snap: &Path) -> integration_tests::RunOutput {
+    let out = run_ftvmm(
+        &[
+            "restore",
+            "--dir",
+            snap.to_str().unwrap(),
+            "--serial",
+            "null",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    out
+}
+
 fn snapshot_of_spinning_guest(dir: &Path) -> PathBuf {
     let sock = dir.join("spin.sock");
     let mut cmd = std::process::Command::new(ftvmm_bin());
@@ -192,48 +208,18 @@ fn corrupted_or_truncated_snapshots_are_refused() {
     let mid = bad.len() / 2;
     bad[mid] ^= 0x55;
     std::fs::write(&state, &bad).unwrap();
-    let out = run_ftvmm(
-        &[
-            "restore",
-            "--dir",
-            snap.to_str().unwrap(),
-            "--serial",
-            "null",
-        ],
-        DEADLINE,
-    );
-    assert_eq!(out.code(), Some(1), "{out:?}");
+    let out = restore_refused(&snap);
     assert!(out.stderr.contains("checksum mismatch"), "{out:?}");
 
     std::fs::write(&state, &good[..good.len() - 100]).unwrap();
-    let out = run_ftvmm(
-        &[
-            "restore",
-            "--dir",
-            snap.to_str().unwrap(),
-            "--serial",
-            "null",
-        ],
-        DEADLINE,
-    );
-    assert_eq!(out.code(), Some(1), "{out:?}");
+    let out = restore_refused(&snap);
     assert!(out.stderr.contains("truncated"), "{out:?}");
 
     std::fs::write(&state, &good).unwrap();
     let mem = snap.join("memory");
     let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
     f.set_len(4096).unwrap();
-    let out = run_ftvmm(
-        &[
-            "restore",
-            "--dir",
-            snap.to_str().unwrap(),
-            "--serial",
-            "null",
-        ],
-        DEADLINE,
-    );
-    assert_eq!(out.code(), Some(1), "{out:?}");
+    let out = restore_refused(&snap);
     assert!(out.stderr.contains("memory file"), "{out:?}");
     assert!(!out.stderr.contains("panicked"), "{out:?}");
 }
