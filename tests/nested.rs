@@ -1,0 +1,138 @@
+//! Real Linux guests end to end, in the nested tier (docs/nested.md): each case boots an L1 Linux
+//! under QEMU (TCG with emulated SVM here, nested KVM where the host has VMX/SVM), and inside it
+//! ftvmm runs a stock Debian kernel nobody here built (as bzImage, and as vmlinux entered through
+//! PVH) or the project's small kernel, with Linux's own virtio drivers. The scripts that run in the
+//! L1 are in tests/nested/; each ends with a `RESULT:` line and exits 0 only when every check held.
+
+use std::time::Duration;
+
+use integration_tests::nested::{Nested, NestedRun, CASE_TIMEOUT};
+
+/// A guest kernel and its initramfs, from `scripts/build-images linux-debian linux-small`.
+#[derive(Clone, Copy)]
+enum Kernel {
+    /// The stock Debian cloud kernel's bzImage (64-bit boot protocol), unmodified.
+    DebianBzImage,
+    /// The vmlinux inside that bzImage, entered through PVH.
+    DebianVmlinux,
+    /// The project's small kernel (everything built in; PVH).
+    Small,
+}
+
+impl Kernel {
+    fn files(self) -> (&'static str, &'static str) {
+        match self {
+            Kernel::DebianBzImage => ("images/out/linux/debian/bzImage", "images/out/linux/debian/initramfs.cpio"),
+            Kernel::DebianVmlinux => ("images/out/linux/debian/vmlinux", "images/out/linux/debian/initramfs.cpio"),
+            Kernel::Small => ("images/out/linux/small/vmlinux", "images/out/linux/small/initramfs.cpio"),
+        }
+    }
+}
+
+/// Runs `tests/nested/<case>.sh` against `kernel` and checks that it passed.
+fn run_case(case: &str, kernel: Kernel) -> NestedRun {
+    let (image, initrd) = kernel.files();
+    for f in [image, initrd] {
+        assert!(
+            integration_tests::workspace_root().join(f).exists(),
+            "{f} is missing: run scripts/build-images linux-debian linux-small (scripts/test does)"
+        );
+    }
+    let run = Nested::script(format!("tests/nested/{case}.sh"))
+        .file("tests/nested/lib.sh", "lib.sh")
+        .file(image, "guest/kernel")
+        .file(initrd, "guest/initramfs.cpio")
+        .bin(env!("CARGO_BIN_EXE_nettest"))
+        .env("KERNEL", "/payload/guest/kernel")
+        .env("INITRD", "/payload/guest/initramfs.cpio")
+        .timeout(CASE_TIMEOUT)
+        .run();
+    let result = run.line("RESULT: ").map(str::to_owned);
+    assert_eq!(
+        run.status,
+        Some(0),
+        "nested case {case} failed (console above); result line: {result:?}"
+    );
+    assert!(result.is_some(), "nested case {case} printed no RESULT line");
+    eprintln!("{case}: {}", result.unwrap_or_default());
+    run
+}
+
+#[test]
+fn debian_bzimage_boots_to_init_with_two_vcpus_and_powers_off() {
+    run_case("boot", Kernel::DebianBzImage);
+}
+
+#[test]
+fn debian_vmlinux_boots_through_pvh_with_two_vcpus_and_powers_off() {
+    run_case("boot", Kernel::DebianVmlinux);
+}
+
+#[test]
+fn small_kernel_boots_to_init_with_two_vcpus_and_powers_off() {
+    run_case("boot", Kernel::Small);
+}
+
+#[test]
+fn debian_kernel_virtio_blk_o_direct_round_trip_and_readonly_disk() {
+    run_case("blk", Kernel::DebianBzImage);
+}
+
+#[test]
+fn small_kernel_virtio_blk_o_direct_round_trip_and_readonly_disk() {
+    run_case("blk", Kernel::Small);
+}
+
+#[test]
+fn debian_kernel_virtio_net_ping_and_tcp_both_ways() {
+    run_case("net", Kernel::DebianBzImage);
+}
+
+#[test]
+fn small_kernel_virtio_net_ping_and_tcp_both_ways() {
+    run_case("net", Kernel::Small);
+}
+
+#[test]
+fn debian_kernel_snapshot_restored_in_a_new_process_keeps_counting() {
+    run_case("snapshot", Kernel::DebianBzImage);
+}
+
+#[test]
+fn small_kernel_snapshot_restored_in_a_new_process_keeps_counting() {
+    run_case("snapshot", Kernel::Small);
+}
+
+#[test]
+fn debian_kernel_live_migrates_with_a_client_connected() {
+    run_case("migrate", Kernel::DebianBzImage);
+}
+
+#[test]
+fn small_kernel_live_migrates_with_a_client_connected() {
+    run_case("migrate", Kernel::Small);
+}
+
+/// The harness itself: bad input is a clear error, a hanging script a bounded run.
+#[test]
+fn the_harness_refuses_bad_input_and_bounds_a_hanging_script() {
+    let missing = Nested::script("tests/nested/no-such-script.sh").run();
+    assert_eq!(missing.status, Some(2), "{}", missing.console);
+    assert!(missing.console.contains("does not exist"), "{}", missing.console);
+
+    let missing_file = Nested::script("tests/nested/boot.sh")
+        .file("images/out/no-such-image", "guest/kernel")
+        .run();
+    assert_eq!(missing_file.status, Some(2), "{}", missing_file.console);
+    assert!(missing_file.console.contains("no-such-image"), "{}", missing_file.console);
+
+    let dir = std::env::temp_dir().join(format!("ftvmm-nested-hang-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("hang.sh");
+    std::fs::write(&script, "echo hanging-on-purpose\nsleep 100000\n").unwrap();
+    let hung = Nested::script(&script).timeout(Duration::from_secs(40)).run();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(hung.status, Some(124), "{}", hung.console);
+    assert!(hung.console.contains("hanging-on-purpose"), "the script never ran:\n{}", hung.console);
+    assert!(hung.console.contains("did not finish within 40 s"), "{}", hung.console);
+}
