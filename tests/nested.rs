@@ -22,9 +22,18 @@ enum Kernel {
 impl Kernel {
     fn files(self) -> (&'static str, &'static str) {
         match self {
-            Kernel::DebianBzImage => ("images/out/linux/debian/bzImage", "images/out/linux/debian/initramfs.cpio"),
-            Kernel::DebianVmlinux => ("images/out/linux/debian/vmlinux", "images/out/linux/debian/initramfs.cpio"),
-            Kernel::Small => ("images/out/linux/small/vmlinux", "images/out/linux/small/initramfs.cpio"),
+            Kernel::DebianBzImage => (
+                "images/out/linux/debian/bzImage",
+                "images/out/linux/debian/initramfs.cpio",
+            ),
+            Kernel::DebianVmlinux => (
+                "images/out/linux/debian/vmlinux",
+                "images/out/linux/debian/initramfs.cpio",
+            ),
+            Kernel::Small => (
+                "images/out/linux/small/vmlinux",
+                "images/out/linux/small/initramfs.cpio",
+            ),
         }
     }
 }
@@ -53,7 +62,10 @@ fn run_case(case: &str, kernel: Kernel) -> NestedRun {
         Some(0),
         "nested case {case} failed (console above); result line: {result:?}"
     );
-    assert!(result.is_some(), "nested case {case} printed no RESULT line");
+    assert!(
+        result.is_some(),
+        "nested case {case} printed no RESULT line"
+    );
     eprintln!("{case}: {}", result.unwrap_or_default());
     run
 }
@@ -118,21 +130,39 @@ fn small_kernel_live_migrates_with_a_client_connected() {
 fn the_harness_refuses_bad_input_and_bounds_a_hanging_script() {
     let missing = Nested::script("tests/nested/no-such-script.sh").run();
     assert_eq!(missing.status, Some(2), "{}", missing.console);
-    assert!(missing.console.contains("does not exist"), "{}", missing.console);
+    assert!(
+        missing.console.contains("does not exist"),
+        "{}",
+        missing.console
+    );
 
     let missing_file = Nested::script("tests/nested/boot.sh")
         .file("images/out/no-such-image", "guest/kernel")
         .run();
     assert_eq!(missing_file.status, Some(2), "{}", missing_file.console);
-    assert!(missing_file.console.contains("no-such-image"), "{}", missing_file.console);
+    assert!(
+        missing_file.console.contains("no-such-image"),
+        "{}",
+        missing_file.console
+    );
 
     let dir = std::env::temp_dir().join(format!("ftvmm-nested-hang-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let script = dir.join("hang.sh");
     std::fs::write(&script, "echo hanging-on-purpose\nsleep 100000\n").unwrap();
-    let hung = Nested::script(&script).timeout(Duration::from_secs(40)).run();
+    let hung = Nested::script(&script)
+        .timeout(Duration::from_secs(40))
+        .run();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(hung.status, Some(124), "{}", hung.console);
-    assert!(hung.console.contains("hanging-on-purpose"), "the script never ran:\n{}", hung.console);
-    assert!(hung.console.contains("did not finish within 40 s"), "{}", hung.console);
+    assert!(
+        hung.console.contains("hanging-on-purpose"),
+        "the script never ran:\n{}",
+        hung.console
+    );
+    assert!(
+        hung.console.contains("did not finish within 40 s"),
+        "{}",
+        hung.console
+    );
 }

@@ -280,6 +280,47 @@ fn api_reports_errors_as_json_with_meaningful_status() {
     );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("invalid request body"), "{body}");
+    // A misspelt field is refused by name, not ignored (it would have taken a full snapshot).
+    let typo = format!(
+        "{{\"dir\": \"{}\", \"dif\": true}}",
+        dir.join("typo").display()
+    );
+    let (status, body) = http(
+        &sock,
+        &format!("PUT /api/v1/vm/snapshot HTTP/1.1\r\n{close}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{typo}", typo.len()),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown field `dif`"), "{body}");
+    assert!(!dir.join("typo").exists(), "a snapshot was taken anyway");
+
+    // The socket is the owner's alone, and a second VM cannot take its path over.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let second = run_ftvmm(
+        &[
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "64",
+            "--cmdline",
+            "mode=hello",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+        DEADLINE,
+    );
+    assert_eq!(second.code(), Some(1), "{second:?}");
+    assert!(
+        second.stderr.contains("served by another running process"),
+        "{second:?}"
+    );
+    assert_eq!(
+        vm_cli(&sock, &["info"]).code(),
+        Some(0),
+        "the first VM lost its socket"
+    );
     let (status, body) = http(
         &sock,
         &format!("GET /api/v1/openapi.json HTTP/1.1\r\n{close}\r\n"),
@@ -295,6 +336,19 @@ fn api_reports_errors_as_json_with_meaningful_status() {
         &["snapshot", "--dir", file.join("sub").to_str().unwrap()],
     );
     assert_eq!(out.code(), Some(1), "{out:?}");
+
+    // Snapshot files hold guest RAM: owner-only, in an owner-only directory.
+    let snap = dir.join("private");
+    assert_eq!(
+        vm_cli(&sock, &["snapshot", "--dir", snap.to_str().unwrap()]).code(),
+        Some(0)
+    );
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&snap), 0o700);
+    for entry in std::fs::read_dir(&snap).unwrap() {
+        let p = entry.unwrap().path();
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+    }
     let info = vm_cli(&sock, &["info"]);
     assert!(info.stdout.contains("\"running\""), "{info:?}");
 

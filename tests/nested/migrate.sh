@@ -12,7 +12,11 @@ sleep 5
 ftvmm vm --api-socket /tmp/src.sock migrate --to 127.0.0.1:7000 --downtime-ms 50 || fail "migrate"
 vm_exit src 60
 [ "$EXIT_STATUS" = 0 ] || fail "the source exited $EXIT_STATUS after the hand-over"
-wait $client || fail "the client: $(cat /tmp/echo.out)"
+if ! wait $client; then
+    echo "the destination's vCPUs:"
+    ftvmm vm --api-socket /tmp/dst.sock vcpus
+    fail "the client: $(cat /tmp/echo.out)"
+fi
 cat /tmp/echo.out
 nc "$GUEST_IP" 9 </dev/null || true
 wait_for dst 'ftvmm-linux-echo: poweroff requested' 60

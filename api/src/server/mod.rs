@@ -20,6 +20,13 @@ use vmm::ControlHandle;
 pub enum ServerError {
     #[error("API socket {path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error("API socket {path} is served by another running process; choose another path")]
+    InUse { path: PathBuf },
+    #[error("cannot publish the API socket at {path}: {source}")]
+    Publish {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot bind the API socket {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -29,9 +36,11 @@ pub enum ServerError {
     Runtime(std::io::Error),
 }
 
-/// A running API server; the socket file is removed when it is dropped.
+/// A running API server; the socket file is removed when it is dropped (if it is still ours).
 pub struct ApiServer {
     path: PathBuf,
+    /// Device and inode of the socket file this server created.
+    identity: (u64, u64),
     outcome_reported: Arc<AtomicBool>,
     protection: Arc<std::sync::Mutex<Option<replication::protection::ProtectionHandle>>>,
     _thread: JoinHandle<()>,
@@ -55,27 +64,86 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // Only our own socket: never one another process published at the same path since.
+        if file_identity(&self.path) == Some(self.identity) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+/// The API socket's permissions: only the user the VM runs as may control it.
+pub const SOCKET_MODE: u32 = 0o600;
+
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Binds a Unix socket at `path` with mode [`SOCKET_MODE`], whatever the umask, without ever
+/// replacing a socket that a live process serves. The socket is bound under a temporary name in
+/// the same directory, given its mode, then hard-linked to `path` (which fails if `path` appeared
+/// meanwhile), so no client can reach it with other permissions and no other socket is clobbered.
+fn bind_private(
+    path: &Path,
+) -> Result<(std::os::unix::net::UnixListener, (u64, u64)), ServerError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let owned = || path.to_path_buf();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServerError::NotASocket { path: owned() });
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ServerError::InUse { path: owned() }),
+            // A socket left by a process that is gone.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                let _ = std::fs::remove_file(path);
+            }
+            Err(source) => {
+                return Err(ServerError::Bind {
+                    path: owned(),
+                    source,
+                })
+            }
+        }
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "api.sock".into());
+    let tmp = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener =
+        std::os::unix::net::UnixListener::bind(&tmp).map_err(|source| ServerError::Bind {
+            path: owned(),
+            source,
+        })?;
+    let published = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match published {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(ServerError::InUse { path: owned() })
+        }
+        Err(source) => {
+            return Err(ServerError::Publish {
+                path: owned(),
+                source,
+            })
+        }
+    }
+    let identity = file_identity(path).ok_or_else(|| ServerError::Publish {
+        path: owned(),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    Ok((listener, identity))
 }
 
 /// Serves the control API for the VM behind `handle` on the Unix socket `path`.
 pub fn spawn(path: &Path, handle: ControlHandle) -> Result<ApiServer, ServerError> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(ServerError::NotASocket {
-                path: path.to_path_buf(),
-            });
-        }
-        // A socket left by a process that is gone.
-        let _ = std::fs::remove_file(path);
-    }
-    let std_listener =
-        std::os::unix::net::UnixListener::bind(path).map_err(|source| ServerError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let (std_listener, identity) = bind_private(path)?;
     std_listener
         .set_nonblocking(true)
         .map_err(ServerError::Runtime)?;
@@ -108,8 +176,71 @@ pub fn spawn(path: &Path, handle: ControlHandle) -> Result<ApiServer, ServerErro
     tracing::info!(socket = %path.display(), "API server listening");
     Ok(ApiServer {
         path: path.to_path_buf(),
+        identity,
         outcome_reported,
         protection,
         _thread: thread,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ftvmm-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_socket_is_owner_only_whatever_the_umask() {
+        let dir = scratch("mode");
+        let path = dir.join("vm.sock");
+        // SAFETY: umask only changes this process's file creation mask; restored below.
+        let old = unsafe { libc::umask(0) };
+        let bound = bind_private(&path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let (_listener, identity) = bound.unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, SOCKET_MODE);
+        assert_eq!(file_identity(&path), Some(identity));
+        // No temporary name is left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_live_socket_is_never_replaced_and_a_stale_one_is() {
+        let dir = scratch("live");
+        let path = dir.join("vm.sock");
+        let (live, _) = bind_private(&path).unwrap();
+        assert!(matches!(
+            bind_private(&path),
+            Err(ServerError::InUse { .. })
+        ));
+        // The first server's socket still answers.
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(live);
+        // Its process is gone (the listener closed): the path is stale and is taken over.
+        let (_again, _) = bind_private(&path).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_socket_is_refused() {
+        let dir = scratch("file");
+        let path = dir.join("vm.sock");
+        std::fs::write(&path, b"data").unwrap();
+        assert!(matches!(
+            bind_private(&path),
+            Err(ServerError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"data");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

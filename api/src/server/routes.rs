@@ -46,6 +46,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Body of `PUT /api/v1/vm/snapshot`.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     /// Directory to write the snapshot to (created if missing).
     #[schema(value_type = String)]
@@ -57,6 +58,7 @@ pub struct SnapshotRequest {
 
 /// Body of `PUT /api/v1/vm/migrate`.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// Destination `HOST:PORT` where `ftvmm receive` listens.
     pub to: String,

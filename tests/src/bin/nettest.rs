@@ -8,7 +8,9 @@
 //!                                 each reply checked; ends after SECONDS or at the first error
 //! ```
 //! `send` and `recv` print `nettest: <verb> bytes=N sha256=HASH mbit_s=R`; `echo` prints
-//! `nettest: echo replies=N max_gap_ms=G`. Exit status 0, or 1 with `nettest: error: ...`.
+//! `nettest: echo replies=N max_gap_ms=G rtt_us_p50=R rtt_us_p99=R` (the gap: the longest time
+//! between two replies, what a client saw of a migration's downtime; the round trips: line sent to
+//! its reply). Exit status 0, or 1 with `nettest: error: ...`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -26,8 +28,10 @@ fn connect(addr: &str) -> Result<TcpStream, String> {
     loop {
         match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
             Ok(s) => {
-                s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
-                s.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(IO_TIMEOUT))
+                    .map_err(|e| e.to_string())?;
+                s.set_write_timeout(Some(IO_TIMEOUT))
+                    .map_err(|e| e.to_string())?;
                 return Ok(s);
             }
             Err(e) if Instant::now() < deadline => {
@@ -112,8 +116,10 @@ fn echo(addr: &str, seconds: u64) -> Result<(), String> {
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut last_reply = Instant::now();
     let mut max_gap = Duration::ZERO;
+    let mut rtts = Vec::new();
     let mut n = 0u64;
     while Instant::now() < end {
+        let sent = Instant::now();
         writer
             .write_all(format!("{n}\n").as_bytes())
             .map_err(|e| format!("echo: send of line {n}: {e}"))?;
@@ -127,21 +133,30 @@ fn echo(addr: &str, seconds: u64) -> Result<(), String> {
             return Err(format!("echo: line {n} came back as {:?}", line.trim_end()));
         }
         let now = Instant::now();
+        rtts.push(now - sent);
         max_gap = max_gap.max(now - last_reply);
         last_reply = now;
         n += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
+    rtts.sort();
+    let percentile = |p: usize| {
+        rtts.get((rtts.len() * p / 100).min(rtts.len().saturating_sub(1)))
+            .map_or(0, |d| d.as_micros())
+    };
     println!(
-        "nettest: echo replies={n} max_gap_ms={}",
-        max_gap.as_millis()
+        "nettest: echo replies={n} max_gap_ms={} rtt_us_p50={} rtt_us_p99={}",
+        max_gap.as_millis(),
+        percentile(50),
+        percentile(99)
     );
     Ok(())
 }
 
 fn run(args: &[String]) -> Result<(), String> {
     let number = |s: &str, what: &str| -> Result<u64, String> {
-        s.parse().map_err(|_| format!("{what} must be a number, not {s:?}"))
+        s.parse()
+            .map_err(|_| format!("{what} must be a number, not {s:?}"))
     };
     match args {
         [verb, addr, n] if verb == "send" => send(addr, number(n, "BYTES")?),

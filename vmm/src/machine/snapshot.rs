@@ -168,7 +168,7 @@ impl Machine {
     ) -> Result<SnapshotInfo, MachineError> {
         let span = tracing::info_span!("snapshot", dir = %dir.display());
         let _guard = span.enter();
-        std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        snapshot::create_private_dir(dir).map_err(io_err("create", dir))?;
         let started = !self.vcpu_threads.is_empty();
         let was_paused = self.control.is_paused();
         let t0 = Instant::now();
@@ -225,7 +225,7 @@ impl Machine {
         let memory_bytes =
             memory::save_memory(&self.memory, &mem_tmp).map_err(io_err("write", &mem_tmp))?;
         let state_tmp = dir.join(format!("{SNAPSHOT_STATE_FILE}.tmp"));
-        std::fs::write(&state_tmp, &blob).map_err(io_err("write", &state_tmp))?;
+        snapshot::write_private(&state_tmp, &blob).map_err(io_err("write", &state_tmp))?;
         let mem_final = dir.join(SNAPSHOT_MEMORY_FILE);
         std::fs::rename(&mem_tmp, &mem_final).map_err(io_err("rename", &mem_final))?;
         let state_final = dir.join(SNAPSHOT_STATE_FILE);
@@ -270,11 +270,11 @@ impl Machine {
                 ),
             ] {
                 let p = dir.join(name);
-                std::fs::write(&p, data).map_err(io_err("write", &p))?;
+                snapshot::write_private(&p, &data).map_err(io_err("write", &p))?;
             }
             // The state file last: a directory without it is not a snapshot.
             let state_tmp = dir.join(format!("{SNAPSHOT_STATE_FILE}.tmp"));
-            std::fs::write(&state_tmp, &blob).map_err(io_err("write", &state_tmp))?;
+            snapshot::write_private(&state_tmp, &blob).map_err(io_err("write", &state_tmp))?;
             let state_final = dir.join(SNAPSHOT_STATE_FILE);
             std::fs::rename(&state_tmp, &state_final).map_err(io_err("rename", &state_final))?;
             Ok(bytes)

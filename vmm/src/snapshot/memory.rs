@@ -1,7 +1,7 @@
 //! Guest memory to and from files. Pages that are entirely zero are left as holes, so a snapshot of
 //! a mostly idle guest is small on disk.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -23,11 +23,7 @@ pub fn total_size(mem: &GuestMemory) -> u64 {
 /// Writes all of guest RAM (regions back to back) to `path`. Returns the bytes of non-zero pages
 /// written.
 pub fn save_memory(mem: &GuestMemory, path: &Path) -> io::Result<u64> {
-    let file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(path)?;
+    let file = super::create_private(path)?;
     file.set_len(total_size(mem))?;
     let mut buf = vec![0u8; CHUNK];
     let mut file_offset = 0u64;
@@ -107,11 +103,7 @@ fn file_offset(mem: &GuestMemory, gpa: u64) -> Option<u64> {
 /// Writes only the pages of `set` into a memory file laid out like [`save_memory`]'s (other pages
 /// are holes). Returns the bytes written.
 pub fn save_pages(mem: &GuestMemory, set: &DirtySet, path: &Path) -> io::Result<u64> {
-    let file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(path)?;
+    let file = super::create_private(path)?;
     file.set_len(total_size(mem))?;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0;
