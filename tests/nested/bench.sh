@@ -7,7 +7,7 @@
 # boot figures; one guest per VMM for I/O; one migration per VMM.
 . /payload/lib.sh
 RUNS=${RUNS:-3}
-VMMS="ftvmm microvm q35"
+VMMS=${VMMS:-ftvmm microvm q35}
 
 # vmm_exec VMM NAME TAP DISK EXTRA [incoming-port]: execs one VMM with the guest under test;
 # NAME picks its control socket or monitor port; EXTRA is appended to the kernel command line.
@@ -42,8 +42,10 @@ vmm_exec() {
     exit 2
 }
 
-# monitor_port NAME: a QEMU monitor port per VM name.
-monitor_port() { echo $((4400 + $(echo "$1" | cksum | cut -c1-3) % 500)); }
+# monitor_port NAME: the QEMU monitor's port of the VM called NAME.
+monitor_port() {
+    case "$1" in src) echo 4401 ;; dst) echo 4402 ;; *) echo 4400 ;; esac
+}
 
 # hmp NAME COMMAND: one QEMU monitor command; prints the monitor's answer.
 hmp() { printf '%s\n' "$2" | nc 127.0.0.1 "$(monitor_port "$1")" 2>/dev/null | tr -d '\r'; }
@@ -58,7 +60,7 @@ bench() { echo "BENCH vmm=$1 figure=$2 value=$3"; }
 
 mkdir -p /dev/shm
 bridge_with br0 tap0 tap1
-mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || echo "bench: no debugfs: KVM counters will read 0"
 kvm_stat() { cat "/sys/kernel/debug/kvm/$1" 2>/dev/null || echo 0; }
 
 echo "bench: $RUNS boots per VMM"
@@ -67,9 +69,9 @@ for run in $(seq 1 "$RUNS"); do
         truncate -s 128M /tmp/disk.img
         exits0=$(kvm_stat exits) io0=$(kvm_stat io_exits) mmio0=$(kvm_stat mmio_exits) pf0=$(kvm_stat pf_taken)
         ms=$(stopwatch 'ftvmm-linux-init: cpus=' /tmp/boot.out -- \
-            sh /payload/run.sh __vmm "$vmm" boot tap0 /tmp/disk.img "" 2>&1 >/dev/null \
+            sh /payload/run.sh __vmm "$vmm" boot tap0 /tmp/disk.img "" 2>/tmp/boot.err \
             | sed -n 's/^stopwatch: ms=//p')
-        [ -n "$ms" ] || { cat /tmp/boot.out | tail -n 30; fail "$vmm: no boot marker"; }
+        [ -n "$ms" ] || { tail -n 30 /tmp/boot.out /tmp/boot.err; fail "$vmm: no boot marker"; }
         bench "$vmm" boot_to_marker_ms "$ms"
         bench "$vmm" guest_uptime_at_marker_ms \
             "$(tr -d '\r' </tmp/boot.out | sed -n 's/^ftvmm-linux-init: uptime=\([0-9]*\)\.\([0-9]*\)$/\1\20/p' | head -n 1)"

@@ -92,7 +92,6 @@ bridge_with() {
     br=$1
     shift
     brctl addbr "$br" || fail "brctl addbr $br"
-    brctl setfd "$br" 0
     for t in "$@"; do
         tap_up "$t"
         brctl addif "$br" "$t" || fail "brctl addif $br $t"

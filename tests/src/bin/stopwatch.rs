@@ -6,7 +6,7 @@
 //! ```
 //! Runs PROGRAM with its stdout copied line by line to the file OUTPUT (stderr is left alone) and,
 //! at the first line containing PATTERN, prints `stopwatch: ms=T` (milliseconds since PROGRAM was
-//! started) on stderr. Exits with PROGRAM's status once it exits; 1 if PATTERN never appeared.
+//! started) on stdout. Exits with PROGRAM's status once it exits; 1 if PATTERN never appeared.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -33,7 +33,7 @@ fn run(args: &[String]) -> Result<i32, String> {
         let Ok(line) = line else { break };
         if !seen && line.windows(pattern.len()).any(|w| w == pattern.as_bytes()) {
             seen = true;
-            eprintln!("stopwatch: ms={}", start.elapsed().as_millis());
+            println!("stopwatch: ms={}", start.elapsed().as_millis());
         }
         out.write_all(&line)
             .and_then(|()| out.write_all(b"\n"))
