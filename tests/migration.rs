@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::netns::TwoHosts;
-use integration_tests::{ftvmm_bin, run_ftvmm, testguest, RunningVm};
+use integration_tests::{ftvmm_bin, run_ftvmm, testguest, tls_pki, RunningVm};
+use replication::link::{self, LinkSecurity};
 use replication::wire::{read_frame, write_frame, Message};
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -22,13 +23,30 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// TLS identities for the tests' two hosts: `a` (the source) and `b` (the destination, reachable on
+/// loopback and, with `hosts`, at host B's address).
+fn pki(dir: &Path, hosts: Option<&TwoHosts>) -> PathBuf {
+    let b_ip = hosts.map(|h| h.b_ip());
+    let mut b: Vec<&str> = vec!["127.0.0.1", "localhost"];
+    if let Some(ip) = &b_ip {
+        b.push(ip);
+    }
+    tls_pki(dir, &[("a", &["127.0.0.1"]), ("b", &b)])
+}
+
+/// `--tls` for host `name` of `pki`.
+fn tls(pki: &Path, name: &str) -> [String; 2] {
+    ["--tls".into(), pki.join(name).display().to_string()]
+}
+
 fn vm_cli(socket: &Path, args: &[&str]) -> integration_tests::RunOutput {
     let mut full = vec!["vm", "--api-socket", socket.to_str().unwrap()];
     full.extend_from_slice(args);
     run_ftvmm(&full, DEADLINE)
 }
 
-/// Starts the net guest (dirtying memory) on host A.
+/// Starts the net guest (dirtying memory) on host A, with its disk `dir/kv.img` and the TLS identity
+/// `a` of `dir/pki`.
 fn source_vm(hosts: &TwoHosts, dir: &Path, dirty: u32) -> (RunningVm, PathBuf) {
     let disk = dir.join("kv.img");
     std::fs::File::create(&disk)
@@ -55,14 +73,16 @@ fn source_vm(hosts: &TwoHosts, dir: &Path, dirty: u32) -> (RunningVm, PathBuf) {
             hosts.guest_ip()
         ),
     ])
-    .args(["--api-socket", sock.to_str().unwrap()]);
+    .args(["--api-socket", sock.to_str().unwrap()])
+    .args(tls(&dir.join("pki"), "a"));
     let mut vm = RunningVm::spawn(cmd);
     vm.wait_for("testguest: net up", DEADLINE);
     (vm, sock)
 }
 
-/// `ftvmm receive` on host B, listening on `listen`, ready.
-fn receiver(hosts: &TwoHosts, listen: &str, sock: &Path) -> RunningVm {
+/// `ftvmm receive` on host B, listening on `listen`, ready: the source's disk (shared storage here)
+/// and host B's TAP, with TLS identity `b` of `dir/pki`.
+fn receiver(hosts: &TwoHosts, dir: &Path, listen: &str, sock: &Path) -> RunningVm {
     let mut cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
     cmd.args([
         "receive",
@@ -70,7 +90,12 @@ fn receiver(hosts: &TwoHosts, listen: &str, sock: &Path) -> RunningVm {
         listen,
         "--api-socket",
         sock.to_str().unwrap(),
-    ]);
+        "--net",
+        "tap=tap0",
+    ])
+    .arg("--disk")
+    .arg(format!("path={}", dir.join("kv.img").display()))
+    .args(tls(&dir.join("pki"), "b"));
     let mut dst = RunningVm::spawn(cmd);
     dst.wait_for_stderr("waiting for a migration", DEADLINE);
     dst
@@ -94,6 +119,7 @@ fn spinning_source(cmdline: &str, sock: &Path, extra: &[&str]) -> RunningVm {
 }
 
 /// `ftvmm receive` on an ephemeral loopback port of this namespace; returns it and its address.
+/// `extra` includes its link security (`--tls` or `--insecure-plain-tcp`).
 fn loopback_receiver(extra: &[&str]) -> (RunningVm, String) {
     let mut cmd = std::process::Command::new(ftvmm_bin());
     cmd.args(["receive", "--listen", "127.0.0.1:0"]).args(extra);
@@ -105,6 +131,7 @@ fn loopback_receiver(extra: &[&str]) -> (RunningVm, String) {
         .find_map(|l| {
             l.split("waiting for a migration on ")
                 .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
                 .map(str::to_string)
         })
         .expect("bound address");
@@ -129,10 +156,11 @@ fn incrementer(
 fn net_guest_live_migrates_while_a_client_keeps_incrementing() {
     let hosts = TwoHosts::new().expect("two-host topology");
     let dir = scratch_dir("live");
+    pki(&dir, Some(&hosts));
     let (mut src, sock_a) = source_vm(&hosts, &dir, 2000);
     let sock_b = dir.join("b.sock");
     let listen = format!("{}:7000", hosts.b_ip());
-    let dst = receiver(&hosts, &listen, &sock_b);
+    let dst = receiver(&hosts, &dir, &listen, &sock_b);
 
     let stop = Arc::new(AtomicBool::new(false));
     let client = incrementer(&hosts, stop.clone());
@@ -177,6 +205,7 @@ fn net_guest_live_migrates_while_a_client_keeps_incrementing() {
 fn a_destination_dying_mid_migration_leaves_the_source_running() {
     let hosts = TwoHosts::new().expect("two-host topology");
     let dir = scratch_dir("dies");
+    let pki = pki(&dir, Some(&hosts));
     let (src, sock_a) = source_vm(&hosts, &dir, 5000);
     let stop = Arc::new(AtomicBool::new(false));
     let client = incrementer(&hosts, stop.clone());
@@ -184,13 +213,10 @@ fn a_destination_dying_mid_migration_leaves_the_source_running() {
     // A destination that takes the hello and some memory, then disappears.
     let listen = format!("{}:7001", hosts.b_ip());
     let l2 = listen.clone();
-    let fake = hosts.b.run(move || TcpListener::bind(&l2).unwrap());
+    let fake = hosts.b.run(move || link::bind(&l2).unwrap());
+    let security = LinkSecurity::tls(&pki.join("b")).unwrap();
     let fake_dst = std::thread::spawn(move || {
-        let (mut s, _) = fake.accept().unwrap();
-        assert!(matches!(
-            read_frame::<_, Message>(&mut s).unwrap(),
-            Message::Hello { .. }
-        ));
+        let mut s = link::accept_peer(&fake, &security, DEADLINE).unwrap().link;
         write_frame(&mut s, &Message::Ready).unwrap();
         for _ in 0..2 {
             let _ = read_frame::<_, Message>(&mut s);
@@ -208,7 +234,7 @@ fn a_destination_dying_mid_migration_leaves_the_source_running() {
     // A real destination killed while receiving.
     let sock_b = dir.join("b.sock");
     let listen = format!("{}:7002", hosts.b_ip());
-    let mut dst = receiver(&hosts, &listen, &sock_b);
+    let mut dst = receiver(&hosts, &dir, &listen, &sock_b);
     let socket = sock_a.clone();
     let target = listen.clone();
     // A 1 ms downtime target keeps a dirtying guest in pre-copy long enough to kill the destination.
@@ -245,9 +271,14 @@ fn a_destination_dying_mid_migration_leaves_the_source_running() {
 
 #[test]
 fn a_destination_refuses_corrupted_or_truncated_streams() {
+    let dir = scratch_dir("corrupt");
+    let pki = pki(&dir, None);
+    let b = tls(&pki, "b");
+    let security = LinkSecurity::tls(&pki.join("a")).unwrap();
     for (name, corrupt) in [("bitflip", true), ("truncated", false)] {
-        let (mut dst, listen) = loopback_receiver(&["--serial", "null"]);
-        let mut s = TcpStream::connect(&listen).unwrap();
+        let (mut dst, listen) = loopback_receiver(&["--serial", "null", &b[0], &b[1]]);
+        // An authenticated peer sending a damaged stream inside TLS.
+        let mut s = link::connect(&listen, &security, DEADLINE, DEADLINE).unwrap();
         let description = vmm::machine::MachineDescription {
             vcpus: 1,
             memory_mib: 32,
@@ -276,9 +307,10 @@ fn a_destination_refuses_corrupted_or_truncated_streams() {
             let mid = frame.len() / 2;
             frame[mid] ^= 0x01;
             s.write_all(&frame).unwrap();
+            s.flush().unwrap();
         } else {
             s.write_all(&frame[..frame.len() / 2]).unwrap();
-            drop(s);
+            s.close();
         }
         assert_eq!(dst.wait_exit(DEADLINE), Some(1), "{name}: {}", dst.stderr());
         let err = dst.stderr();
@@ -296,14 +328,17 @@ fn a_destination_refuses_corrupted_or_truncated_streams() {
 #[test]
 fn migration_with_the_dirty_ring_completes() {
     let dir = scratch_dir("ring");
+    let pki = pki(&dir, None);
+    let (a, b) = (tls(&pki, "a"), tls(&pki, "b"));
     let sock_a = dir.join("a.sock");
     let sock_b = dir.join("b.sock");
     let mut src = spinning_source(
         "mode=spin dirty=5000 dirty_mb=32",
         &sock_a,
-        &["--vcpus", "2", "--dirty-ring", "4096"],
+        &["--vcpus", "2", "--dirty-ring", "4096", &a[0], &a[1]],
     );
-    let (mut dst, listen) = loopback_receiver(&["--api-socket", sock_b.to_str().unwrap()]);
+    let (mut dst, listen) =
+        loopback_receiver(&["--api-socket", sock_b.to_str().unwrap(), &b[0], &b[1]]);
     let out = vm_cli(&sock_a, &["migrate", "--to", &listen]);
     assert_eq!(out.code(), Some(0), "{out:?}\n{}", src.stderr());
     assert_eq!(src.wait_exit(DEADLINE), Some(0));
@@ -316,9 +351,15 @@ fn migration_with_the_dirty_ring_completes() {
 #[test]
 fn a_migration_can_be_cancelled_and_the_guest_stays() {
     let dir = scratch_dir("cancel");
+    let pki = pki(&dir, None);
+    let (a, b) = (tls(&pki, "a"), tls(&pki, "b"));
     let sock_a = dir.join("a.sock");
-    let _src = spinning_source("mode=spin dirty=20000 dirty_mb=64", &sock_a, &[]);
-    let (mut dst, listen) = loopback_receiver(&["--serial", "null"]);
+    let _src = spinning_source(
+        "mode=spin dirty=20000 dirty_mb=64",
+        &sock_a,
+        &[&a[0], &a[1]],
+    );
+    let (mut dst, listen) = loopback_receiver(&["--serial", "null", &b[0], &b[1]]);
 
     // A 1 ms target keeps a fast-dirtying guest in pre-copy.
     let socket = sock_a.clone();
@@ -398,26 +439,21 @@ fn corrupting_proxy(
 fn a_corrupted_stream_is_refused_and_the_source_keeps_serving() {
     let hosts = TwoHosts::new().expect("two-host topology");
     let dir = scratch_dir("corrupt-live");
+    pki(&dir, Some(&hosts));
     let (src, sock_a) = source_vm(&hosts, &dir, 2000);
     let stop = Arc::new(AtomicBool::new(false));
     let client = incrementer(&hosts, stop.clone());
 
     let dst_listen = "127.0.0.1:7004".to_string();
-    let mut dst_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
-    dst_cmd.args(["receive", "--listen", &dst_listen, "--serial", "null"]);
-    let mut dst = RunningVm::spawn(dst_cmd);
-    dst.wait_for_stderr("waiting for a migration", DEADLINE);
+    let mut dst = receiver(&hosts, &dir, &dst_listen, &dir.join("b.sock"));
     let proxy_listen = format!("{}:7003", hosts.b_ip());
     let proxy = corrupting_proxy(&hosts, proxy_listen.clone(), dst_listen, 200_000);
 
     let out = vm_cli(&sock_a, &["migrate", "--to", &proxy_listen]);
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert_eq!(dst.wait_exit(DEADLINE), Some(1), "{}", dst.stderr());
-    assert!(
-        dst.stderr().contains("checksum mismatch"),
-        "{}",
-        dst.stderr()
-    );
+    // TLS authenticates every record: the flipped bit fails decryption before the frame checksum.
+    assert!(dst.stderr().contains("decrypt"), "{}", dst.stderr());
     proxy.join().unwrap();
 
     std::thread::sleep(Duration::from_millis(500));
@@ -427,4 +463,125 @@ fn a_corrupted_stream_is_refused_and_the_source_keeps_serving() {
     let info = vm_cli(&sock_a, &["info"]);
     assert!(info.stdout.contains("\"running\""), "{info:?}");
     assert!(src.output().contains("net up"));
+}
+
+#[test]
+fn a_receiver_refuses_unauthenticated_peers_and_waits_for_the_right_one() {
+    let dir = scratch_dir("auth");
+    let pki = pki(&dir, None);
+    let b = tls(&pki, "b");
+    let sock_b = dir.join("b.sock");
+    let (mut dst, listen) =
+        loopback_receiver(&["--api-socket", sock_b.to_str().unwrap(), &b[0], &b[1]]);
+    let refusals = |dst: &RunningVm| dst.stderr().matches("refused a connection").count();
+
+    // A peer speaking plain TCP gets no answer but a closed connection.
+    let mut plain = TcpStream::connect(&listen).unwrap();
+    plain.set_read_timeout(Some(DEADLINE)).unwrap();
+    let description = vmm::machine::MachineDescription {
+        vcpus: 1,
+        memory_mib: 32,
+        disks: vec![],
+        nets: vec![],
+    };
+    let _ = write_frame(&mut plain, &Message::Hello { description });
+    assert!(read_frame::<_, Message>(&mut plain).is_err());
+    dst.wait_for_stderr("refused a connection", DEADLINE);
+
+    // A source whose certificate (and CA) the receiver does not know: it cannot even trust the
+    // receiver, and gives up with a TLS error.
+    let other = tls_pki(&dir.join("other"), &[("a", &["127.0.0.1"])]);
+    let sock_a = dir.join("a.sock");
+    let stranger = ["--tls".to_string(), other.join("a").display().to_string()];
+    let mut src = spinning_source("mode=spin", &sock_a, &[&stranger[0], &stranger[1]]);
+    let out = vm_cli(&sock_a, &["migrate", "--to", &listen]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("TLS"), "{out:?}");
+    src.kill();
+
+    // A source that trusts the receiver's CA but holds a certificate from another: the receiver
+    // refuses it.
+    let impostor = dir.join("impostor");
+    std::fs::create_dir_all(&impostor).unwrap();
+    std::fs::copy(pki.join("a/ca.crt"), impostor.join("ca.crt")).unwrap();
+    std::fs::copy(other.join("a/node.crt"), impostor.join("node.crt")).unwrap();
+    std::fs::copy(other.join("a/node.key"), impostor.join("node.key")).unwrap();
+    let impostor_tls = ["--tls".to_string(), impostor.display().to_string()];
+    let mut src = spinning_source("mode=spin", &sock_a, &[&impostor_tls[0], &impostor_tls[1]]);
+    let out = vm_cli(&sock_a, &["migrate", "--to", &listen]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    src.kill();
+    let t0 = Instant::now();
+    while refusals(&dst) < 3 {
+        assert!(t0.elapsed() < DEADLINE, "{}", dst.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !dst.stderr().contains("building the VM"),
+        "{}",
+        dst.stderr()
+    );
+
+    // The receiver kept waiting: the right source migrates.
+    let a = tls(&pki, "a");
+    let mut src = spinning_source("mode=spin", &sock_a, &[&a[0], &a[1]]);
+    let out = vm_cli(&sock_a, &["migrate", "--to", &listen]);
+    assert_eq!(out.code(), Some(0), "{out:?}\n{}", dst.stderr());
+    assert_eq!(src.wait_exit(DEADLINE), Some(0));
+    let vcpus = vm_cli(&sock_b, &["vcpus"]);
+    assert!(vcpus.stdout.contains("\"cpl\": 3"), "{vcpus:?}");
+    dst.kill();
+}
+
+#[test]
+fn a_peer_naming_a_disk_path_gets_nothing_opened() {
+    let dir = scratch_dir("paths");
+    let pki = pki(&dir, None);
+    let b = tls(&pki, "b");
+    // The receiver was given no disk; the peer names a file of this host.
+    let victim = dir.join("victim.img");
+    std::fs::write(&victim, b"precious").unwrap();
+    let (mut dst, listen) = loopback_receiver(&["--serial", "null", &b[0], &b[1]]);
+    let security = LinkSecurity::tls(&pki.join("a")).unwrap();
+    let description = vmm::machine::MachineDescription {
+        vcpus: 1,
+        memory_mib: 32,
+        disks: vec![vmm::machine::DiskDescription {
+            path: victim.clone(),
+            read_only: false,
+        }],
+        nets: vec![],
+    };
+    let err = link::open(&listen, &description, &security, DEADLINE, DEADLINE).unwrap_err();
+    let err = err.to_string();
+    assert!(err.contains("a peer never chooses host paths"), "{err}");
+    assert_eq!(dst.wait_exit(DEADLINE), Some(1), "{}", dst.stderr());
+    assert!(!dst.stderr().contains("victim.img"), "{}", dst.stderr());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+}
+
+#[test]
+fn links_need_tls_or_an_explicit_plain_tcp_flag() {
+    let out = run_ftvmm(&["receive", "--listen", "127.0.0.1:0"], DEADLINE);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("--tls DIR"), "{out:?}");
+    let out = run_ftvmm(
+        &[
+            "standby",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            "/nonexistent/pki",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("/nonexistent/pki/ca.crt"), "{out:?}");
+    // Without either, a VM runs but cannot migrate.
+    let dir = scratch_dir("nolink");
+    let sock = dir.join("a.sock");
+    let _src = spinning_source("mode=spin", &sock, &[]);
+    let out = vm_cli(&sock, &["migrate", "--to", "127.0.0.1:9"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("--insecure-plain-tcp"), "{out:?}");
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::netns::TwoHosts;
-use integration_tests::{ftvmm_bin, testguest, RunningVm};
+use integration_tests::{ftvmm_bin, testguest, tls_pki, RunningVm};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
@@ -18,6 +18,8 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("primary.sock");
     let listen = format!("{}:7100", hosts.b_ip());
+    let b_ip = hosts.b_ip();
+    let pki = tls_pki(&dir, &[("a", &["127.0.0.1"]), ("b", &[b_ip.as_str()])]);
     let mut standby_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
     standby_cmd.args([
         "standby",
@@ -25,7 +27,10 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
         &listen,
         "--failure-timeout-ms",
         "1000",
+        "--net",
+        "tap=tap0",
     ]);
+    standby_cmd.arg("--tls").arg(pki.join("b"));
     let mut standby = RunningVm::spawn(standby_cmd);
     standby.wait_for_stderr("standing by on", DEADLINE);
 
@@ -46,6 +51,8 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
             &format!("mode=net ip={}/24 dirty=500 dirty_mb=8", hosts.guest_ip()),
         ])
         .args(["--standby", &listen, "--epoch-ms", "50"])
+        .arg("--tls")
+        .arg(pki.join("a"))
         .args(["--api-socket", sock.to_str().unwrap()]);
     let mut primary = RunningVm::spawn(primary_cmd);
     primary.wait_for("testguest: net up", DEADLINE);
@@ -103,4 +110,84 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
         .unwrap_or_else(|e| panic!("client: {e}\nstandby:\n{}", standby.stderr()));
     assert!(last >= at_failure + 10);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A standby on loopback with TLS identity `b` of a fresh PKI under `dir`; returns it, its address
+/// and the PKI.
+fn loopback_standby(dir: &std::path::Path) -> (RunningVm, String, std::path::PathBuf) {
+    let pki = tls_pki(dir, &[("a", &["127.0.0.1"]), ("b", &["127.0.0.1"])]);
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.args(["standby", "--listen", "127.0.0.1:0", "--serial", "null"])
+        .arg("--tls")
+        .arg(pki.join("b"));
+    let mut standby = RunningVm::spawn(cmd);
+    standby.wait_for_stderr("standing by on ", DEADLINE);
+    let addr = standby
+        .stderr()
+        .lines()
+        .find_map(|l| l.split("standing by on ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("bound address")
+        .to_string();
+    (standby, addr, pki)
+}
+
+#[test]
+fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
+    use replication::link::{self, LinkSecurity};
+    use replication::wire::{write_frame, Message, PageRun};
+    let description = vmm::machine::MachineDescription {
+        vcpus: 1,
+        memory_mib: 32,
+        disks: vec![],
+        nets: vec![],
+    };
+    let cases: [(&str, Message, &str); 3] = [
+        (
+            "out of order",
+            Message::EpochPages {
+                epoch: 5,
+                runs: vec![],
+            },
+            "pages of checkpoint 5 where 0 was due",
+        ),
+        (
+            "outside memory",
+            Message::EpochPages {
+                epoch: 0,
+                runs: vec![PageRun {
+                    gpa: 1 << 40,
+                    data: vec![1; 4096],
+                }],
+            },
+            "not whole pages of guest memory",
+        ),
+        (
+            "torn page",
+            Message::EpochPages {
+                epoch: 0,
+                runs: vec![PageRun {
+                    gpa: 0x10_0000,
+                    data: vec![1; 100],
+                }],
+            },
+            "not whole pages of guest memory",
+        ),
+    ];
+    for (name, message, expected) in cases {
+        let dir = std::env::temp_dir().join(format!(
+            "ftvmm-replication-order-{}-{}",
+            std::process::id(),
+            name.replace(' ', "-")
+        ));
+        let (mut standby, addr, pki) = loopback_standby(&dir);
+        let security = LinkSecurity::tls(&pki.join("a")).unwrap();
+        let mut link = link::open(&addr, &description, &security, DEADLINE, DEADLINE).unwrap();
+        write_frame(&mut link, &message).unwrap();
+        assert_eq!(standby.wait_exit(DEADLINE), Some(1), "{name}");
+        let err = standby.stderr();
+        assert!(err.contains(expected), "{name}: {err}");
+        assert!(err.contains("nothing to resume"), "{name}: {err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

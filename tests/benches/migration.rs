@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{ftvmm_bin, run_ftvmm, stats, testguest, RunningVm};
+use integration_tests::{ftvmm_bin, run_ftvmm, stats, testguest, tls_pki, RunningVm};
 use vmm::{CpuFeatures, Machine, SerialOutput, VmConfig};
 
 const RUNS: usize = 5;
@@ -38,6 +38,7 @@ fn scratch(name: &str) -> PathBuf {
 
 fn migrate_once(cmdline: &str, run: usize) -> Outcome {
     let dir = scratch(&format!("run{run}"));
+    let pki = tls_pki(&dir, &[("a", &["127.0.0.1"]), ("b", &["127.0.0.1"])]);
     let sock = dir.join("src.sock");
     let mut src_cmd = Command::new(ftvmm_bin());
     src_cmd
@@ -55,12 +56,15 @@ fn migrate_once(cmdline: &str, run: usize) -> Outcome {
             cmdline,
             "--api-socket",
             sock.to_str().unwrap(),
-        ]);
+        ])
+        .arg("--tls")
+        .arg(pki.join("a"));
     let mut src = RunningVm::spawn(src_cmd);
     src.wait_for("testguest: spinning", DEADLINE);
     let listen = format!("127.0.0.1:{}", free_port());
     let mut dst_cmd = Command::new(ftvmm_bin());
     dst_cmd.args(["receive", "--listen", &listen, "--serial", "null"]);
+    dst_cmd.arg("--tls").arg(pki.join("b"));
     let mut dst = RunningVm::spawn(dst_cmd);
     dst.wait_for_stderr("waiting for a migration", DEADLINE);
     // Let the dirtying workload reach its rate.

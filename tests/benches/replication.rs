@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{ftvmm_bin, run_ftvmm, stats, testguest, RunningVm};
+use integration_tests::{ftvmm_bin, run_ftvmm, stats, testguest, tls_pki, RunningVm};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -23,8 +23,10 @@ fn protect(cmdline: &str, epoch_ms: u32) {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
+    let pki = tls_pki(&dir, &[("a", &["127.0.0.1"]), ("b", &["127.0.0.1"])]);
     let mut standby_cmd = Command::new(ftvmm_bin());
     standby_cmd.args(["standby", "--listen", &listen, "--serial", "null"]);
+    standby_cmd.arg("--tls").arg(pki.join("b"));
     let mut standby = RunningVm::spawn(standby_cmd);
     standby.wait_for_stderr("standing by", DEADLINE);
     let mut primary_cmd = Command::new(ftvmm_bin());
@@ -46,7 +48,9 @@ fn protect(cmdline: &str, epoch_ms: u32) {
             "--epoch-ms",
             &epoch_ms.to_string(),
         ])
-        .args(["--api-socket", sock.to_str().unwrap()]);
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .arg("--tls")
+        .arg(pki.join("a"));
     let mut primary = RunningVm::spawn(primary_cmd);
     primary.wait_for("testguest: spinning", DEADLINE);
     let (mut pauses, mut commits, mut pages) = (Vec::new(), Vec::new(), Vec::new());

@@ -8,6 +8,8 @@
 . /payload/lib.sh
 RUNS=${RUNS:-3}
 VMMS=${VMMS:-ftvmm microvm q35}
+# ftvmm links are mutual TLS, as in production (QEMU's migration stream is plain TCP).
+[ -d /tmp/pki ] || ftvmm tls-certs --out /tmp/pki src=127.0.0.1 dst=127.0.0.1 >/dev/null || fail "tls-certs"
 
 # vmm_exec VMM NAME TAP DISK EXTRA [incoming-port]: execs one VMM with the guest under test;
 # NAME picks its control socket or monitor port; EXTRA is appended to the kernel command line.
@@ -18,11 +20,11 @@ vmm_exec() {
         ftvmm)
             if [ -n "$incoming" ]; then
                 exec ftvmm receive --listen "127.0.0.1:$incoming" --net "tap=$tap" \
-                    --disk "path=$disk" --api-socket "/tmp/$name.sock"
+                    --disk "path=$disk" --api-socket "/tmp/$name.sock" --tls /tmp/pki/dst
             fi
             exec ftvmm run --kernel "$KERNEL" --initrd "$INITRD" --vcpus 2 --memory 512 \
                 --cmdline "$cmdline" --disk "path=$disk" --net "tap=$tap" \
-                --api-socket "/tmp/$name.sock" ;;
+                --api-socket "/tmp/$name.sock" --tls /tmp/pki/src ;;
         microvm|q35)
             if [ "$vmm" = microvm ]; then
                 machine=microvm,acpi=on,rtc=on blk=virtio-blk-device net=virtio-net-device

@@ -3,9 +3,12 @@
 # connection survives, and the guest powers off on the destination (exit 0).
 . /payload/lib.sh
 bridge_with br0 tap0 tap1
-guest_start src "ftvmm.test=echo ftvmm.ip=$GUEST_IP/24" --net tap=tap0 --api-socket /tmp/src.sock
+ftvmm tls-certs --out /tmp/pki src=127.0.0.1 dst=127.0.0.1 >/dev/null || fail "tls-certs"
+guest_start src "ftvmm.test=echo ftvmm.ip=$GUEST_IP/24" --net tap=tap0 --api-socket /tmp/src.sock \
+    --tls /tmp/pki/src
 wait_for src 'ftvmm-linux-net: up' 300
-vm_start dst receive --listen 127.0.0.1:7000 --net tap=tap1 --api-socket /tmp/dst.sock
+vm_start dst receive --listen 127.0.0.1:7000 --net tap=tap1 --api-socket /tmp/dst.sock \
+    --tls /tmp/pki/dst
 nettest echo "$GUEST_IP:7" 25 >/tmp/echo.out 2>&1 &
 client=$!
 sleep 5

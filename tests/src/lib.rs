@@ -49,6 +49,25 @@ pub fn testguest() -> PathBuf {
     p
 }
 
+/// Makes a fresh CA and a TLS identity for each `(name, addresses)` under `dir/pki` with
+/// `ftvmm tls-certs` (replacing an earlier one); a host then runs with `--tls dir/pki/<name>`.
+pub fn tls_pki(dir: &Path, nodes: &[(&str, &[&str])]) -> PathBuf {
+    let pki = dir.join("pki");
+    let _ = std::fs::remove_dir_all(&pki);
+    let mut args = vec![
+        "tls-certs".to_string(),
+        "--out".into(),
+        pki.display().to_string(),
+    ];
+    for (name, addrs) in nodes {
+        args.push(format!("{name}={}", addrs.join(",")));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_ftvmm(&args, Duration::from_secs(60));
+    assert_eq!(out.code(), Some(0), "ftvmm tls-certs: {out:?}");
+    pki
+}
+
 /// A finished ftvmm run.
 #[derive(Debug)]
 pub struct RunOutput {

@@ -1,10 +1,12 @@
-//! Options shared by the commands that bring an existing guest to this host (`restore`, `receive`):
-//! this host's backends for the guest's devices, and its API socket.
+//! Options shared by the commands that bring an existing guest to this host (`restore`, `receive`,
+//! `standby`): this host's backends for the guest's devices, its API socket and its links.
 
 use std::path::PathBuf;
 
 use clap::Args;
 use vmm::{BlockConfig, NetConfig, RestoreOptions, SerialOutput};
+
+use super::link::LinkArgs;
 
 /// This host's serial output, disks and TAPs for a guest that already has its devices.
 #[derive(Args, Debug)]
@@ -14,18 +16,23 @@ pub struct BackendArgs {
     serial: SerialOutput,
 
     /// This host's image for each of the guest's disks (path=IMG[,readonly]), one per disk, in
-    /// order. Without it the paths the guest had are used (shared storage).
+    /// order. Required for every disk of a guest received over the network (a peer never names
+    /// host paths); `restore` without it uses the paths in the snapshot.
     #[arg(long = "disk", value_name = "path=IMG[,readonly]")]
     disks: Vec<BlockConfig>,
 
     /// This host's TAP for each of the guest's NICs (tap=NAME), one per NIC, in order. The guest
-    /// keeps its MAC address. Without it the TAP names the guest had are used.
+    /// keeps its MAC address. Required for every NIC of a guest received over the network;
+    /// `restore` without it uses the TAP names in the snapshot.
     #[arg(long = "net", value_name = "tap=NAME")]
     nets: Vec<NetConfig>,
 
     /// Serve the VM's control API on this Unix socket once it runs.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub link: LinkArgs,
 }
 
 impl BackendArgs {

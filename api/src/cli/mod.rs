@@ -1,10 +1,12 @@
 //! Command-line interface: one module per subcommand.
 
 mod backends;
+mod link;
 mod receive;
 mod restore;
 mod run;
 mod standby;
+mod tls_certs;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -17,8 +19,9 @@ pub const EXIT_ERROR: u8 = 1;
     name = "ftvmm",
     version,
     about = "ftvmm: a fault-tolerant KVM virtual machine monitor",
-    long_about = "ftvmm runs KVM virtual machines and (with later subcommands) keeps them alive \
-                  through the loss of their host by checkpointing them to a hot standby.\n\n\
+    long_about = "ftvmm runs KVM virtual machines and keeps them alive through the loss of their \
+                  host by checkpointing them to a hot standby; it also snapshots and live-migrates \
+                  them. Links between hosts use mutual TLS (`ftvmm tls-certs`).\n\n\
                   Logging: set FTVMM_LOG (e.g. FTVMM_LOG=info or FTVMM_LOG=vmm=debug)."
 )]
 pub struct Cli {
@@ -32,6 +35,7 @@ enum Command {
     Restore(restore::RestoreArgs),
     Receive(receive::ReceiveArgs),
     Standby(standby::StandbyArgs),
+    TlsCerts(tls_certs::TlsCertsArgs),
     Vm(vm::VmArgs),
 }
 
@@ -42,6 +46,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         Command::Restore(args) => restore::restore(args),
         Command::Receive(args) => receive::receive(args),
         Command::Standby(args) => standby::standby(args),
+        Command::TlsCerts(args) => tls_certs::tls_certs(args),
         Command::Vm(args) => vm::vm(args),
     }
 }

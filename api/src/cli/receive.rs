@@ -10,7 +10,10 @@ use super::backends::BackendArgs;
 #[command(
     after_help = "If the migration fails before the hand-over (the source dies, the link breaks, \
 the stream is corrupt), nothing runs here and ftvmm exits 1 with the reason; the source keeps its guest.\n\n\
-Example:\n  ftvmm receive --listen 0.0.0.0:7000 --net tap=tap0 --disk path=/srv/disk.img --api-socket /run/vm.sock"
+Only a source holding a certificate from the same CA (--tls) is accepted; any other connection is refused \
+with a warning and the wait goes on. The disks and TAPs are this host's, given here, one per device of the \
+guest: the source never names host paths.\n\n\
+Example:\n  ftvmm receive --listen 0.0.0.0:7000 --tls /etc/ftvmm/pki/host-b --net tap=tap0 --disk path=/srv/disk.img --api-socket /run/vm.sock"
 )]
 pub struct ReceiveArgs {
     /// Address to listen on, HOST:PORT.
@@ -22,12 +25,24 @@ pub struct ReceiveArgs {
 }
 
 pub fn receive(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
-    let (machine, peer) =
-        receive_migration(&args.listen, &args.backends.restore_options(), |addr| {
-            eprintln!("ftvmm: waiting for a migration on {addr}");
-        })?;
+    let security = args.backends.link.required("ftvmm receive")?;
+    let (machine, peer) = receive_migration(
+        &args.listen,
+        &args.backends.restore_options(),
+        &security,
+        |addr| {
+            eprintln!(
+                "ftvmm: waiting for a migration on {addr} ({})",
+                security.name()
+            )
+        },
+    )?;
     eprintln!("ftvmm: guest received from {peer}; running it here");
-    super::run::run_machine_after(machine, args.backends.api_socket.as_deref(), None, |m| {
-        m.announce_network()
-    })
+    super::run::run_machine_after(
+        machine,
+        args.backends.api_socket.as_deref(),
+        Some(security),
+        None,
+        |m| m.announce_network(),
+    )
 }

@@ -3,9 +3,12 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use replication::link::LinkSecurity;
 use vmm::{
     BlockConfig, CpuFeatures, CpuTemplate, Machine, NetConfig, SerialOutput, VmConfig, VmExit,
 };
+
+use super::link::LinkArgs;
 
 const AFTER_HELP: &str = "\
 Exit status:
@@ -95,7 +98,7 @@ pub struct RunArgs {
     /// Protect the guest with a hot standby (`ftvmm standby --listen HOST:PORT` on another host):
     /// checkpoint it every --epoch-ms and hold its network output until the standby has each
     /// checkpoint. If the standby is lost the guest runs on unprotected. Guests with disks cannot be
-    /// protected yet.
+    /// protected yet. Needs --tls (or --insecure-plain-tcp).
     #[arg(long, value_name = "HOST:PORT")]
     standby: Option<String>,
 
@@ -107,6 +110,9 @@ pub struct RunArgs {
     /// Serve the VM's control API (JSON over HTTP) on this Unix socket; see `ftvmm vm --help`.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+
+    #[command(flatten)]
+    link: LinkArgs,
 }
 
 pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
@@ -128,16 +134,25 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         nets: args.nets,
         dirty_ring: args.dirty_ring,
     };
+    let security = match args.standby {
+        Some(_) => Some(args.link.required("--standby")?),
+        None => args.link.security()?,
+    };
     let mut machine = Machine::build(&config)?;
-    let protection = match args.standby {
-        Some(standby) => Some(replication::protection::ProtectionParams {
+    let protection = match (args.standby, &security) {
+        (Some(standby), Some(security)) => Some(replication::protection::ProtectionParams {
             standby,
+            security: security.clone(),
             epoch: std::time::Duration::from_millis(args.epoch_ms),
         }),
-        None => None,
+        _ => None,
     };
     let _server = match args.api_socket.as_deref() {
-        Some(path) => Some(crate::server::spawn(path, machine.control_handle()?)?),
+        Some(path) => Some(crate::server::spawn(
+            path,
+            machine.control_handle()?,
+            security.clone(),
+        )?),
         None => None,
     };
     if let Some(params) = protection {
@@ -158,7 +173,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         drop(kept);
         return Ok(report_exit(&exit, _server.as_ref()));
     }
-    run_machine(machine, None, _server)
+    run_machine(machine, None, security, _server)
 }
 
 /// Starts `machine`, serves its API when asked, and waits for the guest to stop; returns the
@@ -166,21 +181,24 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
 pub(super) fn run_machine(
     machine: Machine,
     api_socket: Option<&std::path::Path>,
+    link: Option<LinkSecurity>,
     server: Option<crate::server::ApiServer>,
 ) -> Result<u8, Box<dyn std::error::Error>> {
-    run_machine_after(machine, api_socket, server, |_| {})
+    run_machine_after(machine, api_socket, link, server, |_| {})
 }
 
-/// As [`run_machine`], calling `started` once the vCPUs run.
+/// As [`run_machine`], calling `started` once the vCPUs run. `link`: how the API's migrations
+/// are protected.
 pub(super) fn run_machine_after(
     mut machine: Machine,
     api_socket: Option<&std::path::Path>,
+    link: Option<LinkSecurity>,
     server: Option<crate::server::ApiServer>,
     started: impl FnOnce(&Machine),
 ) -> Result<u8, Box<dyn std::error::Error>> {
     let _server = match (server, api_socket) {
         (Some(s), _) => Some(s),
-        (None, Some(path)) => Some(crate::server::spawn(path, machine.control_handle()?)?),
+        (None, Some(path)) => Some(crate::server::spawn(path, machine.control_handle()?, link)?),
         (None, None) => None,
     };
     machine.start()?;

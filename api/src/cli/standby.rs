@@ -14,7 +14,9 @@ use super::backends::BackendArgs;
     after_help = "The standby applies a checkpoint only once all of it has arrived and verified; a torn \
 one is discarded whole. Output the guest produced after the last committed checkpoint was never released \
 by the primary, so no client saw anything this copy does not also hold.\n\n\
-Example:\n  ftvmm standby --listen 0.0.0.0:7100 --net tap=tap0 --api-socket /run/vm.sock"
+Only a primary holding a certificate from the same CA (--tls) is accepted; the disks and TAPs are this \
+host's, given here.\n\n\
+Example:\n  ftvmm standby --listen 0.0.0.0:7100 --tls /etc/ftvmm/pki/host-b --net tap=tap0 --api-socket /run/vm.sock"
 )]
 pub struct StandbyArgs {
     /// Address to listen on for the primary, HOST:PORT.
@@ -31,11 +33,13 @@ pub struct StandbyArgs {
 }
 
 pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let security = args.backends.link.required("ftvmm standby")?;
     let takeover = run_standby(
         &args.listen,
         &args.backends.restore_options(),
+        &security,
         Duration::from_millis(args.failure_timeout_ms),
-        |addr| eprintln!("ftvmm: standing by on {addr}"),
+        |addr| eprintln!("ftvmm: standing by on {addr} ({})", security.name()),
     )?;
     eprintln!(
         "ftvmm: primary lost ({}); taking over from checkpoint {}",
@@ -44,6 +48,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
     super::run::run_machine_after(
         takeover.machine,
         args.backends.api_socket.as_deref(),
+        Some(security),
         None,
         |m| m.announce_network(),
     )

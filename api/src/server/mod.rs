@@ -142,7 +142,11 @@ fn bind_private(
 }
 
 /// Serves the control API for the VM behind `handle` on the Unix socket `path`.
-pub fn spawn(path: &Path, handle: ControlHandle) -> Result<ApiServer, ServerError> {
+pub fn spawn(
+    path: &Path,
+    handle: ControlHandle,
+    link: Option<replication::link::LinkSecurity>,
+) -> Result<ApiServer, ServerError> {
     let (std_listener, identity) = bind_private(path)?;
     std_listener
         .set_nonblocking(true)
@@ -152,7 +156,7 @@ pub fn spawn(path: &Path, handle: ControlHandle) -> Result<ApiServer, ServerErro
         .enable_time()
         .build()
         .map_err(ServerError::Runtime)?;
-    let state = routes::ApiState::new(handle);
+    let state = routes::ApiState::new(handle, link);
     let outcome_reported = state.outcome_reported.clone();
     let protection = state.protection.clone();
     let app = routes::router(state);

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use utoipa::{OpenApi, ToSchema};
 
+use replication::link::LinkSecurity;
 use replication::migration::{start_migration, MigrationHandle, MigrationParams, MigrationStatus};
 use replication::protection::ProtectionHandle;
 use vmm::control::{ControlError, VmCommand, VmReply};
@@ -20,9 +21,10 @@ use vmm::ControlHandle;
 
 impl ApiState {
     /// Fresh state for the VM behind `handle`.
-    pub fn new(handle: ControlHandle) -> Self {
+    pub fn new(handle: ControlHandle, link: Option<LinkSecurity>) -> Self {
         Self {
             handle,
+            link,
             migration: Arc::new(Mutex::new(None)),
             outcome_reported: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             protection: Arc::new(Mutex::new(None)),
@@ -34,6 +36,9 @@ impl ApiState {
 #[derive(Clone)]
 pub struct ApiState {
     handle: ControlHandle,
+    /// How this process protects the links it opens (`None`: it was given neither `--tls` nor
+    /// `--insecure-plain-tcp`, so it cannot migrate).
+    link: Option<LinkSecurity>,
     migration: Arc<Mutex<Option<MigrationHandle>>>,
     /// Set once a client has been told that a migration finished.
     pub(super) outcome_reported: Arc<std::sync::atomic::AtomicBool>,
@@ -245,7 +250,14 @@ async fn vm_migrate(
     if migration_status(&st).is_some_and(|s| !s.finished()) {
         return error(StatusCode::CONFLICT, "a migration is already in progress");
     }
-    let mut params = MigrationParams::to(req.to);
+    let Some(security) = st.link.clone() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "this VM was started without --tls DIR (or --insecure-plain-tcp), so it cannot open \
+             a migration link; see `ftvmm tls-certs --help`",
+        );
+    };
+    let mut params = MigrationParams::to(req.to, security);
     if let Some(ms) = req.downtime_ms {
         params.downtime_target = Duration::from_millis(ms);
     }

@@ -1,28 +1,26 @@
 //! The receiving side: build the hardware the source describes, fill its memory, apply the state,
 //! and run the guest only once the source has let go.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm::machine::VmSnapshot;
 use vmm::{Machine, RestoreOptions};
 
+use crate::link::{self, AcceptError, Link, LinkSecurity};
 use crate::wire::{read_frame, write_frame, FrameError, Message};
 
 /// How long the destination waits for the next message before giving up.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connecting source may take to authenticate and say `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a migration into this host failed (nothing of the guest runs here then).
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("accepting a connection: {0}")]
-    Accept(std::io::Error),
+    #[error(transparent)]
+    Accept(#[from] AcceptError),
     #[error("migration stream from {peer}: {source}")]
     Wire {
         peer: SocketAddr,
@@ -38,31 +36,39 @@ pub enum ReceiveError {
     Machine { peer: SocketAddr, reason: String },
 }
 
-/// Listens on `listen`, calls `on_listening` with the bound address, receives one migration and
-/// returns the machine (not started) and the source's address.
+/// Listens on `listen`, calls `on_listening` with the bound address, waits for a source that
+/// authenticates as `security` requires (refusing any other), receives one migration onto this
+/// host's own backends (`options`) and returns the machine (not started) and the source's address.
 pub fn receive(
     listen: &str,
     options: &RestoreOptions,
+    security: &LinkSecurity,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(Machine, SocketAddr), ReceiveError> {
-    let listener = TcpListener::bind(listen).map_err(|source| ReceiveError::Listen {
-        addr: listen.to_string(),
-        source,
-    })?;
+    let listener = link::bind(listen)?;
     if let Ok(addr) = listener.local_addr() {
         on_listening(addr);
     }
-    let (mut stream, peer) = listener.accept().map_err(ReceiveError::Accept)?;
+    let mut incoming = link::accept_peer(&listener, security, HANDSHAKE_TIMEOUT)?;
+    let peer = incoming.link.peer();
     let span = tracing::info_span!("incoming_migration", %peer);
     let _guard = span.enter();
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
-    match receive_on(&mut stream, peer, options) {
+    tracing::info!(
+        vcpus = incoming.description.vcpus,
+        memory_mib = incoming.description.memory_mib,
+        security = security.name(),
+        "building the VM"
+    );
+    let machine = link::assemble_incoming(&mut incoming, options)
+        .map_err(|reason| ReceiveError::Machine { peer, reason })?;
+    let mut link = incoming.link;
+    let _ = link.set_read_timeout(Some(IDLE_TIMEOUT));
+    match receive_on(&mut link, peer, machine) {
         Ok(machine) => Ok((machine, peer)),
         Err(e) => {
             // Tell the source why (best effort); it keeps its guest.
             let _ = write_frame(
-                &mut stream,
+                &mut link,
                 &Message::Error {
                     message: e.to_string(),
                 },
@@ -73,24 +79,12 @@ pub fn receive(
 }
 
 fn receive_on(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     peer: SocketAddr,
-    options: &RestoreOptions,
+    mut machine: Machine,
 ) -> Result<Machine, ReceiveError> {
     let wire = |source| ReceiveError::Wire { peer, source };
     let machine_err = |reason: String| ReceiveError::Machine { peer, reason };
-    let description = match read_frame::<_, Message>(stream).map_err(wire)? {
-        Message::Hello { description } => description,
-        other => return Err(unexpected(peer, "Hello", &other)),
-    };
-    tracing::info!(
-        vcpus = description.vcpus,
-        memory_mib = description.memory_mib,
-        "building the VM"
-    );
-    let mut machine = Machine::assemble_for_restore(&description, options)
-        .map_err(|e| machine_err(e.to_string()))?;
-    write_frame(stream, &Message::Ready).map_err(wire)?;
     let mut pages = 0u64;
     loop {
         match read_frame::<_, Message>(stream).map_err(wire)? {
@@ -141,21 +135,8 @@ fn receive_on(
 }
 
 fn unexpected(peer: SocketAddr, wanted: &str, got: &Message) -> ReceiveError {
-    let name = match got {
-        Message::Hello { .. } => "Hello",
-        Message::Ready => "Ready",
-        Message::Pages { .. } => "Pages",
-        Message::State { .. } => "State",
-        Message::Applied => "Applied",
-        Message::Go => "Go",
-        Message::Cancel => "Cancel",
-        Message::Error { .. } => "Error",
-        Message::EpochPages { .. } => "EpochPages",
-        Message::EpochEnd { .. } => "EpochEnd",
-        Message::Committed { .. } => "Committed",
-    };
     ReceiveError::Protocol {
         peer,
-        reason: format!("expected {wanted}, got {name}"),
+        reason: format!("expected {wanted}, got {}", got.name()),
     }
 }

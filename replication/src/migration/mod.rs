@@ -16,14 +16,18 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::link::LinkSecurity;
+
 pub use destination::{receive, ReceiveError};
 pub use source::{start_migration, MigrationHandle};
 
 /// How a migration is run.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct MigrationParams {
     /// Destination `HOST:PORT`.
     pub to: String,
+    /// How the link to the destination is protected.
+    pub security: LinkSecurity,
     /// Stop-and-copy once the estimated downtime is below this.
     pub downtime_target: Duration,
     /// Give up pre-copy rounds (and stop-and-copy anyway) after this long.
@@ -34,9 +38,10 @@ pub struct MigrationParams {
 
 impl MigrationParams {
     /// Defaults: 50 ms downtime target, 60 s of pre-copy, 30 rounds.
-    pub fn to(to: impl Into<String>) -> Self {
+    pub fn to(to: impl Into<String>, security: LinkSecurity) -> Self {
         Self {
             to: to.into(),
+            security,
             downtime_target: Duration::from_millis(50),
             precopy_timeout: Duration::from_secs(60),
             max_rounds: 30,

@@ -2,7 +2,6 @@
 //! fenced hand-over on the VM's event-loop thread.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,7 +15,8 @@ use vmm::vm::Vm;
 use vmm::Machine;
 
 use super::{MigrationParams, MigrationState, MigrationStatus};
-use crate::wire::{read_frame, session, write_frame, FrameError, Message, PageRun};
+use crate::link::{self, Link, OpenError};
+use crate::wire::{read_frame, write_frame, FrameError, Message, PageRun};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,7 +55,7 @@ impl MigrationHandle {
 #[derive(Debug, thiserror::Error)]
 enum SourceError {
     #[error("{0}")]
-    Session(#[from] session::SessionError),
+    Link(#[from] OpenError),
     #[error("{0}")]
     Wire(#[from] FrameError),
     #[error("the destination refused: {0}")]
@@ -149,9 +149,10 @@ impl Job {
     }
 
     fn migrate(mut self) -> Result<(), SourceError> {
-        let mut stream = session::open(
+        let mut stream = link::open(
             &self.params.to,
             &self.description,
+            &self.params.security,
             CONNECT_TIMEOUT,
             IO_TIMEOUT,
         )?;
@@ -174,11 +175,7 @@ impl Job {
         }
     }
 
-    fn precopy(
-        &self,
-        stream: &mut TcpStream,
-        tracker: &mut DirtyTracker,
-    ) -> Result<(), SourceError> {
+    fn precopy(&self, stream: &mut Link, tracker: &mut DirtyTracker) -> Result<(), SourceError> {
         // Round 0: everything (zero pages are skipped: the destination's memory starts zeroed).
         send_set(
             stream,
@@ -239,7 +236,7 @@ impl Job {
     }
 
     /// Runs the stop-and-copy and fenced hand-over on the VM's event-loop thread.
-    fn hand_over(&self, stream: TcpStream, tracker: DirtyTracker) -> Result<(), SourceError> {
+    fn hand_over(&self, stream: Link, tracker: DirtyTracker) -> Result<(), SourceError> {
         update(&self.status, |s| s.state = MigrationState::StopAndCopy);
         let status = self.status.clone();
         let to = self.params.to.clone();
@@ -270,7 +267,7 @@ impl Job {
 /// On any failure before `Go` is sent the guest is resumed here. Returns the downtime.
 fn stop_and_copy(
     machine: &mut Machine,
-    mut stream: TcpStream,
+    mut stream: Link,
     mut tracker: DirtyTracker,
     status: &Status,
     to: &str,
@@ -329,11 +326,7 @@ fn stop_and_copy(
 }
 
 /// Reads one message and checks it is the expected one.
-fn expect(
-    stream: &mut TcpStream,
-    ok: impl Fn(&Message) -> bool,
-    what: &str,
-) -> Result<(), SourceError> {
+fn expect(stream: &mut Link, ok: impl Fn(&Message) -> bool, what: &str) -> Result<(), SourceError> {
     match read_frame::<_, Message>(stream)? {
         m if ok(&m) => Ok(()),
         Message::Error { message } => Err(SourceError::Refused(message)),
@@ -345,7 +338,7 @@ fn expect(
 
 /// Sends the pages of `set`; with `skip_zero`, all-zero pages are left out.
 fn send_set(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     mem: &GuestMemory,
     set: &DirtySet,
     round: u32,
@@ -360,7 +353,7 @@ fn send_set(
     let mut buf = vec![0u8; BATCH_BYTES];
     let flush = |runs: &mut Vec<PageRun>,
                  batch: &mut usize,
-                 stream: &mut TcpStream|
+                 stream: &mut Link|
      -> Result<(), SourceError> {
         if runs.is_empty() {
             return Ok(());

@@ -2,7 +2,6 @@
 //! state, start a new output epoch, resume; send the checkpoint; when the standby commits it, release
 //! the output it produced.
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -15,7 +14,8 @@ use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::Machine;
 
 use super::{ProtectionState, ProtectionStatus};
-use crate::wire::{read_frame, session, write_frame, FrameError, Message, PageRun};
+use crate::link::{self, Link, LinkSecurity, OpenError};
+use crate::wire::{read_frame, write_frame, FrameError, Message, PageRun};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,10 +23,12 @@ const BATCH_BYTES: usize = 4 << 20;
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to protect a guest.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct ProtectionParams {
     /// The standby's `HOST:PORT` (where `ftvmm standby` listens).
     pub standby: String,
+    /// How the link to the standby is protected.
+    pub security: LinkSecurity,
     /// Time between checkpoints.
     pub epoch: Duration,
 }
@@ -61,7 +63,7 @@ impl ProtectionHandle {
 #[derive(Debug, thiserror::Error)]
 enum LoopError {
     #[error("{0}")]
-    Session(#[from] session::SessionError),
+    Link(#[from] OpenError),
     #[error("standby link: {0}")]
     Wire(#[from] FrameError),
     #[error("the standby refused: {0}")]
@@ -167,9 +169,10 @@ impl EpochLoop {
     }
 
     fn protect(&self) -> Result<(), LoopError> {
-        let mut stream = session::open(
+        let mut stream = link::open(
             &self.params.standby,
             &self.description,
+            &self.params.security,
             CONNECT_TIMEOUT,
             IO_TIMEOUT,
         )?;
@@ -334,7 +337,7 @@ fn copy_pages(
     Ok((runs, pages))
 }
 
-fn send_checkpoint(stream: &mut TcpStream, epoch: u64, cp: &Checkpoint) -> Result<(), LoopError> {
+fn send_checkpoint(stream: &mut Link, epoch: u64, cp: &Checkpoint) -> Result<(), LoopError> {
     let mut batch: Vec<PageRun> = Vec::new();
     let mut bytes = 0;
     for run in &cp.runs {

@@ -2,31 +2,32 @@
 //! arrived and verified, acknowledges it, and when the primary falls silent resumes the guest from the
 //! last committed checkpoint.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::machine::VmSnapshot;
+use vmm::memory::PAGE_SIZE;
 use vmm::{Machine, RestoreOptions};
 
+use crate::link::{self, AcceptError, Link, LinkSecurity};
 use crate::wire::{read_frame, write_frame, FrameError, Message, PageRun};
+
+/// How long a connecting primary may take to authenticate and say `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the standby could not take over.
 #[derive(Debug, thiserror::Error)]
 pub enum StandbyError {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("accepting the primary: {0}")]
-    Accept(std::io::Error),
+    #[error(transparent)]
+    Accept(#[from] AcceptError),
     #[error("the primary {peer} did not start protection properly: {reason}")]
     Setup { peer: SocketAddr, reason: String },
     #[error(
-        "the primary {peer} failed before its first checkpoint was committed: nothing to resume"
+        "the primary {peer} was lost before its first checkpoint was committed ({reason}): \
+         nothing to resume"
     )]
-    NoCheckpoint { peer: SocketAddr },
+    NoCheckpoint { peer: SocketAddr, reason: String },
     #[error("cannot resume the guest from checkpoint {epoch}: {reason}")]
     Resume { epoch: u64, reason: String },
 }
@@ -38,50 +39,34 @@ pub struct Takeover {
     pub reason: String,
 }
 
-/// Listens on `listen`, serves one primary, and when it is gone returns the guest ready to run.
-/// `failure_timeout`: how long the primary may be silent before it is declared dead.
+/// Listens on `listen`, waits for a primary that authenticates as `security` requires (refusing any
+/// other), builds its guest on this host's own backends (`options`), follows its checkpoints, and
+/// when it is gone returns the guest ready to run. `failure_timeout`: how long the primary may be
+/// silent before it is declared dead.
 pub fn run_standby(
     listen: &str,
     options: &RestoreOptions,
+    security: &LinkSecurity,
     failure_timeout: Duration,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<Takeover, StandbyError> {
-    let listener = TcpListener::bind(listen).map_err(|source| StandbyError::Listen {
-        addr: listen.to_string(),
-        source,
-    })?;
+    let listener = link::bind(listen)?;
     if let Ok(addr) = listener.local_addr() {
         on_listening(addr);
     }
-    let (mut stream, peer) = listener.accept().map_err(StandbyError::Accept)?;
+    let mut incoming = link::accept_peer(&listener, security, HANDSHAKE_TIMEOUT)?;
+    let peer = incoming.link.peer();
     let span = tracing::info_span!("standby", %peer);
     let _guard = span.enter();
-    let _ = stream.set_nodelay(true);
+    let mut machine = link::assemble_incoming(&mut incoming, options)
+        .map_err(|reason| StandbyError::Setup { peer, reason })?;
+    let mut stream = incoming.link;
     let _ = stream.set_read_timeout(Some(failure_timeout));
-    let setup = |reason: String| StandbyError::Setup { peer, reason };
-    let description = match read_frame::<_, Message>(&mut stream) {
-        Ok(Message::Hello { description }) => description,
-        Ok(other) => return Err(setup(format!("expected Hello, got {other:?}"))),
-        Err(e) => return Err(setup(e.to_string())),
-    };
-    let mut machine = match Machine::assemble_for_restore(&description, options) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = write_frame(
-                &mut stream,
-                &Message::Error {
-                    message: e.to_string(),
-                },
-            );
-            return Err(setup(e.to_string()));
-        }
-    };
-    write_frame(&mut stream, &Message::Ready).map_err(|e| setup(e.to_string()))?;
     tracing::info!("standing by");
 
     let (committed, reason) = follow(&mut stream, &machine);
     let Some((epoch, state)) = committed else {
-        return Err(StandbyError::NoCheckpoint { peer });
+        return Err(StandbyError::NoCheckpoint { peer, reason });
     };
     tracing::warn!(epoch, %reason, "primary lost: taking over from the last committed checkpoint");
     let snap: VmSnapshot = vmm::snapshot::decode(&state).map_err(|e| StandbyError::Resume {
@@ -103,10 +88,15 @@ pub fn run_standby(
 
 /// Applies checkpoints until the primary goes away; returns the last committed one (epoch and
 /// encoded state) and why it stopped.
-fn follow(stream: &mut TcpStream, machine: &Machine) -> (Option<(u64, Vec<u8>)>, String) {
+///
+/// Checkpoints come in order: the first is epoch 0, each next one is the last committed plus one.
+/// Staged pages must lie in guest memory and never exceed its size, so a peer cannot make the standby
+/// hold more than one guest's worth of pages.
+fn follow(stream: &mut Link, machine: &Machine) -> (Option<(u64, Vec<u8>)>, String) {
     let mut committed: Option<(u64, Vec<u8>)> = None;
     let mut staged: Vec<PageRun> = Vec::new();
-    let mut staged_epoch: Option<u64> = None;
+    let mut staged_pages: u64 = 0;
+    let guest_pages = machine.memory().iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE as u64;
     loop {
         let message = match read_frame::<_, Message>(stream) {
             Ok(m) => m,
@@ -120,26 +110,56 @@ fn follow(stream: &mut TcpStream, machine: &Machine) -> (Option<(u64, Vec<u8>)>,
             }
             Err(e) => return (committed, e.to_string()),
         };
+        let expected = committed.as_ref().map_or(0, |(e, _)| e + 1);
         match message {
             Message::EpochPages { epoch, runs } => {
-                if staged_epoch != Some(epoch) {
-                    // A new epoch: whatever was staged for an unfinished one is discarded whole.
-                    staged.clear();
-                    staged_epoch = Some(epoch);
+                if epoch != expected {
+                    return (
+                        committed,
+                        format!("pages of checkpoint {epoch} where {expected} was due"),
+                    );
                 }
-                staged.extend(runs);
+                for run in runs {
+                    let pages = (run.data.len() / PAGE_SIZE) as u64;
+                    let in_memory = run.data.len() % PAGE_SIZE == 0
+                        && run.gpa % PAGE_SIZE as u64 == 0
+                        && machine
+                            .memory()
+                            .check_range(GuestAddress(run.gpa), run.data.len());
+                    if !in_memory {
+                        return (
+                            committed,
+                            format!(
+                                "checkpoint {epoch}: pages at {:#x} (+{} bytes) are not whole pages of guest memory",
+                                run.gpa,
+                                run.data.len()
+                            ),
+                        );
+                    }
+                    staged_pages += pages;
+                    if staged_pages > guest_pages {
+                        return (
+                            committed,
+                            format!(
+                                "checkpoint {epoch} has more pages than the guest ({guest_pages})"
+                            ),
+                        );
+                    }
+                    staged.push(run);
+                }
             }
             Message::EpochEnd {
                 epoch,
                 pages,
                 state,
             } => {
-                let staged_pages: u64 = staged
-                    .iter()
-                    .map(|r| (r.data.len() / vmm::memory::PAGE_SIZE) as u64)
-                    .sum();
-                let complete = staged_epoch.is_none_or(|e| e == epoch) && staged_pages == pages;
-                if !complete {
+                if epoch != expected {
+                    return (
+                        committed,
+                        format!("end of checkpoint {epoch} where {expected} was due"),
+                    );
+                }
+                if staged_pages != pages {
                     return (
                         committed,
                         format!(
@@ -161,7 +181,7 @@ fn follow(stream: &mut TcpStream, machine: &Machine) -> (Option<(u64, Vec<u8>)>,
                         );
                     }
                 }
-                staged_epoch = None;
+                staged_pages = 0;
                 committed = Some((epoch, state));
                 if let Err(e) = write_frame(stream, &Message::Committed { epoch }) {
                     return (
@@ -170,7 +190,7 @@ fn follow(stream: &mut TcpStream, machine: &Machine) -> (Option<(u64, Vec<u8>)>,
                     );
                 }
             }
-            other => return (committed, format!("unexpected message {other:?}")),
+            other => return (committed, format!("unexpected message {}", other.name())),
         }
     }
 }

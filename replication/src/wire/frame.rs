@@ -74,6 +74,8 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, message: &T) -> Result<(),
     header[12..16].copy_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
     w.write_all(&header)?;
     w.write_all(&payload)?;
+    // A TLS link may hold the last record until flushed.
+    w.flush()?;
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! The messages of live migration (and, later, replication checkpoints).
+//! The messages of live migration and of protection (replication checkpoints).
 
 use serde::{Deserialize, Serialize};
 use vmm::machine::MachineDescription;
@@ -42,4 +42,23 @@ pub enum Message {
     },
     /// Standby → primary: checkpoint `epoch` is applied; its output may be released.
     Committed { epoch: u64 },
+}
+
+impl Message {
+    /// The message's kind, for errors and logs (never its payload).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Ready => "Ready",
+            Message::Pages { .. } => "Pages",
+            Message::State { .. } => "State",
+            Message::Applied => "Applied",
+            Message::Go => "Go",
+            Message::Cancel => "Cancel",
+            Message::Error { .. } => "Error",
+            Message::EpochPages { .. } => "EpochPages",
+            Message::EpochEnd { .. } => "EpochEnd",
+            Message::Committed { .. } => "Committed",
+        }
+    }
 }

@@ -1,9 +1,9 @@
 //! The wire protocol between two ftvmm processes: versioned, framed, checksummed messages over a
-//! byte stream (TCP). `frame.rs` is the framing; `message.rs` the messages.
+//! byte stream (a `crate::link::Link`: TLS or, when asked for, plain TCP). `frame.rs` is the framing;
+//! `message.rs` the messages.
 
 pub mod frame;
 pub mod message;
-pub mod session;
 
 pub use frame::{read_frame, write_frame, FrameError, PROTOCOL_VERSION};
 pub use message::{Message, PageRun};

@@ -1,0 +1,270 @@
+//! The receiving side of a link (a migration destination, a standby): wait for a peer that
+//! authenticates and opens with `Hello`, then build the guest's hardware from this host's own
+//! backends.
+//!
+//! Rules (docs/wire-protocol.md):
+//! - A connection that fails TLS, sends anything but a well-formed `Hello`, or says nothing within the
+//!   handshake timeout is refused and logged; the receiver keeps waiting for the right peer. Only an
+//!   authenticated peer's `Hello` moves the receiver on.
+//! - A peer never names a host path or device: the disks and TAPs come from this receiver's command
+//!   line (or API call), one per disk and NIC of the guest, in order; a guest with a disk the
+//!   receiver was not given is refused before anything is opened.
+//! - Sizes come from the peer, so they are checked before anything is allocated: vCPUs within KVM's
+//!   range, guest memory no larger than this host's.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use rustls::ServerConnection;
+use vmm::machine::MachineDescription;
+use vmm::{Machine, NetConfig, RestoreOptions};
+
+use super::connect::handshake_reason;
+use super::security::LinkSecurity;
+use super::stream::Link;
+use crate::wire::{read_frame, write_frame, FrameError, Message};
+
+/// Most vCPUs a guest may have (as `ftvmm run --vcpus`).
+const MAX_VCPUS: u8 = 254;
+
+/// Errors on the receiving side before a guest was accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("accepting a connection: {0}")]
+    Accept(std::io::Error),
+}
+
+/// Binds the listening socket.
+pub fn bind(listen: &str) -> Result<TcpListener, AcceptError> {
+    TcpListener::bind(listen).map_err(|source| AcceptError::Listen {
+        addr: listen.to_string(),
+        source,
+    })
+}
+
+/// An authenticated peer that opened with `Hello`.
+pub struct Incoming {
+    pub link: Link,
+    pub description: MachineDescription,
+}
+
+/// Waits for a peer that passes `security` and sends `Hello`; every other connection is refused with
+/// a warning naming the peer and why, and the wait goes on. `handshake_timeout` bounds how long one
+/// connection may take to get that far.
+pub fn accept_peer(
+    listener: &TcpListener,
+    security: &LinkSecurity,
+    handshake_timeout: Duration,
+) -> Result<Incoming, AcceptError> {
+    loop {
+        let (socket, peer) = listener.accept().map_err(AcceptError::Accept)?;
+        match handshake(socket, peer, security, handshake_timeout) {
+            Ok(incoming) => return Ok(incoming),
+            Err(reason) => tracing::warn!(%peer, "refused a connection: {reason}"),
+        }
+    }
+}
+
+fn handshake(
+    socket: TcpStream,
+    peer: SocketAddr,
+    security: &LinkSecurity,
+    timeout: Duration,
+) -> Result<Incoming, String> {
+    let _ = socket.set_nodelay(true);
+    socket
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| socket.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    let mut link = match security {
+        LinkSecurity::PlainTcp => {
+            tracing::warn!(%peer, "INSECURE: accepting a plain TCP link, neither authenticated nor encrypted");
+            Link::plain(socket, peer)
+        }
+        LinkSecurity::Tls(identity) => {
+            let mut conn =
+                ServerConnection::new(identity.server.clone()).map_err(|e| format!("TLS: {e}"))?;
+            let mut socket = socket;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut socket)
+                    .map_err(|e| format!("TLS handshake failed: {}", handshake_reason(&e)))?;
+            }
+            Link::tls_server(conn, socket, peer)
+        }
+    };
+    match read_frame::<_, Message>(&mut link) {
+        Ok(Message::Hello { description }) => Ok(Incoming { link, description }),
+        Ok(other) => Err(format!("it opened with {} instead of Hello", other.name())),
+        Err(FrameError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(format!("no Hello within {timeout:?}"))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Builds the machine `incoming` describes on this host's own backends (`options`: this receiver's
+/// disks and TAPs, one per device of the guest, in order; `None` is the same as none given), and
+/// answers the peer `Ready`, or `Error` with the reason (which is also returned).
+pub fn assemble_incoming(
+    incoming: &mut Incoming,
+    options: &RestoreOptions,
+) -> Result<Machine, String> {
+    let result = check_description(
+        &incoming.description,
+        options,
+        vmm::memory::host_memory_mib(),
+    )
+    .and_then(|options| {
+        Machine::assemble_for_restore(&incoming.description, &options).map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(machine) => {
+            write_frame(&mut incoming.link, &Message::Ready).map_err(|e| e.to_string())?;
+            Ok(machine)
+        }
+        Err(reason) => {
+            let _ = write_frame(
+                &mut incoming.link,
+                &Message::Error {
+                    message: reason.clone(),
+                },
+            );
+            Err(reason)
+        }
+    }
+}
+
+/// Checks what a peer asks for against this host and returns the restore options to build it
+/// with: this receiver's own disks and TAPs only, the guest keeping its MACs.
+fn check_description(
+    d: &MachineDescription,
+    options: &RestoreOptions,
+    host_memory_mib: Option<u64>,
+) -> Result<RestoreOptions, String> {
+    if d.vcpus == 0 || d.vcpus > MAX_VCPUS {
+        return Err(format!(
+            "the guest has {} vCPUs; 1 to {MAX_VCPUS} are supported",
+            d.vcpus
+        ));
+    }
+    if let Some(host) = host_memory_mib {
+        if d.memory_mib == 0 || d.memory_mib > host {
+            return Err(format!(
+                "the guest has {} MiB of memory; this host has {host} MiB",
+                d.memory_mib
+            ));
+        }
+    }
+    let disks = options.disks.clone().unwrap_or_default();
+    if disks.len() != d.disks.len() {
+        return Err(format!(
+            "the guest has {} disk(s) and this receiver was given {} (--disk): the receiver names \
+             this host's image for each disk, in order; a peer never chooses host paths",
+            d.disks.len(),
+            disks.len()
+        ));
+    }
+    let nets: Vec<NetConfig> = options.nets.clone().unwrap_or_default();
+    if nets.len() != d.nets.len() {
+        return Err(format!(
+            "the guest has {} network interface(s) and this receiver was given {} (--net): the \
+             receiver names this host's TAP for each, in order; a peer never chooses host devices",
+            d.nets.len(),
+            nets.len()
+        ));
+    }
+    let nets = nets
+        .into_iter()
+        .zip(&d.nets)
+        .map(|(mine, theirs)| NetConfig {
+            tap: mine.tap,
+            mac: Some(
+                mine.mac
+                    .unwrap_or(devices::virtio::net::MacAddr(theirs.mac)),
+            ),
+        })
+        .collect();
+    Ok(RestoreOptions {
+        serial: options.serial.clone(),
+        disks: Some(disks),
+        nets: Some(nets),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::machine::{DiskDescription, NetDescription};
+    use vmm::BlockConfig;
+
+    fn description() -> MachineDescription {
+        MachineDescription {
+            vcpus: 2,
+            memory_mib: 256,
+            disks: vec![DiskDescription {
+                path: "/etc/shadow".into(),
+                read_only: false,
+            }],
+            nets: vec![NetDescription {
+                tap: "peer-tap".into(),
+                mac: [2, 0, 0, 0, 0, 7],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_peer_never_names_host_paths() {
+        let err =
+            check_description(&description(), &RestoreOptions::default(), Some(1024)).unwrap_err();
+        assert!(
+            err.contains("1 disk(s)") && err.contains("given 0"),
+            "{err}"
+        );
+
+        let mine = RestoreOptions {
+            serial: None,
+            disks: Some(vec![BlockConfig {
+                path: "/srv/mine.img".into(),
+                read_only: true,
+            }]),
+            nets: Some(vec![NetConfig {
+                tap: "my-tap".into(),
+                mac: None,
+            }]),
+        };
+        let got = check_description(&description(), &mine, Some(1024)).unwrap();
+        let disks = got.disks.unwrap();
+        assert_eq!(disks[0].path, std::path::PathBuf::from("/srv/mine.img"));
+        let nets = got.nets.unwrap();
+        assert_eq!(nets[0].tap, "my-tap");
+        assert_eq!(
+            nets[0].mac,
+            Some(devices::virtio::net::MacAddr([2, 0, 0, 0, 0, 7]))
+        );
+    }
+
+    #[test]
+    fn impossible_sizes_are_refused_before_allocating() {
+        let mut d = description();
+        d.disks.clear();
+        d.nets.clear();
+        d.memory_mib = 1 << 40;
+        let err = check_description(&d, &RestoreOptions::default(), Some(4096)).unwrap_err();
+        assert!(err.contains("this host has 4096 MiB"), "{err}");
+        d.memory_mib = 64;
+        d.vcpus = 0;
+        assert!(check_description(&d, &RestoreOptions::default(), Some(4096)).is_err());
+        d.vcpus = 1;
+        assert!(check_description(&d, &RestoreOptions::default(), Some(4096)).is_ok());
+    }
+}
