@@ -28,6 +28,12 @@ pub trait OutputGate: Send {
 
     /// Output submitted from now on belongs to `epoch` (the previous epochs' checkpoints were taken).
     fn begin_epoch(&mut self, _epoch: u64) {}
+
+    /// Whether the gate holds as much as it may: the device must pause transmit (never drop) until
+    /// a release makes room.
+    fn is_full(&self) -> bool {
+        false
+    }
 }
 
 /// A gate that holds nothing: output leaves as soon as the guest produces it.
@@ -65,25 +71,44 @@ impl OutputGate for PassThroughGate {
 }
 
 /// The replication gate: output is tagged with the epoch it was produced in and held until that
-/// epoch's checkpoint is committed on the standby ([`OutputGate::release_through`]).
-#[derive(Debug, Default)]
+/// epoch's checkpoint is committed on the standby ([`OutputGate::release_through`]). It holds at most
+/// its byte cap; beyond it the device pauses transmit (back-pressure on the guest) until a commit.
+#[derive(Debug)]
 pub struct EpochGate {
     epoch: u64,
     held: std::collections::VecDeque<(u64, Vec<u8>)>,
+    held_bytes: usize,
+    cap_bytes: usize,
 }
 
+/// Default byte cap of an [`EpochGate`]: several epochs of a fast NIC's output.
+pub const DEFAULT_GATE_CAP_BYTES: usize = 32 << 20;
+
 impl EpochGate {
-    /// A gate whose output belongs to `epoch` until told otherwise.
+    /// A gate whose output belongs to `epoch` until told otherwise, with the default cap.
     pub fn new(epoch: u64) -> Self {
+        Self::with_cap(epoch, DEFAULT_GATE_CAP_BYTES)
+    }
+
+    /// As [`EpochGate::new`], holding at most `cap_bytes` (at least one frame is always taken).
+    pub fn with_cap(epoch: u64, cap_bytes: usize) -> Self {
         Self {
             epoch,
             held: Default::default(),
+            held_bytes: 0,
+            cap_bytes,
         }
+    }
+
+    /// Bytes held.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 }
 
 impl OutputGate for EpochGate {
     fn submit(&mut self, data: &[u8], _sink: &mut dyn OutputSink) -> io::Result<()> {
+        self.held_bytes += data.len();
         self.held.push_back((self.epoch, data.to_vec()));
         Ok(())
     }
@@ -92,6 +117,7 @@ impl OutputGate for EpochGate {
         let mut released = 0;
         while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
             if let Some((_, data)) = self.held.pop_front() {
+                self.held_bytes -= data.len();
                 // A frame the network cannot take now is dropped, as a congested link would.
                 if let Err(e) = sink.send(&data) {
                     tracing::debug!("gated output dropped on release: {e}");
@@ -108,6 +134,10 @@ impl OutputGate for EpochGate {
 
     fn begin_epoch(&mut self, epoch: u64) {
         self.epoch = epoch;
+    }
+
+    fn is_full(&self) -> bool {
+        self.held_bytes >= self.cap_bytes
     }
 }
 
@@ -138,6 +168,20 @@ mod tests {
         assert_eq!(sink.0, vec![b"e1-a".to_vec()]);
         assert_eq!(gate.release_through(5, &mut sink).unwrap(), 1);
         assert_eq!(gate.held(), 0);
+    }
+
+    #[test]
+    fn epoch_gate_is_full_at_its_cap_until_a_release() {
+        let mut gate = EpochGate::with_cap(1, 8);
+        let mut sink = Collect::default();
+        gate.submit(b"12345", &mut sink).unwrap();
+        assert!(!gate.is_full());
+        gate.submit(b"678", &mut sink).unwrap();
+        assert!(gate.is_full());
+        assert_eq!(gate.held_bytes(), 8);
+        gate.release_through(1, &mut sink).unwrap();
+        assert!(!gate.is_full());
+        assert_eq!(gate.held_bytes(), 0);
     }
 
     #[test]

@@ -20,6 +20,6 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = vec![0u8; NET_HDR_LEN + MAX_FRAME_LEN];
     let mut gate = PassThroughGate::new();
     let mut counters = NetCounters::default();
-    let mut tx = TxPath { buf: &mut buf, gate: &mut gate, sink: &mut Discard, counters: &mut counters };
-    tx.drain(&mut queue, &mem);
+    let mut tx = TxPath { buf: &mut buf, gate: &mut gate, sink: &mut Discard, counters: &mut counters, errors: &mut errors };
+    tx.drain(&mut queue, &mem, 256);
 });

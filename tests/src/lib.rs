@@ -247,6 +247,34 @@ impl RunningVm {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Each thread of the process: its name and the `Seccomp:` mode from its status (0 none, 2
+    /// filtered).
+    pub fn threads_seccomp(&self) -> Vec<(String, String)> {
+        let mut threads = Vec::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return threads;
+        };
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            threads.push((field("Name:"), field("Seccomp:")));
+        }
+        threads
+    }
+
     /// Everything ftvmm printed on stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()

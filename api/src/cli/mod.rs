@@ -25,6 +25,11 @@ pub const EXIT_ERROR: u8 = 1;
                   Logging: set FTVMM_LOG (e.g. FTVMM_LOG=info or FTVMM_LOG=vmm=debug)."
 )]
 pub struct Cli {
+    /// Run without seccomp filters (for debugging only). By default every thread runs under an
+    /// allowlist of the system calls its kind needs, and a forbidden call ends ftvmm (exit 159).
+    #[arg(long, global = true)]
+    no_seccomp: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +46,11 @@ enum Command {
 
 /// Runs the chosen subcommand and returns the process exit status.
 pub fn dispatch(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
+    if cli.no_seccomp {
+        tracing::warn!("--no-seccomp: threads run without seccomp filters");
+    } else {
+        vmm::seccomp::enable();
+    }
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::restore(args),

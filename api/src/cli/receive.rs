@@ -26,6 +26,8 @@ pub struct ReceiveArgs {
 
 pub fn receive(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let security = args.backends.link.required("ftvmm receive")?;
+    // This thread serves the peer and then runs the event loop: filtered before the peer speaks.
+    vmm::seccomp::apply(vmm::seccomp::ThreadKind::EventLoop)?;
     let (machine, peer) = receive_migration(
         &args.listen,
         &args.backends.restore_options(),

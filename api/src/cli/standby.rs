@@ -34,6 +34,8 @@ pub struct StandbyArgs {
 
 pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let security = args.backends.link.required("ftvmm standby")?;
+    // This thread follows the primary and then runs the event loop: filtered before the peer speaks.
+    vmm::seccomp::apply(vmm::seccomp::ThreadKind::EventLoop)?;
     let takeover = run_standby(
         &args.listen,
         &args.backends.restore_options(),

@@ -163,6 +163,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::Api);
             runtime.block_on(async move {
                 let listener = match tokio::net::UnixListener::from_std(std_listener) {
                     Ok(l) => l,

@@ -354,10 +354,15 @@ impl MmioTransport {
                 }
             }
             // QueueReady reads back what was last written (virtio 1.x 4.2.2.2): a driver stops a
-            // queue by writing 0 and waiting to read 0, also after DRIVER_OK.
+            // queue by writing 0 and waiting to read 0, also after DRIVER_OK; the running device
+            // stops its own copy of the queue before the write completes.
             0x44 if configurable || value == 0 => {
+                let index = self.queue_sel as usize;
                 if let Some(q) = self.selected_queue() {
-                    q.set_ready(value == 1)
+                    q.set_ready(value == 1);
+                    if value == 0 && self.activated {
+                        lock(&self.device).stop_queue(index);
+                    }
                 }
             }
             0x50 => {
@@ -438,6 +443,7 @@ pub(crate) mod tests {
         pub acked: u64,
         pub activations: usize,
         pub resets: usize,
+        pub stopped: Vec<usize>,
         pub config: Vec<u8>,
     }
 
@@ -466,6 +472,9 @@ pub(crate) mod tests {
         fn reset(&mut self) -> bool {
             self.resets += 1;
             true
+        }
+        fn stop_queue(&mut self, index: usize) {
+            self.stopped.push(index);
         }
         fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
             None
@@ -639,12 +648,14 @@ pub(crate) mod tests {
 
     #[test]
     fn a_running_queue_can_be_stopped_and_reads_back_zero() {
-        let (mut t, _) = transport();
+        let (mut t, dev) = transport();
         init_driver(&mut t, VIRTIO_F_VERSION_1 | 1);
-        wr(&mut t, 0x30, 0);
+        wr(&mut t, 0x30, 1);
         assert_eq!(rd(&mut t, 0x44), 1);
         wr(&mut t, 0x44, 0);
         assert_eq!(rd(&mut t, 0x44), 0);
+        // The running device stopped its own copy of the queue, not just the transport.
+        assert_eq!(dev.lock().unwrap().stopped, vec![1]);
         // Re-enabling is still refused while the device runs.
         wr(&mut t, 0x44, 1);
         assert_eq!(rd(&mut t, 0x44), 0);

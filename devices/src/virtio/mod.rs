@@ -6,6 +6,7 @@
 //! ([`VirtioInterrupt`], wired to a KVM irqfd).
 
 pub mod block;
+pub mod device_queues;
 pub mod mmio;
 pub mod net;
 
@@ -128,6 +129,8 @@ pub trait VirtioDevice: Send {
     /// Stops processing and forgets queue state (driver reset). Returns false if the device cannot
     /// be reset, in which case the transport reports DEVICE_NEEDS_RESET.
     fn reset(&mut self) -> bool;
+    /// The driver stopped queue `index` (QueueReady = 0) while the device runs: stop using it.
+    fn stop_queue(&mut self, index: usize);
     /// The live queues' positions while the device is active (they move on after activation, so
     /// the transport's copies are stale).
     fn queue_states(&self) -> Option<Vec<QueueState>>;

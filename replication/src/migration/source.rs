@@ -102,7 +102,10 @@ pub fn start_migration(
     };
     let thread = std::thread::Builder::new()
         .name("migration".into())
-        .spawn(move || job.run())?;
+        .spawn(move || {
+            vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::Replication);
+            job.run()
+        })?;
     Ok(MigrationHandle {
         status,
         cancel,

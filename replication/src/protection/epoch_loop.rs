@@ -122,7 +122,10 @@ pub fn start_protection(
     };
     let thread = std::thread::Builder::new()
         .name("epoch-loop".into())
-        .spawn(move || job.run())?;
+        .spawn(move || {
+            vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::Replication);
+            job.run()
+        })?;
     Ok(ProtectionHandle {
         status,
         stop,

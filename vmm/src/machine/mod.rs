@@ -118,6 +118,8 @@ pub enum MachineError {
     #[error("invalid vCPU count {0}: must be between 1 and {MAX_VCPUS}")]
     VcpuCount(u8),
     #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -249,10 +251,12 @@ impl Machine {
     }
 
     /// Runs the event loop until the guest powers off, resets or crashes, then stops the vCPUs.
+    /// The calling thread becomes the event loop and takes its seccomp filter (`seccomp.rs`).
     pub fn wait(&mut self) -> Result<VmExit, MachineError> {
         if self.vcpu_threads.is_empty() {
             return Err(MachineError::NotRunning);
         }
+        crate::seccomp::apply(crate::seccomp::ThreadKind::EventLoop)?;
         let exit = loop {
             if let Some(exit) = self.stop_reason() {
                 break exit;

@@ -158,6 +158,7 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
                 let mut vcpu = self;
                 vcpu.run_loop();
             })

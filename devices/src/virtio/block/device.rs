@@ -1,18 +1,13 @@
 //! The virtio-blk device: configuration, features, activation.
 
-use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use virtio_queue::Queue;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
 use super::request::{ID_BYTES, SECTOR_SIZE};
 use crate::persist::VirtioDeviceState;
+use crate::virtio::device_queues::DeviceQueues;
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
 
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -98,14 +93,6 @@ impl std::str::FromStr for BlockConfig {
     }
 }
 
-/// Queue processing state once the driver is ready.
-pub(super) struct Active {
-    pub memory: GuestMemoryMmap,
-    pub queue: Queue,
-    pub queue_event: EventFd,
-    pub interrupt: Arc<VirtioInterrupt>,
-}
-
 /// A virtio-blk device over a raw image.
 pub struct VirtioBlock {
     pub(super) file: File,
@@ -115,9 +102,8 @@ pub struct VirtioBlock {
     pub(super) id: [u8; ID_BYTES],
     pub(super) acked_features: u64,
     config: [u8; CONFIG_LEN],
-    /// Signalled by `activate` so the event loop starts watching the queue.
-    pub(super) activate_event: EventFd,
-    pub(super) active: Option<Active>,
+    /// Activation, the request queue and its notifications on the event loop.
+    pub(super) queues: DeviceQueues,
 }
 
 impl VirtioBlock {
@@ -145,10 +131,13 @@ impl VirtioBlock {
         let mut id = [0u8; ID_BYTES];
         let name = format!("ftvmm-disk{index}");
         id[..name.len()].copy_from_slice(name.as_bytes());
-        let activate_event = EventFd::new(EFD_NONBLOCK).map_err(|source| BlockError::EventFd {
-            path: path.clone(),
-            source,
-        })?;
+        let queues =
+            DeviceQueues::new(format!("virtio-blk {}", path.display()), 1).map_err(|source| {
+                BlockError::EventFd {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         Ok(Self {
             file,
             path,
@@ -157,8 +146,7 @@ impl VirtioBlock {
             id,
             acked_features: 0,
             config: config_space(size),
-            activate_event,
-            active: None,
+            queues,
         })
     }
 
@@ -204,32 +192,21 @@ impl VirtioDevice for VirtioBlock {
         tracing::debug!("virtio-blk: ignored config write at {offset:#x}");
     }
 
-    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 1 || ctx.queue_events.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: ctx.queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            memory: ctx.memory,
-            queue: ctx.queues.remove(0),
-            queue_event: ctx.queue_events.remove(0),
-            interrupt: ctx.interrupt,
-        });
-        self.activate_event
-            .write(1)
-            .map_err(|e| ActivateError::Backend(format!("cannot signal activation: {e}")))
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.queues.activate(ctx)
     }
 
     fn reset(&mut self) -> bool {
-        // The event handler notices the missing state and stops watching the queue.
-        self.active = None;
+        self.queues.reset();
         true
     }
 
+    fn stop_queue(&mut self, index: usize) {
+        self.queues.stop_queue(index);
+    }
+
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.active.as_ref().map(|a| vec![a.queue.state()])
+        self.queues.queue_states()
     }
 
     fn save_state(&self) -> VirtioDeviceState {

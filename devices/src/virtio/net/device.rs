@@ -1,17 +1,13 @@
 //! The virtio-net device: configuration (MAC, link status), features, activation.
 
 use std::fmt;
-use std::sync::Arc;
-
-use virtio_queue::Queue;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::tap::{Tap, TapError};
 use crate::output_gate::{OutputGate, PassThroughGate};
 use crate::persist::VirtioDeviceState;
+use crate::virtio::device_queues::DeviceQueues;
 use crate::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, GuestMemoryMmap, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// virtio device ID of a network card.
@@ -112,15 +108,10 @@ impl std::str::FromStr for NetConfig {
     }
 }
 
-/// Queue processing state once the driver is ready.
-pub(super) struct Active {
-    pub memory: GuestMemoryMmap,
-    pub rx_queue: Queue,
-    pub tx_queue: Queue,
-    pub rx_event: EventFd,
-    pub tx_event: EventFd,
-    pub interrupt: Arc<VirtioInterrupt>,
-}
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
 
 /// Frame counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -129,6 +120,8 @@ pub struct NetCounters {
     pub rx_dropped: u64,
     pub tx_frames: u64,
     pub tx_dropped: u64,
+    /// Times transmit paused because the output gate held its byte cap (resumed on release).
+    pub tx_paused: u64,
 }
 
 /// A virtio-net device on a TAP.
@@ -137,8 +130,8 @@ pub struct VirtioNet {
     pub(super) mac: MacAddr,
     pub(super) acked_features: u64,
     config: [u8; 8],
-    pub(super) activate_event: EventFd,
-    pub(super) active: Option<Active>,
+    /// Activation, the receive and transmit queues and their notifications on the event loop.
+    pub(super) queues: DeviceQueues,
     pub(super) gate: Box<dyn OutputGate>,
     /// A frame read from the TAP that found no receive buffer yet: `(buffer, length)`.
     pub(super) rx_pending: Option<usize>,
@@ -156,17 +149,19 @@ impl VirtioNet {
         let mut cfg = [0u8; 8];
         cfg[..6].copy_from_slice(&mac.0);
         cfg[6..].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
-        let activate_event = EventFd::new(EFD_NONBLOCK).map_err(|source| NetError::EventFd {
-            tap: config.tap.clone(),
-            source,
-        })?;
+        let queues =
+            DeviceQueues::new(format!("virtio-net {}", config.tap), 2).map_err(|source| {
+                NetError::EventFd {
+                    tap: config.tap.clone(),
+                    source,
+                }
+            })?;
         Ok(Self {
             tap,
             mac,
             acked_features: 0,
             config: cfg,
-            activate_event,
-            active: None,
+            queues,
             gate: Box::new(PassThroughGate::new()),
             rx_pending: None,
             rx_buf: vec![0u8; MAX_FRAME_LEN],
@@ -183,6 +178,8 @@ impl VirtioNet {
             tracing::warn!("virtio-net {}: releasing held output: {e}", self.tap.name());
         }
         self.gate = gate;
+        // Transmit may have been paused by the old gate's cap.
+        self.process_tx();
     }
 
     /// Transmitted frames from now on belong to `epoch`.
@@ -190,15 +187,20 @@ impl VirtioNet {
         self.gate.begin_epoch(epoch);
     }
 
-    /// Sends the frames held for epochs up to `epoch` (their checkpoint is committed).
+    /// Sends the frames held for epochs up to `epoch` (their checkpoint is committed), then resumes
+    /// transmit if the gate's cap had paused it.
     pub fn release_output(&mut self, epoch: u64) -> usize {
-        match self.gate.release_through(epoch, &mut self.tap) {
+        let released = match self.gate.release_through(epoch, &mut self.tap) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!("virtio-net {}: releasing output: {e}", self.tap.name());
                 0
             }
+        };
+        if released > 0 {
+            self.process_tx();
         }
+        released
     }
 
     /// Broadcasts the guest's MAC (RARP, three times) so the network learns where it is now.
@@ -255,40 +257,22 @@ impl VirtioDevice for VirtioNet {
         tracing::debug!("virtio-net: ignored config write at {offset:#x}");
     }
 
-    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 2 || ctx.queue_events.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: ctx.queues.len(),
-            });
-        }
-        let tx_queue = ctx.queues.remove(1);
-        let rx_queue = ctx.queues.remove(0);
-        let tx_event = ctx.queue_events.remove(1);
-        let rx_event = ctx.queue_events.remove(0);
-        self.active = Some(Active {
-            memory: ctx.memory,
-            rx_queue,
-            tx_queue,
-            rx_event,
-            tx_event,
-            interrupt: ctx.interrupt,
-        });
-        self.activate_event
-            .write(1)
-            .map_err(|e| ActivateError::Backend(format!("cannot signal activation: {e}")))
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.queues.activate(ctx)
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.queues.reset();
         self.rx_pending = None;
         true
     }
 
+    fn stop_queue(&mut self, index: usize) {
+        self.queues.stop_queue(index);
+    }
+
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.active
-            .as_ref()
-            .map(|a| vec![a.rx_queue.state(), a.tx_queue.state()])
+        self.queues.queue_states()
     }
 
     fn save_state(&self) -> VirtioDeviceState {

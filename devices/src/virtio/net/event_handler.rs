@@ -1,5 +1,6 @@
 //! Running virtio-net on the event loop: frames from the TAP into the receive queue, frames from the
-//! transmit queue through the output gate to the TAP.
+//! transmit queue through the output gate to the TAP. The queue plumbing (activation, notifications,
+//! budget, guest-error reports) is `crate::virtio::device_queues`, shared with virtio-blk.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -8,8 +9,9 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
-use super::device::{NetCounters, VirtioNet, NET_HDR_LEN};
+use super::device::{NetCounters, VirtioNet, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use crate::output_gate::{OutputGate, OutputSink};
+use crate::virtio::device_queues::{pop_chain, Drained, GuestErrorLog, QueueEvent, QUEUE_BUDGET};
 use crate::virtio::GuestMemoryMmap;
 
 /// `virtio_net_hdr_v1` for a received frame: no offloads, one buffer.
@@ -20,16 +22,17 @@ fn rx_header() -> [u8; NET_HDR_LEN] {
 }
 
 /// Writes one received frame into the next receive buffer on `queue`. Returns `None` when the driver
-/// has no buffer available (the frame is not consumed), `Some(false)` if the queue is broken (stop
-/// using it), `Some(true)` once the buffer went back to the driver (holding the frame, or dropped
-/// because the buffer was unusable).
+/// has no buffer available or the queue is stopped (the frame is not consumed), `Some(false)` if the
+/// queue is broken (stop using it), `Some(true)` once the buffer went back to the driver (holding the
+/// frame, or dropped because the buffer was unusable).
 pub fn deliver_frame(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     frame: &[u8],
     counters: &mut NetCounters,
+    errors: &mut GuestErrorLog,
 ) -> Option<bool> {
-    let chain = queue.pop_descriptor_chain(mem)?;
+    let chain = pop_chain(queue, mem, errors)?;
     let head = chain.head_index();
     let written = match chain.writer(mem) {
         Ok(mut w) if w.available_bytes() >= NET_HDR_LEN + frame.len() => {
@@ -39,17 +42,17 @@ pub fn deliver_frame(
                     w.bytes_written()
                 }
                 Err(e) => {
-                    tracing::debug!("virtio-net: cannot write received frame: {e}");
+                    errors.report(format_args!("cannot write received frame: {e}"));
                     counters.rx_dropped += 1;
                     0
                 }
             }
         }
         Ok(_) | Err(_) => {
-            tracing::debug!(
-                "virtio-net: receive buffer {head} unusable; frame of {} bytes dropped",
+            errors.report(format_args!(
+                "receive buffer {head} unusable; frame of {} bytes dropped",
                 frame.len()
-            );
+            ));
             counters.rx_dropped += 1;
             0
         }
@@ -57,46 +60,55 @@ pub fn deliver_frame(
     match queue.add_used(mem, head, written as u32) {
         Ok(()) => Some(true),
         Err(e) => {
-            tracing::warn!("virtio-net: cannot return receive buffer {head}: {e}");
+            errors.report(format_args!("cannot return receive buffer {head}: {e}"));
             Some(false)
         }
     }
 }
 
 impl VirtioNet {
-    /// Moves frames from the TAP to the guest until the TAP is empty or the guest has no buffers.
+    /// Moves frames from the TAP to the guest until the TAP is empty, the guest has no buffers, or
+    /// the turn's budget is spent (then the loop comes back).
     pub fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some((active, errors)) = self.queues.active_with_errors() else {
             return;
         };
         let mem = &active.memory;
         let mut delivered = false;
-        loop {
+        let mut budget_exhausted = true;
+        for _ in 0..QUEUE_BUDGET {
             let len = match self.rx_pending {
                 Some(len) => len,
                 None => match self.tap.read_frame(&mut self.rx_buf) {
                     Ok(len) => len,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        budget_exhausted = false;
+                        break;
+                    }
                     Err(e) => {
                         tracing::warn!("virtio-net {}: TAP read failed: {e}", self.tap.name());
+                        budget_exhausted = false;
                         break;
                     }
                 },
             };
             match deliver_frame(
-                &mut active.rx_queue,
+                &mut active.queues[RX_QUEUE],
                 mem,
                 &self.rx_buf[..len],
                 &mut self.counters,
+                errors,
             ) {
                 Some(true) => self.rx_pending = None,
                 Some(false) => {
                     self.rx_pending = None;
+                    budget_exhausted = false;
                     break;
                 }
                 None => {
                     // No buffer: keep the frame until the driver adds some (rx queue notification).
                     self.rx_pending = Some(len);
+                    budget_exhausted = false;
                     break;
                 }
             }
@@ -105,11 +117,15 @@ impl VirtioNet {
         if delivered {
             active.interrupt.signal_used_queue();
         }
+        // The TAP is edge-triggered: frames left behind need the loop to come back by itself.
+        if budget_exhausted {
+            self.queues.requeue(RX_QUEUE);
+        }
     }
 
-    /// Sends every frame the guest queued, through the output gate.
+    /// Sends the frames the guest queued, through the output gate, up to the turn's budget.
     pub fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some((active, errors)) = self.queues.active_with_errors() else {
             return;
         };
         let mut tx = TxPath {
@@ -117,9 +133,14 @@ impl VirtioNet {
             gate: self.gate.as_mut(),
             sink: &mut self.tap,
             counters: &mut self.counters,
+            errors,
         };
-        if tx.drain(&mut active.tx_queue, &active.memory) {
+        let drained = tx.drain(&mut active.queues[TX_QUEUE], &active.memory, QUEUE_BUDGET);
+        if drained.used {
             active.interrupt.signal_used_queue();
+        }
+        if drained.budget_exhausted {
+            self.queues.requeue(TX_QUEUE);
         }
     }
 }
@@ -130,13 +151,23 @@ pub struct TxPath<'a> {
     pub gate: &'a mut dyn OutputGate,
     pub sink: &'a mut dyn OutputSink,
     pub counters: &'a mut NetCounters,
+    pub errors: &'a mut GuestErrorLog,
 }
 
 impl TxPath<'_> {
-    /// Sends every frame on `queue`; returns whether any descriptor was returned to the driver.
-    pub fn drain(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut completed = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    /// Sends up to `budget` frames from `queue`. While the gate is full (it holds its byte cap of
+    /// unreleased output) the frames stay in the queue — transmit pauses, nothing is dropped — until
+    /// a release makes room.
+    pub fn drain(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, budget: usize) -> Drained {
+        let mut drained = Drained::default();
+        for _ in 0..budget {
+            if self.gate.is_full() {
+                self.counters.tx_paused += 1;
+                return drained;
+            }
+            let Some(chain) = pop_chain(queue, mem, self.errors) else {
+                return drained;
+            };
             let head = chain.head_index();
             match chain.reader(mem) {
                 Ok(mut r)
@@ -154,50 +185,41 @@ impl TxPath<'_> {
                             }
                         },
                         Err(e) => {
-                            tracing::debug!("virtio-net: cannot read frame {head}: {e}");
+                            self.errors
+                                .report(format_args!("cannot read transmit chain {head}: {e}"));
                             self.counters.tx_dropped += 1;
                         }
                     }
                 }
                 Ok(r) => {
-                    tracing::debug!(
-                        "virtio-net: transmit chain {head} of {} bytes rejected",
+                    self.errors.report(format_args!(
+                        "transmit chain {head} of {} bytes rejected",
                         r.available_bytes()
-                    );
+                    ));
                     self.counters.tx_dropped += 1;
                 }
                 Err(e) => {
-                    tracing::debug!("virtio-net: transmit chain {head} unusable: {e}");
+                    self.errors
+                        .report(format_args!("transmit chain {head} unusable: {e}"));
                     self.counters.tx_dropped += 1;
                 }
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
-                tracing::warn!("virtio-net: cannot return transmit buffer {head}: {e}");
-                break;
+                self.errors
+                    .report(format_args!("cannot return transmit buffer {head}: {e}"));
+                return drained;
             }
-            completed = true;
+            drained.used = true;
         }
-        completed
+        drained.budget_exhausted = true;
+        drained
     }
 }
 
 impl MutEventSubscriber for VirtioNet {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.activate_event.as_raw_fd() {
-            let _ = self.activate_event.read();
-            if let Some(active) = &self.active {
-                for (evt, what) in [
-                    (&active.rx_event, "receive queue"),
-                    (&active.tx_event, "transmit queue"),
-                ] {
-                    if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                        tracing::error!(
-                            "virtio-net {}: cannot watch the {what}: {e}",
-                            self.tap.name()
-                        );
-                    }
-                }
+        match self.queues.handle(&events, ops) {
+            QueueEvent::Activated => {
                 if !self.tap_watched {
                     match ops.add(Events::new(
                         &self.tap,
@@ -210,45 +232,20 @@ impl MutEventSubscriber for VirtioNet {
                         ),
                     }
                 }
-            }
-            self.process_tx();
-            self.process_rx();
-            return;
-        }
-        if fd == self.tap.as_raw_fd() {
-            self.process_rx();
-            return;
-        }
-        let which = self
-            .active
-            .as_ref()
-            .map(|a| (a.rx_event.as_raw_fd(), a.tx_event.as_raw_fd()));
-        match which {
-            Some((rx, _)) if fd == rx => {
-                if let Some(a) = &self.active {
-                    let _ = a.rx_event.read();
-                }
+                self.process_tx();
                 self.process_rx();
             }
-            Some((_, tx)) if fd == tx => {
-                if let Some(a) = &self.active {
-                    let _ = a.tx_event.read();
-                }
-                self.process_tx();
-            }
-            _ => {
+            QueueEvent::Notified(RX_QUEUE) => self.process_rx(),
+            QueueEvent::Notified(_) => self.process_tx(),
+            QueueEvent::Other if events.fd() == self.tap.as_raw_fd() => self.process_rx(),
+            QueueEvent::Other => {
                 let _ = ops.remove(events);
             }
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_event, EventSet::IN)) {
-            tracing::error!(
-                "virtio-net {}: cannot watch activation: {e}",
-                self.tap.name()
-            );
-        }
+        self.queues.init(ops);
     }
 }
 
@@ -297,14 +294,84 @@ mod tests {
         let mut gate = PassThroughGate::new();
         let mut sink = Frames::default();
         let mut counters = NetCounters::default();
+        let mut errors = GuestErrorLog::new("test");
         let mut path = TxPath {
             buf: &mut buf,
             gate: &mut gate,
             sink: &mut sink,
             counters: &mut counters,
+            errors: &mut errors,
         };
-        assert!(path.drain(&mut queue, mem));
+        assert!(path.drain(&mut queue, mem, QUEUE_BUDGET).used);
         (sink, counters)
+    }
+
+    /// A queue holding `n` transmit chains of one 64-byte frame each (header + payload).
+    fn frames_queue(mem: &GuestMemoryMmap, n: u64) -> Queue {
+        let q = MockSplitQueue::new(mem, 16);
+        let raw: Vec<RawDescriptor> = (0..n)
+            .map(|i| {
+                mem.write_slice(&[i as u8; 64], GuestAddress(0x8000 + i * 0x100))
+                    .unwrap();
+                RawDescriptor::from(Descriptor::new(0x8000 + i * 0x100, 64, 0, 0))
+            })
+            .collect();
+        q.build_multiple_desc_chains(&raw).unwrap();
+        q.create_queue().unwrap()
+    }
+
+    #[test]
+    fn transmit_takes_at_most_its_budget_per_turn() {
+        let m = mem();
+        let mut queue = frames_queue(&m, 3);
+        let (mut buf, mut gate, mut sink) =
+            (vec![0u8; 2048], PassThroughGate::new(), Frames::default());
+        let (mut counters, mut errors) = (NetCounters::default(), GuestErrorLog::new("test"));
+        let mut path = TxPath {
+            buf: &mut buf,
+            gate: &mut gate,
+            sink: &mut sink,
+            counters: &mut counters,
+            errors: &mut errors,
+        };
+        let first = path.drain(&mut queue, &m, 2);
+        assert!(first.used && first.budget_exhausted);
+        let second = path.drain(&mut queue, &m, 2);
+        assert!(second.used && !second.budget_exhausted);
+        assert_eq!(sink.0.len(), 3);
+    }
+
+    #[test]
+    fn a_full_gate_pauses_transmit_and_drops_nothing() {
+        let m = mem();
+        let mut queue = frames_queue(&m, 3);
+        // Room for one frame's payload only.
+        let mut gate = crate::output_gate::EpochGate::with_cap(1, 52);
+        let (mut buf, mut sink) = (vec![0u8; 2048], Frames::default());
+        let (mut counters, mut errors) = (NetCounters::default(), GuestErrorLog::new("test"));
+        let mut path = TxPath {
+            buf: &mut buf,
+            gate: &mut gate,
+            sink: &mut sink,
+            counters: &mut counters,
+            errors: &mut errors,
+        };
+        let drained = path.drain(&mut queue, &m, QUEUE_BUDGET);
+        assert!(drained.used && !drained.budget_exhausted);
+        assert_eq!(path.counters.tx_frames, 1);
+        assert_eq!(path.counters.tx_paused, 1);
+        assert_eq!(path.counters.tx_dropped, 0);
+        // The checkpoint commits: the held frame leaves and transmit goes on where it stopped.
+        assert_eq!(path.gate.release_through(1, path.sink).unwrap(), 1);
+        path.drain(&mut queue, &m, QUEUE_BUDGET);
+        assert_eq!(path.counters.tx_frames, 2);
+        assert_eq!(path.gate.release_through(1, path.sink).unwrap(), 1);
+        path.drain(&mut queue, &m, QUEUE_BUDGET);
+        assert_eq!(path.gate.release_through(1, path.sink).unwrap(), 1);
+        assert_eq!(path.counters.tx_frames, 3);
+        assert_eq!(path.counters.tx_dropped, 0);
+        let payloads: Vec<u8> = sink.0.iter().map(|f| f[0]).collect();
+        assert_eq!(payloads, vec![0, 1, 2], "in order, none lost");
     }
 
     #[test]
@@ -347,9 +414,10 @@ mod tests {
     fn receive_writes_header_and_frame_or_drops_when_too_small() {
         let m = mem();
         let mut counters = NetCounters::default();
+        let mut errors = GuestErrorLog::new("test");
         let mut q = queue_with(&m, &[(0x8000, 2048, true)]);
         assert_eq!(
-            deliver_frame(&mut q, &m, b"frame!", &mut counters),
+            deliver_frame(&mut q, &m, b"frame!", &mut counters, &mut errors),
             Some(true)
         );
         let mut got = [0u8; NET_HDR_LEN + 6];
@@ -357,18 +425,21 @@ mod tests {
         assert_eq!(&got[NET_HDR_LEN..], b"frame!");
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
         // No more buffers: the frame is kept by the caller.
-        assert_eq!(deliver_frame(&mut q, &m, b"next", &mut counters), None);
+        assert_eq!(
+            deliver_frame(&mut q, &m, b"next", &mut counters, &mut errors),
+            None
+        );
         // A buffer too small for header + frame: returned empty, frame dropped.
         let mut q = queue_with(&m, &[(0x8000, 8, true)]);
         assert_eq!(
-            deliver_frame(&mut q, &m, b"frame!", &mut counters),
+            deliver_frame(&mut q, &m, b"frame!", &mut counters, &mut errors),
             Some(true)
         );
         assert_eq!(counters.rx_dropped, 1);
         // A read-only buffer cannot receive.
         let mut q = queue_with(&m, &[(0x8000, 2048, false)]);
         assert_eq!(
-            deliver_frame(&mut q, &m, b"frame!", &mut counters),
+            deliver_frame(&mut q, &m, b"frame!", &mut counters, &mut errors),
             Some(true)
         );
         assert_eq!(counters.rx_dropped, 2);
