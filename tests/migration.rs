@@ -124,17 +124,7 @@ fn loopback_receiver(extra: &[&str]) -> (RunningVm, String) {
     let mut cmd = std::process::Command::new(ftvmm_bin());
     cmd.args(["receive", "--listen", "127.0.0.1:0"]).args(extra);
     let mut dst = RunningVm::spawn(cmd);
-    dst.wait_for_stderr("waiting for a migration on ", DEADLINE);
-    let addr = dst
-        .stderr()
-        .lines()
-        .find_map(|l| {
-            l.split("waiting for a migration on ")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .map(str::to_string)
-        })
-        .expect("bound address");
+    let addr = dst.bound_address("waiting for a migration on ", DEADLINE);
     (dst, addr)
 }
 

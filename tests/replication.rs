@@ -121,14 +121,7 @@ fn loopback_standby(dir: &std::path::Path) -> (RunningVm, String, std::path::Pat
         .arg("--tls")
         .arg(pki.join("b"));
     let mut standby = RunningVm::spawn(cmd);
-    standby.wait_for_stderr("standing by on ", DEADLINE);
-    let addr = standby
-        .stderr()
-        .lines()
-        .find_map(|l| l.split("standing by on ").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("bound address")
-        .to_string();
+    let addr = standby.bound_address("standing by on ", DEADLINE);
     (standby, addr, pki)
 }
 
@@ -187,7 +180,97 @@ fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
         assert_eq!(standby.wait_exit(DEADLINE), Some(1), "{name}");
         let err = standby.stderr();
         assert!(err.contains(expected), "{name}: {err}");
-        assert!(err.contains("nothing to resume"), "{name}: {err}");
+        assert!(err.contains("not resumed here"), "{name}: {err}");
+        assert!(!err.contains("taking over"), "{name}: {err}");
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// A primary on loopback protecting the test guest with `cmdline` to `standby` (TLS identity `a`).
+fn loopback_primary(
+    cmdline: &str,
+    standby: &str,
+    pki: &std::path::Path,
+    api: &std::path::Path,
+) -> RunningVm {
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.env("FTVMM_LOG", "replication=info")
+        .args([
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "64",
+        ])
+        .args(["--cmdline", cmdline])
+        .args(["--standby", standby, "--epoch-ms", "50"])
+        .arg("--tls")
+        .arg(pki.join("a"))
+        .arg("--api-socket")
+        .arg(api);
+    RunningVm::spawn(cmd)
+}
+
+#[test]
+fn a_guest_that_powers_off_while_protected_ends_its_standby_without_resuming() {
+    let dir =
+        std::env::temp_dir().join(format!("ftvmm-replication-poweroff-{}", std::process::id()));
+    let (mut standby, addr, pki) = loopback_standby(&dir);
+    let mut primary = loopback_primary("mode=spin seconds=3", &addr, &pki, &dir.join("a.sock"));
+    primary.wait_for_stderr("guest protected by", DEADLINE);
+    assert_eq!(primary.wait_exit(DEADLINE), Some(0), "{}", primary.stderr());
+    assert_eq!(standby.wait_exit(DEADLINE), Some(0), "{}", standby.stderr());
+    let err = standby.stderr();
+    assert!(
+        err.contains("the primary ended protection (the guest powered off)"),
+        "{err}"
+    );
+    assert!(!err.contains("taking over"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_protected_guest_refuses_snapshots_and_migration_with_409() {
+    let dir = std::env::temp_dir().join(format!("ftvmm-replication-409-{}", std::process::id()));
+    let (mut standby, addr, pki) = loopback_standby(&dir);
+    let api = dir.join("a.sock");
+    let mut primary = loopback_primary("mode=spin", &addr, &pki, &api);
+    primary.wait_for_stderr("guest protected by", DEADLINE);
+    let api = api.to_str().unwrap();
+    let snap = dir.join("snap");
+    let snapshot = integration_tests::run_ftvmm(
+        &[
+            "vm",
+            "--api-socket",
+            api,
+            "snapshot",
+            "--dir",
+            snap.to_str().unwrap(),
+        ],
+        DEADLINE,
+    );
+    assert_ne!(snapshot.code(), Some(0), "{snapshot:?}");
+    assert!(
+        snapshot.stderr.contains(
+            "a snapshot cannot start while protection tracks the guest's dirty pages (HTTP 409)"
+        ),
+        "{snapshot:?}"
+    );
+    assert!(!snap.join(vmm::machine::SNAPSHOT_STATE_FILE).exists());
+    let migrate = integration_tests::run_ftvmm(
+        &["vm", "--api-socket", api, "migrate", "--to", "127.0.0.1:9"],
+        DEADLINE,
+    );
+    assert_ne!(migrate.code(), Some(0), "{migrate:?}");
+    assert!(
+        migrate.stderr.contains("unprotect the guest first") && migrate.stderr.contains("HTTP 409"),
+        "{migrate:?}"
+    );
+    // Protection went on through both refusals.
+    let status = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "protection"], DEADLINE);
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(s["state"], "protected", "{s}");
+    primary.kill();
+    standby.kill();
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -32,15 +32,6 @@ fn assert_all_filtered(vm: &RunningVm, names: &[&str], what: &str) {
     }
 }
 
-fn address_after(vm: &RunningVm, marker: &str) -> String {
-    vm.stderr()
-        .lines()
-        .find_map(|l| l.split(marker).nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("bound address")
-        .to_string()
-}
-
 #[test]
 fn every_thread_of_a_protected_and_a_migrating_vm_is_filtered() {
     let dir = std::env::temp_dir().join(format!("ftvmm-seccomp-{}", std::process::id()));
@@ -54,9 +45,8 @@ fn every_thread_of_a_protected_and_a_migrating_vm_is_filtered() {
         .arg("--tls")
         .arg(pki.join("b"));
     let mut standby = RunningVm::spawn(standby_cmd);
-    standby.wait_for_stderr("standing by on ", DEADLINE);
+    let standby_addr = standby.bound_address("standing by on ", DEADLINE);
     assert_all_filtered(&standby, &["ftvmm"], "standby");
-    let standby_addr = address_after(&standby, "standing by on ");
 
     let sock = dir.join("primary.sock");
     let mut primary_cmd = Command::new(ftvmm_bin());
@@ -113,9 +103,8 @@ fn every_thread_of_a_protected_and_a_migrating_vm_is_filtered() {
         .arg("--tls")
         .arg(pki.join("b"));
     let mut dst = RunningVm::spawn(dst_cmd);
-    dst.wait_for_stderr("waiting for a migration on ", DEADLINE);
+    let to = dst.bound_address("waiting for a migration on ", DEADLINE);
     assert_all_filtered(&dst, &["ftvmm"], "destination");
-    let to = address_after(&dst, "waiting for a migration on ");
     // A 1 ms target keeps the dirtying guest in pre-copy while the threads are inspected.
     let socket = sock_a.clone();
     let target = to.clone();

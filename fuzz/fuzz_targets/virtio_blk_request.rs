@@ -5,6 +5,7 @@ use std::io::Write;
 
 use devices::virtio::block::event_handler::process_requests;
 use devices::virtio::block::request::{Disk, ID_BYTES};
+use devices::virtio::device_queues::{GuestErrorLog, QUEUE_BUDGET};
 use ftvmm_fuzz::queue_from_bytes;
 use libfuzzer_sys::fuzz_target;
 
@@ -15,7 +16,8 @@ fuzz_target!(|data: &[u8]| {
     let id = [7u8; ID_BYTES];
     let read_only = data.first().is_some_and(|b| b & 0x80 != 0);
     let disk = Disk { file: &file, capacity: 64 * 1024, read_only, id: &id };
-    process_requests(&mut queue, &mem, &disk);
+    let mut errors = GuestErrorLog::new("fuzz-blk");
+    process_requests(&mut queue, &mem, &disk, &mut errors, QUEUE_BUDGET);
 });
 
 fn tempfile() -> std::fs::File {

@@ -2,6 +2,7 @@
 #![no_main]
 
 use devices::output_gate::{OutputSink, PassThroughGate};
+use devices::virtio::device_queues::{GuestErrorLog, QUEUE_BUDGET};
 use devices::virtio::net::device::{NetCounters, MAX_FRAME_LEN, NET_HDR_LEN};
 use devices::virtio::net::event_handler::TxPath;
 use ftvmm_fuzz::queue_from_bytes;
@@ -20,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = vec![0u8; NET_HDR_LEN + MAX_FRAME_LEN];
     let mut gate = PassThroughGate::new();
     let mut counters = NetCounters::default();
+    let mut errors = GuestErrorLog::new("fuzz-net");
     let mut tx = TxPath { buf: &mut buf, gate: &mut gate, sink: &mut Discard, counters: &mut counters, errors: &mut errors };
-    tx.drain(&mut queue, &mem, 256);
+    tx.drain(&mut queue, &mem, QUEUE_BUDGET);
 });

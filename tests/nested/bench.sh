@@ -5,6 +5,7 @@
 #   BENCH vmm=<ftvmm|microvm|q35> figure=<name> value=<number>
 # which scripts/bench-nested turns into medians and ratios. RUNS (default 3) boots per VMM for the
 # boot figures; one guest per VMM for I/O; one migration per VMM.
+NO_KVM_TRACE=1 # tracing every exit would skew the figures
 . /payload/lib.sh
 RUNS=${RUNS:-3}
 VMMS=${VMMS:-ftvmm microvm q35}

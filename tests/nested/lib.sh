@@ -14,6 +14,18 @@ fail() {
     exit 1
 }
 
+# The L1 kernel's KVM trace events (exits, injected exceptions and interrupts) are recorded for every
+# case, so that a failure shows what the guest did last: on AMD a guest's triple fault resets its
+# registers before ftvmm sees the exit, and this trace is then the only record of its cause.
+# A script that measures sets NO_KVM_TRACE=1 before sourcing this file.
+KVM_TRACE=/sys/kernel/tracing
+if [ -z "${NO_KVM_TRACE:-}" ] && mount -t tracefs nodev "$KVM_TRACE" 2>/dev/null || [ -e "$KVM_TRACE/trace" ]; then
+    echo 8192 >"$KVM_TRACE/buffer_size_kb" 2>/dev/null
+    for event in kvm_exit kvm_inj_exception kvm_inj_virq kvm_pio kvm_msr; do
+        echo 1 >"$KVM_TRACE/events/kvm/$event/enable" 2>/dev/null
+    done
+fi
+
 # vm_start NAME ARGS...: runs ftvmm ARGS in the background.
 vm_start() {
     name=$1
@@ -114,5 +126,9 @@ show_vms() {
         echo "----- $name: ftvmm"
         sed "s/^/[$name] /" "/tmp/$name.err" 2>/dev/null | tail -n 50
     done
+    if [ -z "${NO_KVM_TRACE:-}" ] && [ -r "$KVM_TRACE/trace" ]; then
+        echo "----- L1 KVM trace (last events)"
+        grep -v '^#' "$KVM_TRACE/trace" | tail -n 60
+    fi
 }
 trap on_exit EXIT

@@ -294,6 +294,18 @@ impl RunningVm {
         }
     }
 
+    /// The address ftvmm prints after `marker` once it listens ("standing by on ADDR", "waiting for
+    /// a migration on ADDR"): waits for the line, then returns the word that follows the marker.
+    pub fn bound_address(&mut self, marker: &str, timeout: Duration) -> String {
+        self.wait_for_stderr(marker, timeout);
+        self.stderr()
+            .lines()
+            .find_map(|l| l.split(marker).nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address after {marker:?} on stderr"))
+            .to_string()
+    }
+
     /// Waits for ftvmm to exit on its own within `timeout`; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;

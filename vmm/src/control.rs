@@ -25,7 +25,9 @@ pub enum VmCommand {
     },
     /// Where every vCPU is (a running VM is paused for a moment to look).
     Vcpus,
-    Run(MachineJob),
+    /// A job run on the event-loop thread with the machine in hand (checkpoints, migration
+    /// steps): it may pause and resume the vCPUs as it needs.
+    OnEventLoop(MachineJob),
 }
 
 impl std::fmt::Debug for VmCommand {
@@ -38,7 +40,7 @@ impl std::fmt::Debug for VmCommand {
                 write!(f, "Snapshot {{ dir: {}, diff: {diff} }}", dir.display())
             }
             Self::Vcpus => write!(f, "Vcpus"),
-            Self::Run(_) => write!(f, "Run(job)"),
+            Self::OnEventLoop(_) => write!(f, "OnEventLoop(job)"),
         }
     }
 }

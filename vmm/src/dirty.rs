@@ -9,7 +9,7 @@
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::dirty_ring::DirtyRings;
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -235,6 +235,46 @@ impl Default for DirtyTracker {
     }
 }
 
+/// Who tracks the guest's dirty pages. Collecting dirty bits clears them, so two users would each
+/// see only part of the writes: one user at a time holds the claim (protection's epoch loop, a
+/// migration), and a snapshot is refused meanwhile.
+#[derive(Clone, Default)]
+pub struct DirtyOwnership {
+    holder: Arc<Mutex<Option<&'static str>>>,
+}
+
+impl DirtyOwnership {
+    /// Takes the claim for `user`, or names who holds it.
+    pub fn claim(&self, user: &'static str) -> Result<DirtyClaim, &'static str> {
+        let mut holder = self.holder.lock().unwrap_or_else(|e| e.into_inner());
+        match *holder {
+            Some(other) => Err(other),
+            None => {
+                *holder = Some(user);
+                Ok(DirtyClaim {
+                    holder: self.holder.clone(),
+                })
+            }
+        }
+    }
+
+    /// Who holds the claim now.
+    pub fn holder(&self) -> Option<&'static str> {
+        *self.holder.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The claim on dirty tracking; released when dropped (its user's thread ends).
+pub struct DirtyClaim {
+    holder: Arc<Mutex<Option<&'static str>>>,
+}
+
+impl Drop for DirtyClaim {
+    fn drop(&mut self) {
+        *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,5 +341,16 @@ mod tests {
         let region = mem.iter().next().unwrap();
         let words = vmm_bitmap(region).get_and_reset();
         assert_eq!(words[0], 1 << 3);
+    }
+
+    #[test]
+    fn one_user_of_dirty_tracking_at_a_time() {
+        let ownership = DirtyOwnership::default();
+        let claim = ownership.claim("protection").unwrap();
+        assert_eq!(ownership.holder(), Some("protection"));
+        assert_eq!(ownership.claim("migration").err(), Some("protection"));
+        drop(claim);
+        assert_eq!(ownership.holder(), None);
+        assert!(ownership.claim("migration").is_ok());
     }
 }

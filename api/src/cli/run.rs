@@ -159,18 +159,16 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         let control = machine.control_handle()?;
         // Checkpoints start once the vCPUs run; the loop waits for the event loop to serve it.
         let handle = replication::protection::start_protection(&mut machine, params, control)?;
-        let stopper = handle.stop_flag();
-        let kept = match &_server {
-            Some(server) => {
-                server.set_protection(handle);
-                None
-            }
-            None => Some(handle),
-        };
+        if let Some(server) = &_server {
+            server.set_protection(handle.clone());
+        }
         machine.start()?;
         let exit = machine.wait()?;
-        stopper.store(true, std::sync::atomic::Ordering::SeqCst);
-        drop(kept);
+        // The standby must hear that the guest ended, or it would resume it.
+        handle.finish(
+            replication::protection::ending_of(&exit),
+            std::time::Duration::from_secs(5),
+        );
         return Ok(report_exit(&exit, _server.as_ref()));
     }
     run_machine(machine, None, security, _server)

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use replication::protection::run_standby;
+use replication::protection::{run_standby, StandbyEnd};
 
 use super::backends::BackendArgs;
 
@@ -14,6 +14,10 @@ use super::backends::BackendArgs;
     after_help = "The standby applies a checkpoint only once all of it has arrived and verified; a torn \
 one is discarded whole. Output the guest produced after the last committed checkpoint was never released \
 by the primary, so no client saw anything this copy does not also hold.\n\n\
+The standby takes over when the primary's connection closes or resets, or when it is silent for \
+--failure-timeout-ms. It ends without resuming anything (exit 0) when the primary says goodbye: its \
+guest powered off, reset or crashed, or protection was stopped; and with an error when the link breaks \
+in a way a dying primary does not cause (a corrupt frame, a message out of protocol).\n\n\
 Only a primary holding a certificate from the same CA (--tls) is accepted; the disks and TAPs are this \
 host's, given here.\n\n\
 Example:\n  ftvmm standby --listen 0.0.0.0:7100 --tls /etc/ftvmm/pki/host-b --net tap=tap0 --api-socket /run/vm.sock"
@@ -36,13 +40,20 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let security = args.backends.link.required("ftvmm standby")?;
     // This thread follows the primary and then runs the event loop: filtered before the peer speaks.
     vmm::seccomp::apply(vmm::seccomp::ThreadKind::EventLoop)?;
-    let takeover = run_standby(
+    let end = run_standby(
         &args.listen,
         &args.backends.restore_options(),
         &security,
         Duration::from_millis(args.failure_timeout_ms),
         |addr| eprintln!("ftvmm: standing by on {addr} ({})", security.name()),
     )?;
+    let takeover = match end {
+        StandbyEnd::Ended(ending) => {
+            eprintln!("ftvmm: the primary ended protection ({ending}); nothing to take over");
+            return Ok(0);
+        }
+        StandbyEnd::Takeover(takeover) => takeover,
+    };
     eprintln!(
         "ftvmm: primary lost ({}); taking over from checkpoint {}",
         takeover.reason, takeover.epoch

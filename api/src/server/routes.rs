@@ -185,7 +185,8 @@ async fn vm_resume(State(st): State<ApiState>) -> Response {
 /// Writes a full snapshot (vCPUs, devices, memory) to a directory; a running VM is paused for it
 /// and resumed afterwards.
 #[utoipa::path(put, path = "/api/v1/vm/snapshot", request_body = SnapshotRequest, responses(
-    (status = 200, body = SnapshotSchema), (status = 400, body = ErrorBody), (status = 500, body = ErrorBody)))]
+    (status = 200, body = SnapshotSchema), (status = 400, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "the guest is protected or migrating"), (status = 500, body = ErrorBody)))]
 async fn vm_snapshot(
     State(st): State<ApiState>,
     body: Result<Json<SnapshotRequest>, JsonRejection>,
@@ -227,7 +228,8 @@ fn migration_status(st: &ApiState) -> Option<MigrationStatus> {
 /// `GET /api/v1/vm/migration`.
 #[utoipa::path(put, path = "/api/v1/vm/migrate", request_body = MigrateRequest, responses(
     (status = 202, description = "started; body is the migration status"),
-    (status = 400, body = ErrorBody), (status = 409, body = ErrorBody, description = "a migration is in progress")))]
+    (status = 400, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "a migration is in progress, or the guest is protected")))]
 async fn vm_migrate(
     State(st): State<ApiState>,
     body: Result<Json<MigrateRequest>, JsonRejection>,
@@ -263,16 +265,25 @@ async fn vm_migrate(
     }
     let slot = st.migration.clone();
     let control = st.handle.clone();
-    let job = move |machine: &mut vmm::Machine| match start_migration(machine, params, control) {
-        Ok(handle) => {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
-            VmReply::Done(machine.info())
-        }
-        Err(e) => VmReply::Error(format!("cannot start the migration thread: {e}")),
-    };
+    let job =
+        move |machine: &mut vmm::Machine| {
+            if let Some(holder) = machine.dirty_tracking_holder() {
+                return VmReply::Conflict(format!(
+                "{holder} tracks the guest's dirty pages: a migration cannot start until it ends{}",
+                if holder == "protection" { " (unprotect the guest first)" } else { "" }
+            ));
+            }
+            match start_migration(machine, params, control) {
+                Ok(handle) => {
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+                    VmReply::Done(machine.info())
+                }
+                Err(e) => VmReply::Error(format!("cannot start the migration: {e}")),
+            }
+        };
     let handle = st.handle.clone();
     let started = tokio::task::spawn_blocking(move || {
-        handle.request(VmCommand::Run(Box::new(job)), COMMAND_TIMEOUT)
+        handle.request(VmCommand::OnEventLoop(Box::new(job)), COMMAND_TIMEOUT)
     })
     .await;
     match started {
@@ -280,6 +291,7 @@ async fn vm_migrate(
             Some(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
             None => error(StatusCode::INTERNAL_SERVER_ERROR, "migration did not start"),
         },
+        Ok(Ok(VmReply::Conflict(m))) => error(StatusCode::CONFLICT, m),
         Ok(Ok(other)) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("unexpected reply {other:?}"),

@@ -27,6 +27,9 @@ use crate::wire::{read_frame, write_frame, FrameError, Message};
 /// Most vCPUs a guest may have (as `ftvmm run --vcpus`).
 const MAX_VCPUS: u8 = 254;
 
+/// How long one connection may take from TCP accept to its `Hello`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Errors on the receiving side before a guest was accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
@@ -45,6 +48,20 @@ pub fn bind(listen: &str) -> Result<TcpListener, AcceptError> {
         addr: listen.to_string(),
         source,
     })
+}
+
+/// Listens on `listen`, calls `on_listening` with the bound address, and waits for the one peer
+/// that passes `security` and sends `Hello` (see [`accept_peer`]): how every receiver starts.
+pub fn listen_for_peer(
+    listen: &str,
+    security: &LinkSecurity,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<Incoming, AcceptError> {
+    let listener = bind(listen)?;
+    if let Ok(addr) = listener.local_addr() {
+        on_listening(addr);
+    }
+    accept_peer(&listener, security, HANDSHAKE_TIMEOUT)
 }
 
 /// An authenticated peer that opened with `Hello`.

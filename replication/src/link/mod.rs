@@ -19,7 +19,9 @@ pub mod connect;
 pub mod security;
 pub mod stream;
 
-pub use accept::{accept_peer, assemble_incoming, bind, AcceptError, Incoming};
+pub use accept::{
+    accept_peer, assemble_incoming, bind, listen_for_peer, AcceptError, Incoming, HANDSHAKE_TIMEOUT,
+};
 pub use connect::{connect, open, OpenError};
 pub use security::{LinkSecurity, SecurityError, TlsIdentity};
 pub use stream::Link;

@@ -13,8 +13,6 @@ use crate::wire::{read_frame, write_frame, FrameError, Message};
 
 /// How long the destination waits for the next message before giving up.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a connecting source may take to authenticate and say `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a migration into this host failed (nothing of the guest runs here then).
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +43,7 @@ pub fn receive(
     security: &LinkSecurity,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(Machine, SocketAddr), ReceiveError> {
-    let listener = link::bind(listen)?;
-    if let Ok(addr) = listener.local_addr() {
-        on_listening(addr);
-    }
-    let mut incoming = link::accept_peer(&listener, security, HANDSHAKE_TIMEOUT)?;
+    let mut incoming = link::listen_for_peer(listen, security, on_listening)?;
     let peer = incoming.link.peer();
     let span = tracing::info_span!("incoming_migration", %peer);
     let _guard = span.enter();

@@ -85,8 +85,11 @@ pub fn start_migration(
     params: MigrationParams,
     control: ControlHandle,
 ) -> std::io::Result<MigrationHandle> {
-    // Migration takes over the dirty logs; a later snapshot of this VM (if it stays) must be full.
-    machine.invalidate_diff_base();
+    // Migration takes over the dirty logs until it ends; a later snapshot of this VM (if it stays)
+    // must be full.
+    let dirty_claim = machine
+        .claim_dirty_tracking("a migration")
+        .map_err(std::io::Error::other)?;
     let status = Arc::new(Mutex::new(MigrationStatus::new(&params.to)));
     let cancel = Arc::new(AtomicBool::new(false));
     let job = Job {
@@ -103,6 +106,8 @@ pub fn start_migration(
     let thread = std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
+            // Held for the thread's life: nobody else collects the dirty bits meanwhile.
+            let _dirty_claim = dirty_claim;
             vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::Replication);
             job.run()
         })?;
@@ -254,10 +259,10 @@ impl Job {
                 Err(e) => VmReply::Error(e.to_string()),
             }
         };
-        match self
-            .control
-            .request(VmCommand::Run(Box::new(job)), Duration::from_secs(300))
-        {
+        match self.control.request(
+            VmCommand::OnEventLoop(Box::new(job)),
+            Duration::from_secs(300),
+        ) {
             Ok(VmReply::Done(_)) => Ok(()),
             Ok(VmReply::Error(e)) => Err(SourceError::Vm(e)),
             Ok(other) => Err(SourceError::Vm(format!("unexpected reply {other:?}"))),

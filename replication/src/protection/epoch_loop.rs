@@ -1,6 +1,7 @@
 //! The primary's epoch loop: every epoch, pause the vCPUs, take the dirty pages and the device and vCPU
 //! state, start a new output epoch, resume; send the checkpoint; when the standby commits it, release
-//! the output it produced.
+//! the output it produced. When the guest ends, or protection is stopped, the loop tells the standby
+//! why (`Goodbye`), so that it ends instead of resuming a guest that is gone or goes on here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,12 +16,17 @@ use vmm::Machine;
 
 use super::{ProtectionState, ProtectionStatus};
 use crate::link::{self, Link, LinkSecurity, OpenError};
-use crate::wire::{read_frame, write_frame, FrameError, Message, PageRun};
+use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const BATCH_BYTES: usize = 4 << 20;
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the goodbye may take to write before the loop gives up on it.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the loop waits, once the VM stopped answering, for [`ProtectionHandle::finish`] to say
+/// how the guest ended.
+const ENDING_GRACE: Duration = Duration::from_secs(1);
 
 /// How to protect a guest.
 #[derive(Clone, Debug)]
@@ -33,11 +39,13 @@ pub struct ProtectionParams {
     pub epoch: Duration,
 }
 
-/// The running epoch loop.
+/// The running epoch loop. Clones share the one loop.
+#[derive(Clone)]
 pub struct ProtectionHandle {
     status: Arc<Mutex<ProtectionStatus>>,
     stop: Arc<AtomicBool>,
-    _thread: JoinHandle<()>,
+    ending: Shared<Option<Ending>>,
+    thread: Shared<Option<JoinHandle<()>>>,
 }
 
 impl ProtectionHandle {
@@ -49,14 +57,40 @@ impl ProtectionHandle {
             .clone()
     }
 
-    /// Stops checkpointing (the guest goes on, unprotected).
+    /// Stops checkpointing (the guest goes on, unprotected); the standby is told and ends.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    /// The flag [`ProtectionHandle::stop`] sets, for whoever must stop the loop without the handle.
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
+    /// The guest ended (`ending`): tells the standby, so that it ends instead of resuming the guest,
+    /// and waits up to `within` for the loop to finish.
+    pub fn finish(&self, ending: Ending, within: Duration) {
+        *self.ending.lock().unwrap_or_else(|e| e.into_inner()) = Some(ending);
+        self.stop();
+        let deadline = Instant::now() + within;
+        let mut thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        while thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if thread.as_ref().is_some_and(JoinHandle::is_finished) {
+            if let Some(t) = thread.take() {
+                let _ = t.join();
+            }
+        } else {
+            tracing::warn!("the epoch loop did not finish within {within:?}");
+        }
+    }
+}
+
+/// How a guest's end is told to the standby.
+pub fn ending_of(exit: &vmm::VmExit) -> Ending {
+    match exit {
+        vmm::VmExit::PowerOff => Ending::PoweredOff,
+        vmm::VmExit::Reset => Ending::Reset,
+        vmm::VmExit::Crash(_) => Ending::Crashed,
+        vmm::VmExit::MigratedAway { to } => Ending::Unprotected {
+            reason: format!("the guest migrated to {to}"),
+        },
     }
 }
 
@@ -101,7 +135,9 @@ pub fn start_protection(
             "replicating disk writes is not implemented yet: a protected guest cannot have disks",
         ));
     }
-    machine.invalidate_diff_base();
+    let dirty_claim = machine
+        .claim_dirty_tracking("protection")
+        .map_err(std::io::Error::other)?;
     let status = Arc::new(Mutex::new(ProtectionStatus {
         state: ProtectionState::Connecting,
         standby: params.standby.clone(),
@@ -112,6 +148,7 @@ pub fn start_protection(
         error: None,
     }));
     let stop = Arc::new(AtomicBool::new(false));
+    let ending = Arc::new(Mutex::new(None));
     let job = EpochLoop {
         description: machine.description().clone(),
         tracker: Arc::new(Mutex::new(machine.dirty_tracker())),
@@ -119,17 +156,21 @@ pub fn start_protection(
         control,
         status: status.clone(),
         stop: stop.clone(),
+        ending: ending.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("epoch-loop".into())
         .spawn(move || {
+            // Held for the thread's life: nobody else collects the dirty bits meanwhile.
+            let _dirty_claim = dirty_claim;
             vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::Replication);
             job.run()
         })?;
     Ok(ProtectionHandle {
         status,
         stop,
-        _thread: thread,
+        ending,
+        thread: Arc::new(Mutex::new(Some(thread))),
     })
 }
 
@@ -140,6 +181,7 @@ struct EpochLoop {
     control: ControlHandle,
     status: Status,
     stop: Arc<AtomicBool>,
+    ending: Shared<Option<Ending>>,
 }
 
 impl EpochLoop {
@@ -153,7 +195,7 @@ impl EpochLoop {
         // Whatever happened, the guest must not keep its output held: release it and stop tracking.
         let tracker = self.tracker.clone();
         let _ = self.control.request(
-            VmCommand::Run(Box::new(move |m: &mut Machine| {
+            VmCommand::OnEventLoop(Box::new(move |m: &mut Machine| {
                 m.set_output_gating(None);
                 let mut t = tracker.lock().unwrap_or_else(|e| e.into_inner());
                 if t.is_active() {
@@ -180,18 +222,78 @@ impl EpochLoop {
             IO_TIMEOUT,
         )?;
         update(&self.status, |s| s.state = ProtectionState::Syncing);
+        let result = self.checkpoint_epochs(&mut stream);
+        // Unless the link itself failed, the standby hears why protection ends, so that it does
+        // not resume a guest that ended or goes on here.
+        let ending = match &result {
+            Ok(()) => Some(self.ending().unwrap_or(Ending::Unprotected {
+                reason: "protection was stopped".into(),
+            })),
+            Err(LoopError::Vm(reason)) => {
+                Some(self.wait_for_ending().unwrap_or(Ending::Unprotected {
+                    reason: format!("the VM: {reason}"),
+                }))
+            }
+            Err(LoopError::Refused(_) | LoopError::Protocol(_)) => Some(Ending::Unprotected {
+                reason: "the standby broke the protocol".into(),
+            }),
+            Err(LoopError::Link(_) | LoopError::Wire(_)) => None,
+        };
+        if let Some(ending) = ending {
+            let _ = stream.set_write_timeout(Some(GOODBYE_TIMEOUT));
+            match write_frame(
+                &mut stream,
+                &Message::Goodbye {
+                    ending: ending.clone(),
+                },
+            ) {
+                Ok(()) => tracing::info!(%ending, "told the standby protection ends"),
+                Err(e) => tracing::warn!(%ending, "could not tell the standby: {e}"),
+            }
+            stream.close();
+        }
+        result
+    }
+
+    fn ending(&self) -> Option<Ending> {
+        self.ending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The guest's ending, once [`ProtectionHandle::finish`] gives it (the VM stops answering a
+    /// moment before).
+    fn wait_for_ending(&self) -> Option<Ending> {
+        let deadline = Instant::now() + ENDING_GRACE;
+        loop {
+            if let Some(ending) = self.ending() {
+                return Some(ending);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Checkpoints every epoch until stopped or something fails.
+    fn checkpoint_epochs(&self, stream: &mut Link) -> Result<(), LoopError> {
         for epoch in 0u64.. {
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
             if epoch > 0 {
                 std::thread::sleep(self.params.epoch);
+                if self.stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
             }
             let span = tracing::debug_span!("epoch", epoch);
             let _guard = span.enter();
             let cp = self.checkpoint(epoch)?;
             let t0 = Instant::now();
-            if let Err(e) = send_checkpoint(&mut stream, epoch, &cp) {
+            if let Err(e) = send_checkpoint(stream, epoch, &cp) {
                 // Never lose a dirty set: whoever tracks next must see these pages again.
                 self.tracker
                     .lock()
@@ -199,7 +301,7 @@ impl EpochLoop {
                     .fold_back(&cp.set);
                 return Err(e);
             }
-            match read_frame::<_, Message>(&mut stream)? {
+            match read_frame::<_, Message>(stream)? {
                 Message::Committed { epoch: e } if e == epoch => {}
                 Message::Error { message } => return Err(LoopError::Refused(message)),
                 other => {
@@ -233,7 +335,7 @@ impl EpochLoop {
     ) -> Result<(), LoopError> {
         match self
             .control
-            .request(VmCommand::Run(Box::new(job)), JOB_TIMEOUT)
+            .request(VmCommand::OnEventLoop(Box::new(job)), JOB_TIMEOUT)
         {
             Ok(VmReply::Done(_)) => Ok(()),
             Ok(VmReply::Error(e)) => Err(LoopError::Vm(e)),

@@ -6,17 +6,19 @@
 //! Correctness rules kept here (DESIGN.md): an epoch's dirty set is never lost (it is folded back if
 //! it cannot be sent); the standby applies an epoch only when all of it has arrived and verified, and
 //! discards a torn one whole; output of epoch N leaves only after the standby acknowledged N; a lost
-//! standby leaves the primary running unprotected, its held output released, reported as degraded.
-//! Not yet: replicating disk writes (a protected guest may not have disks), fencing with a witness,
-//! and re-protecting to a new standby.
+//! standby leaves the primary running unprotected, its held output released, reported as degraded; a
+//! primary that ends protection while alive says `Goodbye`, and the standby then never resumes the
+//! guest; one user of dirty tracking at a time (protection, a migration, snapshots).
+//! Not yet: heartbeats and fencing with a witness, replicating disk writes (a protected guest may
+//! not have disks), and re-protecting to a new standby.
 
 pub mod epoch_loop;
 pub mod standby;
 
 use serde::{Deserialize, Serialize};
 
-pub use epoch_loop::{start_protection, ProtectionHandle, ProtectionParams};
-pub use standby::{run_standby, StandbyError, Takeover};
+pub use epoch_loop::{ending_of, start_protection, ProtectionHandle, ProtectionParams};
+pub use standby::{run_standby, StandbyEnd, StandbyError, Takeover};
 
 /// Where protection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

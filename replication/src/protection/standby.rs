@@ -1,6 +1,14 @@
 //! The standby: builds the protected guest's hardware, applies each checkpoint once all of it has
-//! arrived and verified, acknowledges it, and when the primary falls silent resumes the guest from the
+//! arrived and verified, acknowledges it, and when the primary is lost resumes the guest from the
 //! last committed checkpoint.
+//!
+//! What ends the standby (docs/wire-protocol.md, rules as built):
+//! - the primary is lost: its connection closed or reset (its process or host died), or it fell
+//!   silent for the failure timeout → take over from the last committed checkpoint;
+//! - the primary said `Goodbye` (its guest powered off, reset or crashed, or protection was stopped
+//!   while the guest goes on there) → end without resuming anything;
+//! - the link broke in a way a dying primary does not cause (a corrupt or forged frame, a message
+//!   out of protocol) → end without resuming: the primary is alive and will see the link fail.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,10 +19,7 @@ use vmm::memory::PAGE_SIZE;
 use vmm::{Machine, RestoreOptions};
 
 use crate::link::{self, AcceptError, Link, LinkSecurity};
-use crate::wire::{read_frame, write_frame, FrameError, Message, PageRun};
-
-/// How long a connecting primary may take to authenticate and say `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
 
 /// Why the standby could not take over.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +33,21 @@ pub enum StandbyError {
          nothing to resume"
     )]
     NoCheckpoint { peer: SocketAddr, reason: String },
+    #[error(
+        "the link to the primary {peer} broke ({reason}); the primary is alive, so the guest is \
+         not resumed here"
+    )]
+    LinkBroken { peer: SocketAddr, reason: String },
     #[error("cannot resume the guest from checkpoint {epoch}: {reason}")]
     Resume { epoch: u64, reason: String },
+}
+
+/// How standing by ended.
+pub enum StandbyEnd {
+    /// The primary was lost: run this guest.
+    Takeover(Takeover),
+    /// The primary said goodbye: nothing to run here.
+    Ended(Ending),
 }
 
 /// What a finished standby hands back: the machine to start and the checkpoint it holds.
@@ -41,20 +59,16 @@ pub struct Takeover {
 
 /// Listens on `listen`, waits for a primary that authenticates as `security` requires (refusing any
 /// other), builds its guest on this host's own backends (`options`), follows its checkpoints, and
-/// when it is gone returns the guest ready to run. `failure_timeout`: how long the primary may be
-/// silent before it is declared dead.
+/// when it is lost returns the guest ready to run (or how the primary ended protection).
+/// `failure_timeout`: how long the primary may be silent before it is declared dead.
 pub fn run_standby(
     listen: &str,
     options: &RestoreOptions,
     security: &LinkSecurity,
     failure_timeout: Duration,
     on_listening: impl FnOnce(SocketAddr),
-) -> Result<Takeover, StandbyError> {
-    let listener = link::bind(listen)?;
-    if let Ok(addr) = listener.local_addr() {
-        on_listening(addr);
-    }
-    let mut incoming = link::accept_peer(&listener, security, HANDSHAKE_TIMEOUT)?;
+) -> Result<StandbyEnd, StandbyError> {
+    let mut incoming = link::listen_for_peer(listen, security, on_listening)?;
     let peer = incoming.link.peer();
     let span = tracing::info_span!("standby", %peer);
     let _guard = span.enter();
@@ -64,7 +78,17 @@ pub fn run_standby(
     let _ = stream.set_read_timeout(Some(failure_timeout));
     tracing::info!("standing by");
 
-    let (committed, reason) = follow(&mut stream, &machine);
+    let (committed, reason) = match follow(&mut stream, &machine) {
+        (_, FollowEnd::Goodbye(ending)) => {
+            tracing::info!(%ending, "the primary ended protection; nothing is resumed here");
+            return Ok(StandbyEnd::Ended(ending));
+        }
+        (_, FollowEnd::LinkBroken(reason)) => {
+            tracing::error!(%reason, "the link broke while the primary lives; nothing is resumed here");
+            return Err(StandbyError::LinkBroken { peer, reason });
+        }
+        (committed, FollowEnd::PrimaryLost(reason)) => (committed, reason),
+    };
     let Some((epoch, state)) = committed else {
         return Err(StandbyError::NoCheckpoint { peer, reason });
     };
@@ -79,45 +103,78 @@ pub fn run_standby(
             epoch,
             reason: e.to_string(),
         })?;
-    Ok(Takeover {
+    Ok(StandbyEnd::Takeover(Takeover {
         machine,
         epoch,
         reason,
-    })
+    }))
 }
 
-/// Applies checkpoints until the primary goes away; returns the last committed one (epoch and
-/// encoded state) and why it stopped.
+/// Why [`follow`] stopped.
+#[derive(Debug, PartialEq)]
+enum FollowEnd {
+    /// The primary's connection closed or reset, or it fell silent: take over.
+    PrimaryLost(String),
+    /// The primary ended protection while alive.
+    Goodbye(Ending),
+    /// A corrupt frame or a protocol violation: the primary is not known to be gone.
+    LinkBroken(String),
+}
+
+impl FollowEnd {
+    /// Classifies a failed read or write: only what a dead primary (or its dead host) causes counts as lost.
+    fn from_link_error(e: FrameError) -> Self {
+        match e {
+            FrameError::Closed => FollowEnd::PrimaryLost("the primary's connection closed".into()),
+            FrameError::Io(e) => match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    FollowEnd::PrimaryLost("the primary fell silent".into())
+                }
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof => {
+                    FollowEnd::PrimaryLost(format!("the primary's connection ended: {e}"))
+                }
+                _ => FollowEnd::LinkBroken(e.to_string()),
+            },
+            other => FollowEnd::LinkBroken(other.to_string()),
+        }
+    }
+}
+
+/// Applies checkpoints until the primary goes away or says goodbye; returns the last committed one
+/// (epoch and encoded state) and why it stopped.
 ///
 /// Checkpoints come in order: the first is epoch 0, each next one is the last committed plus one.
 /// Staged pages must lie in guest memory and never exceed its size, so a peer cannot make the standby
 /// hold more than one guest's worth of pages.
-fn follow(stream: &mut Link, machine: &Machine) -> (Option<(u64, Vec<u8>)>, String) {
-    let mut committed: Option<(u64, Vec<u8>)> = None;
+fn follow(stream: &mut Link, machine: &Machine) -> (Option<(u64, Vec<u8>)>, FollowEnd) {
+    let mut committed = None;
+    let end = follow_into(stream, machine, &mut committed);
+    (committed, end)
+}
+
+fn follow_into(
+    stream: &mut Link,
+    machine: &Machine,
+    committed: &mut Option<(u64, Vec<u8>)>,
+) -> FollowEnd {
     let mut staged: Vec<PageRun> = Vec::new();
     let mut staged_pages: u64 = 0;
     let guest_pages = machine.memory().iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE as u64;
     loop {
         let message = match read_frame::<_, Message>(stream) {
             Ok(m) => m,
-            Err(FrameError::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return (committed, "the primary fell silent".into());
-            }
-            Err(e) => return (committed, e.to_string()),
+            Err(e) => return FollowEnd::from_link_error(e),
         };
         let expected = committed.as_ref().map_or(0, |(e, _)| e + 1);
         match message {
             Message::EpochPages { epoch, runs } => {
                 if epoch != expected {
-                    return (
-                        committed,
-                        format!("pages of checkpoint {epoch} where {expected} was due"),
-                    );
+                    return FollowEnd::LinkBroken(format!(
+                        "pages of checkpoint {epoch} where {expected} was due"
+                    ));
                 }
                 for run in runs {
                     let pages = (run.data.len() / PAGE_SIZE) as u64;
@@ -127,23 +184,17 @@ fn follow(stream: &mut Link, machine: &Machine) -> (Option<(u64, Vec<u8>)>, Stri
                             .memory()
                             .check_range(GuestAddress(run.gpa), run.data.len());
                     if !in_memory {
-                        return (
-                            committed,
-                            format!(
-                                "checkpoint {epoch}: pages at {:#x} (+{} bytes) are not whole pages of guest memory",
-                                run.gpa,
-                                run.data.len()
-                            ),
-                        );
+                        return FollowEnd::LinkBroken(format!(
+                            "checkpoint {epoch}: pages at {:#x} (+{} bytes) are not whole pages of guest memory",
+                            run.gpa,
+                            run.data.len()
+                        ));
                     }
                     staged_pages += pages;
                     if staged_pages > guest_pages {
-                        return (
-                            committed,
-                            format!(
-                                "checkpoint {epoch} has more pages than the guest ({guest_pages})"
-                            ),
-                        );
+                        return FollowEnd::LinkBroken(format!(
+                            "checkpoint {epoch} has more pages than the guest ({guest_pages})"
+                        ));
                     }
                     staged.push(run);
                 }
@@ -154,43 +205,80 @@ fn follow(stream: &mut Link, machine: &Machine) -> (Option<(u64, Vec<u8>)>, Stri
                 state,
             } => {
                 if epoch != expected {
-                    return (
-                        committed,
-                        format!("end of checkpoint {epoch} where {expected} was due"),
-                    );
+                    return FollowEnd::LinkBroken(format!(
+                        "end of checkpoint {epoch} where {expected} was due"
+                    ));
                 }
                 if staged_pages != pages {
-                    return (
-                        committed,
-                        format!(
-                            "checkpoint {epoch} is incomplete ({staged_pages} of {pages} pages)"
-                        ),
-                    );
+                    return FollowEnd::LinkBroken(format!(
+                        "checkpoint {epoch} is incomplete ({staged_pages} of {pages} pages)"
+                    ));
                 }
                 if vmm::snapshot::decode::<VmSnapshot>(&state).is_err() {
-                    return (committed, format!("checkpoint {epoch} has a corrupt state"));
+                    return FollowEnd::LinkBroken(format!(
+                        "checkpoint {epoch} has a corrupt state"
+                    ));
                 }
+                // Every run was checked to lie in guest memory, so applying cannot stop half-way.
                 for run in staged.drain(..) {
                     if let Err(e) = machine
                         .memory()
                         .write_slice(&run.data, GuestAddress(run.gpa))
                     {
-                        return (
-                            committed,
-                            format!("checkpoint {epoch}: page {:#x}: {e}", run.gpa),
-                        );
+                        return FollowEnd::LinkBroken(format!(
+                            "checkpoint {epoch}: page {:#x}: {e}",
+                            run.gpa
+                        ));
                     }
                 }
                 staged_pages = 0;
-                committed = Some((epoch, state));
+                *committed = Some((epoch, state));
                 if let Err(e) = write_frame(stream, &Message::Committed { epoch }) {
-                    return (
-                        committed,
-                        format!("cannot acknowledge checkpoint {epoch}: {e}"),
-                    );
+                    return FollowEnd::from_link_error(e);
                 }
             }
-            other => return (committed, format!("unexpected message {}", other.name())),
+            Message::Goodbye { ending } => return FollowEnd::Goodbye(ending),
+            other => return FollowEnd::LinkBroken(format!("unexpected message {}", other.name())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: std::io::ErrorKind) -> FrameError {
+        FrameError::Io(std::io::Error::new(kind, "test"))
+    }
+
+    #[test]
+    fn only_what_a_dead_primary_causes_counts_as_lost() {
+        for lost in [
+            FrameError::Closed,
+            io(std::io::ErrorKind::TimedOut),
+            io(std::io::ErrorKind::WouldBlock),
+            io(std::io::ErrorKind::ConnectionReset),
+            io(std::io::ErrorKind::ConnectionAborted),
+            io(std::io::ErrorKind::BrokenPipe),
+            io(std::io::ErrorKind::UnexpectedEof),
+        ] {
+            let what = lost.to_string();
+            assert!(
+                matches!(FollowEnd::from_link_error(lost), FollowEnd::PrimaryLost(_)),
+                "{what}"
+            );
+        }
+        for broken in [
+            FrameError::Magic(*b"XXXX"),
+            FrameError::Version(99),
+            FrameError::TooLarge(u32::MAX),
+            io(std::io::ErrorKind::InvalidData),
+        ] {
+            let what = broken.to_string();
+            assert!(
+                matches!(FollowEnd::from_link_error(broken), FollowEnd::LinkBroken(_)),
+                "{what}"
+            );
         }
     }
 }

@@ -11,6 +11,34 @@ pub struct PageRun {
     pub data: Vec<u8>,
 }
 
+/// Why a primary stops sending checkpoints while it is alive (`Message::Goodbye`). Each one tells the
+/// standby that the guest must not be resumed there: it ended, or it goes on at the primary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ending {
+    /// The guest powered off.
+    PoweredOff,
+    /// The guest reset itself (ftvmm ends a guest that resets).
+    Reset,
+    /// The guest crashed (a triple fault, an unhandled exit).
+    Crashed,
+    /// Protection was stopped (`vm unprotect`, or the primary gave up on this standby): the guest
+    /// goes on at the primary, unprotected.
+    Unprotected { reason: String },
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Ending::PoweredOff => write!(f, "the guest powered off"),
+            Ending::Reset => write!(f, "the guest reset itself"),
+            Ending::Crashed => write!(f, "the guest crashed"),
+            Ending::Unprotected { reason } => {
+                write!(f, "the guest goes on at the primary, unprotected: {reason}")
+            }
+        }
+    }
+}
+
 /// One protocol message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -42,6 +70,9 @@ pub enum Message {
     },
     /// Standby → primary: checkpoint `epoch` is applied; its output may be released.
     Committed { epoch: u64 },
+    /// Primary → standby, last: the primary stops checkpointing while alive, and why; the standby
+    /// must not resume the guest.
+    Goodbye { ending: Ending },
 }
 
 impl Message {
@@ -59,6 +90,7 @@ impl Message {
             Message::EpochPages { .. } => "EpochPages",
             Message::EpochEnd { .. } => "EpochEnd",
             Message::Committed { .. } => "Committed",
+            Message::Goodbye { .. } => "Goodbye",
         }
     }
 }

@@ -200,6 +200,7 @@ impl Machine {
             control_handle: None,
             migrated_to: None,
             diff_base: None,
+            dirty_ownership: crate::dirty::DirtyOwnership::default(),
             dirty_rings,
         };
         Ok((machine, cpuid, device_manager))

@@ -119,6 +119,11 @@ pub enum MachineError {
     VcpuCount(u8),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("{wanted} cannot start while {held_by} tracks the guest's dirty pages")]
+    DirtyTrackingBusy {
+        held_by: &'static str,
+        wanted: &'static str,
+    },
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -206,6 +211,8 @@ pub struct Machine {
     migrated_to: Option<String>,
     /// Tracking since the last snapshot, for diff snapshots.
     diff_base: Option<snapshot::DiffBase>,
+    /// Who tracks dirty pages (protection, a migration); snapshots are refused meanwhile.
+    dirty_ownership: crate::dirty::DirtyOwnership,
     /// The vCPUs' dirty rings, when the VM tracks with them.
     dirty_rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
 }
@@ -267,6 +274,9 @@ impl Machine {
             self.serve_commands();
         };
         self.shutdown_vcpus();
+        // Nobody serves commands any more: requests fail at once ("the VM has stopped") instead of
+        // waiting out their timeouts.
+        self.inbox = None;
         let fired = self.emulation.snapshot();
         if !fired.is_empty() {
             tracing::info!(
@@ -322,7 +332,7 @@ impl Machine {
                 self.resume();
                 VmReply::Done(self.info())
             }
-            VmCommand::Run(job) => job(self),
+            VmCommand::OnEventLoop(job) => job(self),
             VmCommand::Vcpus => match self.vcpu_summaries() {
                 Ok(v) => VmReply::Vcpus(v),
                 Err(e) => VmReply::Error(e.to_string()),
@@ -340,6 +350,7 @@ impl Machine {
                     paused_ms: info.paused_for.as_secs_f64() * 1e3,
                     memory_bytes: info.memory_bytes,
                 }),
+                Err(e @ MachineError::DirtyTrackingBusy { .. }) => VmReply::Conflict(e.to_string()),
                 Err(e) => VmReply::Error(e.to_string()),
             },
         }
@@ -397,6 +408,27 @@ impl Machine {
                 .collect(),
             emulated_instructions: self.emulation.total(),
         }
+    }
+
+    /// Makes `user` the one user of dirty tracking until the claim is dropped (`dirty.rs`); the
+    /// snapshot diff base, which tracks too, is dropped. Fails naming the current holder.
+    pub fn claim_dirty_tracking(
+        &mut self,
+        user: &'static str,
+    ) -> Result<crate::dirty::DirtyClaim, MachineError> {
+        let claim = self.dirty_ownership.claim(user).map_err(|held_by| {
+            MachineError::DirtyTrackingBusy {
+                held_by,
+                wanted: user,
+            }
+        })?;
+        self.invalidate_diff_base();
+        Ok(claim)
+    }
+
+    /// Who holds dirty tracking now, if anyone.
+    pub fn dirty_tracking_holder(&self) -> Option<&'static str> {
+        self.dirty_ownership.holder()
     }
 
     /// A dirty-page tracker of the kind this VM uses (dirty ring or dirty log).

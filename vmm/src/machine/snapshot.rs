@@ -168,6 +168,13 @@ impl Machine {
     ) -> Result<SnapshotInfo, MachineError> {
         let span = tracing::info_span!("snapshot", dir = %dir.display());
         let _guard = span.enter();
+        // A snapshot tracks dirty pages for the next diff: never while another user does.
+        if let Some(held_by) = self.dirty_ownership.holder() {
+            return Err(MachineError::DirtyTrackingBusy {
+                held_by,
+                wanted: "a snapshot",
+            });
+        }
         snapshot::create_private_dir(dir).map_err(io_err("create", dir))?;
         let started = !self.vcpu_threads.is_empty();
         let was_paused = self.control.is_paused();

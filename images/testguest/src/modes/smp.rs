@@ -2,8 +2,14 @@
 //! INIT/STARTUP IPIs, and have every vCPU (BSP included) print exactly one line
 //! `vcpu apic_id=N online` (no prefix: tests match the whole line). The BSP then prints
 //! `testguest: smp ok cpus=N`, or `testguest: smp FAIL ...` on a timeout (`expected=N online=M`)
-//! or an inconsistency (an APIC id reported twice, not enabled in the MADT, or CPUID disagreeing
-//! with the LAPIC ID register). APs spin with `pause` after reporting.
+//! or an inconsistency (an APIC id reported twice or not enabled in the MADT). APs spin with
+//! `pause` after reporting.
+//!
+//! A CPU's APIC id is read from its LAPIC ID register, which KVM derives from the vCPU id the VMM
+//! gave it. CPUID's initial APIC id (leaf 1 EBX[31:24], which the VMM also sets) is compared and a
+//! difference printed as a `note`, not a failure: this code runs in ring 3, where a PVM host lets
+//! `cpuid` execute natively and report the host CPU's own id (docs/boot-abi.md, notes for guest authors). The
+//! VMM's CPUID topology is unit-tested in vmm/src/arch/cpuid.rs.
 //! `bring_up` is shared with other modes that need every vCPU running (e.g. `spin`).
 
 use super::Mode;
@@ -34,20 +40,23 @@ const PER_CPU_REPORT_MS: u64 = 5_000;
 static ONLINE: AtomicUsize = AtomicUsize::new(0);
 /// Whether each CPU prints its `vcpu apic_id=N online` line.
 static PRINT_LINES: AtomicBool = AtomicBool::new(true);
-/// Per CPU index: APIC id from CPUID + 1 (0 = not reported).
-static CPUID_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
-/// Per CPU index: APIC id from the LAPIC ID register + 1.
+/// Per CPU index: APIC id from the LAPIC ID register + 1 (0 = not reported).
 static LAPIC_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 static LAPIC_BASE: AtomicU64 = AtomicU64::new(crate::arch::apic::DEFAULT_BASE);
 
 /// Records (and prints, unless quiet) this CPU's APIC id. Once per CPU.
 fn report(cpu_index: usize) {
-    let id = cpu::apic_id();
-    let lapic_id = LocalApic::new(LAPIC_BASE.load(Ordering::SeqCst)).id();
-    CPUID_IDS[cpu_index].store(id + 1, Ordering::SeqCst);
-    LAPIC_IDS[cpu_index].store(lapic_id + 1, Ordering::SeqCst);
+    let id = LocalApic::new(LAPIC_BASE.load(Ordering::SeqCst)).id();
+    LAPIC_IDS[cpu_index].store(id + 1, Ordering::SeqCst);
     if PRINT_LINES.load(Ordering::SeqCst) {
         println!("vcpu apic_id={} online", id);
+        let cpuid_id = cpu::apic_id();
+        if cpuid_id != id {
+            println!(
+                "testguest: note: vcpu apic_id={} reads cpuid apic_id={} (cpuid not intercepted)",
+                id, cpuid_id
+            );
+        }
     }
     ONLINE.fetch_add(1, Ordering::SeqCst);
 }
@@ -86,7 +95,12 @@ pub fn bring_up(tag: &str, print_lines: bool) -> Option<usize> {
         );
     }
     let expected = madt.enabled().count();
-    let bsp_id = cpu::apic_id();
+    if madt.lapic_addr >= 1 << 32 {
+        return fail(format!("lapic_addr={:#x} above 4 GiB", madt.lapic_addr));
+    }
+    LAPIC_BASE.store(madt.lapic_addr, Ordering::SeqCst);
+    let apic = LocalApic::new(madt.lapic_addr);
+    let bsp_id = apic.id();
     if !madt.enabled().any(|l| l.apic_id == bsp_id) {
         return fail(format!("bsp apic_id={} not enabled in MADT", bsp_id));
     }
@@ -101,11 +115,6 @@ pub fn bring_up(tag: &str, print_lines: bool) -> Option<usize> {
     if let Some(id) = targets.iter().find(|&&id| id >= 0xff) {
         return fail(format!("apic_id={} needs x2APIC", id));
     }
-    if madt.lapic_addr >= 1 << 32 {
-        return fail(format!("lapic_addr={:#x} above 4 GiB", madt.lapic_addr));
-    }
-    LAPIC_BASE.store(madt.lapic_addr, Ordering::SeqCst);
-    let apic = LocalApic::new(madt.lapic_addr);
     let was_enabled = apic.enable();
     // Calibrate before any AP runs.
     let (hz, src) = time::tsc_hz();
@@ -152,22 +161,15 @@ fn run(_cmdline: &Cmdline<'_>) {
     }
 }
 
-/// Every reported APIC id is distinct, enabled in the MADT, and equal to the LAPIC ID register.
+/// Every reported APIC id is distinct and enabled in the MADT.
 fn check_ids(madt: &acpi_tables::MadtInfo, online: usize) -> Result<(), String> {
     let mut seen = Vec::new();
     for i in 0..online {
-        let id = CPUID_IDS[i].load(Ordering::SeqCst);
-        let lapic = LAPIC_IDS[i].load(Ordering::SeqCst);
+        let id = LAPIC_IDS[i].load(Ordering::SeqCst);
         if id == 0 {
             return Err(format!("cpu index {} did not record its apic id", i));
         }
-        let (id, lapic) = (id - 1, lapic.wrapping_sub(1));
-        if id != lapic {
-            return Err(format!(
-                "apic_id={} but LAPIC ID register says {}",
-                id, lapic
-            ));
-        }
+        let id = id - 1;
         if seen.contains(&id) {
             return Err(format!("apic_id={} reported twice", id));
         }
