@@ -229,8 +229,10 @@ fn a_guest_that_powers_off_while_protected_ends_its_standby_without_resuming() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// While protected, snapshots and migrations are refused (409); `vm unprotect` ends the standby
+/// without a takeover, the guest goes on, and snapshots work again.
 #[test]
-fn a_protected_guest_refuses_snapshots_and_migration_with_409() {
+fn a_protected_guest_refuses_snapshots_and_migration_until_unprotected() {
     let dir = std::env::temp_dir().join(format!("ftvmm-replication-409-{}", std::process::id()));
     let (mut standby, addr, pki) = loopback_standby(&dir);
     let api = dir.join("a.sock");
@@ -270,7 +272,33 @@ fn a_protected_guest_refuses_snapshots_and_migration_with_409() {
     let status = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "protection"], DEADLINE);
     let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(s["state"], "protected", "{s}");
+
+    let unprotect =
+        integration_tests::run_ftvmm(&["vm", "--api-socket", api, "unprotect"], DEADLINE);
+    assert_eq!(unprotect.code(), Some(0), "{unprotect:?}");
+    let s: serde_json::Value = serde_json::from_str(&unprotect.stdout).unwrap();
+    assert_eq!(s["state"], "unprotected", "{s}");
+    assert_eq!(standby.wait_exit(DEADLINE), Some(0), "{}", standby.stderr());
+    let err = standby.stderr();
+    assert!(err.contains("protection was stopped"), "{err}");
+    assert!(!err.contains("taking over"), "{err}");
+    let again = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "unprotect"], DEADLINE);
+    assert!(again.stderr.contains("HTTP 409"), "{again:?}");
+    // Dirty tracking is free again: a snapshot of the still-running guest works.
+    let snapshot = integration_tests::run_ftvmm(
+        &[
+            "vm",
+            "--api-socket",
+            api,
+            "snapshot",
+            "--dir",
+            snap.to_str().unwrap(),
+        ],
+        DEADLINE,
+    );
+    assert_eq!(snapshot.code(), Some(0), "{snapshot:?}");
+    let info = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "info"], DEADLINE);
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
     primary.kill();
-    standby.kill();
     let _ = std::fs::remove_dir_all(dir);
 }

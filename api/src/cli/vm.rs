@@ -59,6 +59,8 @@ enum VmAction {
     Migration,
     /// Show protection by a hot standby (state, committed epoch, pause and commit figures).
     Protection,
+    /// Stop protection: the standby ends without resuming the guest, which goes on here unprotected.
+    Unprotect,
     /// Cancel a migration before its hand-over; the guest keeps running here.
     CancelMigration,
 }
@@ -83,6 +85,7 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
         VmAction::Migration => ("GET", "/api/v1/vm/migration", None),
         VmAction::Protection => ("GET", "/api/v1/vm/protection", None),
+        VmAction::Unprotect => ("PUT", "/api/v1/vm/unprotect", None),
         VmAction::CancelMigration => ("PUT", "/api/v1/vm/migration/cancel", None),
         VmAction::Migrate { .. } => unreachable!("handled above"),
     };

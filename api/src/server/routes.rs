@@ -15,7 +15,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use replication::link::LinkSecurity;
 use replication::migration::{start_migration, MigrationHandle, MigrationParams, MigrationStatus};
-use replication::protection::ProtectionHandle;
+use replication::protection::{ProtectionHandle, ProtectionState};
 use vmm::control::{ControlError, VmCommand, VmReply};
 use vmm::ControlHandle;
 
@@ -112,7 +112,9 @@ pub struct SnapshotSchema {
         vm_snapshot,
         vm_migrate,
         vm_migration,
-        vm_migration_cancel
+        vm_migration_cancel,
+        vm_protection,
+        vm_unprotect
     ),
     components(schemas(
         SnapshotRequest,
@@ -331,6 +333,45 @@ async fn vm_migration_cancel(State(st): State<ApiState>) -> Response {
     }
 }
 
+/// Stops protection: the standby is told and ends without resuming the guest, which goes on here,
+/// unprotected, its held output released. Answers with the final protection status.
+#[utoipa::path(put, path = "/api/v1/vm/unprotect", responses(
+    (status = 200, description = "protection stopped; body is the protection status"),
+    (status = 409, body = ErrorBody, description = "the guest is not protected")))]
+async fn vm_unprotect(State(st): State<ApiState>) -> Response {
+    let handle = st
+        .protection
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Some(handle) = handle else {
+        return error(StatusCode::CONFLICT, "the guest is not protected");
+    };
+    let state = handle.status().state;
+    if matches!(
+        state,
+        ProtectionState::Degraded | ProtectionState::Unprotected
+    ) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("the guest is not protected (protection is {state:?})").to_lowercase(),
+        );
+    }
+    let stopped = tokio::task::spawn_blocking(move || {
+        let finished = handle.unprotect(COMMAND_TIMEOUT);
+        (finished, handle.status())
+    })
+    .await;
+    match stopped {
+        Ok((true, status)) => Json(status).into_response(),
+        Ok((false, _)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "protection is stopping but has not finished; see GET /api/v1/vm/protection",
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 /// Protection by a hot standby: state, last committed epoch, the last checkpoint's pause, pages and
 /// commit latency.
 #[utoipa::path(get, path = "/api/v1/vm/protection", responses(
@@ -368,6 +409,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/vm", get(vm_info))
         .route("/api/v1/vm/vcpus", get(vm_vcpus))
         .route("/api/v1/vm/protection", get(vm_protection))
+        .route("/api/v1/vm/unprotect", put(vm_unprotect))
         .route("/api/v1/vm/pause", put(vm_pause))
         .route("/api/v1/vm/resume", put(vm_resume))
         .route("/api/v1/vm/snapshot", put(vm_snapshot))

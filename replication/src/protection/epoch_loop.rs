@@ -66,18 +66,30 @@ impl ProtectionHandle {
     /// and waits up to `within` for the loop to finish.
     pub fn finish(&self, ending: Ending, within: Duration) {
         *self.ending.lock().unwrap_or_else(|e| e.into_inner()) = Some(ending);
+        self.unprotect(within);
+    }
+
+    /// Stops protection while the guest goes on: the standby is told and ends, held output is
+    /// released, dirty tracking is given up. Waits up to `within` for the loop to finish; returns
+    /// whether it did.
+    pub fn unprotect(&self, within: Duration) -> bool {
         self.stop();
         let deadline = Instant::now() + within;
         let mut thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
         while thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        if thread.as_ref().is_some_and(JoinHandle::is_finished) {
-            if let Some(t) = thread.take() {
+        match thread.take() {
+            Some(t) if t.is_finished() => {
                 let _ = t.join();
+                true
             }
-        } else {
-            tracing::warn!("the epoch loop did not finish within {within:?}");
+            None => true,
+            Some(t) => {
+                *thread = Some(t);
+                tracing::warn!("the epoch loop did not finish within {within:?}");
+                false
+            }
         }
     }
 }
@@ -205,9 +217,10 @@ impl EpochLoop {
             })),
             JOB_TIMEOUT,
         );
-        update(&self.status, |s| {
-            s.state = ProtectionState::Degraded;
-            if let Err(e) = result {
+        update(&self.status, |s| match result {
+            Ok(()) => s.state = ProtectionState::Unprotected,
+            Err(e) => {
+                s.state = ProtectionState::Degraded;
                 s.error = Some(e.to_string());
             }
         });

@@ -30,6 +30,8 @@ pub enum ProtectionState {
     Protected,
     /// The standby was lost: the guest runs unprotected, its output no longer held.
     Degraded,
+    /// Protection was stopped (`vm unprotect`) or the guest ended; the standby was told.
+    Unprotected,
 }
 
 /// Progress of protection, as the API reports it.
