@@ -11,105 +11,189 @@ use integration_tests::{ftvmm_bin, testguest, tls_pki, RunningVm};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
+/// A protected guest in the two-host topology: the standby on host b, the primary on host a (both
+/// with TAP `tap0` on the LAN), the test guest's counter service, and one client connection on
+/// the LAN incrementing it without pause (every reply must be exactly one more).
+struct ProtectedPair {
+    hosts: TwoHosts,
+    dir: std::path::PathBuf,
+    standby: RunningVm,
+    primary: RunningVm,
+    api: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicU64>,
+    client: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl ProtectedPair {
+    fn start(name: &str, failure_timeout_ms: u64) -> Self {
+        let hosts = TwoHosts::new().expect("two-host topology");
+        let dir =
+            std::env::temp_dir().join(format!("ftvmm-replication-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let api = dir.join("primary.sock");
+        let listen = format!("{}:7100", hosts.b_ip());
+        let b_ip = hosts.b_ip();
+        let pki = tls_pki(&dir, &[("a", &["127.0.0.1"]), ("b", &[b_ip.as_str()])]);
+        let mut standby_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
+        standby_cmd
+            .env("FTVMM_LOG", "replication=info")
+            .args(["standby", "--listen", &listen, "--net", "tap=tap0"])
+            .args(["--failure-timeout-ms", &failure_timeout_ms.to_string()])
+            .arg("--tls")
+            .arg(pki.join("b"));
+        let mut standby = RunningVm::spawn(standby_cmd);
+        standby.wait_for_stderr("standing by on", DEADLINE);
+
+        let mut primary_cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
+        primary_cmd
+            .env("FTVMM_LOG", "replication=info")
+            .args(["run", "--kernel", testguest().to_str().unwrap()])
+            .args(["--memory", "128", "--net", "tap=tap0"])
+            .args([
+                "--cmdline",
+                &format!("mode=net ip={}/24 dirty=500 dirty_mb=8", hosts.guest_ip()),
+            ])
+            .args(["--standby", &listen, "--epoch-ms", "50"])
+            .arg("--tls")
+            .arg(pki.join("a"))
+            .arg("--api-socket")
+            .arg(&api);
+        let mut primary = RunningVm::spawn(primary_cmd);
+        primary.wait_for("testguest: net up", DEADLINE);
+        primary.wait_for_stderr("guest protected by", DEADLINE);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicU64::new(0));
+        let client = integration_tests::clients::incrementer(
+            hosts.lan.name(),
+            format!("{}:4000", hosts.guest_ip()),
+            stop.clone(),
+            acknowledged.clone(),
+            Duration::from_secs(60),
+        );
+        Self {
+            hosts,
+            dir,
+            standby,
+            primary,
+            api,
+            stop,
+            acknowledged,
+            client,
+        }
+    }
+
+    fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the client has `n` acknowledged increments.
+    fn wait_acknowledged(&self, n: u64, what: &str) {
+        let t0 = Instant::now();
+        while self.acknowledged() < n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{what}: {} of {n} increments acknowledged\nprimary:\n{}\nstandby:\n{}",
+                self.acknowledged(),
+                self.primary.stderr(),
+                self.standby.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The primary's protection status.
+    fn protection(&self) -> serde_json::Value {
+        let status = integration_tests::run_ftvmm(
+            &[
+                "vm",
+                "--api-socket",
+                self.api.to_str().unwrap(),
+                "protection",
+            ],
+            DEADLINE,
+        );
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        serde_json::from_str(&status.stdout).unwrap()
+    }
+
+    /// Stops the client; its last acknowledged value (it checked every reply was one more).
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        let last = self
+            .client
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("client: {e}\nstandby:\n{}", self.standby.stderr()));
+        self.primary.kill();
+        self.standby.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        last
+    }
+}
+
+fn signal(vm: &RunningVm, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &vm.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal}");
+}
+
 #[test]
 fn a_protected_guest_survives_the_loss_of_its_primary() {
-    let hosts = TwoHosts::new().expect("two-host topology");
-    let dir = std::env::temp_dir().join(format!("ftvmm-replication-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("primary.sock");
-    let listen = format!("{}:7100", hosts.b_ip());
-    let b_ip = hosts.b_ip();
-    let pki = tls_pki(&dir, &[("a", &["127.0.0.1"]), ("b", &[b_ip.as_str()])]);
-    let mut standby_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
-    standby_cmd.args([
-        "standby",
-        "--listen",
-        &listen,
-        "--failure-timeout-ms",
-        "1000",
-        "--net",
-        "tap=tap0",
-    ]);
-    standby_cmd.arg("--tls").arg(pki.join("b"));
-    let mut standby = RunningVm::spawn(standby_cmd);
-    standby.wait_for_stderr("standing by on", DEADLINE);
-
-    let mut primary_cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
-    primary_cmd
-        .env("FTVMM_LOG", "replication=info")
-        .args([
-            "run",
-            "--kernel",
-            testguest().to_str().unwrap(),
-            "--memory",
-            "128",
-            "--net",
-            "tap=tap0",
-        ])
-        .args([
-            "--cmdline",
-            &format!("mode=net ip={}/24 dirty=500 dirty_mb=8", hosts.guest_ip()),
-        ])
-        .args(["--standby", &listen, "--epoch-ms", "50"])
-        .arg("--tls")
-        .arg(pki.join("a"))
-        .args(["--api-socket", sock.to_str().unwrap()]);
-    let mut primary = RunningVm::spawn(primary_cmd);
-    primary.wait_for("testguest: net up", DEADLINE);
-    primary.wait_for_stderr("guest protected by", DEADLINE);
-
-    // One connection, incrementing without pause; every reply must be exactly one more.
-    let stop = Arc::new(AtomicBool::new(false));
-    let acknowledged = Arc::new(AtomicU64::new(0));
-    let client = integration_tests::clients::incrementer(
-        hosts.lan.name(),
-        format!("{}:4000", hosts.guest_ip()),
-        stop.clone(),
-        acknowledged.clone(),
-        Duration::from_secs(60),
-    );
-
+    let mut pair = ProtectedPair::start("kill", 1000);
     // Let some increments through the output gate, then lose the primary's host.
-    let t0 = Instant::now();
-    while acknowledged.load(Ordering::SeqCst) < 10 {
-        assert!(
-            t0.elapsed() < DEADLINE,
-            "no increments acknowledged\nprimary:\n{}",
-            primary.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    pair.wait_acknowledged(10, "before the failure");
     // The primary reports its protection: committed epochs, pause and commit figures.
-    let status = integration_tests::run_ftvmm(
-        &["vm", "--api-socket", sock.to_str().unwrap(), "protection"],
-        DEADLINE,
-    );
-    assert_eq!(status.code(), Some(0), "{status:?}");
-    let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let s = pair.protection();
     assert_eq!(s["state"], "protected", "{s}");
     assert!(s["committed_epoch"].as_u64().unwrap() > 0, "{s}");
     assert!(s["last_pause_ms"].as_f64().is_some(), "{s}");
-    primary.kill();
-    let at_failure = acknowledged.load(Ordering::SeqCst);
+    pair.primary.kill();
+    let at_failure = pair.acknowledged();
 
-    standby.wait_for_stderr("taking over from checkpoint", DEADLINE);
+    pair.standby
+        .wait_for_stderr("taking over from checkpoint", DEADLINE);
     // The client goes on against the standby, on the same connection.
-    let t1 = Instant::now();
-    while acknowledged.load(Ordering::SeqCst) < at_failure + 10 {
-        assert!(
-            t1.elapsed() < Duration::from_secs(60),
-            "no progress after failover (at {at_failure})\nstandby:\n{}",
-            standby.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    stop.store(true, Ordering::SeqCst);
-    let last = client
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("client: {e}\nstandby:\n{}", standby.stderr()));
+    pair.wait_acknowledged(at_failure + 10, "after failover");
+    let last = pair.finish();
     assert!(last >= at_failure + 10);
-    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A hung primary (SIGSTOP: its sockets stay open, as with a frozen host) is never taken over on
+/// silence; when it wakes it protects again, and when it then dies the standby takes over.
+#[test]
+fn a_hung_primary_is_not_taken_over_and_protects_again_when_it_wakes() {
+    let mut pair = ProtectedPair::start("hang", 500);
+    pair.wait_acknowledged(10, "before the hang");
+    signal(&pair.primary, "-STOP");
+    std::thread::sleep(Duration::from_millis(2500));
+    let err = pair.standby.stderr();
+    assert!(err.contains("the primary is silent"), "{err}");
+    assert!(!err.contains("taking over"), "{err}");
+    signal(&pair.primary, "-CONT");
+    let epoch_before = pair.protection()["committed_epoch"].as_u64().unwrap();
+    let woke_at = pair.acknowledged();
+    pair.wait_acknowledged(woke_at + 10, "after the primary woke");
+    let t0 = Instant::now();
+    loop {
+        let s = pair.protection();
+        if s["state"] == "protected" && s["committed_epoch"].as_u64().unwrap() > epoch_before + 5 {
+            break;
+        }
+        assert!(t0.elapsed() < DEADLINE, "protection did not go on: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pair.standby.stderr().contains("taking over"));
+    // Now it dies for real: the standby takes over and the client loses nothing.
+    pair.primary.kill();
+    let at_failure = pair.acknowledged();
+    pair.standby
+        .wait_for_stderr("taking over from checkpoint", DEADLINE);
+    pair.wait_acknowledged(at_failure + 10, "after failover");
+    pair.finish();
 }
 
 /// A standby on loopback with TLS identity `b` of a fresh PKI under `dir`; returns it, its address
@@ -301,4 +385,61 @@ fn a_protected_guest_refuses_snapshots_and_migration_until_unprotected() {
     assert!(info.stdout.contains("\"running\""), "{info:?}");
     primary.kill();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Cuts host B (the standby's) off the network, or heals it.
+fn set_standby_host_link(pair: &ProtectedPair, up: bool) {
+    let status = pair
+        .hosts
+        .b
+        .command("ip")
+        .args(["link", "set", "uplink", if up { "up" } else { "down" }])
+        .status()
+        .expect("ip link");
+    assert!(status.success());
+}
+
+/// A cut replication link (the standby's host partitioned): the primary holds its output for the
+/// standby's failure timeout, then goes on unprotected (degraded) and the client with it; the
+/// standby never takes over on the silence, and when the link heals and it sees the primary's old
+/// connection end, it ends without resuming the guest: one active copy throughout.
+#[test]
+fn a_cut_replication_link_leaves_exactly_one_active_copy() {
+    let mut pair = ProtectedPair::start("partition", 500);
+    pair.wait_acknowledged(10, "before the partition");
+    set_standby_host_link(&pair, false);
+    let cut_at = pair.acknowledged();
+    pair.wait_acknowledged(cut_at + 10, "on the primary after the partition");
+    let t0 = Instant::now();
+    while pair.protection()["state"] != "degraded" {
+        assert!(t0.elapsed() < DEADLINE, "{}", pair.primary.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        pair.primary
+            .stderr()
+            .contains("holding output until the standby can no longer take over"),
+        "{}",
+        pair.primary.stderr()
+    );
+    let err = pair.standby.stderr();
+    assert!(err.contains("the primary is silent"), "{err}");
+    assert!(!err.contains("taking over"), "{err}");
+
+    set_standby_host_link(&pair, true);
+    assert_eq!(
+        pair.standby.wait_exit(DEADLINE),
+        Some(1),
+        "{}",
+        pair.standby.stderr()
+    );
+    let err = pair.standby.stderr();
+    assert!(
+        err.contains("may have gone on without this standby"),
+        "{err}"
+    );
+    assert!(!err.contains("taking over"), "{err}");
+    let healed_at = pair.acknowledged();
+    pair.wait_acknowledged(healed_at + 10, "on the primary after the link healed");
+    pair.finish();
 }

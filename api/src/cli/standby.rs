@@ -14,8 +14,11 @@ use super::backends::BackendArgs;
     after_help = "The standby applies a checkpoint only once all of it has arrived and verified; a torn \
 one is discarded whole. Output the guest produced after the last committed checkpoint was never released \
 by the primary, so no client saw anything this copy does not also hold.\n\n\
-The standby takes over when the primary's connection closes or resets, or when it is silent for \
---failure-timeout-ms. It ends without resuming anything (exit 0) when the primary says goodbye: its \
+The standby pings the primary on a heartbeat channel of its own. It takes over when the primary's \
+connection closes or resets while the primary was answering heartbeats (its process or host died). \
+Silence alone never makes it take over: a primary that is hung or cut off may still be running, and \
+without a witness only its certain end is safe; when an end follows a silence longer than \
+--failure-timeout-ms, the standby exits 1 without resuming. It ends without resuming anything (exit 0) when the primary says goodbye: its \
 guest powered off, reset or crashed, or protection was stopped; and with an error when the link breaks \
 in a way a dying primary does not cause (a corrupt frame, a message out of protocol).\n\n\
 Only a primary holding a certificate from the same CA (--tls) is accepted; the disks and TAPs are this \
@@ -27,7 +30,8 @@ pub struct StandbyArgs {
     #[arg(long, value_name = "HOST:PORT")]
     listen: String,
 
-    /// Declare the primary dead after this long without a checkpoint, in milliseconds.
+    /// How long after its last heartbeat answer the primary counts as alive, in milliseconds (the
+    /// standby pings every fifth of it).
     #[arg(long, value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(50..=600_000))]
     failure_timeout_ms: u64,

@@ -78,10 +78,30 @@ pub fn accept_peer(
     security: &LinkSecurity,
     handshake_timeout: Duration,
 ) -> Result<Incoming, AcceptError> {
+    let (link, first) = accept_opening(listener, security, handshake_timeout, |m| match m {
+        Message::Hello { .. } => Ok(()),
+        other => Err(format!("it opened with {} instead of Hello", other.name())),
+    })?;
+    match first {
+        Message::Hello { description } => Ok(Incoming { link, description }),
+        _ => unreachable!("accept_opening returns only what the filter took"),
+    }
+}
+
+/// Waits for a peer that passes `security` and whose first message `wanted` takes; returns the link
+/// and that message. Every other connection is refused with a warning and the wait goes on.
+pub fn accept_opening(
+    listener: &TcpListener,
+    security: &LinkSecurity,
+    handshake_timeout: Duration,
+    wanted: impl Fn(&Message) -> Result<(), String>,
+) -> Result<(Link, Message), AcceptError> {
     loop {
         let (socket, peer) = listener.accept().map_err(AcceptError::Accept)?;
-        match handshake(socket, peer, security, handshake_timeout) {
-            Ok(incoming) => return Ok(incoming),
+        match handshake(socket, peer, security, handshake_timeout)
+            .and_then(|(link, first)| wanted(&first).map(|()| (link, first)))
+        {
+            Ok(opened) => return Ok(opened),
             Err(reason) => tracing::warn!(%peer, "refused a connection: {reason}"),
         }
     }
@@ -92,7 +112,7 @@ fn handshake(
     peer: SocketAddr,
     security: &LinkSecurity,
     timeout: Duration,
-) -> Result<Incoming, String> {
+) -> Result<(Link, Message), String> {
     let _ = socket.set_nodelay(true);
     socket
         .set_read_timeout(Some(timeout))
@@ -115,15 +135,14 @@ fn handshake(
         }
     };
     match read_frame::<_, Message>(&mut link) {
-        Ok(Message::Hello { description }) => Ok(Incoming { link, description }),
-        Ok(other) => Err(format!("it opened with {} instead of Hello", other.name())),
+        Ok(first) => Ok((link, first)),
         Err(FrameError::Io(e))
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            Err(format!("no Hello within {timeout:?}"))
+            Err(format!("no first message within {timeout:?}"))
         }
         Err(e) => Err(e.to_string()),
     }

@@ -20,8 +20,9 @@ pub mod security;
 pub mod stream;
 
 pub use accept::{
-    accept_peer, assemble_incoming, bind, listen_for_peer, AcceptError, Incoming, HANDSHAKE_TIMEOUT,
+    accept_opening, accept_peer, assemble_incoming, bind, listen_for_peer, AcceptError, Incoming,
+    HANDSHAKE_TIMEOUT,
 };
 pub use connect::{connect, open, OpenError};
 pub use security::{LinkSecurity, SecurityError, TlsIdentity};
-pub use stream::Link;
+pub use stream::{Link, LinkShutdown};

@@ -13,6 +13,15 @@ enum Transport {
     TlsServer(Box<StreamOwned<ServerConnection, TcpStream>>),
 }
 
+/// Shuts a [`Link`] down from another thread.
+pub struct LinkShutdown(TcpStream);
+
+impl LinkShutdown {
+    pub fn shutdown(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 /// An established, authenticated (unless plain) connection to a peer ftvmm.
 pub struct Link {
     transport: Transport,
@@ -56,6 +65,12 @@ impl Link {
             Transport::TlsClient(s) => s.get_ref(),
             Transport::TlsServer(s) => s.get_ref(),
         }
+    }
+
+    /// Shuts the connection down both ways from any thread (through a clone of the socket): a read
+    /// or write blocked on this link, or a later one, fails at once.
+    pub fn shutdown_handle(&self) -> io::Result<LinkShutdown> {
+        self.socket().try_clone().map(LinkShutdown)
     }
 
     /// The peer's address.

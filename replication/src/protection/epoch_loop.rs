@@ -14,12 +14,18 @@ use vmm::dirty::{DirtySet, DirtyTracker};
 use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::Machine;
 
+use super::heartbeat::StandbyWatch;
 use super::{ProtectionState, ProtectionStatus};
 use crate::link::{self, Link, LinkSecurity, OpenError};
 use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one read or write of the checkpoint link. Liveness comes from the heartbeat channel
+/// (`heartbeat.rs`), which shuts this link down when the standby is lost; this only bounds a
+/// standby that answers heartbeats but never takes a checkpoint.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Added to the standby's failure timeout before output is released without it.
+const HOLD_MARGIN: Duration = Duration::from_millis(100);
 const BATCH_BYTES: usize = 4 << 20;
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the goodbye may take to write before the loop gives up on it.
@@ -118,6 +124,8 @@ enum LoopError {
     Protocol(String),
     #[error("the VM: {0}")]
     Vm(String),
+    #[error("heartbeat channel: {0}")]
+    Heartbeat(String),
 }
 
 type Status = Arc<Mutex<ProtectionStatus>>;
@@ -161,7 +169,9 @@ pub fn start_protection(
     }));
     let stop = Arc::new(AtomicBool::new(false));
     let ending = Arc::new(Mutex::new(None));
+    let watch = StandbyWatch::spawn()?;
     let job = EpochLoop {
+        watch,
         description: machine.description().clone(),
         tracker: Arc::new(Mutex::new(machine.dirty_tracker())),
         params,
@@ -187,6 +197,7 @@ pub fn start_protection(
 }
 
 struct EpochLoop {
+    watch: StandbyWatch,
     description: vmm::machine::MachineDescription,
     tracker: Shared<DirtyTracker>,
     params: ProtectionParams,
@@ -235,7 +246,12 @@ impl EpochLoop {
             IO_TIMEOUT,
         )?;
         update(&self.status, |s| s.state = ProtectionState::Syncing);
-        let result = self.checkpoint_epochs(&mut stream);
+        let (result, failure_timeout) = match self.open_heartbeat(&mut stream) {
+            Ok(failure_timeout) => (self.checkpoint_epochs(&mut stream), Some(failure_timeout)),
+            Err(e) => (Err(e), None),
+        };
+        // From here the standby's count of this primary as alive runs out.
+        self.watch.stop_answering();
         // Unless the link itself failed, the standby hears why protection ends, so that it does
         // not resume a guest that ended or goes on here.
         let ending = match &result {
@@ -247,12 +263,14 @@ impl EpochLoop {
                     reason: format!("the VM: {reason}"),
                 }))
             }
-            Err(LoopError::Refused(_) | LoopError::Protocol(_)) => Some(Ending::Unprotected {
-                reason: "the standby broke the protocol".into(),
-            }),
+            Err(LoopError::Refused(_) | LoopError::Protocol(_) | LoopError::Heartbeat(_)) => {
+                Some(Ending::Unprotected {
+                    reason: "the standby broke the protocol".into(),
+                })
+            }
             Err(LoopError::Link(_) | LoopError::Wire(_)) => None,
         };
-        if let Some(ending) = ending {
+        let told = ending.is_some_and(|ending| {
             let _ = stream.set_write_timeout(Some(GOODBYE_TIMEOUT));
             match write_frame(
                 &mut stream,
@@ -260,12 +278,59 @@ impl EpochLoop {
                     ending: ending.clone(),
                 },
             ) {
-                Ok(()) => tracing::info!(%ending, "told the standby protection ends"),
-                Err(e) => tracing::warn!(%ending, "could not tell the standby: {e}"),
+                Ok(()) => {
+                    tracing::info!(%ending, "told the standby protection ends");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(%ending, "could not tell the standby: {e}");
+                    false
+                }
             }
+        });
+        if told {
             stream.close();
+        } else if let Some(timeout) = failure_timeout {
+            // The standby may still count this primary alive (and take over if it saw the link
+            // close) until its failure timeout after our last echo: hold the output until then.
+            tracing::warn!(
+                hold_ms = (timeout + HOLD_MARGIN).as_millis() as u64,
+                "holding output until the standby can no longer take over"
+            );
+            std::thread::sleep(timeout + HOLD_MARGIN);
         }
         result
+    }
+
+    /// Reads the standby's terms and opens the heartbeat channel; returns the standby's failure
+    /// timeout.
+    fn open_heartbeat(&self, stream: &mut Link) -> Result<Duration, LoopError> {
+        let (session, failure_timeout) = match read_frame::<_, Message>(stream)? {
+            Message::Standing {
+                session,
+                failure_timeout_ms,
+                ..
+            } => (session, Duration::from_millis(failure_timeout_ms)),
+            other => {
+                return Err(LoopError::Protocol(format!(
+                    "expected Standing, got {}",
+                    other.name()
+                )))
+            }
+        };
+        let shutdown = stream
+            .shutdown_handle()
+            .map_err(|e| LoopError::Heartbeat(e.to_string()))?;
+        self.watch
+            .open(
+                &self.params.standby,
+                &self.params.security,
+                session,
+                failure_timeout,
+                shutdown,
+            )
+            .map_err(LoopError::Heartbeat)?;
+        Ok(failure_timeout)
     }
 
     fn ending(&self) -> Option<Ending> {

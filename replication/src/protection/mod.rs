@@ -13,6 +13,7 @@
 //! not have disks), and re-protecting to a new standby.
 
 pub mod epoch_loop;
+pub mod heartbeat;
 pub mod standby;
 
 use serde::{Deserialize, Serialize};

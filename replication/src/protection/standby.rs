@@ -3,8 +3,11 @@
 //! last committed checkpoint.
 //!
 //! What ends the standby (docs/wire-protocol.md, rules as built):
-//! - the primary is lost: its connection closed or reset (its process or host died), or it fell
-//!   silent for the failure timeout → take over from the last committed checkpoint;
+//! - the primary is lost: its connection closed or reset (what its kernel does when its process
+//!   dies) while it was known alive on the heartbeat channel (`heartbeat.rs`) → take over from the
+//!   last committed checkpoint. Silence alone never makes the standby take over, and an end seen
+//!   after a silence is not certain (the primary may have gone on without this standby) → end
+//!   without resuming;
 //! - the primary said `Goodbye` (its guest powered off, reset or crashed, or protection was stopped
 //!   while the guest goes on there) → end without resuming anything;
 //! - the link broke in a way a dying primary does not cause (a corrupt or forged frame, a message
@@ -18,6 +21,7 @@ use vmm::machine::VmSnapshot;
 use vmm::memory::PAGE_SIZE;
 use vmm::{Machine, RestoreOptions};
 
+use super::heartbeat;
 use crate::link::{self, AcceptError, Link, LinkSecurity};
 use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
 
@@ -38,9 +42,21 @@ pub enum StandbyError {
          not resumed here"
     )]
     LinkBroken { peer: SocketAddr, reason: String },
+    #[error(
+        "the primary {peer}'s connection ended ({reason}) {silent_ms} ms after it last answered a \
+         heartbeat: it may have gone on without this standby, so the guest is not resumed here"
+    )]
+    Uncertain {
+        peer: SocketAddr,
+        reason: String,
+        silent_ms: u64,
+    },
     #[error("cannot resume the guest from checkpoint {epoch}: {reason}")]
     Resume { epoch: u64, reason: String },
 }
+
+/// Fastest heartbeat, whatever the failure timeout.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
 
 /// How standing by ended.
 pub enum StandbyEnd {
@@ -60,7 +76,7 @@ pub struct Takeover {
 /// Listens on `listen`, waits for a primary that authenticates as `security` requires (refusing any
 /// other), builds its guest on this host's own backends (`options`), follows its checkpoints, and
 /// when it is lost returns the guest ready to run (or how the primary ended protection).
-/// `failure_timeout`: how long the primary may be silent before it is declared dead.
+/// `failure_timeout`: how long after its last heartbeat answer the primary counts as alive.
 pub fn run_standby(
     listen: &str,
     options: &RestoreOptions,
@@ -68,14 +84,39 @@ pub fn run_standby(
     failure_timeout: Duration,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<StandbyEnd, StandbyError> {
-    let mut incoming = link::listen_for_peer(listen, security, on_listening)?;
+    let listener = link::bind(listen)?;
+    if let Ok(addr) = listener.local_addr() {
+        on_listening(addr);
+    }
+    let mut incoming = link::accept_peer(&listener, security, link::HANDSHAKE_TIMEOUT)?;
     let peer = incoming.link.peer();
     let span = tracing::info_span!("standby", %peer);
     let _guard = span.enter();
     let mut machine = link::assemble_incoming(&mut incoming, options)
         .map_err(|reason| StandbyError::Setup { peer, reason })?;
     let mut stream = incoming.link;
-    let _ = stream.set_read_timeout(Some(failure_timeout));
+    let session = heartbeat::new_session();
+    let heartbeat_every = (failure_timeout / 5).max(MIN_HEARTBEAT);
+    let terms = Message::Standing {
+        session,
+        failure_timeout_ms: failure_timeout.as_millis() as u64,
+        heartbeat_ms: heartbeat_every.as_millis() as u64,
+    };
+    let liveness = write_frame(&mut stream, &terms)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            heartbeat::watch_primary(
+                listener,
+                security.clone(),
+                session,
+                heartbeat_every,
+                failure_timeout,
+            )
+            .map_err(|e| e.to_string())
+        })
+        .map_err(|reason| StandbyError::Setup { peer, reason })?;
+    // Checkpoints may take as long as they take: liveness comes from the heartbeat channel.
+    let _ = stream.set_read_timeout(None);
     tracing::info!("standing by");
 
     let (committed, reason) = match follow(&mut stream, &machine) {
@@ -87,7 +128,20 @@ pub fn run_standby(
             tracing::error!(%reason, "the link broke while the primary lives; nothing is resumed here");
             return Err(StandbyError::LinkBroken { peer, reason });
         }
-        (committed, FollowEnd::PrimaryLost(reason)) => (committed, reason),
+        (committed, FollowEnd::PrimaryLost(reason)) => {
+            // Only an end seen while the primary was known alive is its death; after it went
+            // silent, it may have chosen to go on without this standby (heartbeat.rs).
+            if !liveness.alive() {
+                let silent_ms = liveness.silent_for().as_millis() as u64;
+                tracing::error!(%reason, silent_ms, "the primary's end is not certain; nothing is resumed here");
+                return Err(StandbyError::Uncertain {
+                    peer,
+                    reason,
+                    silent_ms,
+                });
+            }
+            (committed, reason)
+        }
     };
     let Some((epoch, state)) = committed else {
         return Err(StandbyError::NoCheckpoint { peer, reason });

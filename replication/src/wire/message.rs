@@ -73,6 +73,21 @@ pub enum Message {
     /// Primary → standby, last: the primary stops checkpointing while alive, and why; the standby
     /// must not resume the guest.
     Goodbye { ending: Ending },
+    /// Standby → primary, right after `Ready`: the standby's terms. `session` names this protection
+    /// on the heartbeat channel; the standby pings every `heartbeat_ms` and counts the primary as
+    /// alive for `failure_timeout_ms` after the ping its latest answer echoes.
+    Standing {
+        session: u64,
+        failure_timeout_ms: u64,
+        heartbeat_ms: u64,
+    },
+    /// Primary → standby, first on the heartbeat channel (a second connection).
+    HeartbeatOpen { session: u64 },
+    /// Standby → primary on the heartbeat channel: `sent_us` is the standby's own clock.
+    Ping { sent_us: u64 },
+    /// Primary → standby: the echo of a `Ping`, sent only while the primary checkpoints for this
+    /// standby (never once it has decided to go on without it).
+    Pong { sent_us: u64 },
 }
 
 impl Message {
@@ -91,6 +106,10 @@ impl Message {
             Message::EpochEnd { .. } => "EpochEnd",
             Message::Committed { .. } => "Committed",
             Message::Goodbye { .. } => "Goodbye",
+            Message::Standing { .. } => "Standing",
+            Message::HeartbeatOpen { .. } => "HeartbeatOpen",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
         }
     }
 }
