@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::netns::TwoHosts;
+use integration_tests::witness::TestEtcd;
 use integration_tests::{ftvmm_bin, testguest, tls_pki, RunningVm};
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -16,6 +17,7 @@ const DEADLINE: Duration = Duration::from_secs(180);
 /// the LAN incrementing it without pause (every reply must be exactly one more).
 struct ProtectedPair {
     hosts: TwoHosts,
+    _etcd: Option<TestEtcd>,
     dir: std::path::PathBuf,
     standby: RunningVm,
     primary: RunningVm,
@@ -27,7 +29,22 @@ struct ProtectedPair {
 
 impl ProtectedPair {
     fn start(name: &str, failure_timeout_ms: u64) -> Self {
+        Self::start_with(name, failure_timeout_ms, false)
+    }
+
+    /// As [`ProtectedPair::start`]; with `witness`, an etcd on the LAN decides which copy acts.
+    fn start_with(name: &str, failure_timeout_ms: u64, witness: bool) -> Self {
         let hosts = TwoHosts::new().expect("two-host topology");
+        let etcd = witness.then(|| TestEtcd::start(&hosts.lan, &hosts.lan_ip()));
+        let witness_args: Vec<String> = match &etcd {
+            Some(etcd) => vec![
+                "--witness".into(),
+                etcd.url().into(),
+                "--guest-name".into(),
+                format!("pair-{name}"),
+            ],
+            None => vec![],
+        };
         let dir =
             std::env::temp_dir().join(format!("ftvmm-replication-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -40,6 +57,7 @@ impl ProtectedPair {
             .env("FTVMM_LOG", "replication=info")
             .args(["standby", "--listen", &listen, "--net", "tap=tap0"])
             .args(["--failure-timeout-ms", &failure_timeout_ms.to_string()])
+            .args(&witness_args)
             .arg("--tls")
             .arg(pki.join("b"));
         let mut standby = RunningVm::spawn(standby_cmd);
@@ -55,6 +73,7 @@ impl ProtectedPair {
                 &format!("mode=net ip={}/24 dirty=500 dirty_mb=8", hosts.guest_ip()),
             ])
             .args(["--standby", &listen, "--epoch-ms", "50"])
+            .args(&witness_args)
             .arg("--tls")
             .arg(pki.join("a"))
             .arg("--api-socket")
@@ -74,6 +93,7 @@ impl ProtectedPair {
         );
         Self {
             hosts,
+            _etcd: etcd,
             dir,
             standby,
             primary,
@@ -441,5 +461,63 @@ fn a_cut_replication_link_leaves_exactly_one_active_copy() {
     assert!(!err.contains("taking over"), "{err}");
     let healed_at = pair.acknowledged();
     pair.wait_acknowledged(healed_at + 10, "on the primary after the link healed");
+    pair.finish();
+}
+
+/// Frames the guest on host A has put on its TAP (the host side receives them).
+fn frames_from_primary(pair: &ProtectedPair) -> u64 {
+    let out = pair
+        .hosts
+        .a
+        .command("cat")
+        .arg("/sys/class/net/tap0/statistics/rx_packets")
+        .output()
+        .expect("read TAP counters");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// With a witness, a hung primary is taken over once it is silent, the client goes on against the
+/// standby, and when the old primary wakes it finds the witness gave the guest away: it fences
+/// itself (exit 5) and puts no further frame on its TAP.
+#[test]
+fn with_a_witness_a_hung_primary_is_taken_over_and_fenced_when_it_wakes() {
+    let mut pair = ProtectedPair::start_with("witness-hang", 500, true);
+    pair.wait_acknowledged(10, "before the hang");
+    signal(&pair.primary, "-STOP");
+    let stopped_at = pair.acknowledged();
+    pair.standby
+        .wait_for_stderr("taking over from checkpoint", DEADLINE);
+    assert!(
+        pair.standby
+            .stderr()
+            .contains("the witness gives this standby the guest"),
+        "{}",
+        pair.standby.stderr()
+    );
+    pair.wait_acknowledged(stopped_at + 10, "on the standby");
+    let frames_at_wake = frames_from_primary(&pair);
+    signal(&pair.primary, "-CONT");
+    assert_eq!(
+        pair.primary.wait_exit(DEADLINE),
+        Some(5),
+        "{}",
+        pair.primary.stderr()
+    );
+    assert!(
+        pair.primary.stderr().contains("fenced"),
+        "{}",
+        pair.primary.stderr()
+    );
+    assert_eq!(
+        frames_from_primary(&pair),
+        frames_at_wake,
+        "the woken primary put frames on its TAP\n{}",
+        pair.primary.stderr()
+    );
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "on the standby after the old primary woke");
     pair.finish();
 }

@@ -6,3 +6,4 @@ pub mod link;
 pub mod migration;
 pub mod protection;
 pub mod wire;
+pub mod witness;

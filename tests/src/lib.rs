@@ -4,6 +4,7 @@
 pub mod clients;
 pub mod nested;
 pub mod netns;
+pub mod witness;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -174,6 +174,11 @@ impl TwoHosts {
         format!("10.78.{}.2", self.subnet)
     }
 
+    /// The LAN's own address (where shared services such as a witness live).
+    pub fn lan_ip(&self) -> String {
+        format!("10.78.{}.1", self.subnet)
+    }
+
     /// Host B's address, where it receives migrations.
     pub fn b_ip(&self) -> String {
         format!("10.78.{}.12", self.subnet)

@@ -8,6 +8,7 @@ mod run;
 mod standby;
 mod tls_certs;
 mod vm;
+mod witness;
 
 use clap::{Parser, Subcommand};
 

@@ -18,6 +18,8 @@ Exit status:
   3  the guest reset itself
   4  the guest crashed (triple fault, KVM internal or emulation error); a report with the
      exit reason, registers and the instruction bytes at RIP is printed on stderr
+  5  fenced: the guest was protected, and the witness says its standby took over; this copy
+     stopped for good without releasing anything more
 
 Examples:
   ftvmm run --kernel images/out/testguest --cmdline mode=hello
@@ -113,6 +115,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     link: LinkArgs,
+
+    #[command(flatten)]
+    witness: super::witness::WitnessArgs,
 }
 
 pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
@@ -144,6 +149,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
             standby,
             security: security.clone(),
             epoch: std::time::Duration::from_millis(args.epoch_ms),
+            witness: args.witness.witness()?,
         }),
         _ => None,
     };

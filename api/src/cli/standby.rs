@@ -38,17 +38,22 @@ pub struct StandbyArgs {
 
     #[command(flatten)]
     backends: BackendArgs,
+
+    #[command(flatten)]
+    witness: super::witness::WitnessArgs,
 }
 
 pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let security = args.backends.link.required("ftvmm standby")?;
     // This thread follows the primary and then runs the event loop: filtered before the peer speaks.
     vmm::seccomp::apply(vmm::seccomp::ThreadKind::EventLoop)?;
+    let witness = args.witness.witness()?;
     let end = run_standby(
         &args.listen,
         &args.backends.restore_options(),
         &security,
         Duration::from_millis(args.failure_timeout_ms),
+        witness.as_deref(),
         |addr| eprintln!("ftvmm: standing by on {addr} ({})", security.name()),
     )?;
     let takeover = match end {
@@ -56,7 +61,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
             eprintln!("ftvmm: the primary ended protection ({ending}); nothing to take over");
             return Ok(0);
         }
-        StandbyEnd::Takeover(takeover) => takeover,
+        StandbyEnd::Takeover(takeover) => *takeover,
     };
     eprintln!(
         "ftvmm: primary lost ({}); taking over from checkpoint {}",

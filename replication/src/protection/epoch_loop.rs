@@ -14,10 +14,11 @@ use vmm::dirty::{DirtySet, DirtyTracker};
 use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::Machine;
 
-use super::heartbeat::StandbyWatch;
+use super::heartbeat::{self, StandbyWatch};
 use super::{ProtectionState, ProtectionStatus};
 use crate::link::{self, Link, LinkSecurity, OpenError};
 use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
+use crate::witness::{ClaimState, HeldClaim, Witness};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on one read or write of the checkpoint link. Liveness comes from the heartbeat channel
@@ -28,6 +29,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 const HOLD_MARGIN: Duration = Duration::from_millis(100);
 const BATCH_BYTES: usize = 4 << 20;
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time between attempts to reach an unreachable witness.
+const WITNESS_RETRY: Duration = Duration::from_millis(200);
 /// How long the goodbye may take to write before the loop gives up on it.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the loop waits, once the VM stopped answering, for [`ProtectionHandle::finish`] to say
@@ -43,7 +46,13 @@ pub struct ProtectionParams {
     pub security: LinkSecurity,
     /// Time between checkpoints.
     pub epoch: Duration,
+    /// The witness that decides which copy may act (`crate::witness`); without one, the safe rule
+    /// of `heartbeat.rs` applies.
+    pub witness: Option<Arc<Witness>>,
 }
+
+/// `ftvmm run` exits with this status when the witness says another copy took over.
+pub const FENCED_EXIT: i32 = 5;
 
 /// The running epoch loop. Clones share the one loop.
 #[derive(Clone)]
@@ -98,6 +107,13 @@ impl ProtectionHandle {
             }
         }
     }
+}
+
+/// Stops this copy for good: the witness says another one took over. Nothing held is released.
+fn fence(reason: &str) -> ! {
+    tracing::error!("fenced: {reason}");
+    eprintln!("ftvmm: fenced: {reason}; this copy stops for good and releases nothing more");
+    std::process::exit(FENCED_EXIT)
 }
 
 /// How a guest's end is told to the standby.
@@ -169,9 +185,20 @@ pub fn start_protection(
     }));
     let stop = Arc::new(AtomicBool::new(false));
     let ending = Arc::new(Mutex::new(None));
+    let session = heartbeat::new_session();
+    let claim = match &params.witness {
+        Some(witness) => Some(
+            witness
+                .create(session, ClaimState::Protected)
+                .map_err(std::io::Error::other)?,
+        ),
+        None => None,
+    };
     let watch = StandbyWatch::spawn()?;
     let job = EpochLoop {
         watch,
+        session,
+        claim: Mutex::new(claim),
         description: machine.description().clone(),
         tracker: Arc::new(Mutex::new(machine.dirty_tracker())),
         params,
@@ -198,6 +225,10 @@ pub fn start_protection(
 
 struct EpochLoop {
     watch: StandbyWatch,
+    /// This primary's session at the witness.
+    session: u64,
+    /// The witness's claim as this primary last wrote it.
+    claim: Mutex<Option<HeldClaim>>,
     description: vmm::machine::MachineDescription,
     tracker: Shared<DirtyTracker>,
     params: ProtectionParams,
@@ -290,14 +321,19 @@ impl EpochLoop {
         });
         if told {
             stream.close();
-        } else if let Some(timeout) = failure_timeout {
-            // The standby may still count this primary alive (and take over if it saw the link
-            // close) until its failure timeout after our last echo: hold the output until then.
-            tracing::warn!(
-                hold_ms = (timeout + HOLD_MARGIN).as_millis() as u64,
-                "holding output until the standby can no longer take over"
-            );
-            std::thread::sleep(timeout + HOLD_MARGIN);
+        }
+        match (&self.params.witness, failure_timeout) {
+            (Some(witness), _) => self.settle_claim(witness, &result, told),
+            (None, Some(timeout)) if !told => {
+                // The standby may still count this primary alive (and take over if it saw the
+                // link close) until its failure timeout after our last echo: hold the output.
+                tracing::warn!(
+                    hold_ms = (timeout + HOLD_MARGIN).as_millis() as u64,
+                    "holding output until the standby can no longer take over"
+                );
+                std::thread::sleep(timeout + HOLD_MARGIN);
+            }
+            _ => {}
         }
         result
     }
@@ -331,6 +367,59 @@ impl EpochLoop {
             )
             .map_err(LoopError::Heartbeat)?;
         Ok(failure_timeout)
+    }
+
+    /// With a witness: the guest ended → the claim is removed; it goes on here → the claim becomes
+    /// `unprotected`, which succeeds only if the standby has not taken over; if it has, this copy
+    /// fences itself (never returns). An unreachable witness is retried: output stays held.
+    fn settle_claim(&self, witness: &Witness, result: &Result<(), LoopError>, told: bool) {
+        let mut held = self.claim.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(current) = held.clone() else { return };
+        // A guest that ended is removed; if the standby took over meanwhile the removal fails and
+        // the guest lives on there, from its last committed checkpoint.
+        let guest_ended = matches!(
+            self.ending(),
+            Some(Ending::PoweredOff | Ending::Reset | Ending::Crashed)
+        );
+        if guest_ended {
+            match witness.remove(&current) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("the standby took over before the guest's end was recorded")
+                }
+                Err(e) => tracing::warn!("could not remove the guest's claim at the witness: {e}"),
+            }
+            *held = None;
+            return;
+        }
+        if result.is_err() && !told {
+            tracing::warn!("going on without the standby: asking the witness first");
+        }
+        loop {
+            match witness.swap(&current, self.session, ClaimState::Unprotected) {
+                Ok(Some(next)) => {
+                    tracing::info!(
+                        generation = next.claim.generation,
+                        "the witness says this copy goes on, unprotected"
+                    );
+                    *held = Some(next);
+                    return;
+                }
+                Ok(None) => {
+                    fence(&format!(
+                    "the witness's claim changed under this primary ({}): the standby took over",
+                    witness.read().ok().flatten().map_or("gone".into(), |h| format!(
+                        "{:?}, generation {}",
+                        h.claim.state, h.claim.generation
+                    ))
+                ))
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; holding output and retrying");
+                    std::thread::sleep(WITNESS_RETRY);
+                }
+            }
+        }
     }
 
     fn ending(&self) -> Option<Ending> {

@@ -72,13 +72,15 @@ impl Liveness {
 }
 
 /// Standby side: accepts the primary's heartbeat channel for `session` on `listener` (in a thread of
-/// its own), pings every `heartbeat` and keeps the returned [`Liveness`].
+/// its own), pings every `heartbeat` and keeps the returned [`Liveness`]. `on_silence`: shut down
+/// when the primary falls silent (with a witness, silence is a reason to ask it for a takeover).
 pub fn watch_primary(
     listener: TcpListener,
     security: LinkSecurity,
     session: u64,
     heartbeat: Duration,
     failure_timeout: Duration,
+    on_silence: Option<LinkShutdown>,
 ) -> std::io::Result<Arc<Liveness>> {
     let liveness = Arc::new(Liveness::new(failure_timeout));
     let watched = liveness.clone();
@@ -99,14 +101,27 @@ pub fn watch_primary(
                 )),
             });
             match opened {
-                Ok((link, _)) => ping_until_closed(link, &watched, heartbeat),
+                Ok((link, _)) => {
+                    // Opening the channel is the primary's first sign of life.
+                    watched.echoed(watched.now_us());
+                    ping_until_silent(link, &watched, heartbeat, on_silence.is_some())
+                }
                 Err(e) => tracing::warn!("no heartbeat channel: {e}"),
+            }
+            if let Some(checkpoints) = on_silence {
+                checkpoints.shutdown();
             }
         })?;
     Ok(liveness)
 }
 
-fn ping_until_closed(mut link: Link, liveness: &Liveness, heartbeat: Duration) {
+/// Pings until the channel ends (or, with `stop_when_silent`, until the primary falls silent).
+fn ping_until_silent(
+    mut link: Link,
+    liveness: &Liveness,
+    heartbeat: Duration,
+    stop_when_silent: bool,
+) {
     let _ = link.set_read_timeout(Some(heartbeat));
     let _ = link.set_write_timeout(Some(liveness.failure_timeout));
     let mut next_ping = Instant::now();
@@ -139,6 +154,13 @@ fn ping_until_closed(mut link: Link, liveness: &Liveness, heartbeat: Duration) {
             }
         }
         let alive = liveness.alive();
+        if !alive && stop_when_silent {
+            tracing::warn!(
+                silent_ms = liveness.silent_for().as_millis() as u64,
+                "the primary is silent: asking the witness"
+            );
+            return;
+        }
         if !alive && !reported_silence {
             tracing::warn!(
                 silent_ms = liveness.silent_for().as_millis() as u64,

@@ -24,6 +24,7 @@ use vmm::{Machine, RestoreOptions};
 use super::heartbeat;
 use crate::link::{self, AcceptError, Link, LinkSecurity};
 use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
+use crate::witness::{ClaimState, HeldClaim, Witness};
 
 /// Why the standby could not take over.
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +52,17 @@ pub enum StandbyError {
         reason: String,
         silent_ms: u64,
     },
+    #[error(
+        "the witness refused this standby the guest: the primary {peer} changed its claim first \
+         ({claim}); nothing is resumed here"
+    )]
+    Superseded { peer: SocketAddr, claim: String },
     #[error("cannot resume the guest from checkpoint {epoch}: {reason}")]
     Resume { epoch: u64, reason: String },
 }
+
+/// Time between attempts to reach an unreachable witness.
+const WITNESS_RETRY: Duration = Duration::from_millis(200);
 
 /// Fastest heartbeat, whatever the failure timeout.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
@@ -61,7 +70,7 @@ const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
 /// How standing by ended.
 pub enum StandbyEnd {
     /// The primary was lost: run this guest.
-    Takeover(Takeover),
+    Takeover(Box<Takeover>),
     /// The primary said goodbye: nothing to run here.
     Ended(Ending),
 }
@@ -82,6 +91,7 @@ pub fn run_standby(
     options: &RestoreOptions,
     security: &LinkSecurity,
     failure_timeout: Duration,
+    witness: Option<&Witness>,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<StandbyEnd, StandbyError> {
     let listener = link::bind(listen)?;
@@ -102,6 +112,36 @@ pub fn run_standby(
         failure_timeout_ms: failure_timeout.as_millis() as u64,
         heartbeat_ms: heartbeat_every.as_millis() as u64,
     };
+    // With a witness, the primary's claim is what a takeover must swap; without one, silence never
+    // ends following.
+    let primary_claim = match witness {
+        Some(w) => match w.read() {
+            Ok(Some(held)) if held.claim.state == ClaimState::Protected => Some(held),
+            Ok(other) => {
+                return Err(StandbyError::Setup {
+                    peer,
+                    reason: format!(
+                        "the witness's key {} holds no protected claim ({other:?})",
+                        w.key()
+                    ),
+                })
+            }
+            Err(e) => {
+                return Err(StandbyError::Setup {
+                    peer,
+                    reason: e.to_string(),
+                })
+            }
+        },
+        None => None,
+    };
+    let on_silence = match witness {
+        Some(_) => Some(stream.shutdown_handle().map_err(|e| StandbyError::Setup {
+            peer,
+            reason: e.to_string(),
+        })?),
+        None => None,
+    };
     let liveness = write_frame(&mut stream, &terms)
         .map_err(|e| e.to_string())
         .and_then(|()| {
@@ -111,6 +151,7 @@ pub fn run_standby(
                 session,
                 heartbeat_every,
                 failure_timeout,
+                on_silence,
             )
             .map_err(|e| e.to_string())
         })
@@ -127,6 +168,16 @@ pub fn run_standby(
         (_, FollowEnd::LinkBroken(reason)) => {
             tracing::error!(%reason, "the link broke while the primary lives; nothing is resumed here");
             return Err(StandbyError::LinkBroken { peer, reason });
+        }
+        (committed, FollowEnd::PrimaryLost(reason)) if witness.is_some() => {
+            // The witness decides: the takeover is the swap of the primary's claim for ours.
+            let (Some(w), Some(claim)) = (witness, primary_claim.as_ref()) else {
+                unreachable!("a witness always comes with the primary's claim")
+            };
+            if committed.is_some() {
+                take_claim(w, claim, session, peer)?;
+            }
+            (committed, reason)
         }
         (committed, FollowEnd::PrimaryLost(reason)) => {
             // Only an end seen while the primary was known alive is its death; after it went
@@ -157,11 +208,47 @@ pub fn run_standby(
             epoch,
             reason: e.to_string(),
         })?;
-    Ok(StandbyEnd::Takeover(Takeover {
+    Ok(StandbyEnd::Takeover(Box::new(Takeover {
         machine,
         epoch,
         reason,
-    }))
+    })))
+}
+
+/// Swaps the primary's `protected` claim for this standby's `active` one; fails if the primary
+/// changed it first (it went on without this standby, or its guest ended). An unreachable witness is
+/// retried: nothing runs here until it answers.
+fn take_claim(
+    witness: &Witness,
+    primary: &HeldClaim,
+    session: u64,
+    peer: SocketAddr,
+) -> Result<HeldClaim, StandbyError> {
+    loop {
+        match witness.swap(primary, session, ClaimState::Active) {
+            Ok(Some(ours)) => {
+                tracing::warn!(
+                    generation = ours.claim.generation,
+                    "the witness gives this standby the guest"
+                );
+                return Ok(ours);
+            }
+            Ok(None) => {
+                let now = witness
+                    .read()
+                    .ok()
+                    .flatten()
+                    .map_or("no claim: the guest ended".into(), |h| {
+                        format!("{:?}, generation {}", h.claim.state, h.claim.generation)
+                    });
+                return Err(StandbyError::Superseded { peer, claim: now });
+            }
+            Err(e) => {
+                tracing::warn!("{e}; retrying before any takeover");
+                std::thread::sleep(WITNESS_RETRY);
+            }
+        }
+    }
 }
 
 /// Why [`follow`] stopped.
