@@ -521,3 +521,43 @@ fn with_a_witness_a_hung_primary_is_taken_over_and_fenced_when_it_wakes() {
     pair.wait_acknowledged(now + 10, "on the standby after the old primary woke");
     pair.finish();
 }
+
+/// With a witness, a partitioned standby host cannot take over: the primary (which still reaches the
+/// witness) swaps its claim for `unprotected` and goes on with the client; when the standby's host
+/// comes back, its own swap fails and it ends without resuming.
+#[test]
+fn with_a_witness_a_partitioned_standby_never_takes_over() {
+    let mut pair = ProtectedPair::start_with("witness-partition", 500, true);
+    pair.wait_acknowledged(10, "before the partition");
+    set_standby_host_link(&pair, false);
+    let cut_at = pair.acknowledged();
+    pair.wait_acknowledged(cut_at + 10, "on the primary after the partition");
+    let t0 = Instant::now();
+    while pair.protection()["state"] != "degraded" {
+        assert!(t0.elapsed() < DEADLINE, "{}", pair.primary.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        pair.primary
+            .stderr()
+            .contains("the witness says this copy goes on, unprotected"),
+        "{}",
+        pair.primary.stderr()
+    );
+    set_standby_host_link(&pair, true);
+    assert_eq!(
+        pair.standby.wait_exit(DEADLINE),
+        Some(1),
+        "{}",
+        pair.standby.stderr()
+    );
+    let err = pair.standby.stderr();
+    assert!(
+        err.contains("the witness refused this standby the guest"),
+        "{err}"
+    );
+    assert!(!err.contains("taking over"), "{err}");
+    let healed_at = pair.acknowledged();
+    pair.wait_acknowledged(healed_at + 10, "on the primary after the link healed");
+    pair.finish();
+}
