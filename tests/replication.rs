@@ -376,6 +376,26 @@ fn a_protected_guest_refuses_snapshots_and_migration_until_unprotected() {
     let status = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "protection"], DEADLINE);
     let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(s["state"], "protected", "{s}");
+    let epoch_at_pause = s["committed_epoch"].as_u64().unwrap();
+
+    // A user's pause survives the epochs (each checkpoint pauses and resumes only what it paused).
+    let pause = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "pause"], DEADLINE);
+    assert_eq!(pause.code(), Some(0), "{pause:?}");
+    let t0 = Instant::now();
+    loop {
+        let status =
+            integration_tests::run_ftvmm(&["vm", "--api-socket", api, "protection"], DEADLINE);
+        let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        if s["committed_epoch"].as_u64().unwrap() > epoch_at_pause + 5 {
+            break;
+        }
+        assert!(t0.elapsed() < DEADLINE, "no epochs while paused: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let info = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "info"], DEADLINE);
+    assert!(info.stdout.contains("\"paused\""), "{info:?}");
+    let resume = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "resume"], DEADLINE);
+    assert_eq!(resume.code(), Some(0), "{resume:?}");
 
     let unprotect =
         integration_tests::run_ftvmm(&["vm", "--api-socket", api, "unprotect"], DEADLINE);

@@ -8,7 +8,7 @@
 
 use std::io;
 
-/// Where released output goes (a TAP device, a serial sink).
+/// Where released output goes (a TAP device; the serial console is not gated).
 pub trait OutputSink {
     /// Sends one unit of output (a frame, a chunk of bytes).
     fn send(&mut self, data: &[u8]) -> io::Result<()>;

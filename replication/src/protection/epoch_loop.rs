@@ -151,6 +151,21 @@ fn update(status: &Status, f: impl FnOnce(&mut ProtectionStatus)) {
     f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
 }
 
+/// Why a checkpoint could not be taken.
+struct CheckpointError(String);
+
+impl From<vmm::MachineError> for CheckpointError {
+    fn from(e: vmm::MachineError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<String> for CheckpointError {
+    fn from(e: String) -> Self {
+        Self(e)
+    }
+}
+
 /// A checkpoint taken with the vCPUs paused.
 struct Checkpoint {
     runs: Vec<PageRun>,
@@ -542,29 +557,29 @@ fn take_checkpoint(
     epoch: u64,
 ) -> Result<Checkpoint, String> {
     let t0 = Instant::now();
-    m.pause().map_err(|e| e.to_string())?;
     let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
-    let result = (|| {
-        let set = if epoch == 0 {
-            tracker
-                .start(m.vm(), m.memory())
-                .map_err(|e| e.to_string())?;
-            m.set_output_gating(Some(1));
-            DirtySet::all(m.memory())
-        } else {
-            tracker
-                .collect(m.vm(), m.memory())
-                .map_err(|e| e.to_string())?;
-            m.begin_output_epoch(epoch + 1);
-            tracker.take()
-        };
-        let (runs, pages) = copy_pages(m.memory(), &set, epoch == 0)?;
-        let state = m.capture_state().map_err(|e| e.to_string())?;
-        let state = vmm::snapshot::encode(&state).map_err(|e| e.to_string())?;
-        Ok::<_, String>((runs, pages, state, set))
-    })();
-    m.resume();
-    let (runs, pages, state, set) = result?;
+    // A user's pause (`vm pause`) survives the checkpoint: only what this pauses is resumed.
+    let (runs, pages, state, set) = m
+        .while_paused(|m| {
+            let set = if epoch == 0 {
+                tracker
+                    .start(m.vm(), m.memory())
+                    .map_err(|e| e.to_string())?;
+                m.set_output_gating(Some(1));
+                DirtySet::all(m.memory())
+            } else {
+                tracker
+                    .collect(m.vm(), m.memory())
+                    .map_err(|e| e.to_string())?;
+                m.begin_output_epoch(epoch + 1);
+                tracker.take()
+            };
+            let (runs, pages) = copy_pages(m.memory(), &set, epoch == 0)?;
+            let state = m.capture_state().map_err(|e| e.to_string())?;
+            let state = vmm::snapshot::encode(&state).map_err(|e| e.to_string())?;
+            Ok::<_, CheckpointError>((runs, pages, state, set))
+        })
+        .map_err(|e| e.0)?;
     Ok(Checkpoint {
         runs,
         pages,

@@ -252,6 +252,28 @@ impl Machine {
         self.control.resume();
     }
 
+    /// Runs `f` with the vCPUs paused. It pauses them only if they run, and resumes only what it
+    /// paused: a user's pause (or a VM not started yet) survives checkpoints, snapshots and looks.
+    pub fn while_paused<T, E: From<MachineError>>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let pause = !self.vcpu_threads.is_empty() && !self.control.is_paused();
+        if pause {
+            self.pause()?;
+        }
+        let result = f(self);
+        if pause {
+            self.resume();
+        }
+        result
+    }
+
+    /// Whether the vCPUs are paused (by a user or for a checkpoint).
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
     /// Waits until every vCPU thread has left the paused state after [`Machine::resume`].
     pub fn wait_running(&self, timeout: Duration) -> bool {
         self.control.wait_running(timeout)
@@ -358,15 +380,8 @@ impl Machine {
 
     /// Where every vCPU is; a running VM is paused for the look and resumed.
     pub fn vcpu_summaries(&mut self) -> Result<Vec<VcpuSummary>, MachineError> {
-        let was_paused = self.control.is_paused() || self.vcpu_threads.is_empty();
-        if !was_paused {
-            self.pause()?;
-        }
-        let states = self.save_vcpus();
-        if !was_paused {
-            self.resume();
-        }
-        Ok(states?
+        let states = self.while_paused(|m| m.save_vcpus())?;
+        Ok(states
             .iter()
             .map(|s| VcpuSummary {
                 id: s.id,

@@ -176,17 +176,9 @@ impl Machine {
             });
         }
         snapshot::create_private_dir(dir).map_err(io_err("create", dir))?;
-        let started = !self.vcpu_threads.is_empty();
-        let was_paused = self.control.is_paused();
         let t0 = Instant::now();
-        if started && !was_paused {
-            self.pause()?;
-        }
-        let result = self.write_snapshot(dir, kind);
+        let result = self.while_paused(|m| m.write_snapshot(dir, kind));
         let paused_for = t0.elapsed();
-        if started && !was_paused {
-            self.resume();
-        }
         let memory_bytes = result?;
         tracing::info!(
             paused_ms = paused_for.as_secs_f64() * 1e3,
