@@ -18,6 +18,9 @@ const DEADLINE: Duration = Duration::from_secs(180);
 struct ProtectedPair {
     hosts: TwoHosts,
     _etcd: Option<TestEtcd>,
+    pki: std::path::PathBuf,
+    witness_args: Vec<String>,
+    failure_timeout_ms: u64,
     dir: std::path::PathBuf,
     standby: RunningVm,
     primary: RunningVm,
@@ -49,18 +52,23 @@ impl ProtectedPair {
             std::env::temp_dir().join(format!("ftvmm-replication-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let api = dir.join("primary.sock");
-        let listen = format!("{}:7100", hosts.b_ip());
-        let b_ip = hosts.b_ip();
-        let pki = tls_pki(&dir, &[("a", &["127.0.0.1"]), ("b", &[b_ip.as_str()])]);
-        let mut standby_cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
-        standby_cmd
-            .env("FTVMM_LOG", "replication=info")
-            .args(["standby", "--listen", &listen, "--net", "tap=tap0"])
-            .args(["--failure-timeout-ms", &failure_timeout_ms.to_string()])
-            .args(&witness_args)
-            .arg("--tls")
-            .arg(pki.join("b"));
-        let mut standby = RunningVm::spawn(standby_cmd);
+        let (a_ip, b_ip) = (hosts.a_ip(), hosts.b_ip());
+        let pki = tls_pki(
+            &dir,
+            &[
+                ("a", &["127.0.0.1", a_ip.as_str()]),
+                ("b", &[b_ip.as_str()]),
+            ],
+        );
+        let listen = format!("{b_ip}:7100");
+        let mut standby = spawn_standby(
+            &hosts.b,
+            &listen,
+            &pki.join("b"),
+            failure_timeout_ms,
+            &witness_args,
+            &dir.join("standby-b.sock"),
+        );
         standby.wait_for_stderr("standing by on", DEADLINE);
 
         let mut primary_cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
@@ -94,6 +102,9 @@ impl ProtectedPair {
         Self {
             hosts,
             _etcd: etcd,
+            pki,
+            witness_args,
+            failure_timeout_ms,
             dir,
             standby,
             primary,
@@ -102,6 +113,27 @@ impl ProtectedPair {
             acknowledged,
             client,
         }
+    }
+
+    /// A new standby on host A (`on_a`) or B, listening on that host's address, port 7100, with an
+    /// API socket in the pair's directory; returns it and its address.
+    fn new_standby(&self, on_a: bool) -> (RunningVm, String) {
+        let (host, ip, identity) = if on_a {
+            (&self.hosts.a, self.hosts.a_ip(), "a")
+        } else {
+            (&self.hosts.b, self.hosts.b_ip(), "b")
+        };
+        let listen = format!("{ip}:7100");
+        let mut standby = spawn_standby(
+            host,
+            &listen,
+            &self.pki.join(identity),
+            self.failure_timeout_ms,
+            &self.witness_args,
+            &self.dir.join(format!("standby-{identity}.sock")),
+        );
+        standby.wait_for_stderr("standing by on", DEADLINE);
+        (standby, listen)
     }
 
     fn acknowledged(&self) -> u64 {
@@ -151,6 +183,27 @@ impl ProtectedPair {
         let _ = std::fs::remove_dir_all(&self.dir);
         last
     }
+}
+
+/// `ftvmm standby` in `host`'s namespace on its TAP `tap0`.
+fn spawn_standby(
+    host: &integration_tests::netns::NetNs,
+    listen: &str,
+    identity: &std::path::Path,
+    failure_timeout_ms: u64,
+    witness_args: &[String],
+    api: &std::path::Path,
+) -> RunningVm {
+    let mut cmd = host.command(ftvmm_bin().to_str().unwrap());
+    cmd.env("FTVMM_LOG", "replication=info")
+        .args(["standby", "--listen", listen, "--net", "tap=tap0"])
+        .args(["--failure-timeout-ms", &failure_timeout_ms.to_string()])
+        .args(witness_args)
+        .arg("--tls")
+        .arg(identity)
+        .arg("--api-socket")
+        .arg(api);
+    RunningVm::spawn(cmd)
 }
 
 fn signal(vm: &RunningVm, signal: &str) {
@@ -579,5 +632,92 @@ fn with_a_witness_a_partitioned_standby_never_takes_over() {
     assert!(!err.contains("taking over"), "{err}");
     let healed_at = pair.acknowledged();
     pair.wait_acknowledged(healed_at + 10, "on the primary after the link healed");
+    pair.finish();
+}
+
+/// Waits until the VM behind `api` reports protection `protected` with a committed epoch.
+fn wait_protected(api: &std::path::Path, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let out = integration_tests::run_ftvmm(
+            &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
+            DEADLINE,
+        );
+        if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
+            if s["state"] == "protected" && s["committed_epoch"].as_u64().unwrap_or(0) > 0 {
+                return;
+            }
+        }
+        assert!(t0.elapsed() < DEADLINE, "{what}: not protected: {out:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The whole life of a protected guest with a witness: its standby dies (the guest goes on,
+/// degraded), a new standby re-protects it, the primary dies (the standby takes over), the survivor
+/// is protected by a fresh standby on the other host, and dies in turn: the client's one
+/// connection loses no acknowledged increment through all of it.
+#[test]
+fn a_guest_is_reprotected_after_losing_its_standby_and_after_a_failover() {
+    let mut pair = ProtectedPair::start_with("reprotect", 500, true);
+    pair.wait_acknowledged(10, "at first");
+
+    pair.standby.kill();
+    let t0 = Instant::now();
+    while pair.protection()["state"] != "degraded" {
+        assert!(t0.elapsed() < DEADLINE, "{}", pair.primary.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "degraded, without a standby");
+
+    let (standby, listen) = pair.new_standby(false);
+    pair.standby = standby;
+    let protect = integration_tests::run_ftvmm(
+        &[
+            "vm",
+            "--api-socket",
+            pair.api.to_str().unwrap(),
+            "protect",
+            "--standby",
+            &listen,
+        ],
+        DEADLINE,
+    );
+    assert_eq!(protect.code(), Some(0), "{protect:?}");
+    wait_protected(&pair.api, "re-protected primary");
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "re-protected");
+
+    pair.primary.kill();
+    pair.standby
+        .wait_for_stderr("taking over from checkpoint", DEADLINE);
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "after the first failover");
+
+    // The survivor (on B) is protected by a fresh standby on A, then dies too.
+    let survivor_api = pair.dir.join("standby-b.sock");
+    let (standby_a, listen_a) = pair.new_standby(true);
+    let protect = integration_tests::run_ftvmm(
+        &[
+            "vm",
+            "--api-socket",
+            survivor_api.to_str().unwrap(),
+            "protect",
+            "--standby",
+            &listen_a,
+        ],
+        DEADLINE,
+    );
+    assert_eq!(protect.code(), Some(0), "{protect:?}");
+    wait_protected(&survivor_api, "re-protected survivor");
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "survivor re-protected");
+    let mut survivor = std::mem::replace(&mut pair.standby, standby_a);
+    survivor.kill();
+    pair.standby
+        .wait_for_stderr("taking over from checkpoint", DEADLINE);
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "after the second failover");
     pair.finish();
 }

@@ -179,6 +179,11 @@ impl TwoHosts {
         format!("10.78.{}.1", self.subnet)
     }
 
+    /// Host A's address.
+    pub fn a_ip(&self) -> String {
+        format!("10.78.{}.11", self.subnet)
+    }
+
     /// Host B's address, where it receives migrations.
     pub fn b_ip(&self) -> String {
         format!("10.78.{}.12", self.subnet)

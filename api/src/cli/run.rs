@@ -144,12 +144,14 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         None => args.link.security()?,
     };
     let mut machine = Machine::build(&config)?;
+    let witness = args.witness.witness()?;
     let protection = match (args.standby, &security) {
         (Some(standby), Some(security)) => Some(replication::protection::ProtectionParams {
             standby,
             security: security.clone(),
             epoch: std::time::Duration::from_millis(args.epoch_ms),
-            witness: args.witness.witness()?,
+            witness: witness.clone(),
+            claim: None,
         }),
         _ => None,
     };
@@ -161,6 +163,9 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         )?),
         None => None,
     };
+    if let Some(server) = &_server {
+        server.set_witness(witness, None);
+    }
     if let Some(params) = protection {
         let control = machine.control_handle()?;
         // Checkpoints start once the vCPUs run; the loop waits for the event loop to serve it.
@@ -170,11 +175,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
         machine.start()?;
         let exit = machine.wait()?;
-        // The standby must hear that the guest ended, or it would resume it.
-        handle.finish(
-            replication::protection::ending_of(&exit),
-            std::time::Duration::from_secs(5),
-        );
+        finish_protection(&exit, _server.as_ref(), Some(handle));
         return Ok(report_exit(&exit, _server.as_ref()));
     }
     run_machine(machine, None, security, _server)
@@ -208,7 +209,26 @@ pub(super) fn run_machine_after(
     machine.start()?;
     started(&machine);
     let exit = machine.wait()?;
+    finish_protection(&exit, _server.as_ref(), None);
     Ok(report_exit(&exit, _server.as_ref()))
+}
+
+/// The guest ended: the standby of whatever protection is current (`own`, or one started later
+/// through the API) must hear it, or it would resume the guest.
+fn finish_protection(
+    exit: &VmExit,
+    server: Option<&crate::server::ApiServer>,
+    own: Option<replication::protection::ProtectionHandle>,
+) {
+    if let Some(handle) = server
+        .and_then(crate::server::ApiServer::protection)
+        .or(own)
+    {
+        handle.finish(
+            replication::protection::ending_of(exit),
+            std::time::Duration::from_secs(5),
+        );
+    }
 }
 
 /// Tells the user how the VM ended and returns the exit status.

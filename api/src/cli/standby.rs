@@ -67,11 +67,19 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
         "ftvmm: primary lost ({}); taking over from checkpoint {}",
         takeover.reason, takeover.epoch
     );
-    super::run::run_machine_after(
-        takeover.machine,
-        args.backends.api_socket.as_deref(),
-        Some(security),
-        None,
-        |m| m.announce_network(),
-    )
+    let mut machine = takeover.machine;
+    // The survivor can be protected again (`vm protect`): its API knows the witness and the claim
+    // this copy took over with.
+    let server = match args.backends.api_socket.as_deref() {
+        Some(path) => {
+            let server =
+                crate::server::spawn(path, machine.control_handle()?, Some(security.clone()))?;
+            server.set_witness(witness, takeover.claim);
+            Some(server)
+        }
+        None => None,
+    };
+    super::run::run_machine_after(machine, None, Some(security), server, |m| {
+        m.announce_network()
+    })
 }

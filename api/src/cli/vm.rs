@@ -61,6 +61,16 @@ enum VmAction {
     Protection,
     /// Stop protection: the standby ends without resuming the guest, which goes on here unprotected.
     Unprotect,
+    /// Protect the running guest with a hot standby (again): a guest never protected, one that lost
+    /// its standby, or a standby that took over. Uses this VM's --tls and --witness.
+    Protect {
+        /// The standby's HOST:PORT (where `ftvmm standby` listens).
+        #[arg(long, value_name = "HOST:PORT")]
+        standby: String,
+        /// Time between checkpoints, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 50)]
+        epoch_ms: u64,
+    },
     /// Cancel a migration before its hand-over; the guest keeps running here.
     CancelMigration,
 }
@@ -86,6 +96,11 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         VmAction::Migration => ("GET", "/api/v1/vm/migration", None),
         VmAction::Protection => ("GET", "/api/v1/vm/protection", None),
         VmAction::Unprotect => ("PUT", "/api/v1/vm/unprotect", None),
+        VmAction::Protect { standby, epoch_ms } => (
+            "PUT",
+            "/api/v1/vm/protect",
+            Some(json!({ "standby": standby, "epoch_ms": epoch_ms })),
+        ),
         VmAction::CancelMigration => ("PUT", "/api/v1/vm/migration/cancel", None),
         VmAction::Migrate { .. } => unreachable!("handled above"),
     };

@@ -43,6 +43,7 @@ pub struct ApiServer {
     identity: (u64, u64),
     outcome_reported: Arc<AtomicBool>,
     protection: Arc<std::sync::Mutex<Option<replication::protection::ProtectionHandle>>>,
+    witness: Arc<std::sync::Mutex<routes::WitnessSetting>>,
     _thread: JoinHandle<()>,
 }
 
@@ -50,6 +51,25 @@ impl ApiServer {
     /// Lets the API report on (and keeps alive) the VM's epoch loop.
     pub fn set_protection(&self, handle: replication::protection::ProtectionHandle) {
         *self.protection.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+    }
+
+    /// The current (or last) protection of the VM, if any.
+    pub fn protection(&self) -> Option<replication::protection::ProtectionHandle> {
+        self.protection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The witness a `vm protect` uses, and the claim this process already holds there (a standby
+    /// that took over).
+    pub fn set_witness(
+        &self,
+        witness: Option<Arc<replication::witness::Witness>>,
+        claim: Option<replication::witness::HeldClaim>,
+    ) {
+        *self.witness.lock().unwrap_or_else(|e| e.into_inner()) =
+            routes::WitnessSetting { witness, claim };
     }
 
     /// After the VM migrated away: keeps serving for up to `grace` so that whoever started the
@@ -159,6 +179,7 @@ pub fn spawn(
     let state = routes::ApiState::new(handle, link);
     let outcome_reported = state.outcome_reported.clone();
     let protection = state.protection.clone();
+    let witness = state.witness.clone();
     let app = routes::router(state);
     let thread = std::thread::Builder::new()
         .name("api".into())
@@ -184,6 +205,7 @@ pub fn spawn(
         identity,
         outcome_reported,
         protection,
+        witness,
         _thread: thread,
     })
 }

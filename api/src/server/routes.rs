@@ -15,7 +15,9 @@ use utoipa::{OpenApi, ToSchema};
 
 use replication::link::LinkSecurity;
 use replication::migration::{start_migration, MigrationHandle, MigrationParams, MigrationStatus};
-use replication::protection::{ProtectionHandle, ProtectionState};
+use replication::protection::{
+    start_protection, ProtectionHandle, ProtectionParams, ProtectionState,
+};
 use vmm::control::{ControlError, VmCommand, VmReply};
 use vmm::ControlHandle;
 
@@ -28,8 +30,17 @@ impl ApiState {
             migration: Arc::new(Mutex::new(None)),
             outcome_reported: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             protection: Arc::new(Mutex::new(None)),
+            witness: Arc::new(Mutex::new(WitnessSetting::default())),
         }
     }
+}
+
+/// The witness a (re-)protection of this VM uses, and the claim this process holds there when no
+/// protection of its own holds it (a standby that took over).
+#[derive(Clone, Default)]
+pub struct WitnessSetting {
+    pub witness: Option<Arc<replication::witness::Witness>>,
+    pub claim: Option<replication::witness::HeldClaim>,
 }
 
 /// What handlers share.
@@ -44,6 +55,7 @@ pub struct ApiState {
     pub(super) outcome_reported: Arc<std::sync::atomic::AtomicBool>,
     /// The epoch loop, when the VM is protected by a standby.
     pub(super) protection: Arc<Mutex<Option<ProtectionHandle>>>,
+    pub(super) witness: Arc<Mutex<WitnessSetting>>,
 }
 
 /// How long a command may take (snapshots of large guests take a while).
@@ -59,6 +71,16 @@ pub struct SnapshotRequest {
     /// Only the pages written since this VM's previous snapshot (which becomes its base).
     #[serde(default)]
     pub diff: bool,
+}
+
+/// Body of `PUT /api/v1/vm/protect`.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectRequest {
+    /// The standby's `HOST:PORT`, where `ftvmm standby` listens.
+    pub standby: String,
+    /// Time between checkpoints in milliseconds (default 50).
+    pub epoch_ms: Option<u64>,
 }
 
 /// Body of `PUT /api/v1/vm/migrate`.
@@ -114,11 +136,13 @@ pub struct SnapshotSchema {
         vm_migration,
         vm_migration_cancel,
         vm_protection,
+        vm_protect,
         vm_unprotect
     ),
     components(schemas(
         SnapshotRequest,
         MigrateRequest,
+        ProtectRequest,
         ErrorBody,
         VmInfoSchema,
         SnapshotSchema
@@ -333,6 +357,124 @@ async fn vm_migration_cancel(State(st): State<ApiState>) -> Response {
     }
 }
 
+/// Protects the running guest with a hot standby (again): a guest that was never protected, one
+/// that went on unprotected after losing its standby, or a standby that took over. The first
+/// checkpoint is a full copy of memory; poll `GET /api/v1/vm/protection`.
+#[utoipa::path(put, path = "/api/v1/vm/protect", request_body = ProtectRequest, responses(
+    (status = 202, description = "protection started; body is the protection status"),
+    (status = 400, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "already protected, or a migration tracks dirty pages")))]
+async fn vm_protect(
+    State(st): State<ApiState>,
+    body: Result<Json<ProtectRequest>, JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {}", e.body_text()),
+            )
+        }
+    };
+    if req.standby.trim().is_empty() || !req.standby.contains(':') {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("\"standby\" must be HOST:PORT, got {:?}", req.standby),
+        );
+    }
+    let epoch_ms = req.epoch_ms.unwrap_or(50);
+    if !(5..=10_000).contains(&epoch_ms) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("\"epoch_ms\" must be 5 to 10000, got {epoch_ms}"),
+        );
+    }
+    let Some(security) = st.link.clone() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "this VM was started without --tls DIR (or --insecure-plain-tcp), so it cannot open \
+             a replication link; see `ftvmm tls-certs --help`",
+        );
+    };
+    let previous = st
+        .protection
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(p) = &previous {
+        let state = p.status().state;
+        if !matches!(
+            state,
+            ProtectionState::Degraded | ProtectionState::Unprotected
+        ) {
+            return error(
+                StatusCode::CONFLICT,
+                format!("the guest is already protected (protection is {state:?})").to_lowercase(),
+            );
+        }
+    }
+    let setting = st.witness.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // The claim this process holds: its last protection's, else the one it took over with.
+    let claim = previous
+        .as_ref()
+        .and_then(ProtectionHandle::claim)
+        .or(setting.claim);
+    let params = ProtectionParams {
+        standby: req.standby,
+        security,
+        epoch: Duration::from_millis(epoch_ms),
+        witness: setting.witness,
+        claim,
+    };
+    let slot = st.protection.clone();
+    let control = st.handle.clone();
+    let job = move |machine: &mut vmm::Machine| {
+        if let Some(holder) = machine.dirty_tracking_holder() {
+            return VmReply::Conflict(format!(
+                "{holder} tracks the guest's dirty pages: protection cannot start until it ends"
+            ));
+        }
+        match start_protection(machine, params, control) {
+            Ok(handle) => {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+                VmReply::Done(machine.info())
+            }
+            Err(e) => VmReply::Error(format!("cannot start protection: {e}")),
+        }
+    };
+    let handle = st.handle.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        handle.request(VmCommand::OnEventLoop(Box::new(job)), COMMAND_TIMEOUT)
+    })
+    .await;
+    match started {
+        Ok(Ok(VmReply::Done(_))) => {
+            let status = st
+                .protection
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(ProtectionHandle::status);
+            match status {
+                Some(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
+                None => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "protection did not start",
+                ),
+            }
+        }
+        Ok(Ok(VmReply::Conflict(m))) => error(StatusCode::CONFLICT, m),
+        Ok(Ok(VmReply::Error(m))) => error(StatusCode::BAD_REQUEST, m),
+        Ok(Ok(other)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected reply {other:?}"),
+        ),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
 /// Stops protection: the standby is told and ends without resuming the guest, which goes on here,
 /// unprotected, its held output released. Answers with the final protection status.
 #[utoipa::path(put, path = "/api/v1/vm/unprotect", responses(
@@ -410,6 +552,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/vm/vcpus", get(vm_vcpus))
         .route("/api/v1/vm/protection", get(vm_protection))
         .route("/api/v1/vm/unprotect", put(vm_unprotect))
+        .route("/api/v1/vm/protect", put(vm_protect))
         .route("/api/v1/vm/pause", put(vm_pause))
         .route("/api/v1/vm/resume", put(vm_resume))
         .route("/api/v1/vm/snapshot", put(vm_snapshot))

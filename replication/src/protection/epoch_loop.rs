@@ -49,6 +49,9 @@ pub struct ProtectionParams {
     /// The witness that decides which copy may act (`crate::witness`); without one, the safe rule
     /// of `heartbeat.rs` applies.
     pub witness: Option<Arc<Witness>>,
+    /// The claim this copy already holds at the witness (a primary that went on unprotected, a
+    /// standby that took over): protection swaps it for a `protected` one instead of creating one.
+    pub claim: Option<HeldClaim>,
 }
 
 /// `ftvmm run` exits with this status when the witness says another copy took over.
@@ -60,6 +63,7 @@ pub struct ProtectionHandle {
     status: Arc<Mutex<ProtectionStatus>>,
     stop: Arc<AtomicBool>,
     ending: Shared<Option<Ending>>,
+    claim: Shared<Option<HeldClaim>>,
     thread: Shared<Option<JoinHandle<()>>>,
 }
 
@@ -70,6 +74,12 @@ impl ProtectionHandle {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The claim this copy holds at the witness now (after protection ended: its `unprotected`
+    /// claim, which a new protection takes over).
+    pub fn claim(&self) -> Option<HeldClaim> {
+        self.claim.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Stops checkpointing (the guest goes on, unprotected); the standby is told and ends.
@@ -201,19 +211,33 @@ pub fn start_protection(
     let stop = Arc::new(AtomicBool::new(false));
     let ending = Arc::new(Mutex::new(None));
     let session = heartbeat::new_session();
-    let claim = match &params.witness {
-        Some(witness) => Some(
+    let claim = match (&params.witness, &params.claim) {
+        (Some(witness), None) => Some(
             witness
                 .create(session, ClaimState::Protected)
                 .map_err(std::io::Error::other)?,
         ),
-        None => None,
+        (Some(witness), Some(held)) => Some(
+            witness
+                .swap(held, session, ClaimState::Protected)
+                .map_err(std::io::Error::other)?
+                .ok_or_else(|| {
+                    std::io::Error::other(format!(
+                        "the witness's key {} changed since this copy's claim (generation {}): \
+                         another copy may be active",
+                        witness.key(),
+                        held.claim.generation
+                    ))
+                })?,
+        ),
+        (None, _) => None,
     };
+    let claim = Arc::new(Mutex::new(claim));
     let watch = StandbyWatch::spawn()?;
     let job = EpochLoop {
         watch,
         session,
-        claim: Mutex::new(claim),
+        claim: claim.clone(),
         description: machine.description().clone(),
         tracker: Arc::new(Mutex::new(machine.dirty_tracker())),
         params,
@@ -234,6 +258,7 @@ pub fn start_protection(
         status,
         stop,
         ending,
+        claim,
         thread: Arc::new(Mutex::new(Some(thread))),
     })
 }
@@ -243,7 +268,7 @@ struct EpochLoop {
     /// This primary's session at the witness.
     session: u64,
     /// The witness's claim as this primary last wrote it.
-    claim: Mutex<Option<HeldClaim>>,
+    claim: Shared<Option<HeldClaim>>,
     description: vmm::machine::MachineDescription,
     tracker: Shared<DirtyTracker>,
     params: ProtectionParams,

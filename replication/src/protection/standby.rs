@@ -80,6 +80,8 @@ pub struct Takeover {
     pub machine: Machine,
     pub epoch: u64,
     pub reason: String,
+    /// This copy's `active` claim at the witness, if there is one (re-protection starts from it).
+    pub claim: Option<HeldClaim>,
 }
 
 /// Listens on `listen`, waits for a primary that authenticates as `security` requires (refusing any
@@ -160,6 +162,7 @@ pub fn run_standby(
     let _ = stream.set_read_timeout(None);
     tracing::info!("standing by");
 
+    let mut our_claim = None;
     let (committed, reason) = match follow(&mut stream, &machine) {
         (_, FollowEnd::Goodbye(ending)) => {
             tracing::info!(%ending, "the primary ended protection; nothing is resumed here");
@@ -175,7 +178,7 @@ pub fn run_standby(
                 unreachable!("a witness always comes with the primary's claim")
             };
             if committed.is_some() {
-                take_claim(w, claim, session, peer)?;
+                our_claim = Some(take_claim(w, claim, session, peer)?);
             }
             (committed, reason)
         }
@@ -212,6 +215,7 @@ pub fn run_standby(
         machine,
         epoch,
         reason,
+        claim: our_claim,
     })))
 }
 
