@@ -721,3 +721,57 @@ fn a_guest_is_reprotected_after_losing_its_standby_and_after_a_failover() {
     pair.wait_acknowledged(now + 10, "after the second failover");
     pair.finish();
 }
+
+/// Twenty failovers at random points (mid-epoch, mid-transfer, right after an acknowledgement), each
+/// survivor re-protected by a fresh standby on the other host before it is killed in turn, with a
+/// witness: the client's one connection (INCR and SET) loses no acknowledged write.
+#[test]
+fn twenty_random_primary_kills_lose_no_acknowledged_write() {
+    let mut pair = ProtectedPair::start_with("kills", 500, true);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill points from seed {seed}");
+    let mut rng = seed | 1;
+    let mut primary_on_a = true;
+    let mut primary_api = pair.api.clone();
+    for cycle in 0..20 {
+        wait_protected(&primary_api, &format!("cycle {cycle}"));
+        let now = pair.acknowledged();
+        pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: before the kill"));
+        // xorshift: a kill point 0 to 149 ms into the next epochs.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(rng % 150));
+        pair.primary.kill();
+        pair.standby
+            .wait_for_stderr("taking over from checkpoint", DEADLINE);
+        let now = pair.acknowledged();
+        pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: after the failover"));
+        // The survivor gets a fresh standby where the dead primary was, and becomes the primary.
+        let survivor_api = pair.dir.join(format!(
+            "standby-{}.sock",
+            if primary_on_a { "b" } else { "a" }
+        ));
+        let (standby, listen) = pair.new_standby(primary_on_a);
+        let protect = integration_tests::run_ftvmm(
+            &[
+                "vm",
+                "--api-socket",
+                survivor_api.to_str().unwrap(),
+                "protect",
+                "--standby",
+                &listen,
+            ],
+            DEADLINE,
+        );
+        assert_eq!(protect.code(), Some(0), "cycle {cycle}: {protect:?}");
+        pair.primary = std::mem::replace(&mut pair.standby, standby);
+        primary_on_a = !primary_on_a;
+        primary_api = survivor_api;
+    }
+    let last = pair.finish();
+    eprintln!("20 failovers, {last} increments acknowledged, none lost");
+}

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Keeps one connection to the key-value service at `addr` and sends `INCR counter` until `stop`,
-/// from a thread inside the network namespace `netns`. Every reply must be exactly one more than the
-/// last: a gap means an acknowledged increment was lost. Each value is also stored in
-/// `acknowledged`. Returns the last value.
+/// Keeps one connection to the key-value service at `addr` and, until `stop`, sends in one go
+/// `GET last`, `INCR counter` and `SET last <the expected new value>`, from a thread inside the
+/// network namespace `netns`. Every increment must be exactly one more than the last and `last`
+/// must hold the previous acknowledged value: a gap means an acknowledged write was lost. Each
+/// value is also stored in `acknowledged`. Returns the last value.
 pub fn incrementer(
     netns: &str,
     addr: String,
@@ -34,20 +35,37 @@ pub fn incrementer(
         let mut r = BufReader::new(s);
         let mut last = 0u64;
         while !stop.load(Ordering::SeqCst) {
+            let next = last + 1;
             r.get_mut()
-                .write_all(b"INCR counter\n")
+                .write_all(format!("GET last\nINCR counter\nSET last {next}\n").as_bytes())
                 .map_err(|e| format!("after {last}: send: {e}"))?;
-            let mut line = String::new();
-            r.read_line(&mut line)
-                .map_err(|e| format!("after {last}: receive: {e}"))?;
-            let v: u64 = line
-                .trim()
+            let mut reply = || {
+                let mut line = String::new();
+                r.read_line(&mut line)
+                    .map_err(|e| format!("after {last}: receive: {e}"))?;
+                Ok::<_, String>(line.trim().to_string())
+            };
+            let (got, incr, set) = (reply()?, reply()?, reply()?);
+            let want = if last == 0 {
+                "NIL".to_string()
+            } else {
+                format!("VALUE {last}")
+            };
+            if got != want {
+                return Err(format!(
+                    "GET last answered {got:?} where {want:?} was acknowledged: a SET was lost"
+                ));
+            }
+            let v: u64 = incr
                 .parse()
-                .map_err(|_| format!("after {last}: bad reply {line:?}"))?;
-            if v != last + 1 {
+                .map_err(|_| format!("after {last}: bad reply {incr:?}"))?;
+            if v != next {
                 return Err(format!(
                     "counter went from {last} to {v}: an acknowledged increment was lost"
                 ));
+            }
+            if set != "OK" {
+                return Err(format!("after {last}: SET answered {set:?}"));
             }
             last = v;
             acknowledged.store(v, Ordering::SeqCst);
