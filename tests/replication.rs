@@ -224,6 +224,12 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
     assert_eq!(s["state"], "protected", "{s}");
     assert!(s["committed_epoch"].as_u64().unwrap() > 0, "{s}");
     assert!(s["last_pause_ms"].as_f64().is_some(), "{s}");
+    assert!(s["heartbeat_age_ms"].as_f64().is_some(), "{s}");
+    assert!(
+        s["held_bytes"].as_u64().is_some() && s["held_frames"].as_u64().is_some(),
+        "{s}"
+    );
+    assert!(s["generation"].is_null(), "no witness, no generation: {s}");
     pair.primary.kill();
     let at_failure = pair.acknowledged();
 
@@ -686,6 +692,8 @@ fn a_guest_is_reprotected_after_losing_its_standby_and_after_a_failover() {
     );
     assert_eq!(protect.code(), Some(0), "{protect:?}");
     wait_protected(&pair.api, "re-protected primary");
+    // The witness's claim went protected (1), unprotected (2), protected again (3).
+    assert_eq!(pair.protection()["generation"], 3);
     let now = pair.acknowledged();
     pair.wait_acknowledged(now + 10, "re-protected");
 

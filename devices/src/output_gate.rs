@@ -26,6 +26,11 @@ pub trait OutputGate: Send {
     /// Units currently held back.
     fn held(&self) -> usize;
 
+    /// Bytes currently held back.
+    fn held_bytes(&self) -> usize {
+        0
+    }
+
     /// Output submitted from now on belongs to `epoch` (the previous epochs' checkpoints were taken).
     fn begin_epoch(&mut self, _epoch: u64) {}
 
@@ -99,11 +104,6 @@ impl EpochGate {
             cap_bytes,
         }
     }
-
-    /// Bytes held.
-    pub fn held_bytes(&self) -> usize {
-        self.held_bytes
-    }
 }
 
 impl OutputGate for EpochGate {
@@ -126,6 +126,10 @@ impl OutputGate for EpochGate {
             }
         }
         Ok(released)
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     fn held(&self) -> usize {

@@ -206,6 +206,10 @@ pub fn start_protection(
         last_pause_ms: 0.0,
         last_pages: 0,
         last_commit_ms: 0.0,
+        heartbeat_age_ms: None,
+        generation: None,
+        held_frames: 0,
+        held_bytes: 0,
         error: None,
     }));
     let stop = Arc::new(AtomicBool::new(false));
@@ -518,16 +522,31 @@ impl EpochLoop {
                 }
             }
             let commit = t0.elapsed();
+            let held = Arc::new(Mutex::new((0, 0)));
+            let held_after = held.clone();
             self.run_job(move |m| {
                 m.release_output(epoch);
+                *held_after.lock().unwrap_or_else(|e| e.into_inner()) = m.held_output();
                 VmReply::Done(m.info())
             })?;
+            let (held_frames, held_bytes) = *held.lock().unwrap_or_else(|e| e.into_inner());
+            let generation = self
+                .claim
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|h| h.claim.generation);
+            let heartbeat_age = self.watch.ping_age();
             update(&self.status, |s| {
                 s.state = ProtectionState::Protected;
                 s.committed_epoch = epoch;
                 s.last_pause_ms = cp.pause.as_secs_f64() * 1e3;
                 s.last_pages = cp.pages;
                 s.last_commit_ms = commit.as_secs_f64() * 1e3;
+                s.heartbeat_age_ms = heartbeat_age.map(|a| a.as_secs_f64() * 1e3);
+                s.generation = generation;
+                s.held_frames = held_frames as u64;
+                s.held_bytes = held_bytes as u64;
             });
             if epoch == 0 {
                 tracing::info!("guest protected by {}", self.params.standby);

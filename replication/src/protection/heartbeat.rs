@@ -182,6 +182,8 @@ pub struct StandbyWatch {
     answering: Arc<AtomicBool>,
     /// Set once no ping arrived for the failure timeout, or the channel ended.
     lost: Arc<AtomicBool>,
+    /// When the last ping arrived.
+    last_ping: Arc<Mutex<Option<Instant>>>,
 }
 
 /// What the heartbeat thread needs to open the channel.
@@ -200,7 +202,8 @@ impl StandbyWatch {
         let (plans, plan) = std::sync::mpsc::channel::<ChannelPlan>();
         let answering = Arc::new(AtomicBool::new(true));
         let lost = Arc::new(AtomicBool::new(false));
-        let (a, l) = (answering.clone(), lost.clone());
+        let last_ping = Arc::new(Mutex::new(None));
+        let (a, l, p) = (answering.clone(), lost.clone(), last_ping.clone());
         std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || {
@@ -233,7 +236,7 @@ impl StandbyWatch {
                         return;
                     }
                 };
-                let why = answer_pings(&mut channel, &a);
+                let why = answer_pings(&mut channel, &a, &p);
                 if a.load(Ordering::SeqCst) {
                     tracing::warn!("the standby is lost: {why}");
                     l.store(true, Ordering::SeqCst);
@@ -244,6 +247,7 @@ impl StandbyWatch {
             plans: Mutex::new(Some(plans)),
             answering,
             lost,
+            last_ping,
         })
     }
 
@@ -287,6 +291,14 @@ impl StandbyWatch {
         self.answering.store(false, Ordering::SeqCst);
     }
 
+    /// Time since the standby's last ping (none yet: `None`).
+    pub fn ping_age(&self) -> Option<Duration> {
+        self.last_ping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|at| at.elapsed())
+    }
+
     /// Whether the standby stopped pinging (or its channel ended).
     pub fn standby_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
@@ -300,10 +312,15 @@ impl Drop for StandbyWatch {
 }
 
 /// Echoes pings while `answering`; returns why it stopped.
-fn answer_pings(channel: &mut Link, answering: &AtomicBool) -> String {
+fn answer_pings(
+    channel: &mut Link,
+    answering: &AtomicBool,
+    last_ping: &Mutex<Option<Instant>>,
+) -> String {
     loop {
         match read_frame::<_, Message>(channel) {
             Ok(Message::Ping { sent_us }) => {
+                *last_ping.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 if !answering.load(Ordering::SeqCst) {
                     return "stopped answering".into();
                 }

@@ -48,5 +48,13 @@ pub struct ProtectionStatus {
     pub last_pages: u64,
     /// From the end of the pause to the standby's acknowledgement, last epoch.
     pub last_commit_ms: f64,
+    /// Time since the standby's last heartbeat ping, if the heartbeat channel is open.
+    pub heartbeat_age_ms: Option<f64>,
+    /// The claim's generation at the witness, if there is one.
+    pub generation: Option<u64>,
+    /// Frames and bytes of guest output held until their checkpoint commits (after the last
+    /// release).
+    pub held_frames: u64,
+    pub held_bytes: u64,
     pub error: Option<String>,
 }

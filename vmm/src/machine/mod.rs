@@ -477,6 +477,14 @@ impl Machine {
         }
     }
 
+    /// Frames and bytes the NICs' output gates hold now.
+    pub fn held_output(&self) -> (usize, usize) {
+        self.nics.iter().fold((0, 0), |(frames, bytes), nic| {
+            let (f, b) = nic.lock().unwrap_or_else(|e| e.into_inner()).held_output();
+            (frames + f, bytes + b)
+        })
+    }
+
     /// Releases output held for epochs up to `epoch`; returns the frames released.
     pub fn release_output(&self, epoch: u64) -> usize {
         self.nics

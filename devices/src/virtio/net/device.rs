@@ -187,6 +187,11 @@ impl VirtioNet {
         self.gate.begin_epoch(epoch);
     }
 
+    /// Frames and bytes the output gate holds now.
+    pub fn held_output(&self) -> (usize, usize) {
+        (self.gate.held(), self.gate.held_bytes())
+    }
+
     /// Sends the frames held for epochs up to `epoch` (their checkpoint is committed), then resumes
     /// transmit if the gate's cap had paused it.
     pub fn release_output(&mut self, epoch: u64) -> usize {
