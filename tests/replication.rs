@@ -27,7 +27,7 @@ struct ProtectedPair {
     api: std::path::PathBuf,
     stop: Arc<AtomicBool>,
     acknowledged: Arc<AtomicU64>,
-    client: std::thread::JoinHandle<Result<u64, String>>,
+    client: Option<std::thread::JoinHandle<Result<u64, String>>>,
 }
 
 impl ProtectedPair {
@@ -37,6 +37,12 @@ impl ProtectedPair {
 
     /// As [`ProtectedPair::start`]; with `witness`, an etcd on the LAN decides which copy acts.
     fn start_with(name: &str, failure_timeout_ms: u64, witness: bool) -> Self {
+        Self::start_full(name, failure_timeout_ms, witness, false)
+    }
+
+    /// As [`ProtectedPair::start_with`]; with `disk`, the guest logs its store to a 16 MiB disk
+    /// (`disk-a.img` on host A, `disk-b.img` on B; B's starts as junk).
+    fn start_full(name: &str, failure_timeout_ms: u64, witness: bool, disk: bool) -> Self {
         let hosts = TwoHosts::new().expect("two-host topology");
         let etcd = witness.then(|| TestEtcd::start(&hosts.lan, &hosts.lan_ip()));
         let witness_args: Vec<String> = match &etcd {
@@ -61,12 +67,31 @@ impl ProtectedPair {
             ],
         );
         let listen = format!("{b_ip}:7100");
+        let disk_args = |identity: &str| -> Vec<String> {
+            if !disk {
+                return vec![];
+            }
+            let image = dir.join(format!("disk-{identity}.img"));
+            if !image.exists() {
+                let junk: Vec<u8> = (0..DISK_BYTES).map(|i| (i * 7 + 3) as u8).collect();
+                std::fs::write(
+                    &image,
+                    if identity == "a" {
+                        vec![0; DISK_BYTES]
+                    } else {
+                        junk
+                    },
+                )
+                .unwrap();
+            }
+            vec!["--disk".into(), format!("path={}", image.display())]
+        };
         let mut standby = spawn_standby(
             &hosts.b,
             &listen,
             &pki.join("b"),
             failure_timeout_ms,
-            &witness_args,
+            &[witness_args.clone(), disk_args("b")].concat(),
             &dir.join("standby-b.sock"),
         );
         standby.wait_for_stderr("standing by on", DEADLINE);
@@ -82,6 +107,7 @@ impl ProtectedPair {
             ])
             .args(["--standby", &listen, "--epoch-ms", "50"])
             .args(&witness_args)
+            .args(disk_args("a"))
             .arg("--tls")
             .arg(pki.join("a"))
             .arg("--api-socket")
@@ -111,7 +137,7 @@ impl ProtectedPair {
             api,
             stop,
             acknowledged,
-            client,
+            client: Some(client),
         }
     }
 
@@ -170,20 +196,35 @@ impl ProtectedPair {
         serde_json::from_str(&status.stdout).unwrap()
     }
 
-    /// Stops the client; its last acknowledged value (it checked every reply was one more).
-    fn finish(mut self) -> u64 {
+    /// Stops the client and both VMs; the client's last acknowledged value (it checked every
+    /// reply).
+    fn stop_all(&mut self) -> u64 {
         self.stop.store(true, Ordering::SeqCst);
         let last = self
             .client
+            .take()
+            .expect("the client runs until stopped once")
             .join()
             .unwrap()
             .unwrap_or_else(|e| panic!("client: {e}\nstandby:\n{}", self.standby.stderr()));
         self.primary.kill();
         self.standby.kill();
+        last
+    }
+
+    /// As [`ProtectedPair::stop_all`], then removes the pair's files.
+    fn finish(mut self) -> u64 {
+        let last = match self.client {
+            Some(_) => self.stop_all(),
+            None => self.acknowledged(),
+        };
         let _ = std::fs::remove_dir_all(&self.dir);
         last
     }
 }
+
+/// Size of a protected guest's disk in the tests.
+const DISK_BYTES: usize = 16 << 20;
 
 /// `ftvmm standby` in `host`'s namespace on its TAP `tap0`.
 fn spawn_standby(
@@ -782,4 +823,88 @@ fn twenty_random_primary_kills_lose_no_acknowledged_write() {
     }
     let last = pair.finish();
     eprintln!("20 failovers, {last} increments acknowledged, none lost");
+}
+
+/// One request to the key-value service at `addr` from inside `ns`; the reply line.
+fn kv_request(ns: &integration_tests::netns::NetNs, addr: String, command: &str) -> String {
+    let command = format!("{command}\n");
+    ns.run(move || {
+        use std::io::{BufRead, Write};
+        let s = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), DEADLINE)
+            .expect("connect to the key-value service");
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut r = std::io::BufReader::new(s);
+        r.get_mut().write_all(command.as_bytes()).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    })
+}
+
+/// A guest with a disk (its key-value store logged to virtio-blk) is protected: the standby's image,
+/// junk at first, equals the primary's once the guest is paused and its writes committed; after a
+/// failover, the survivor's image holds every acknowledged write: a fresh guest booted on it replays
+/// the log and answers with the last acknowledged values.
+#[test]
+fn a_guest_with_a_disk_is_protected_and_its_writes_survive_failover() {
+    let mut pair = ProtectedPair::start_full("disk", 500, false, true);
+    assert!(
+        pair.primary.output().contains("kv restored keys=0"),
+        "{}",
+        pair.primary.output()
+    );
+    pair.wait_acknowledged(20, "with a disk");
+
+    // Paused, the guest writes nothing; two more commits carry everything it wrote.
+    let api = pair.api.to_str().unwrap().to_string();
+    let pause = integration_tests::run_ftvmm(&["vm", "--api-socket", &api, "pause"], DEADLINE);
+    assert_eq!(pause.code(), Some(0), "{pause:?}");
+    let epoch = pair.protection()["committed_epoch"].as_u64().unwrap();
+    let t0 = Instant::now();
+    while pair.protection()["committed_epoch"].as_u64().unwrap() < epoch + 3 {
+        assert!(t0.elapsed() < DEADLINE);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = std::fs::read(pair.dir.join("disk-a.img")).unwrap();
+    let b = std::fs::read(pair.dir.join("disk-b.img")).unwrap();
+    assert!(a.iter().any(|&x| x != 0), "the guest wrote its log");
+    assert!(a == b, "the standby's image differs from the primary's");
+    let resume = integration_tests::run_ftvmm(&["vm", "--api-socket", &api, "resume"], DEADLINE);
+    assert_eq!(resume.code(), Some(0), "{resume:?}");
+
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "resumed");
+    pair.primary.kill();
+    pair.standby
+        .wait_for_stderr("taking over from checkpoint", DEADLINE);
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "after failover");
+    let last = pair.stop_all();
+
+    // The survivor's image (host B) replays to the last acknowledged values.
+    let guest = pair.hosts.guest_ip();
+    let mut cmd = pair.hosts.b.command(ftvmm_bin().to_str().unwrap());
+    cmd.args(["run", "--kernel", testguest().to_str().unwrap()])
+        .args(["--memory", "128", "--net", "tap=tap0"])
+        .arg("--disk")
+        .arg(format!("path={}", pair.dir.join("disk-b.img").display()))
+        .args(["--cmdline", &format!("mode=net ip={guest}/24")]);
+    let mut replayed = RunningVm::spawn(cmd);
+    replayed.wait_for("testguest: net up", DEADLINE);
+    assert!(
+        replayed.output().contains("kv restored keys=2"),
+        "{}",
+        replayed.output()
+    );
+    let addr = format!("{guest}:4000");
+    assert_eq!(
+        kv_request(&pair.hosts.lan, addr.clone(), "GET counter"),
+        format!("VALUE {last}")
+    );
+    assert_eq!(
+        kv_request(&pair.hosts.lan, addr, "GET last"),
+        format!("VALUE {last}")
+    );
+    replayed.kill();
+    pair.finish();
 }

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     file.write_all(&[0u8; 64 * 1024]).unwrap();
     let id = [7u8; ID_BYTES];
     let read_only = data.first().is_some_and(|b| b & 0x80 != 0);
-    let disk = Disk { file: &file, capacity: 64 * 1024, read_only, id: &id };
+    let disk = Disk { file: &file, capacity: 64 * 1024, read_only, id: &id, journal: None };
     let mut errors = GuestErrorLog::new("fuzz-blk");
     process_requests(&mut queue, &mem, &disk, &mut errors, QUEUE_BUDGET);
 });

@@ -157,6 +157,9 @@ fn programs(kind: ThreadKind) -> Result<Vec<BpfProgram>, SeccompError> {
 const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
+    // Positional I/O on held descriptors (protection reads a disk image it was handed).
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
     libc::SYS_readv,
     libc::SYS_writev,
     libc::SYS_close,
@@ -237,8 +240,6 @@ const FILES: &[i64] = &[
     libc::SYS_renameat2,
     libc::SYS_ftruncate,
     libc::SYS_fallocate,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
     libc::SYS_preadv,
     libc::SYS_pwritev,
     libc::SYS_preadv2,

@@ -99,8 +99,8 @@ pub struct RunArgs {
 
     /// Protect the guest with a hot standby (`ftvmm standby --listen HOST:PORT` on another host):
     /// checkpoint it every --epoch-ms and hold its network output until the standby has each
-    /// checkpoint. If the standby is lost the guest runs on unprotected. Guests with disks cannot be
-    /// protected yet. Needs --tls (or --insecure-plain-tcp).
+    /// checkpoint; disk writes travel with each checkpoint to the standby's own images (same sizes).
+    /// If the standby is lost the guest runs on unprotected. Needs --tls (or --insecure-plain-tcp).
     #[arg(long, value_name = "HOST:PORT")]
     standby: Option<String>,
 

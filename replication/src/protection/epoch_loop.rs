@@ -17,8 +17,11 @@ use vmm::Machine;
 use super::heartbeat::{self, StandbyWatch};
 use super::{ProtectionState, ProtectionStatus};
 use crate::link::{self, Link, LinkSecurity, OpenError};
-use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
+use crate::wire::{read_frame, write_frame, DiskRun, Ending, FrameError, Message, PageRun};
 use crate::witness::{ClaimState, HeldClaim, Witness};
+use devices::virtio::block::{DiskWrite, WriteJournal};
+use std::os::unix::fs::FileExt;
+use vmm::machine::DiskAccess;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on one read or write of the checkpoint link. Liveness comes from the heartbeat channel
@@ -28,6 +31,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Added to the standby's failure timeout before output is released without it.
 const HOLD_MARGIN: Duration = Duration::from_millis(100);
 const BATCH_BYTES: usize = 4 << 20;
+/// Bytes of a disk image per `DiskSync` message.
+const DISK_SYNC_CHUNK: usize = 1 << 20;
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time between attempts to reach an unreachable witness.
 const WITNESS_RETRY: Duration = Duration::from_millis(200);
@@ -180,6 +185,8 @@ impl From<String> for CheckpointError {
 struct Checkpoint {
     runs: Vec<PageRun>,
     pages: u64,
+    /// Per disk, the writes the guest completed during the epoch.
+    disk_writes: Vec<Vec<DiskWrite>>,
     state: Vec<u8>,
     set: DirtySet,
     pause: Duration,
@@ -191,11 +198,6 @@ pub fn start_protection(
     params: ProtectionParams,
     control: ControlHandle,
 ) -> std::io::Result<ProtectionHandle> {
-    if !machine.description().disks.is_empty() {
-        return Err(std::io::Error::other(
-            "replicating disk writes is not implemented yet: a protected guest cannot have disks",
-        ));
-    }
     let dirty_claim = machine
         .claim_dirty_tracking("protection")
         .map_err(std::io::Error::other)?;
@@ -238,8 +240,10 @@ pub fn start_protection(
     };
     let claim = Arc::new(Mutex::new(claim));
     let watch = StandbyWatch::spawn()?;
+    let disks = machine.disk_access()?;
     let job = EpochLoop {
         watch,
+        disks,
         session,
         claim: claim.clone(),
         description: machine.description().clone(),
@@ -269,6 +273,8 @@ pub fn start_protection(
 
 struct EpochLoop {
     watch: StandbyWatch,
+    /// The guest's disks: their images are copied first, their writes journalled per epoch.
+    disks: Vec<DiskAccess>,
     /// This primary's session at the witness.
     session: u64,
     /// The witness's claim as this primary last wrote it.
@@ -322,9 +328,16 @@ impl EpochLoop {
         )?;
         update(&self.status, |s| s.state = ProtectionState::Syncing);
         let (result, failure_timeout) = match self.open_heartbeat(&mut stream) {
-            Ok(failure_timeout) => (self.checkpoint_epochs(&mut stream), Some(failure_timeout)),
+            Ok(failure_timeout) => (
+                send_disk_images(&mut stream, &self.disks)
+                    .and_then(|()| self.checkpoint_epochs(&mut stream)),
+                Some(failure_timeout),
+            ),
             Err(e) => (Err(e), None),
         };
+        for disk in &self.disks {
+            disk.journal.stop();
+        }
         // From here the standby's count of this primary as alive runs out.
         self.watch.stop_answering();
         // Unless the link itself failed, the standby hears why protection ends, so that it does
@@ -575,8 +588,9 @@ impl EpochLoop {
         let slot: Shared<Option<Result<Checkpoint, String>>> = Arc::new(Mutex::new(None));
         let out = slot.clone();
         let tracker = self.tracker.clone();
+        let journals: Vec<WriteJournal> = self.disks.iter().map(|d| d.journal.clone()).collect();
         self.run_job(move |m| {
-            let result = take_checkpoint(m, &tracker, epoch);
+            let result = take_checkpoint(m, &tracker, &journals, epoch);
             let reply = match &result {
                 Ok(_) => VmReply::Done(m.info()),
                 Err(e) => VmReply::Error(e.clone()),
@@ -598,12 +612,13 @@ impl EpochLoop {
 fn take_checkpoint(
     m: &mut Machine,
     tracker: &Mutex<DirtyTracker>,
+    journals: &[WriteJournal],
     epoch: u64,
 ) -> Result<Checkpoint, String> {
     let t0 = Instant::now();
     let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
     // A user's pause (`vm pause`) survives the checkpoint: only what this pauses is resumed.
-    let (runs, pages, state, set) = m
+    let (runs, pages, state, set, disk_writes) = m
         .while_paused(|m| {
             let set = if epoch == 0 {
                 tracker
@@ -621,12 +636,19 @@ fn take_checkpoint(
             let (runs, pages) = copy_pages(m.memory(), &set, epoch == 0)?;
             let state = m.capture_state().map_err(|e| e.to_string())?;
             let state = vmm::snapshot::encode(&state).map_err(|e| e.to_string())?;
-            Ok::<_, CheckpointError>((runs, pages, state, set))
+            // Writes completed so far belong to this epoch: the device is idle while paused.
+            let disk_writes = journals
+                .iter()
+                .map(WriteJournal::take)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            Ok::<_, CheckpointError>((runs, pages, state, set, disk_writes))
         })
         .map_err(|e| e.0)?;
     Ok(Checkpoint {
         runs,
         pages,
+        disk_writes,
         state,
         set,
         pause: t0.elapsed(),
@@ -688,13 +710,70 @@ fn send_checkpoint(stream: &mut Link, epoch: u64, cp: &Checkpoint) -> Result<(),
     if !batch.is_empty() {
         write_frame(stream, &Message::EpochPages { epoch, runs: batch })?;
     }
+    let mut disk_writes = 0u64;
+    for (disk, writes) in cp.disk_writes.iter().enumerate() {
+        let mut batch: Vec<DiskRun> = Vec::new();
+        let mut bytes = 0;
+        for (i, w) in writes.iter().enumerate() {
+            bytes += w.data.len();
+            batch.push(DiskRun {
+                offset: w.offset,
+                data: w.data.clone(),
+            });
+            if bytes >= BATCH_BYTES || i + 1 == writes.len() {
+                disk_writes += batch.len() as u64;
+                write_frame(
+                    stream,
+                    &Message::EpochDiskWrites {
+                        epoch,
+                        disk: disk as u32,
+                        writes: std::mem::take(&mut batch),
+                    },
+                )?;
+                bytes = 0;
+            }
+        }
+    }
     write_frame(
         stream,
         &Message::EpochEnd {
             epoch,
             pages: cp.pages,
+            disk_writes,
             state: cp.state.clone(),
         },
     )?;
+    Ok(())
+}
+
+/// Sends each disk's image (read while the guest runs; its writes meanwhile are journalled and
+/// come with checkpoint 0), and before that the disks' sizes.
+fn send_disk_images(stream: &mut Link, disks: &[DiskAccess]) -> Result<(), LoopError> {
+    write_frame(
+        stream,
+        &Message::ProtectDisks {
+            sizes: disks.iter().map(|d| d.capacity).collect(),
+        },
+    )?;
+    let mut chunk = vec![0u8; DISK_SYNC_CHUNK];
+    for (index, disk) in disks.iter().enumerate() {
+        disk.journal.start();
+        let mut offset = 0u64;
+        while offset < disk.capacity {
+            let n = (disk.capacity - offset).min(DISK_SYNC_CHUNK as u64) as usize;
+            disk.image
+                .read_exact_at(&mut chunk[..n], offset)
+                .map_err(|e| LoopError::Vm(format!("reading disk {index} at {offset}: {e}")))?;
+            write_frame(
+                stream,
+                &Message::DiskSync {
+                    disk: index as u32,
+                    offset,
+                    data: chunk[..n].to_vec(),
+                },
+            )?;
+            offset += n as u64;
+        }
+    }
     Ok(())
 }

@@ -9,12 +9,14 @@
 //! standby leaves the primary running unprotected, its held output released, reported as degraded; a
 //! primary that ends protection while alive says `Goodbye`, and the standby then never resumes the
 //! guest; one user of dirty tracking at a time (protection, a migration, snapshots).
-//! Not yet: heartbeats and fencing with a witness, replicating disk writes (a protected guest may
-//! not have disks), and re-protecting to a new standby.
+//! Disk writes of epoch N travel with checkpoint N and reach the standby's image at its commit.
+//! Failure detection runs on its own channel (`heartbeat.rs`); a witness (`crate::witness`) decides
+//! takeovers that the two cannot.
 
 pub mod epoch_loop;
 pub mod heartbeat;
 pub mod standby;
+mod standby_disks;
 
 use serde::{Deserialize, Serialize};
 

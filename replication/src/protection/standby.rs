@@ -22,6 +22,7 @@ use vmm::memory::PAGE_SIZE;
 use vmm::{Machine, RestoreOptions};
 
 use super::heartbeat;
+use super::standby_disks::StandbyDisks;
 use crate::link::{self, AcceptError, Link, LinkSecurity};
 use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
 use crate::witness::{ClaimState, HeldClaim, Witness};
@@ -296,13 +297,17 @@ impl FollowEnd {
 /// hold more than one guest's worth of pages.
 fn follow(stream: &mut Link, machine: &Machine) -> (Option<(u64, Vec<u8>)>, FollowEnd) {
     let mut committed = None;
-    let end = follow_into(stream, machine, &mut committed);
+    let end = match machine.disk_access() {
+        Ok(disks) => follow_into(stream, machine, StandbyDisks::new(disks), &mut committed),
+        Err(e) => FollowEnd::LinkBroken(format!("this standby's disk images: {e}")),
+    };
     (committed, end)
 }
 
 fn follow_into(
     stream: &mut Link,
     machine: &Machine,
+    mut disks: StandbyDisks,
     committed: &mut Option<(u64, Vec<u8>)>,
 ) -> FollowEnd {
     let mut staged: Vec<PageRun> = Vec::new();
@@ -344,9 +349,47 @@ fn follow_into(
                     staged.push(run);
                 }
             }
+            Message::ProtectDisks { sizes } => {
+                if committed.is_some() {
+                    return FollowEnd::LinkBroken("disk sizes after a checkpoint".into());
+                }
+                if let Err(reason) = disks.check_sizes(&sizes) {
+                    // The primary hears why before the link closes.
+                    let _ = write_frame(
+                        stream,
+                        &Message::Error {
+                            message: reason.clone(),
+                        },
+                    );
+                    return FollowEnd::LinkBroken(reason);
+                }
+            }
+            Message::DiskSync { disk, offset, data } => {
+                if committed.is_some() {
+                    return FollowEnd::LinkBroken("a disk's first copy after a checkpoint".into());
+                }
+                if let Err(reason) = disks.sync(disk, offset, &data) {
+                    return FollowEnd::LinkBroken(reason);
+                }
+            }
+            Message::EpochDiskWrites {
+                epoch,
+                disk,
+                writes,
+            } => {
+                if epoch != expected {
+                    return FollowEnd::LinkBroken(format!(
+                        "disk writes of checkpoint {epoch} where {expected} was due"
+                    ));
+                }
+                if let Err(reason) = disks.stage(disk, writes) {
+                    return FollowEnd::LinkBroken(format!("checkpoint {epoch}: {reason}"));
+                }
+            }
             Message::EpochEnd {
                 epoch,
                 pages,
+                disk_writes,
                 state,
             } => {
                 if epoch != expected {
@@ -357,6 +400,12 @@ fn follow_into(
                 if staged_pages != pages {
                     return FollowEnd::LinkBroken(format!(
                         "checkpoint {epoch} is incomplete ({staged_pages} of {pages} pages)"
+                    ));
+                }
+                if disks.staged_writes() != disk_writes {
+                    return FollowEnd::LinkBroken(format!(
+                        "checkpoint {epoch} is incomplete ({} of {disk_writes} disk writes)",
+                        disks.staged_writes()
                     ));
                 }
                 if vmm::snapshot::decode::<VmSnapshot>(&state).is_err() {
@@ -377,6 +426,9 @@ fn follow_into(
                     }
                 }
                 staged_pages = 0;
+                if let Err(reason) = disks.apply() {
+                    return FollowEnd::LinkBroken(format!("checkpoint {epoch}: {reason}"));
+                }
                 *committed = Some((epoch, state));
                 if let Err(e) = write_frame(stream, &Message::Committed { epoch }) {
                     return FollowEnd::from_link_error(e);

@@ -11,6 +11,13 @@ pub struct PageRun {
     pub data: Vec<u8>,
 }
 
+/// A write to a disk image: `data` at byte `offset`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRun {
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
 /// Why a primary stops sending checkpoints while it is alive (`Message::Goodbye`). Each one tells the
 /// standby that the guest must not be resumed there: it ended, or it goes on at the primary.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +73,26 @@ pub enum Message {
     EpochEnd {
         epoch: u64,
         pages: u64,
+        /// Disk writes sent for this checkpoint (`EpochDiskWrites` runs, all disks).
+        disk_writes: u64,
         state: Vec<u8>,
+    },
+    /// Primary → standby, after `Standing`: the size in bytes of each of the guest's disks; the
+    /// standby's own images must match.
+    ProtectDisks { sizes: Vec<u64> },
+    /// Primary → standby, before checkpoint 0 commits: the first copy of disk `disk`, taken while
+    /// the guest runs (its writes meanwhile come with checkpoint 0).
+    DiskSync {
+        disk: u32,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Primary → standby: writes the guest completed on disk `disk` during checkpoint `epoch`, in
+    /// order; applied with the checkpoint, never before.
+    EpochDiskWrites {
+        epoch: u64,
+        disk: u32,
+        writes: Vec<DiskRun>,
     },
     /// Standby → primary: checkpoint `epoch` is applied; its output may be released.
     Committed { epoch: u64 },
@@ -107,6 +133,9 @@ impl Message {
             Message::Committed { .. } => "Committed",
             Message::Goodbye { .. } => "Goodbye",
             Message::Standing { .. } => "Standing",
+            Message::ProtectDisks { .. } => "ProtectDisks",
+            Message::DiskSync { .. } => "DiskSync",
+            Message::EpochDiskWrites { .. } => "EpochDiskWrites",
             Message::HeartbeatOpen { .. } => "HeartbeatOpen",
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",

@@ -6,4 +6,4 @@ pub mod frame;
 pub mod message;
 
 pub use frame::{read_frame, write_frame, FrameError, PROTOCOL_VERSION};
-pub use message::{Ending, Message, PageRun};
+pub use message::{DiskRun, Ending, Message, PageRun};

@@ -11,6 +11,7 @@ use devices::{Bus, BusDevice, EventFdTrigger, GuestExitEvent};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::CpuId;
 
+use super::DiskAccess;
 use super::{
     DiskDescription, Machine, MachineDescription, MachineError, NetDescription, StopWatcher,
     VmConfig, MAX_VCPUS,
@@ -126,8 +127,18 @@ impl Machine {
                 &mut event_manager,
             )
         };
+        let mut disk_access = Vec::with_capacity(hw.disks.len());
         for (index, disk) in hw.disks.iter().enumerate() {
-            add(Arc::new(Mutex::new(VirtioBlock::new(disk, index)?)))?;
+            let blk = VirtioBlock::new(disk, index)?;
+            disk_access.push(DiskAccess {
+                journal: blk.write_journal(),
+                image: blk.image().map_err(|source| MachineError::Io {
+                    what: "a second handle on a disk image",
+                    source,
+                })?,
+                capacity: blk.capacity(),
+            });
+            add(Arc::new(Mutex::new(blk)))?;
             description.disks.push(DiskDescription {
                 path: disk.path.clone(),
                 read_only: disk.read_only,
@@ -187,6 +198,7 @@ impl Machine {
             serial,
             transports: device_manager.transports().to_vec(),
             nics,
+            disk_access,
             vcpu_threads: Vec::new(),
             unstarted,
             control,

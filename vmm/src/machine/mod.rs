@@ -190,12 +190,34 @@ impl MutEventSubscriber for StopWatcher {
     }
 }
 
+/// What protection reaches of one disk beside its device (replication/src/protection).
+pub struct DiskAccess {
+    /// The guest's completed writes, recorded while protection runs.
+    pub journal: devices::virtio::block::WriteJournal,
+    /// A handle on the image (reading it for a first sync; a standby writes committed writes).
+    pub image: std::fs::File,
+    pub capacity: u64,
+}
+
+impl DiskAccess {
+    /// Another handle on the same disk.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            journal: self.journal.clone(),
+            image: self.image.try_clone()?,
+            capacity: self.capacity,
+        })
+    }
+}
+
 /// A built VM. Fields drop in order: threads are stopped first (in `Drop`), then the VM, then memory.
 pub struct Machine {
     description: MachineDescription,
     serial: Arc<Mutex<SerialDevice>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     nics: Vec<Arc<Mutex<VirtioNet>>>,
+    /// Per disk, what protection needs beside the device: its write journal and image.
+    disk_access: Vec<DiskAccess>,
     vcpu_threads: Vec<JoinHandle<()>>,
     unstarted: Vec<Vcpu>,
     control: Arc<VcpuControl>,
@@ -475,6 +497,11 @@ impl Machine {
                 .unwrap_or_else(|e| e.into_inner())
                 .begin_output_epoch(epoch);
         }
+    }
+
+    /// Every disk's journal and image, in guest order.
+    pub fn disk_access(&self) -> std::io::Result<Vec<DiskAccess>> {
+        self.disk_access.iter().map(DiskAccess::try_clone).collect()
     }
 
     /// Frames and bytes the NICs' output gates hold now.

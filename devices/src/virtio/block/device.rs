@@ -104,6 +104,8 @@ pub struct VirtioBlock {
     config: [u8; CONFIG_LEN],
     /// Activation, the request queue and its notifications on the event loop.
     pub(super) queues: DeviceQueues,
+    /// The guest's writes, recorded while the guest is protected.
+    pub(super) journal: super::WriteJournal,
 }
 
 impl VirtioBlock {
@@ -147,7 +149,19 @@ impl VirtioBlock {
             acked_features: 0,
             config: config_space(size),
             queues,
+            journal: super::WriteJournal::with_cap(super::write_journal::DEFAULT_JOURNAL_CAP),
         })
+    }
+
+    /// The journal of this disk's writes (shared: protection starts, takes and stops it).
+    pub fn write_journal(&self) -> super::WriteJournal {
+        self.journal.clone()
+    }
+
+    /// A second handle on the image, for reading it while the guest runs (a standby's first sync)
+    /// or writing a standby's committed writes.
+    pub fn image(&self) -> std::io::Result<File> {
+        self.file.try_clone()
     }
 
     /// The image path.

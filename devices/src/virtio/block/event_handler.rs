@@ -55,6 +55,7 @@ impl VirtioBlock {
             capacity: self.capacity,
             read_only: self.read_only,
             id: &self.id,
+            journal: Some(&self.journal),
         };
         let Some((active, errors)) = self.queues.active_with_errors() else {
             return;

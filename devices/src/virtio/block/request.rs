@@ -80,6 +80,8 @@ pub struct Disk<'a> {
     pub capacity: u64,
     pub read_only: bool,
     pub id: &'a [u8; ID_BYTES],
+    /// Where completed writes are recorded for a standby (inactive unless protected).
+    pub journal: Option<&'a super::WriteJournal>,
 }
 
 /// Executes the request in `reader` (driver-to-device part) / `writer` (device-to-driver part), writes
@@ -180,6 +182,9 @@ fn run<B: BitmapSlice>(
                 disk.file
                     .write_all_at(&buf[..n], offset)
                     .map_err(|e| RequestError::Io(e.to_string()))?;
+                if let Some(journal) = disk.journal {
+                    journal.record(offset, &buf[..n]);
+                }
                 offset += n as u64;
                 left -= n;
             }
@@ -282,6 +287,7 @@ mod tests {
             capacity: file.metadata().unwrap().len(),
             read_only,
             id,
+            journal: None,
         }
     }
 
