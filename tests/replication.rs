@@ -21,6 +21,8 @@ struct ProtectedPair {
     pki: std::path::PathBuf,
     witness_args: Vec<String>,
     failure_timeout_ms: u64,
+    /// Whether the guest has a disk (`disk-a.img`, `disk-b.img` in `dir`).
+    disk: bool,
     dir: std::path::PathBuf,
     standby: RunningVm,
     primary: RunningVm,
@@ -131,6 +133,7 @@ impl ProtectedPair {
             pki,
             witness_args,
             failure_timeout_ms,
+            disk,
             dir,
             standby,
             primary,
@@ -150,12 +153,17 @@ impl ProtectedPair {
             (&self.hosts.b, self.hosts.b_ip(), "b")
         };
         let listen = format!("{ip}:7100");
+        let mut args = self.witness_args.clone();
+        if self.disk {
+            let image = self.dir.join(format!("disk-{identity}.img"));
+            args.extend(["--disk".into(), format!("path={}", image.display())]);
+        }
         let mut standby = spawn_standby(
             host,
             &listen,
             &self.pki.join(identity),
             self.failure_timeout_ms,
-            &self.witness_args,
+            &args,
             &self.dir.join(format!("standby-{identity}.sock")),
         );
         standby.wait_for_stderr("standing by on", DEADLINE);
@@ -529,9 +537,12 @@ fn a_protected_guest_refuses_snapshots_and_migration_until_unprotected() {
 
 /// Cuts host B (the standby's) off the network, or heals it.
 fn set_standby_host_link(pair: &ProtectedPair, up: bool) {
-    let status = pair
-        .hosts
-        .b
+    set_host_link(&pair.hosts.b, up);
+}
+
+/// Cuts a host off the network (its uplink down), or heals it.
+fn set_host_link(host: &integration_tests::netns::NetNs, up: bool) {
+    let status = host
         .command("ip")
         .args(["link", "set", "uplink", if up { "up" } else { "down" }])
         .status()
@@ -694,6 +705,7 @@ fn wait_protected(api: &std::path::Path, what: &str) {
             if s["state"] == "protected" && s["committed_epoch"].as_u64().unwrap_or(0) > 0 {
                 return;
             }
+            assert_ne!(s["state"], "degraded", "{what}: protection failed: {s}");
         }
         assert!(t0.elapsed() < DEADLINE, "{what}: not protected: {out:?}");
         std::thread::sleep(Duration::from_millis(50));
@@ -907,4 +919,144 @@ fn a_guest_with_a_disk_is_protected_and_its_writes_survive_failover() {
     );
     replayed.kill();
     pair.finish();
+}
+
+/// The failover soak (`scripts/soak-failover`): SOAK_CYCLES (default 30) cycles, each killing,
+/// hanging or partitioning the guest's current primary or standby host, with a witness and a disk,
+/// re-protecting the survivor after each; one client connection (INCR and SET) throughout. Prints a
+/// tally line `SOAK cycles=... kills=... hangs=... partitions=... acknowledged=...`.
+#[test]
+#[ignore = "long: run by scripts/soak-failover"]
+fn soak_failover() {
+    let cycles: u32 = std::env::var("SOAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let mut pair = ProtectedPair::start_full("soak", 500, true, true);
+    let (mut kills, mut hangs, mut partitions, mut fenced) = (0u32, 0u32, 0u32, 0u32);
+    let mut primary_on_a = true;
+    let mut primary_api = pair.api.clone();
+    let mut rng = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let t0 = Instant::now();
+    for cycle in 0..cycles {
+        wait_protected(&primary_api, &format!("cycle {cycle}"));
+        let now = pair.acknowledged();
+        pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: before the fault"));
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(rng % 150));
+        let standby_host_is_a = !primary_on_a;
+        let standby_host = if standby_host_is_a {
+            &pair.hosts.a
+        } else {
+            &pair.hosts.b
+        };
+        match cycle % 3 {
+            0 | 1 => {
+                // The primary dies (0) or hangs (1); the standby takes over.
+                if cycle % 3 == 0 {
+                    kills += 1;
+                    pair.primary.kill();
+                } else {
+                    hangs += 1;
+                    signal(&pair.primary, "-STOP");
+                }
+                pair.standby
+                    .wait_for_stderr("taking over from checkpoint", DEADLINE);
+                let now = pair.acknowledged();
+                pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: after the failover"));
+                if cycle % 3 == 1 {
+                    signal(&pair.primary, "-CONT");
+                    assert_eq!(
+                        pair.primary.wait_exit(DEADLINE),
+                        Some(5),
+                        "cycle {cycle}: the woken primary must fence itself\n{}",
+                        pair.primary.stderr()
+                    );
+                    fenced += 1;
+                }
+                let survivor_api = pair.dir.join(format!(
+                    "standby-{}.sock",
+                    if primary_on_a { "b" } else { "a" }
+                ));
+                let (standby, listen) = pair.new_standby(primary_on_a);
+                let protect = integration_tests::run_ftvmm(
+                    &[
+                        "vm",
+                        "--api-socket",
+                        survivor_api.to_str().unwrap(),
+                        "protect",
+                        "--standby",
+                        &listen,
+                    ],
+                    DEADLINE,
+                );
+                assert_eq!(protect.code(), Some(0), "cycle {cycle}: {protect:?}");
+                pair.primary = std::mem::replace(&mut pair.standby, standby);
+                primary_on_a = !primary_on_a;
+                primary_api = survivor_api;
+            }
+            _ => {
+                // The standby's host is cut off: the primary goes on, the standby never acts.
+                partitions += 1;
+                set_host_link(standby_host, false);
+                let t1 = Instant::now();
+                loop {
+                    let out = integration_tests::run_ftvmm(
+                        &[
+                            "vm",
+                            "--api-socket",
+                            primary_api.to_str().unwrap(),
+                            "protection",
+                        ],
+                        DEADLINE,
+                    );
+                    if out.stdout.contains("\"degraded\"") {
+                        break;
+                    }
+                    assert!(
+                        t1.elapsed() < DEADLINE,
+                        "cycle {cycle}: not degraded: {out:?}"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let now = pair.acknowledged();
+                pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: degraded"));
+                set_host_link(standby_host, true);
+                assert_eq!(
+                    pair.standby.wait_exit(DEADLINE),
+                    Some(1),
+                    "cycle {cycle}: {}",
+                    pair.standby.stderr()
+                );
+                assert!(!pair.standby.stderr().contains("taking over"));
+                let (standby, listen) = pair.new_standby(standby_host_is_a);
+                pair.standby = standby;
+                let protect = integration_tests::run_ftvmm(
+                    &[
+                        "vm",
+                        "--api-socket",
+                        primary_api.to_str().unwrap(),
+                        "protect",
+                        "--standby",
+                        &listen,
+                    ],
+                    DEADLINE,
+                );
+                assert_eq!(protect.code(), Some(0), "cycle {cycle}: {protect:?}");
+            }
+        }
+    }
+    let elapsed = t0.elapsed();
+    let last = pair.finish();
+    println!(
+        "SOAK cycles={cycles} kills={kills} hangs={hangs} fenced={fenced} partitions={partitions} \
+         acknowledged={last} lost=0 seconds={:.0}",
+        elapsed.as_secs_f64()
+    );
 }
