@@ -2,26 +2,25 @@
 //! state, start a new output epoch, resume; send the checkpoint; when the standby commits it, release
 //! the output it produced. When the guest ends, or protection is stopped, the loop tells the standby
 //! why (`Goodbye`), so that it ends instead of resuming a guest that is gone or goes on here.
+//! Taking and sending one checkpoint is `checkpoint.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use devices::virtio::block::WriteJournal;
 use vmm::control::{ControlHandle, VmCommand, VmReply};
-use vmm::dirty::{DirtySet, DirtyTracker};
-use vmm::memory::{GuestMemory, PAGE_SIZE};
+use vmm::dirty::DirtyTracker;
+use vmm::machine::DiskAccess;
 use vmm::Machine;
 
+use super::checkpoint::{send_checkpoint, send_disk_images, take_checkpoint, Checkpoint};
 use super::heartbeat::{self, StandbyWatch};
 use super::{ProtectionState, ProtectionStatus};
 use crate::link::{self, Link, LinkSecurity, OpenError};
-use crate::wire::{read_frame, write_frame, DiskRun, Ending, FrameError, Message, PageRun};
+use crate::wire::{read_frame, write_frame, Ending, FrameError, Message};
 use crate::witness::{ClaimState, HeldClaim, Witness};
-use devices::virtio::block::{DiskWrite, WriteJournal};
-use std::os::unix::fs::FileExt;
-use vmm::machine::DiskAccess;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on one read or write of the checkpoint link. Liveness comes from the heartbeat channel
@@ -30,9 +29,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Added to the standby's failure timeout before output is released without it.
 const HOLD_MARGIN: Duration = Duration::from_millis(100);
-const BATCH_BYTES: usize = 4 << 20;
-/// Bytes of a disk image per `DiskSync` message.
-const DISK_SYNC_CHUNK: usize = 1 << 20;
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time between attempts to reach an unreachable witness.
 const WITNESS_RETRY: Duration = Duration::from_millis(200);
@@ -144,7 +140,7 @@ pub fn ending_of(exit: &vmm::VmExit) -> Ending {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum LoopError {
+pub(super) enum LoopError {
     #[error("{0}")]
     Link(#[from] OpenError),
     #[error("standby link: {0}")]
@@ -164,32 +160,6 @@ type Shared<T> = Arc<Mutex<T>>;
 
 fn update(status: &Status, f: impl FnOnce(&mut ProtectionStatus)) {
     f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
-}
-
-/// Why a checkpoint could not be taken.
-struct CheckpointError(String);
-
-impl From<vmm::MachineError> for CheckpointError {
-    fn from(e: vmm::MachineError) -> Self {
-        Self(e.to_string())
-    }
-}
-
-impl From<String> for CheckpointError {
-    fn from(e: String) -> Self {
-        Self(e)
-    }
-}
-
-/// A checkpoint taken with the vCPUs paused.
-struct Checkpoint {
-    runs: Vec<PageRun>,
-    pages: u64,
-    /// Per disk, the writes the guest completed during the epoch.
-    disk_writes: Vec<Vec<DiskWrite>>,
-    state: Vec<u8>,
-    set: DirtySet,
-    pause: Duration,
 }
 
 /// Starts protecting `machine`. Call on the VM's event-loop thread (from a control command).
@@ -605,175 +575,4 @@ impl EpochLoop {
             None => Err(LoopError::Vm("checkpoint job did not run".into())),
         }
     }
-}
-
-/// With the vCPUs paused: the pages dirtied since the last checkpoint (all of them for epoch 0), the
-/// state, and the start of output epoch `epoch + 1`.
-fn take_checkpoint(
-    m: &mut Machine,
-    tracker: &Mutex<DirtyTracker>,
-    journals: &[WriteJournal],
-    epoch: u64,
-) -> Result<Checkpoint, String> {
-    let t0 = Instant::now();
-    let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
-    // A user's pause (`vm pause`) survives the checkpoint: only what this pauses is resumed.
-    let (runs, pages, state, set, disk_writes) = m
-        .while_paused(|m| {
-            let set = if epoch == 0 {
-                tracker
-                    .start(m.vm(), m.memory())
-                    .map_err(|e| e.to_string())?;
-                m.set_output_gating(Some(1));
-                DirtySet::all(m.memory())
-            } else {
-                tracker
-                    .collect(m.vm(), m.memory())
-                    .map_err(|e| e.to_string())?;
-                m.begin_output_epoch(epoch + 1);
-                tracker.take()
-            };
-            let (runs, pages) = copy_pages(m.memory(), &set, epoch == 0)?;
-            let state = m.capture_state().map_err(|e| e.to_string())?;
-            let state = vmm::snapshot::encode(&state).map_err(|e| e.to_string())?;
-            // Writes completed so far belong to this epoch: the device is idle while paused.
-            let disk_writes = journals
-                .iter()
-                .map(WriteJournal::take)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
-            Ok::<_, CheckpointError>((runs, pages, state, set, disk_writes))
-        })
-        .map_err(|e| e.0)?;
-    Ok(Checkpoint {
-        runs,
-        pages,
-        disk_writes,
-        state,
-        set,
-        pause: t0.elapsed(),
-    })
-}
-
-/// Copies the pages of `set` out of guest memory (skipping all-zero pages when `skip_zero`).
-fn copy_pages(
-    mem: &GuestMemory,
-    set: &DirtySet,
-    skip_zero: bool,
-) -> Result<(Vec<PageRun>, u64), String> {
-    let mut runs: Vec<PageRun> = Vec::new();
-    let mut pages = 0;
-    let mut page = vec![0u8; PAGE_SIZE];
-    for (addr, len) in set.runs() {
-        for offset in (0..len).step_by(PAGE_SIZE) {
-            let gpa = addr.0 + offset;
-            mem.read_slice(&mut page, GuestAddress(gpa))
-                .map_err(|e| format!("reading guest page {gpa:#x}: {e}"))?;
-            if skip_zero && page.iter().all(|b| *b == 0) {
-                continue;
-            }
-            match runs.last_mut() {
-                Some(last)
-                    if last.gpa + last.data.len() as u64 == gpa
-                        && last.data.len() < BATCH_BYTES =>
-                {
-                    last.data.extend_from_slice(&page)
-                }
-                _ => runs.push(PageRun {
-                    gpa,
-                    data: page.clone(),
-                }),
-            }
-            pages += 1;
-        }
-    }
-    Ok((runs, pages))
-}
-
-fn send_checkpoint(stream: &mut Link, epoch: u64, cp: &Checkpoint) -> Result<(), LoopError> {
-    let mut batch: Vec<PageRun> = Vec::new();
-    let mut bytes = 0;
-    for run in &cp.runs {
-        bytes += run.data.len();
-        batch.push(run.clone());
-        if bytes >= BATCH_BYTES {
-            write_frame(
-                stream,
-                &Message::EpochPages {
-                    epoch,
-                    runs: std::mem::take(&mut batch),
-                },
-            )?;
-            bytes = 0;
-        }
-    }
-    if !batch.is_empty() {
-        write_frame(stream, &Message::EpochPages { epoch, runs: batch })?;
-    }
-    let mut disk_writes = 0u64;
-    for (disk, writes) in cp.disk_writes.iter().enumerate() {
-        let mut batch: Vec<DiskRun> = Vec::new();
-        let mut bytes = 0;
-        for (i, w) in writes.iter().enumerate() {
-            bytes += w.data.len();
-            batch.push(DiskRun {
-                offset: w.offset,
-                data: w.data.clone(),
-            });
-            if bytes >= BATCH_BYTES || i + 1 == writes.len() {
-                disk_writes += batch.len() as u64;
-                write_frame(
-                    stream,
-                    &Message::EpochDiskWrites {
-                        epoch,
-                        disk: disk as u32,
-                        writes: std::mem::take(&mut batch),
-                    },
-                )?;
-                bytes = 0;
-            }
-        }
-    }
-    write_frame(
-        stream,
-        &Message::EpochEnd {
-            epoch,
-            pages: cp.pages,
-            disk_writes,
-            state: cp.state.clone(),
-        },
-    )?;
-    Ok(())
-}
-
-/// Sends each disk's image (read while the guest runs; its writes meanwhile are journalled and
-/// come with checkpoint 0), and before that the disks' sizes.
-fn send_disk_images(stream: &mut Link, disks: &[DiskAccess]) -> Result<(), LoopError> {
-    write_frame(
-        stream,
-        &Message::ProtectDisks {
-            sizes: disks.iter().map(|d| d.capacity).collect(),
-        },
-    )?;
-    let mut chunk = vec![0u8; DISK_SYNC_CHUNK];
-    for (index, disk) in disks.iter().enumerate() {
-        disk.journal.start();
-        let mut offset = 0u64;
-        while offset < disk.capacity {
-            let n = (disk.capacity - offset).min(DISK_SYNC_CHUNK as u64) as usize;
-            disk.image
-                .read_exact_at(&mut chunk[..n], offset)
-                .map_err(|e| LoopError::Vm(format!("reading disk {index} at {offset}: {e}")))?;
-            write_frame(
-                stream,
-                &Message::DiskSync {
-                    disk: index as u32,
-                    offset,
-                    data: chunk[..n].to_vec(),
-                },
-            )?;
-            offset += n as u64;
-        }
-    }
-    Ok(())
 }

@@ -13,6 +13,7 @@
 //! Failure detection runs on its own channel (`heartbeat.rs`); a witness (`crate::witness`) decides
 //! takeovers that the two cannot.
 
+mod checkpoint;
 pub mod epoch_loop;
 pub mod heartbeat;
 pub mod standby;

@@ -1,0 +1,224 @@
+//! One checkpoint of a protected guest: taken on the event-loop thread with the vCPUs paused
+//! (the dirty pages, the vCPU, VM and device state, each disk's writes of the epoch), then sent to
+//! the standby; and the first copy of the disk images, sent while the guest runs.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use devices::virtio::block::{DiskWrite, WriteJournal};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::dirty::{DirtySet, DirtyTracker};
+use vmm::machine::DiskAccess;
+use vmm::memory::{GuestMemory, PAGE_SIZE};
+use vmm::Machine;
+
+use super::epoch_loop::LoopError;
+use crate::link::Link;
+use crate::wire::{write_frame, DiskRun, Message, PageRun};
+
+/// Largest batch of pages or disk writes in one message.
+const BATCH_BYTES: usize = 4 << 20;
+/// Bytes of a disk image per `DiskSync` message.
+const DISK_SYNC_CHUNK: usize = 1 << 20;
+
+/// Why a checkpoint could not be taken.
+pub(super) struct CheckpointError(String);
+
+impl From<vmm::MachineError> for CheckpointError {
+    fn from(e: vmm::MachineError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<String> for CheckpointError {
+    fn from(e: String) -> Self {
+        Self(e)
+    }
+}
+
+/// A checkpoint taken with the vCPUs paused.
+pub(super) struct Checkpoint {
+    pub(super) runs: Vec<PageRun>,
+    pub(super) pages: u64,
+    /// Per disk, the writes the guest completed during the epoch.
+    pub(super) disk_writes: Vec<Vec<DiskWrite>>,
+    pub(super) state: Vec<u8>,
+    pub(super) set: DirtySet,
+    pub(super) pause: Duration,
+}
+
+/// With the vCPUs paused: the pages dirtied since the last checkpoint (all of them for epoch 0), the
+/// state, and the start of output epoch `epoch + 1`.
+pub(super) fn take_checkpoint(
+    m: &mut Machine,
+    tracker: &Mutex<DirtyTracker>,
+    journals: &[WriteJournal],
+    epoch: u64,
+) -> Result<Checkpoint, String> {
+    let t0 = Instant::now();
+    let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
+    // A user's pause (`vm pause`) survives the checkpoint: only what this pauses is resumed.
+    let (runs, pages, state, set, disk_writes) = m
+        .while_paused(|m| {
+            let set = if epoch == 0 {
+                tracker
+                    .start(m.vm(), m.memory())
+                    .map_err(|e| e.to_string())?;
+                m.set_output_gating(Some(1));
+                DirtySet::all(m.memory())
+            } else {
+                tracker
+                    .collect(m.vm(), m.memory())
+                    .map_err(|e| e.to_string())?;
+                m.begin_output_epoch(epoch + 1);
+                tracker.take()
+            };
+            let (runs, pages) = copy_pages(m.memory(), &set, epoch == 0)?;
+            let state = m.capture_state().map_err(|e| e.to_string())?;
+            let state = vmm::snapshot::encode(&state).map_err(|e| e.to_string())?;
+            // Writes completed so far belong to this epoch: the device is idle while paused.
+            let disk_writes = journals
+                .iter()
+                .map(WriteJournal::take)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            Ok::<_, CheckpointError>((runs, pages, state, set, disk_writes))
+        })
+        .map_err(|e| e.0)?;
+    Ok(Checkpoint {
+        runs,
+        pages,
+        disk_writes,
+        state,
+        set,
+        pause: t0.elapsed(),
+    })
+}
+
+/// Copies the pages of `set` out of guest memory (skipping all-zero pages when `skip_zero`).
+fn copy_pages(
+    mem: &GuestMemory,
+    set: &DirtySet,
+    skip_zero: bool,
+) -> Result<(Vec<PageRun>, u64), String> {
+    let mut runs: Vec<PageRun> = Vec::new();
+    let mut pages = 0;
+    let mut page = vec![0u8; PAGE_SIZE];
+    for (addr, len) in set.runs() {
+        for offset in (0..len).step_by(PAGE_SIZE) {
+            let gpa = addr.0 + offset;
+            mem.read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|e| format!("reading guest page {gpa:#x}: {e}"))?;
+            if skip_zero && page.iter().all(|b| *b == 0) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(last)
+                    if last.gpa + last.data.len() as u64 == gpa
+                        && last.data.len() < BATCH_BYTES =>
+                {
+                    last.data.extend_from_slice(&page)
+                }
+                _ => runs.push(PageRun {
+                    gpa,
+                    data: page.clone(),
+                }),
+            }
+            pages += 1;
+        }
+    }
+    Ok((runs, pages))
+}
+
+pub(super) fn send_checkpoint(
+    stream: &mut Link,
+    epoch: u64,
+    cp: &Checkpoint,
+) -> Result<(), LoopError> {
+    let mut batch: Vec<PageRun> = Vec::new();
+    let mut bytes = 0;
+    for run in &cp.runs {
+        bytes += run.data.len();
+        batch.push(run.clone());
+        if bytes >= BATCH_BYTES {
+            write_frame(
+                stream,
+                &Message::EpochPages {
+                    epoch,
+                    runs: std::mem::take(&mut batch),
+                },
+            )?;
+            bytes = 0;
+        }
+    }
+    if !batch.is_empty() {
+        write_frame(stream, &Message::EpochPages { epoch, runs: batch })?;
+    }
+    let mut disk_writes = 0u64;
+    for (disk, writes) in cp.disk_writes.iter().enumerate() {
+        let mut batch: Vec<DiskRun> = Vec::new();
+        let mut bytes = 0;
+        for (i, w) in writes.iter().enumerate() {
+            bytes += w.data.len();
+            batch.push(DiskRun {
+                offset: w.offset,
+                data: w.data.clone(),
+            });
+            if bytes >= BATCH_BYTES || i + 1 == writes.len() {
+                disk_writes += batch.len() as u64;
+                write_frame(
+                    stream,
+                    &Message::EpochDiskWrites {
+                        epoch,
+                        disk: disk as u32,
+                        writes: std::mem::take(&mut batch),
+                    },
+                )?;
+                bytes = 0;
+            }
+        }
+    }
+    write_frame(
+        stream,
+        &Message::EpochEnd {
+            epoch,
+            pages: cp.pages,
+            disk_writes,
+            state: cp.state.clone(),
+        },
+    )?;
+    Ok(())
+}
+
+/// Sends each disk's image (read while the guest runs; its writes meanwhile are journalled and
+/// come with checkpoint 0), and before that the disks' sizes.
+pub(super) fn send_disk_images(stream: &mut Link, disks: &[DiskAccess]) -> Result<(), LoopError> {
+    write_frame(
+        stream,
+        &Message::ProtectDisks {
+            sizes: disks.iter().map(|d| d.capacity).collect(),
+        },
+    )?;
+    let mut chunk = vec![0u8; DISK_SYNC_CHUNK];
+    for (index, disk) in disks.iter().enumerate() {
+        disk.journal.start();
+        let mut offset = 0u64;
+        while offset < disk.capacity {
+            let n = (disk.capacity - offset).min(DISK_SYNC_CHUNK as u64) as usize;
+            disk.image
+                .read_exact_at(&mut chunk[..n], offset)
+                .map_err(|e| LoopError::Vm(format!("reading disk {index} at {offset}: {e}")))?;
+            write_frame(
+                stream,
+                &Message::DiskSync {
+                    disk: index as u32,
+                    offset,
+                    data: chunk[..n].to_vec(),
+                },
+            )?;
+            offset += n as u64;
+        }
+    }
+    Ok(())
+}
