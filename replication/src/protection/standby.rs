@@ -13,12 +13,14 @@
 //! - the link broke in a way a dying primary does not cause (a corrupt or forged frame, a message
 //!   out of protocol) → end without resuming: the primary is alive and will see the link fail.
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::machine::VmSnapshot;
-use vmm::memory::PAGE_SIZE;
+use vmm::machine::DiskAccess;
+use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::{Machine, RestoreOptions};
 
 use super::heartbeat;
@@ -298,21 +300,39 @@ impl FollowEnd {
 fn follow(stream: &mut Link, machine: &Machine) -> (Option<(u64, Vec<u8>)>, FollowEnd) {
     let mut committed = None;
     let end = match machine.disk_access() {
-        Ok(disks) => follow_into(stream, machine, StandbyDisks::new(disks), &mut committed),
+        Ok(disks) => follow_into(
+            stream,
+            machine.memory(),
+            StandbyDisks::new(disks),
+            &mut committed,
+        ),
         Err(e) => FollowEnd::LinkBroken(format!("this standby's disk images: {e}")),
     };
     (committed, end)
 }
 
-fn follow_into(
-    stream: &mut Link,
-    machine: &Machine,
+/// The standby's handling of a checkpoint stream without the rest of a machine: applies
+/// checkpoints to `memory` and `disks` until the stream ends or breaks the rules; returns the last
+/// committed epoch and why it stopped. Public for the fuzz target (fuzz/fuzz_targets/standby_follow.rs).
+pub fn follow_stream<S: Read + Write>(
+    stream: &mut S,
+    memory: &GuestMemory,
+    disks: Vec<DiskAccess>,
+) -> (Option<u64>, String) {
+    let mut committed = None;
+    let end = follow_into(stream, memory, StandbyDisks::new(disks), &mut committed);
+    (committed.map(|(epoch, _)| epoch), format!("{end:?}"))
+}
+
+fn follow_into<S: Read + Write>(
+    stream: &mut S,
+    memory: &GuestMemory,
     mut disks: StandbyDisks,
     committed: &mut Option<(u64, Vec<u8>)>,
 ) -> FollowEnd {
     let mut staged: Vec<PageRun> = Vec::new();
     let mut staged_pages: u64 = 0;
-    let guest_pages = machine.memory().iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE as u64;
+    let guest_pages = memory.iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE as u64;
     loop {
         let message = match read_frame::<_, Message>(stream) {
             Ok(m) => m,
@@ -330,9 +350,7 @@ fn follow_into(
                     let pages = (run.data.len() / PAGE_SIZE) as u64;
                     let in_memory = run.data.len() % PAGE_SIZE == 0
                         && run.gpa % PAGE_SIZE as u64 == 0
-                        && machine
-                            .memory()
-                            .check_range(GuestAddress(run.gpa), run.data.len());
+                        && memory.check_range(GuestAddress(run.gpa), run.data.len());
                     if !in_memory {
                         return FollowEnd::LinkBroken(format!(
                             "checkpoint {epoch}: pages at {:#x} (+{} bytes) are not whole pages of guest memory",
@@ -415,9 +433,7 @@ fn follow_into(
                 }
                 // Every run was checked to lie in guest memory, so applying cannot stop half-way.
                 for run in staged.drain(..) {
-                    if let Err(e) = machine
-                        .memory()
-                        .write_slice(&run.data, GuestAddress(run.gpa))
+                    if let Err(e) = memory.write_slice(&run.data, GuestAddress(run.gpa))
                     {
                         return FollowEnd::LinkBroken(format!(
                             "checkpoint {epoch}: page {:#x}: {e}",
