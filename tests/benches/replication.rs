@@ -92,9 +92,102 @@ fn protect(cmdline: &str, epoch_ms: u32) {
     );
 }
 
+/// How long a standby (failure timeout 200 ms, heartbeat every 40 ms) takes to start running the
+/// guest after its primary's process is killed (`signal` -KILL: its connection ends) or frozen
+/// (-STOP: silent, as a host that died without a word; needs the witness). From the signal to the
+/// standby's "taking over" line.
+fn takeover(signal: &str, witness: bool, runs: usize) {
+    let mut times = Vec::new();
+    for run in 0..runs {
+        let dir =
+            std::env::temp_dir().join(format!("ftvmm-bench-takeover-{}-{run}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let etcd = witness.then(integration_tests::witness::TestEtcd::start_local);
+        let witness_args: Vec<String> = match &etcd {
+            Some(e) => vec![
+                "--witness".into(),
+                e.url().into(),
+                "--guest-name".into(),
+                format!("bench-{run}"),
+            ],
+            None => vec![],
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let pki = tls_pki(&dir, &[("a", &["127.0.0.1"]), ("b", &["127.0.0.1"])]);
+        let mut standby_cmd = Command::new(ftvmm_bin());
+        standby_cmd
+            .args(["standby", "--listen", &listen, "--serial", "null"])
+            .args(["--failure-timeout-ms", "200"])
+            .args(&witness_args)
+            .arg("--tls")
+            .arg(pki.join("b"));
+        let mut standby = RunningVm::spawn(standby_cmd);
+        standby.wait_for_stderr("standing by", DEADLINE);
+        let mut primary_cmd = Command::new(ftvmm_bin());
+        primary_cmd
+            .args([
+                "run",
+                "--kernel",
+                testguest().to_str().unwrap(),
+                "--memory",
+                "128",
+            ])
+            .args([
+                "--cmdline",
+                "mode=spin",
+                "--standby",
+                &listen,
+                "--epoch-ms",
+                "20",
+            ])
+            .args(&witness_args)
+            .env("FTVMM_LOG", "replication=info")
+            .arg("--tls")
+            .arg(pki.join("a"));
+        let mut primary = RunningVm::spawn(primary_cmd);
+        primary.wait_for_stderr("guest protected by", DEADLINE);
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let sent = Command::new("kill")
+            .args([signal, &primary.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        while !standby.stderr().contains("taking over from checkpoint") {
+            assert!(t0.elapsed() < DEADLINE, "no takeover: {}", standby.stderr());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        times.push(t0.elapsed());
+        let _ = Command::new("kill")
+            .args(["-KILL", &primary.pid().to_string()])
+            .status();
+        primary.kill();
+        standby.kill();
+        drop(etcd);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let s = stats(&times);
+    println!(
+        "takeover after kill {signal:<5} witness {:<3} | median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
+        if witness { "yes" } else { "no" },
+        s.median.as_secs_f64() * 1e3,
+        s.min.as_secs_f64() * 1e3,
+        s.max.as_secs_f64() * 1e3
+    );
+}
+
 fn main() {
     println!("ftvmm protection benchmarks (test guest, 256 MiB, 2 vCPUs, standby over loopback, 10 s each)");
     protect("mode=spin", 50);
     protect("mode=spin dirty=10000 dirty_mb=64", 50);
     protect("mode=spin dirty=10000 dirty_mb=64", 20);
+    println!("takeover (128 MiB guest, epoch 20 ms, failure timeout 200 ms, standby and etcd on loopback)");
+    takeover("-KILL", false, 5);
+    takeover("-KILL", true, 5);
+    takeover("-STOP", true, 5);
 }

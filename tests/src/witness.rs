@@ -6,6 +6,18 @@ use std::time::{Duration, Instant};
 
 use crate::netns::NetNs;
 
+/// Waits up to 30 s for the etcd at `addr` to say it is healthy.
+fn wait_healthy(addr: &str) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        if healthy(addr) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 /// Whether the etcd at `addr` says it is healthy (it has a leader and serves).
 fn healthy(addr: &str) -> bool {
     use std::io::{Read, Write};
@@ -32,11 +44,32 @@ pub struct TestEtcd {
 impl TestEtcd {
     /// Starts etcd in `ns`, serving clients on `ip`:2379; waits until it answers.
     pub fn start(ns: &NetNs, ip: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("ftvmm-etcd-{}-{}", std::process::id(), ns.name()));
+        let addr = format!("{ip}:2379");
+        let etcd = Self::spawn(ns.command("etcd"), ns.name(), &addr, 2380);
+        let ready = ns.run(move || wait_healthy(&addr));
+        assert!(ready, "etcd did not start on {}", etcd.url);
+        etcd
+    }
+
+    /// Starts etcd on free loopback ports of this namespace (benchmarks).
+    pub fn start_local() -> Self {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let addr = format!("127.0.0.1:{}", free());
+        let etcd = Self::spawn(Command::new("etcd"), "local", &addr, free());
+        assert!(wait_healthy(&addr), "etcd did not start on {}", etcd.url);
+        etcd
+    }
+
+    fn spawn(mut cmd: Command, tag: &str, client_addr: &str, peer_port: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("ftvmm-etcd-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let url = format!("http://{ip}:2379");
-        let mut cmd: Command = ns.command("etcd");
+        let url = format!("http://{client_addr}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
         cmd.arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--name", "witness"])
@@ -46,30 +79,17 @@ impl TestEtcd {
                 "--advertise-client-urls",
                 &url,
             ])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "witness=http://127.0.0.1:2380"])
-            // A one-member cluster on one machine: short raft timings, no disk syncs to wait on.
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("witness={peer}")])
+            // A one-member cluster on one machine: short raft timings.
             .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = cmd
             .spawn()
             .expect("start etcd (scripts/setup installs etcd-server)");
-        let etcd = Self { child, dir, url };
-        let addr = format!("{ip}:2379");
-        let ready = ns.run(move || {
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(30) {
-                if healthy(&addr) {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            false
-        });
-        assert!(ready, "etcd did not start on {}", etcd.url);
-        etcd
+        Self { child, dir, url }
     }
 
     /// The client URL (`--witness`).

@@ -18,8 +18,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm::machine::VmSnapshot;
 use vmm::machine::DiskAccess;
+use vmm::machine::VmSnapshot;
 use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::{Machine, RestoreOptions};
 
@@ -433,8 +433,7 @@ fn follow_into<S: Read + Write>(
                 }
                 // Every run was checked to lie in guest memory, so applying cannot stop half-way.
                 for run in staged.drain(..) {
-                    if let Err(e) = memory.write_slice(&run.data, GuestAddress(run.gpa))
-                    {
+                    if let Err(e) = memory.write_slice(&run.data, GuestAddress(run.gpa)) {
                         return FollowEnd::LinkBroken(format!(
                             "checkpoint {epoch}: page {:#x}: {e}",
                             run.gpa
