@@ -1060,3 +1060,75 @@ fn soak_failover() {
         elapsed.as_secs_f64()
     );
 }
+
+/// Without a witness a silent primary is never taken over on its own; the operator who knows it
+/// is dead says so (`vm failover` on the standby's socket), and the standby takes over; its socket
+/// then serves the VM's API.
+#[test]
+fn an_operator_fails_over_to_a_standby_whose_primary_fell_silent() {
+    let dir = std::env::temp_dir().join(format!("ftvmm-replication-forced-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = tls_pki(&dir, &[("a", &["127.0.0.1"]), ("b", &["127.0.0.1"])]);
+    let standby_api = dir.join("b.sock");
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.args(["standby", "--listen", "127.0.0.1:0", "--serial", "null"])
+        .args(["--failure-timeout-ms", "300"])
+        .arg("--api-socket")
+        .arg(&standby_api)
+        .arg("--tls")
+        .arg(pki.join("b"));
+    let mut standby = RunningVm::spawn(cmd);
+    let addr = standby.bound_address("standing by on ", DEADLINE);
+    let mut primary = loopback_primary("mode=spin", &addr, &pki, &dir.join("a.sock"));
+    primary.wait_for_stderr("guest protected by", DEADLINE);
+    let api = standby_api.to_str().unwrap();
+    let status = |what: &str| -> serde_json::Value {
+        let out = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "standby"], DEADLINE);
+        assert_eq!(out.code(), Some(0), "{what}: {out:?}");
+        serde_json::from_str(&out.stdout).unwrap()
+    };
+    let t0 = Instant::now();
+    while status("following")["committed_epoch"].is_null() {
+        assert!(t0.elapsed() < DEADLINE);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(status("following")["primary_alive"], true);
+
+    signal(&primary, "-STOP");
+    let t0 = Instant::now();
+    while status("silent")["primary_alive"] == true {
+        assert!(t0.elapsed() < DEADLINE);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !standby.stderr().contains("taking over"),
+        "{}",
+        standby.stderr()
+    );
+
+    let failover = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "failover"], DEADLINE);
+    assert_eq!(failover.code(), Some(0), "{failover:?}");
+    standby.wait_for_stderr("taking over from checkpoint", DEADLINE);
+    assert!(
+        standby.stderr().contains("failover forced by the operator"),
+        "{}",
+        standby.stderr()
+    );
+    let t0 = Instant::now();
+    loop {
+        let info = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "info"], DEADLINE);
+        if info.stdout.contains("\"running\"") {
+            break;
+        }
+        assert!(t0.elapsed() < DEADLINE, "the survivor's API: {info:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &primary.pid().to_string()])
+        .status();
+    primary.kill();
+    standby.kill();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -21,6 +21,9 @@ without a witness only its certain end is safe; when an end follows a silence lo
 --failure-timeout-ms, the standby exits 1 without resuming. It ends without resuming anything (exit 0) when the primary says goodbye: its \
 guest powered off, reset or crashed, or protection was stopped; and with an error when the link breaks \
 in a way a dying primary does not cause (a corrupt frame, a message out of protocol).\n\n\
+With --api-socket, `ftvmm vm --api-socket PATH standby` shows the standby's state and `ftvmm vm \
+--api-socket PATH failover` makes it take over on the operator's word (for a primary known dead that \
+died silently, without a witness); after a takeover the socket serves the VM's API.\n\n\
 Only a primary holding a certificate from the same CA (--tls) is accepted; the disks and TAPs are this \
 host's, given here.\n\n\
 Example:\n  ftvmm standby --listen 0.0.0.0:7100 --tls /etc/ftvmm/pki/host-b --net tap=tap0 --api-socket /run/vm.sock"
@@ -48,6 +51,9 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
     // This thread follows the primary and then runs the event loop: filtered before the peer speaks.
     vmm::seccomp::apply(vmm::seccomp::ThreadKind::EventLoop)?;
     let witness = args.witness.witness()?;
+    // While it follows, the standby's own API (state, failover) is served on the socket.
+    let mut standby_api = None;
+    let mut standby_api_error = None;
     let end = run_standby(
         &args.listen,
         &args.backends.restore_options(),
@@ -55,7 +61,20 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
         Duration::from_millis(args.failure_timeout_ms),
         witness.as_deref(),
         |addr| eprintln!("ftvmm: standing by on {addr} ({})", security.name()),
-    )?;
+        |control| {
+            if let Some(path) = args.backends.api_socket.as_deref() {
+                match crate::server::spawn_standby(path, control) {
+                    Ok(server) => standby_api = Some(server),
+                    Err(e) => standby_api_error = Some(e),
+                }
+            }
+        },
+    );
+    drop(standby_api);
+    if let Some(e) = standby_api_error {
+        eprintln!("ftvmm: warning: no standby API: {e}");
+    }
+    let end = end?;
     let takeover = match end {
         StandbyEnd::Ended(ending) => {
             eprintln!("ftvmm: the primary ended protection ({ending}); nothing to take over");

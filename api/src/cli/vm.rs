@@ -61,6 +61,13 @@ enum VmAction {
     Protection,
     /// Stop protection: the standby ends without resuming the guest, which goes on here unprotected.
     Unprotect,
+    /// On a standby (`ftvmm standby --api-socket`): its primary, the checkpoint it would resume from,
+    /// and whether the primary answers heartbeats.
+    Standby,
+    /// On a standby: take over now, from the last committed checkpoint. Only for a primary known to
+    /// be dead (without a witness, a silent primary is never taken over on its own); with a witness,
+    /// it must agree.
+    Failover,
     /// Protect the running guest with a hot standby (again): a guest never protected, one that lost
     /// its standby, or a standby that took over. Uses this VM's --tls and --witness.
     Protect {
@@ -96,6 +103,8 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         VmAction::Migration => ("GET", "/api/v1/vm/migration", None),
         VmAction::Protection => ("GET", "/api/v1/vm/protection", None),
         VmAction::Unprotect => ("PUT", "/api/v1/vm/unprotect", None),
+        VmAction::Standby => ("GET", "/api/v1/standby", None),
+        VmAction::Failover => ("PUT", "/api/v1/standby/failover", None),
         VmAction::Protect { standby, epoch_ms } => (
             "PUT",
             "/api/v1/vm/protect",

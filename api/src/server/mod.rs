@@ -6,6 +6,7 @@
 //! runs on its own thread with a small tokio runtime.
 
 mod routes;
+mod standby_routes;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -167,6 +168,40 @@ pub fn spawn(
     handle: ControlHandle,
     link: Option<replication::link::LinkSecurity>,
 ) -> Result<ApiServer, ServerError> {
+    let state = routes::ApiState::new(handle, link);
+    let outcome_reported = state.outcome_reported.clone();
+    let protection = state.protection.clone();
+    let witness = state.witness.clone();
+    let (identity, thread) = serve(path, routes::router(state))?;
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+        identity,
+        outcome_reported,
+        protection,
+        witness,
+        _thread: thread,
+    })
+}
+
+/// Serves a standby's API (its state, failover) on `path` while it follows its primary; drop it
+/// before the VM's own API takes the path over.
+pub fn spawn_standby(
+    path: &Path,
+    control: replication::protection::StandbyControl,
+) -> Result<ApiServer, ServerError> {
+    let (identity, thread) = serve(path, standby_routes::router(control))?;
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+        identity,
+        outcome_reported: Arc::default(),
+        protection: Arc::default(),
+        witness: Arc::default(),
+        _thread: thread,
+    })
+}
+
+/// Binds `path` (0600, never over a live socket) and serves `app` there on a thread of its own.
+fn serve(path: &Path, app: axum::Router) -> Result<((u64, u64), JoinHandle<()>), ServerError> {
     let (std_listener, identity) = bind_private(path)?;
     std_listener
         .set_nonblocking(true)
@@ -176,11 +211,6 @@ pub fn spawn(
         .enable_time()
         .build()
         .map_err(ServerError::Runtime)?;
-    let state = routes::ApiState::new(handle, link);
-    let outcome_reported = state.outcome_reported.clone();
-    let protection = state.protection.clone();
-    let witness = state.witness.clone();
-    let app = routes::router(state);
     let thread = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -200,14 +230,7 @@ pub fn spawn(
         })
         .map_err(ServerError::Runtime)?;
     tracing::info!(socket = %path.display(), "API server listening");
-    Ok(ApiServer {
-        path: path.to_path_buf(),
-        identity,
-        outcome_reported,
-        protection,
-        witness,
-        _thread: thread,
-    })
+    Ok((identity, thread))
 }
 
 #[cfg(test)]

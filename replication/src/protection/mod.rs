@@ -22,7 +22,7 @@ mod standby_disks;
 use serde::{Deserialize, Serialize};
 
 pub use epoch_loop::{ending_of, start_protection, ProtectionHandle, ProtectionParams};
-pub use standby::{run_standby, StandbyEnd, StandbyError, Takeover};
+pub use standby::{run_standby, StandbyControl, StandbyEnd, StandbyError, StandbyStatus, Takeover};
 
 /// Where protection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,10 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -23,9 +27,9 @@ use vmm::machine::VmSnapshot;
 use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::{Machine, RestoreOptions};
 
-use super::heartbeat;
+use super::heartbeat::{self, Liveness};
 use super::standby_disks::StandbyDisks;
-use crate::link::{self, AcceptError, Link, LinkSecurity};
+use crate::link::{self, AcceptError, Link, LinkSecurity, LinkShutdown};
 use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
 use crate::witness::{ClaimState, HeldClaim, Witness};
 
@@ -70,6 +74,67 @@ const WITNESS_RETRY: Duration = Duration::from_millis(200);
 /// Fastest heartbeat, whatever the failure timeout.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
 
+/// What an operator sees of, and may do to, a standby while it follows its primary
+/// (`GET /api/v1/standby`, `PUT /api/v1/standby/failover`). Clones share the one standby.
+#[derive(Clone)]
+pub struct StandbyControl {
+    inner: Arc<StandbyControlInner>,
+}
+
+struct StandbyControlInner {
+    primary: SocketAddr,
+    /// The last committed epoch + 1 (0: none yet).
+    committed: AtomicU64,
+    liveness: Arc<Liveness>,
+    forced: AtomicBool,
+    checkpoints: LinkShutdown,
+}
+
+/// A standby's state, as its API reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StandbyStatus {
+    pub primary: String,
+    /// The checkpoint a takeover would resume from.
+    pub committed_epoch: Option<u64>,
+    /// Whether the primary answered a heartbeat within the failure timeout.
+    pub primary_alive: bool,
+    /// Time since the ping the primary's latest answer echoed.
+    pub primary_silent_ms: u64,
+}
+
+impl StandbyControl {
+    /// The standby's state now.
+    pub fn status(&self) -> StandbyStatus {
+        let committed = self.inner.committed.load(Ordering::SeqCst);
+        StandbyStatus {
+            primary: self.inner.primary.to_string(),
+            committed_epoch: committed.checked_sub(1),
+            primary_alive: self.inner.liveness.alive(),
+            primary_silent_ms: self.inner.liveness.silent_for().as_millis() as u64,
+        }
+    }
+
+    /// The operator says the primary is dead: take over from the last committed checkpoint (with
+    /// a witness, only if it agrees). Refused before the first checkpoint is committed.
+    pub fn force_failover(&self) -> Result<(), String> {
+        if self.inner.committed.load(Ordering::SeqCst) == 0 {
+            return Err("no checkpoint is committed yet: there is nothing to take over".into());
+        }
+        tracing::warn!("failover forced by the operator");
+        self.inner.forced.store(true, Ordering::SeqCst);
+        self.inner.checkpoints.shutdown();
+        Ok(())
+    }
+
+    fn forced(&self) -> bool {
+        self.inner.forced.load(Ordering::SeqCst)
+    }
+
+    fn committed(&self, epoch: u64) {
+        self.inner.committed.store(epoch + 1, Ordering::SeqCst);
+    }
+}
+
 /// How standing by ended.
 pub enum StandbyEnd {
     /// The primary was lost: run this guest.
@@ -98,6 +163,7 @@ pub fn run_standby(
     failure_timeout: Duration,
     witness: Option<&Witness>,
     on_listening: impl FnOnce(SocketAddr),
+    on_following: impl FnOnce(StandbyControl),
 ) -> Result<StandbyEnd, StandbyError> {
     let listener = link::bind(listen)?;
     if let Ok(addr) = listener.local_addr() {
@@ -163,10 +229,23 @@ pub fn run_standby(
         .map_err(|reason| StandbyError::Setup { peer, reason })?;
     // Checkpoints may take as long as they take: liveness comes from the heartbeat channel.
     let _ = stream.set_read_timeout(None);
+    let control = StandbyControl {
+        inner: Arc::new(StandbyControlInner {
+            primary: peer,
+            committed: AtomicU64::new(0),
+            liveness: liveness.clone(),
+            forced: AtomicBool::new(false),
+            checkpoints: stream.shutdown_handle().map_err(|e| StandbyError::Setup {
+                peer,
+                reason: e.to_string(),
+            })?,
+        }),
+    };
+    on_following(control.clone());
     tracing::info!("standing by");
 
     let mut our_claim = None;
-    let (committed, reason) = match follow(&mut stream, &machine) {
+    let (committed, reason) = match follow(&mut stream, &machine, &control) {
         (_, FollowEnd::Goodbye(ending)) => {
             tracing::info!(%ending, "the primary ended protection; nothing is resumed here");
             return Ok(StandbyEnd::Ended(ending));
@@ -174,6 +253,10 @@ pub fn run_standby(
         (_, FollowEnd::LinkBroken(reason)) => {
             tracing::error!(%reason, "the link broke while the primary lives; nothing is resumed here");
             return Err(StandbyError::LinkBroken { peer, reason });
+        }
+        (committed, FollowEnd::PrimaryLost(_)) if control.forced() && witness.is_none() => {
+            // The operator vouches for the primary's death.
+            (committed, "failover forced by the operator".to_string())
         }
         (committed, FollowEnd::PrimaryLost(reason)) if witness.is_some() => {
             // The witness decides: the takeover is the swap of the primary's claim for ours.
@@ -297,7 +380,11 @@ impl FollowEnd {
 /// Checkpoints come in order: the first is epoch 0, each next one is the last committed plus one.
 /// Staged pages must lie in guest memory and never exceed its size, so a peer cannot make the standby
 /// hold more than one guest's worth of pages.
-fn follow(stream: &mut Link, machine: &Machine) -> (Option<(u64, Vec<u8>)>, FollowEnd) {
+fn follow(
+    stream: &mut Link,
+    machine: &Machine,
+    control: &StandbyControl,
+) -> (Option<(u64, Vec<u8>)>, FollowEnd) {
     let mut committed = None;
     let end = match machine.disk_access() {
         Ok(disks) => follow_into(
@@ -305,6 +392,7 @@ fn follow(stream: &mut Link, machine: &Machine) -> (Option<(u64, Vec<u8>)>, Foll
             machine.memory(),
             StandbyDisks::new(disks),
             &mut committed,
+            &mut |epoch| control.committed(epoch),
         ),
         Err(e) => FollowEnd::LinkBroken(format!("this standby's disk images: {e}")),
     };
@@ -320,7 +408,13 @@ pub fn follow_stream<S: Read + Write>(
     disks: Vec<DiskAccess>,
 ) -> (Option<u64>, String) {
     let mut committed = None;
-    let end = follow_into(stream, memory, StandbyDisks::new(disks), &mut committed);
+    let end = follow_into(
+        stream,
+        memory,
+        StandbyDisks::new(disks),
+        &mut committed,
+        &mut |_| {},
+    );
     (committed.map(|(epoch, _)| epoch), format!("{end:?}"))
 }
 
@@ -329,6 +423,7 @@ fn follow_into<S: Read + Write>(
     memory: &GuestMemory,
     mut disks: StandbyDisks,
     committed: &mut Option<(u64, Vec<u8>)>,
+    on_commit: &mut dyn FnMut(u64),
 ) -> FollowEnd {
     let mut staged: Vec<PageRun> = Vec::new();
     let mut staged_pages: u64 = 0;
@@ -445,6 +540,7 @@ fn follow_into<S: Read + Write>(
                     return FollowEnd::LinkBroken(format!("checkpoint {epoch}: {reason}"));
                 }
                 *committed = Some((epoch, state));
+                on_commit(epoch);
                 if let Err(e) = write_frame(stream, &Message::Committed { epoch }) {
                     return FollowEnd::from_link_error(e);
                 }
