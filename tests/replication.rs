@@ -12,6 +12,13 @@ use integration_tests::{ftvmm_bin, testguest, tls_pki, RunningVm};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
+/// One protected pair at a time: each runs two or three VMs and a client on two cores, and their
+/// heartbeats and timeouts should measure ftvmm, not a crowded machine.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A protected guest in the two-host topology: the standby on host b, the primary on host a (both
 /// with TAP `tap0` on the LAN), the test guest's counter service, and one client connection on
 /// the LAN incrementing it without pause (every reply must be exactly one more).
@@ -180,9 +187,11 @@ impl ProtectedPair {
         while self.acknowledged() < n {
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
-                "{what}: {} of {n} increments acknowledged\nprimary:\n{}\nstandby:\n{}",
+                "{what}: {} of {n} increments acknowledged\nprotection: {}\nprimary:\n{}\nguest:\n{}\nstandby:\n{}",
                 self.acknowledged(),
+                self.protection(),
                 self.primary.stderr(),
+                self.primary.output(),
                 self.standby.stderr()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -265,6 +274,7 @@ fn signal(vm: &RunningVm, signal: &str) {
 
 #[test]
 fn a_protected_guest_survives_the_loss_of_its_primary() {
+    let _serial = one_at_a_time();
     let mut pair = ProtectedPair::start("kill", 1000);
     // Let some increments through the output gate, then lose the primary's host.
     pair.wait_acknowledged(10, "before the failure");
@@ -294,6 +304,7 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
 /// silence; when it wakes it protects again, and when it then dies the standby takes over.
 #[test]
 fn a_hung_primary_is_not_taken_over_and_protects_again_when_it_wakes() {
+    let _serial = one_at_a_time();
     let mut pair = ProtectedPair::start("hang", 500);
     pair.wait_acknowledged(10, "before the hang");
     signal(&pair.primary, "-STOP");
@@ -339,6 +350,7 @@ fn loopback_standby(dir: &std::path::Path) -> (RunningVm, String, std::path::Pat
 
 #[test]
 fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
+    let _serial = one_at_a_time();
     use replication::link::{self, LinkSecurity};
     use replication::wire::{write_frame, Message, PageRun};
     let description = vmm::machine::MachineDescription {
@@ -425,6 +437,7 @@ fn loopback_primary(
 
 #[test]
 fn a_guest_that_powers_off_while_protected_ends_its_standby_without_resuming() {
+    let _serial = one_at_a_time();
     let dir =
         std::env::temp_dir().join(format!("ftvmm-replication-poweroff-{}", std::process::id()));
     let (mut standby, addr, pki) = loopback_standby(&dir);
@@ -445,6 +458,7 @@ fn a_guest_that_powers_off_while_protected_ends_its_standby_without_resuming() {
 /// without a takeover, the guest goes on, and snapshots work again.
 #[test]
 fn a_protected_guest_refuses_snapshots_and_migration_until_unprotected() {
+    let _serial = one_at_a_time();
     let dir = std::env::temp_dir().join(format!("ftvmm-replication-409-{}", std::process::id()));
     let (mut standby, addr, pki) = loopback_standby(&dir);
     let api = dir.join("a.sock");
@@ -556,6 +570,7 @@ fn set_host_link(host: &integration_tests::netns::NetNs, up: bool) {
 /// connection end, it ends without resuming the guest: one active copy throughout.
 #[test]
 fn a_cut_replication_link_leaves_exactly_one_active_copy() {
+    let _serial = one_at_a_time();
     let mut pair = ProtectedPair::start("partition", 500);
     pair.wait_acknowledged(10, "before the partition");
     set_standby_host_link(&pair, false);
@@ -615,6 +630,7 @@ fn frames_from_primary(pair: &ProtectedPair) -> u64 {
 /// itself (exit 5) and puts no further frame on its TAP.
 #[test]
 fn with_a_witness_a_hung_primary_is_taken_over_and_fenced_when_it_wakes() {
+    let _serial = one_at_a_time();
     let mut pair = ProtectedPair::start_with("witness-hang", 500, true);
     pair.wait_acknowledged(10, "before the hang");
     signal(&pair.primary, "-STOP");
@@ -658,6 +674,7 @@ fn with_a_witness_a_hung_primary_is_taken_over_and_fenced_when_it_wakes() {
 /// comes back, its own swap fails and it ends without resuming.
 #[test]
 fn with_a_witness_a_partitioned_standby_never_takes_over() {
+    let _serial = one_at_a_time();
     let mut pair = ProtectedPair::start_with("witness-partition", 500, true);
     pair.wait_acknowledged(10, "before the partition");
     set_standby_host_link(&pair, false);
@@ -718,6 +735,7 @@ fn wait_protected(api: &std::path::Path, what: &str) {
 /// connection loses no acknowledged increment through all of it.
 #[test]
 fn a_guest_is_reprotected_after_losing_its_standby_and_after_a_failover() {
+    let _serial = one_at_a_time();
     let mut pair = ProtectedPair::start_with("reprotect", 500, true);
     pair.wait_acknowledged(10, "at first");
 
@@ -788,6 +806,7 @@ fn a_guest_is_reprotected_after_losing_its_standby_and_after_a_failover() {
 /// witness: the client's one connection (INCR and SET) loses no acknowledged write.
 #[test]
 fn twenty_random_primary_kills_lose_no_acknowledged_write() {
+    let _serial = one_at_a_time();
     let mut pair = ProtectedPair::start_with("kills", 500, true);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -859,6 +878,7 @@ fn kv_request(ns: &integration_tests::netns::NetNs, addr: String, command: &str)
 /// the log and answers with the last acknowledged values.
 #[test]
 fn a_guest_with_a_disk_is_protected_and_its_writes_survive_failover() {
+    let _serial = one_at_a_time();
     let mut pair = ProtectedPair::start_full("disk", 500, false, true);
     assert!(
         pair.primary.output().contains("kv restored keys=0"),
@@ -928,6 +948,7 @@ fn a_guest_with_a_disk_is_protected_and_its_writes_survive_failover() {
 #[test]
 #[ignore = "long: run by scripts/soak-failover"]
 fn soak_failover() {
+    let _serial = one_at_a_time();
     let cycles: u32 = std::env::var("SOAK_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1066,6 +1087,7 @@ fn soak_failover() {
 /// then serves the VM's API.
 #[test]
 fn an_operator_fails_over_to_a_standby_whose_primary_fell_silent() {
+    let _serial = one_at_a_time();
     let dir = std::env::temp_dir().join(format!("ftvmm-replication-forced-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

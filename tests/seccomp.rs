@@ -51,6 +51,7 @@ fn every_thread_of_a_protected_and_a_migrating_vm_is_filtered() {
     let sock = dir.join("primary.sock");
     let mut primary_cmd = Command::new(ftvmm_bin());
     primary_cmd
+        .env("FTVMM_LOG", "replication=info")
         .args(["run", "--kernel", testguest().to_str().unwrap()])
         .args(["--memory", "64", "--vcpus", "2", "--cmdline", "mode=spin"])
         .args(["--standby", &standby_addr, "--epoch-ms", "50"])
@@ -70,6 +71,8 @@ fn every_thread_of_a_protected_and_a_migrating_vm_is_filtered() {
         &["ftvmm", "vcpu0", "vcpu1", "api", "epoch-loop"],
         "protected primary",
     );
+    // A checkpoint must be committed before the primary dies, or there is nothing to take over.
+    primary.wait_for_stderr("guest protected by", DEADLINE);
     primary.kill();
     standby.wait_for_stderr("taking over", DEADLINE);
     assert_all_filtered(

@@ -61,20 +61,18 @@ pub(super) fn take_checkpoint(
     // A user's pause (`vm pause`) survives the checkpoint: only what this pauses is resumed.
     let (runs, pages, state, set, disk_writes) = m
         .while_paused(|m| {
-            let set = if epoch == 0 {
-                tracker
-                    .start(m.vm(), m.memory())
-                    .map_err(|e| e.to_string())?;
+            // Memory was copied while the guest ran (`send_memory_image`), tracking since: every
+            // checkpoint, the first included, carries the pages dirtied since.
+            tracker
+                .collect(m.vm(), m.memory())
+                .map_err(|e| e.to_string())?;
+            if epoch == 0 {
                 m.set_output_gating(Some(1));
-                DirtySet::all(m.memory())
             } else {
-                tracker
-                    .collect(m.vm(), m.memory())
-                    .map_err(|e| e.to_string())?;
                 m.begin_output_epoch(epoch + 1);
-                tracker.take()
-            };
-            let (runs, pages) = copy_pages(m.memory(), &set, epoch == 0)?;
+            }
+            let set = tracker.take();
+            let (runs, pages) = copy_pages(m.memory(), &set)?;
             let state = m.capture_state().map_err(|e| e.to_string())?;
             let state = vmm::snapshot::encode(&state).map_err(|e| e.to_string())?;
             // Writes completed so far belong to this epoch: the device is idle while paused.
@@ -96,12 +94,8 @@ pub(super) fn take_checkpoint(
     })
 }
 
-/// Copies the pages of `set` out of guest memory (skipping all-zero pages when `skip_zero`).
-fn copy_pages(
-    mem: &GuestMemory,
-    set: &DirtySet,
-    skip_zero: bool,
-) -> Result<(Vec<PageRun>, u64), String> {
+/// Copies the pages of `set` out of guest memory.
+fn copy_pages(mem: &GuestMemory, set: &DirtySet) -> Result<(Vec<PageRun>, u64), String> {
     let mut runs: Vec<PageRun> = Vec::new();
     let mut pages = 0;
     let mut page = vec![0u8; PAGE_SIZE];
@@ -110,9 +104,6 @@ fn copy_pages(
             let gpa = addr.0 + offset;
             mem.read_slice(&mut page, GuestAddress(gpa))
                 .map_err(|e| format!("reading guest page {gpa:#x}: {e}"))?;
-            if skip_zero && page.iter().all(|b| *b == 0) {
-                continue;
-            }
             match runs.last_mut() {
                 Some(last)
                     if last.gpa + last.data.len() as u64 == gpa
@@ -188,6 +179,58 @@ pub(super) fn send_checkpoint(
             state: cp.state.clone(),
         },
     )?;
+    Ok(())
+}
+
+/// Starts dirty tracking, then sends every non-zero page of guest memory while the guest runs
+/// (the standby's memory starts zeroed); the pages written meanwhile come with checkpoint 0.
+pub(super) fn send_memory_image(
+    stream: &mut Link,
+    memory: &GuestMemory,
+    vm: &vmm::vm::Vm,
+    tracker: &Mutex<DirtyTracker>,
+) -> Result<(), LoopError> {
+    tracker
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .start(vm, memory)
+        .map_err(|e| LoopError::Vm(format!("dirty tracking: {e}")))?;
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut batch: Vec<PageRun> = Vec::new();
+    let mut bytes = 0;
+    for (addr, len) in DirtySet::all(memory).runs() {
+        for offset in (0..len).step_by(PAGE_SIZE) {
+            let gpa = addr.0 + offset;
+            memory
+                .read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|e| LoopError::Vm(format!("reading guest page {gpa:#x}: {e}")))?;
+            if page.iter().all(|b| *b == 0) {
+                continue;
+            }
+            match batch.last_mut() {
+                Some(last) if last.gpa + last.data.len() as u64 == gpa => {
+                    last.data.extend_from_slice(&page)
+                }
+                _ => batch.push(PageRun {
+                    gpa,
+                    data: page.clone(),
+                }),
+            }
+            bytes += PAGE_SIZE;
+            if bytes >= BATCH_BYTES {
+                write_frame(
+                    stream,
+                    &Message::MemorySync {
+                        runs: std::mem::take(&mut batch),
+                    },
+                )?;
+                bytes = 0;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        write_frame(stream, &Message::MemorySync { runs: batch })?;
+    }
     Ok(())
 }
 

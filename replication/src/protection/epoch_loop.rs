@@ -15,7 +15,9 @@ use vmm::dirty::DirtyTracker;
 use vmm::machine::DiskAccess;
 use vmm::Machine;
 
-use super::checkpoint::{send_checkpoint, send_disk_images, take_checkpoint, Checkpoint};
+use super::checkpoint::{
+    send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint,
+};
 use super::heartbeat::{self, StandbyWatch};
 use super::{ProtectionState, ProtectionStatus};
 use crate::link::{self, Link, LinkSecurity, OpenError};
@@ -214,6 +216,8 @@ pub fn start_protection(
     let job = EpochLoop {
         watch,
         disks,
+        memory: machine.memory().clone(),
+        vm: machine.vm().clone(),
         session,
         claim: claim.clone(),
         description: machine.description().clone(),
@@ -243,6 +247,9 @@ pub fn start_protection(
 
 struct EpochLoop {
     watch: StandbyWatch,
+    /// Guest memory and the VM, for the first copy of memory while the guest runs.
+    memory: vmm::memory::GuestMemory,
+    vm: Arc<vmm::vm::Vm>,
     /// The guest's disks: their images are copied first, their writes journalled per epoch.
     disks: Vec<DiskAccess>,
     /// This primary's session at the witness.
@@ -300,6 +307,9 @@ impl EpochLoop {
         let (result, failure_timeout) = match self.open_heartbeat(&mut stream) {
             Ok(failure_timeout) => (
                 send_disk_images(&mut stream, &self.disks)
+                    .and_then(|()| {
+                        send_memory_image(&mut stream, &self.memory, &self.vm, &self.tracker)
+                    })
                     .and_then(|()| self.checkpoint_epochs(&mut stream)),
                 Some(failure_timeout),
             ),

@@ -341,6 +341,22 @@ fn take_claim(
     }
 }
 
+/// `run` must be whole pages inside guest memory.
+fn whole_pages_of(memory: &GuestMemory, run: &PageRun) -> Result<(), String> {
+    let whole = run.data.len().is_multiple_of(PAGE_SIZE)
+        && run.gpa.is_multiple_of(PAGE_SIZE as u64)
+        && memory.check_range(GuestAddress(run.gpa), run.data.len());
+    if whole {
+        Ok(())
+    } else {
+        Err(format!(
+            "pages at {:#x} (+{} bytes) are not whole pages of guest memory",
+            run.gpa,
+            run.data.len()
+        ))
+    }
+}
+
 /// Why [`follow`] stopped.
 #[derive(Debug, PartialEq)]
 enum FollowEnd {
@@ -442,18 +458,10 @@ fn follow_into<S: Read + Write>(
                     ));
                 }
                 for run in runs {
-                    let pages = (run.data.len() / PAGE_SIZE) as u64;
-                    let in_memory = run.data.len() % PAGE_SIZE == 0
-                        && run.gpa % PAGE_SIZE as u64 == 0
-                        && memory.check_range(GuestAddress(run.gpa), run.data.len());
-                    if !in_memory {
-                        return FollowEnd::LinkBroken(format!(
-                            "checkpoint {epoch}: pages at {:#x} (+{} bytes) are not whole pages of guest memory",
-                            run.gpa,
-                            run.data.len()
-                        ));
+                    if let Err(reason) = whole_pages_of(memory, &run) {
+                        return FollowEnd::LinkBroken(format!("checkpoint {epoch}: {reason}"));
                     }
-                    staged_pages += pages;
+                    staged_pages += (run.data.len() / PAGE_SIZE) as u64;
                     if staged_pages > guest_pages {
                         return FollowEnd::LinkBroken(format!(
                             "checkpoint {epoch} has more pages than the guest ({guest_pages})"
@@ -475,6 +483,19 @@ fn follow_into<S: Read + Write>(
                         },
                     );
                     return FollowEnd::LinkBroken(reason);
+                }
+            }
+            Message::MemorySync { runs } => {
+                if committed.is_some() {
+                    return FollowEnd::LinkBroken("memory's first copy after a checkpoint".into());
+                }
+                for run in runs {
+                    if let Err(reason) = whole_pages_of(memory, &run) {
+                        return FollowEnd::LinkBroken(format!("memory's first copy: {reason}"));
+                    }
+                    if let Err(e) = memory.write_slice(&run.data, GuestAddress(run.gpa)) {
+                        return FollowEnd::LinkBroken(format!("memory's first copy: {e}"));
+                    }
                 }
             }
             Message::DiskSync { disk, offset, data } => {

@@ -80,6 +80,9 @@ pub enum Message {
     /// Primary → standby, after `Standing`: the size in bytes of each of the guest's disks; the
     /// standby's own images must match.
     ProtectDisks { sizes: Vec<u64> },
+    /// Primary → standby, before checkpoint 0: the first copy of guest memory (non-zero pages),
+    /// read while the guest runs; the pages written meanwhile come with checkpoint 0.
+    MemorySync { runs: Vec<PageRun> },
     /// Primary → standby, before checkpoint 0 commits: the first copy of disk `disk`, taken while
     /// the guest runs (its writes meanwhile come with checkpoint 0).
     DiskSync {
@@ -135,6 +138,7 @@ impl Message {
             Message::Standing { .. } => "Standing",
             Message::ProtectDisks { .. } => "ProtectDisks",
             Message::DiskSync { .. } => "DiskSync",
+            Message::MemorySync { .. } => "MemorySync",
             Message::EpochDiskWrites { .. } => "EpochDiskWrites",
             Message::HeartbeatOpen { .. } => "HeartbeatOpen",
             Message::Ping { .. } => "Ping",
