@@ -38,6 +38,13 @@ impl Kernel {
     }
 }
 
+/// Whether a failed run's guest ended in a triple fault that AMD KVM reported with the vCPU
+/// already reset (RIP 0xfff0): the failure this harness retries once.
+fn l2_reset_by_triple_fault(run: &NestedRun) -> bool {
+    run.console.contains("triple fault (KVM_EXIT_SHUTDOWN)")
+        && run.console.contains("rip=0x000000000000fff0")
+}
+
 /// Runs `tests/nested/<case>.sh` against `kernel` and checks that it passed.
 fn run_case(case: &str, kernel: Kernel) -> NestedRun {
     let (image, initrd) = kernel.files();
@@ -47,15 +54,27 @@ fn run_case(case: &str, kernel: Kernel) -> NestedRun {
             "{f} is missing: run scripts/build-images linux-debian linux-small (scripts/test does)"
         );
     }
-    let run = Nested::script(format!("tests/nested/{case}.sh"))
-        .file("tests/nested/lib.sh", "lib.sh")
-        .file(image, "guest/kernel")
-        .file(initrd, "guest/initramfs.cpio")
-        .bin(env!("CARGO_BIN_EXE_nettest"))
-        .env("KERNEL", "/payload/guest/kernel")
-        .env("INITRD", "/payload/guest/initramfs.cpio")
-        .timeout(CASE_TIMEOUT)
-        .run();
+    let attempt = || {
+        Nested::script(format!("tests/nested/{case}.sh"))
+            .file("tests/nested/lib.sh", "lib.sh")
+            .file(image, "guest/kernel")
+            .file(initrd, "guest/initramfs.cpio")
+            .bin(env!("CARGO_BIN_EXE_nettest"))
+            .env("KERNEL", "/payload/guest/kernel")
+            .env("INITRD", "/payload/guest/initramfs.cpio")
+            .timeout(CASE_TIMEOUT)
+            .run()
+    };
+    let mut run = attempt();
+    if run.status != Some(0) && l2_reset_by_triple_fault(&run) {
+        // Seen about once in ten 2-vCPU boots under the emulated SVM of the TCG L1, at random
+        // points, on either vCPU (issue 8). AMD KVM resets the vCPU before reporting SHUTDOWN, so
+        // the cause is only in the L1's KVM trace printed above. One more attempt, said loudly.
+        eprintln!(
+            "nested case {case}: the L2 guest triple-faulted (KVM trace above); trying once more"
+        );
+        run = attempt();
+    }
     let result = run.line("RESULT: ").map(str::to_owned);
     assert_eq!(
         run.status,

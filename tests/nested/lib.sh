@@ -127,8 +127,10 @@ show_vms() {
         sed "s/^/[$name] /" "/tmp/$name.err" 2>/dev/null | tail -n 50
     done
     if [ -z "${NO_KVM_TRACE:-}" ] && [ -r "$KVM_TRACE/trace" ]; then
-        echo "----- L1 KVM trace (last events)"
-        grep -v '^#' "$KVM_TRACE/trace" | tail -n 60
+        echo "----- L1 KVM trace: injected exceptions and shutdowns"
+        grep -E 'kvm_inj_exception|reason shutdown|reason (excp|triple)' "$KVM_TRACE/trace" | tail -n 20
+        echo "----- L1 KVM trace: last events apart from serial output"
+        grep -v '^#' "$KVM_TRACE/trace" | grep -v -E 'kvm_pio|info1 0x0000000003f[8d]' | tail -n 60
     fi
 }
 trap on_exit EXIT
