@@ -235,10 +235,61 @@ async fn vm_snapshot(
             )
             .await
         }
-        Err(e) => error(
+        Err(e) => invalid_body(e),
+    }
+}
+
+/// 400 for a body that is not the request's JSON (unknown fields included).
+fn invalid_body(e: JsonRejection) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        format!("invalid request body: {}", e.body_text()),
+    )
+}
+
+/// The 400 for a `value` (the body's `field`) that does not look like `HOST:PORT`, if it does not.
+fn not_host_port(field: &str, value: &str) -> Option<Response> {
+    (value.trim().is_empty() || !value.contains(':')).then(|| {
+        error(
             StatusCode::BAD_REQUEST,
-            format!("invalid request body: {}", e.body_text()),
+            format!("\"{field}\" must be HOST:PORT, got {value:?}"),
+        )
+    })
+}
+
+/// The 400 for a VM started without --tls or --insecure-plain-tcp, asked to open a `purpose` link.
+fn no_link(purpose: &str) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        format!(
+            "this VM was started without --tls DIR (or --insecure-plain-tcp), so it cannot open \
+             a {purpose} link; see `ftvmm tls-certs --help`"
         ),
+    )
+}
+
+/// Runs `job`, which starts a replication thread, on the event loop. `Ok` once it did; else the
+/// response: 409 for a conflict, `failed` for the job's own error.
+async fn start_on_event_loop(
+    st: &ApiState,
+    job: impl FnOnce(&mut vmm::Machine) -> VmReply + Send + 'static,
+    failed: StatusCode,
+) -> Result<(), Response> {
+    let handle = st.handle.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        handle.request(VmCommand::OnEventLoop(Box::new(job)), COMMAND_TIMEOUT)
+    })
+    .await;
+    match started {
+        Ok(Ok(VmReply::Done(_))) => Ok(()),
+        Ok(Ok(VmReply::Conflict(m))) => Err(error(StatusCode::CONFLICT, m)),
+        Ok(Ok(VmReply::Error(m))) => Err(error(failed, m)),
+        Ok(Ok(other)) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected reply {other:?}"),
+        )),
+        Ok(Err(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 
@@ -262,28 +313,16 @@ async fn vm_migrate(
 ) -> Response {
     let req = match body {
         Ok(Json(req)) => req,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid request body: {}", e.body_text()),
-            )
-        }
+        Err(e) => return invalid_body(e),
     };
-    if req.to.trim().is_empty() || !req.to.contains(':') {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("\"to\" must be HOST:PORT, got {:?}", req.to),
-        );
+    if let Some(response) = not_host_port("to", &req.to) {
+        return response;
     }
     if migration_status(&st).is_some_and(|s| !s.finished()) {
         return error(StatusCode::CONFLICT, "a migration is already in progress");
     }
     let Some(security) = st.link.clone() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "this VM was started without --tls DIR (or --insecure-plain-tcp), so it cannot open \
-             a migration link; see `ftvmm tls-certs --help`",
-        );
+        return no_link("migration");
     };
     let mut params = MigrationParams::to(req.to, security);
     if let Some(ms) = req.downtime_ms {
@@ -307,23 +346,12 @@ async fn vm_migrate(
                 Err(e) => VmReply::Error(format!("cannot start the migration: {e}")),
             }
         };
-    let handle = st.handle.clone();
-    let started = tokio::task::spawn_blocking(move || {
-        handle.request(VmCommand::OnEventLoop(Box::new(job)), COMMAND_TIMEOUT)
-    })
-    .await;
-    match started {
-        Ok(Ok(VmReply::Done(_))) => match migration_status(&st) {
-            Some(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
-            None => error(StatusCode::INTERNAL_SERVER_ERROR, "migration did not start"),
-        },
-        Ok(Ok(VmReply::Conflict(m))) => error(StatusCode::CONFLICT, m),
-        Ok(Ok(other)) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected reply {other:?}"),
-        ),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    if let Err(response) = start_on_event_loop(&st, job, StatusCode::INTERNAL_SERVER_ERROR).await {
+        return response;
+    }
+    match migration_status(&st) {
+        Some(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
+        None => error(StatusCode::INTERNAL_SERVER_ERROR, "migration did not start"),
     }
 }
 
@@ -370,18 +398,10 @@ async fn vm_protect(
 ) -> Response {
     let req = match body {
         Ok(Json(req)) => req,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid request body: {}", e.body_text()),
-            )
-        }
+        Err(e) => return invalid_body(e),
     };
-    if req.standby.trim().is_empty() || !req.standby.contains(':') {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("\"standby\" must be HOST:PORT, got {:?}", req.standby),
-        );
+    if let Some(response) = not_host_port("standby", &req.standby) {
+        return response;
     }
     let epoch_ms = req.epoch_ms.unwrap_or(50);
     if !(5..=10_000).contains(&epoch_ms) {
@@ -391,11 +411,7 @@ async fn vm_protect(
         );
     }
     let Some(security) = st.link.clone() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "this VM was started without --tls DIR (or --insecure-plain-tcp), so it cannot open \
-             a replication link; see `ftvmm tls-certs --help`",
-        );
+        return no_link("replication");
     };
     let previous = st
         .protection
@@ -443,35 +459,21 @@ async fn vm_protect(
             Err(e) => VmReply::Error(format!("cannot start protection: {e}")),
         }
     };
-    let handle = st.handle.clone();
-    let started = tokio::task::spawn_blocking(move || {
-        handle.request(VmCommand::OnEventLoop(Box::new(job)), COMMAND_TIMEOUT)
-    })
-    .await;
-    match started {
-        Ok(Ok(VmReply::Done(_))) => {
-            let status = st
-                .protection
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(ProtectionHandle::status);
-            match status {
-                Some(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
-                None => error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "protection did not start",
-                ),
-            }
-        }
-        Ok(Ok(VmReply::Conflict(m))) => error(StatusCode::CONFLICT, m),
-        Ok(Ok(VmReply::Error(m))) => error(StatusCode::BAD_REQUEST, m),
-        Ok(Ok(other)) => error(
+    if let Err(response) = start_on_event_loop(&st, job, StatusCode::BAD_REQUEST).await {
+        return response;
+    }
+    let status = st
+        .protection
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(ProtectionHandle::status);
+    match status {
+        Some(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
+        None => error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected reply {other:?}"),
+            "protection did not start",
         ),
-        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
