@@ -177,6 +177,20 @@ impl ProtectedPair {
         (standby, listen)
     }
 
+    /// After a failover: a fresh standby where the dead primary was (host A if
+    /// `dead_primary_on_a`) protects the survivor, which becomes the pair's primary. Returns the
+    /// survivor's API socket.
+    fn reprotect_survivor(&mut self, dead_primary_on_a: bool, what: &str) -> std::path::PathBuf {
+        let survivor_api = self.dir.join(format!(
+            "standby-{}.sock",
+            if dead_primary_on_a { "b" } else { "a" }
+        ));
+        let (standby, listen) = self.new_standby(dead_primary_on_a);
+        protect(&survivor_api, &listen, what);
+        self.primary = std::mem::replace(&mut self.standby, standby);
+        survivor_api
+    }
+
     fn acknowledged(&self) -> u64 {
         self.acknowledged.load(Ordering::SeqCst)
     }
@@ -576,11 +590,7 @@ fn a_cut_replication_link_leaves_exactly_one_active_copy() {
     set_standby_host_link(&pair, false);
     let cut_at = pair.acknowledged();
     pair.wait_acknowledged(cut_at + 10, "on the primary after the partition");
-    let t0 = Instant::now();
-    while pair.protection()["state"] != "degraded" {
-        assert!(t0.elapsed() < DEADLINE, "{}", pair.primary.stderr());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_protection_state(&pair.api, "degraded", "after losing the standby");
     assert!(
         pair.primary
             .stderr()
@@ -680,11 +690,7 @@ fn with_a_witness_a_partitioned_standby_never_takes_over() {
     set_standby_host_link(&pair, false);
     let cut_at = pair.acknowledged();
     pair.wait_acknowledged(cut_at + 10, "on the primary after the partition");
-    let t0 = Instant::now();
-    while pair.protection()["state"] != "degraded" {
-        assert!(t0.elapsed() < DEADLINE, "{}", pair.primary.stderr());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_protection_state(&pair.api, "degraded", "after losing the standby");
     assert!(
         pair.primary
             .stderr()
@@ -708,6 +714,59 @@ fn with_a_witness_a_partitioned_standby_never_takes_over() {
     let healed_at = pair.acknowledged();
     pair.wait_acknowledged(healed_at + 10, "on the primary after the link healed");
     pair.finish();
+}
+
+/// `ftvmm vm protect --standby STANDBY` on the VM behind `api`; it must succeed.
+fn protect(api: &std::path::Path, standby: &str, what: &str) {
+    let out = integration_tests::run_ftvmm(
+        &[
+            "vm",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "protect",
+            "--standby",
+            standby,
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(0), "{what}: {out:?}");
+}
+
+/// Waits until the VM behind `api` reports protection in `state`.
+fn wait_protection_state(api: &std::path::Path, state: &str, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let out = integration_tests::run_ftvmm(
+            &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
+            DEADLINE,
+        );
+        if out.stdout.contains(&format!("\"{state}\"")) {
+            return;
+        }
+        assert!(t0.elapsed() < DEADLINE, "{what}: not {state}: {out:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Random kill points, 0 to 149 ms apart from now (xorshift from the clock; the seed is printed).
+struct KillPoints(u64);
+
+impl KillPoints {
+    fn from_clock() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("kill points from seed {seed}");
+        Self(seed | 1)
+    }
+
+    fn next(&mut self) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_millis(self.0 % 150)
+    }
 }
 
 /// Waits until the VM behind `api` reports protection `protected` with a committed epoch.
@@ -740,28 +799,13 @@ fn a_guest_is_reprotected_after_losing_its_standby_and_after_a_failover() {
     pair.wait_acknowledged(10, "at first");
 
     pair.standby.kill();
-    let t0 = Instant::now();
-    while pair.protection()["state"] != "degraded" {
-        assert!(t0.elapsed() < DEADLINE, "{}", pair.primary.stderr());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_protection_state(&pair.api, "degraded", "after losing the standby");
     let now = pair.acknowledged();
     pair.wait_acknowledged(now + 10, "degraded, without a standby");
 
     let (standby, listen) = pair.new_standby(false);
     pair.standby = standby;
-    let protect = integration_tests::run_ftvmm(
-        &[
-            "vm",
-            "--api-socket",
-            pair.api.to_str().unwrap(),
-            "protect",
-            "--standby",
-            &listen,
-        ],
-        DEADLINE,
-    );
-    assert_eq!(protect.code(), Some(0), "{protect:?}");
+    protect(&pair.api, &listen, "re-protecting the primary");
     wait_protected(&pair.api, "re-protected primary");
     // The witness's claim went protected (1), unprotected (2), protected again (3).
     assert_eq!(pair.protection()["generation"], 3);
@@ -775,25 +819,11 @@ fn a_guest_is_reprotected_after_losing_its_standby_and_after_a_failover() {
     pair.wait_acknowledged(now + 10, "after the first failover");
 
     // The survivor (on B) is protected by a fresh standby on A, then dies too.
-    let survivor_api = pair.dir.join("standby-b.sock");
-    let (standby_a, listen_a) = pair.new_standby(true);
-    let protect = integration_tests::run_ftvmm(
-        &[
-            "vm",
-            "--api-socket",
-            survivor_api.to_str().unwrap(),
-            "protect",
-            "--standby",
-            &listen_a,
-        ],
-        DEADLINE,
-    );
-    assert_eq!(protect.code(), Some(0), "{protect:?}");
+    let survivor_api = pair.reprotect_survivor(true, "the first survivor");
     wait_protected(&survivor_api, "re-protected survivor");
     let now = pair.acknowledged();
     pair.wait_acknowledged(now + 10, "survivor re-protected");
-    let mut survivor = std::mem::replace(&mut pair.standby, standby_a);
-    survivor.kill();
+    pair.primary.kill();
     pair.standby
         .wait_for_stderr("taking over from checkpoint", DEADLINE);
     let now = pair.acknowledged();
@@ -808,49 +838,22 @@ fn a_guest_is_reprotected_after_losing_its_standby_and_after_a_failover() {
 fn twenty_random_primary_kills_lose_no_acknowledged_write() {
     let _serial = one_at_a_time();
     let mut pair = ProtectedPair::start_with("kills", 500, true);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("kill points from seed {seed}");
-    let mut rng = seed | 1;
+    let mut kill_points = KillPoints::from_clock();
     let mut primary_on_a = true;
     let mut primary_api = pair.api.clone();
     for cycle in 0..20 {
         wait_protected(&primary_api, &format!("cycle {cycle}"));
         let now = pair.acknowledged();
         pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: before the kill"));
-        // xorshift: a kill point 0 to 149 ms into the next epochs.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(rng % 150));
+        std::thread::sleep(kill_points.next());
         pair.primary.kill();
         pair.standby
             .wait_for_stderr("taking over from checkpoint", DEADLINE);
         let now = pair.acknowledged();
         pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: after the failover"));
         // The survivor gets a fresh standby where the dead primary was, and becomes the primary.
-        let survivor_api = pair.dir.join(format!(
-            "standby-{}.sock",
-            if primary_on_a { "b" } else { "a" }
-        ));
-        let (standby, listen) = pair.new_standby(primary_on_a);
-        let protect = integration_tests::run_ftvmm(
-            &[
-                "vm",
-                "--api-socket",
-                survivor_api.to_str().unwrap(),
-                "protect",
-                "--standby",
-                &listen,
-            ],
-            DEADLINE,
-        );
-        assert_eq!(protect.code(), Some(0), "cycle {cycle}: {protect:?}");
-        pair.primary = std::mem::replace(&mut pair.standby, standby);
+        primary_api = pair.reprotect_survivor(primary_on_a, &format!("cycle {cycle}"));
         primary_on_a = !primary_on_a;
-        primary_api = survivor_api;
     }
     let last = pair.finish();
     eprintln!("20 failovers, {last} increments acknowledged, none lost");
@@ -957,20 +960,13 @@ fn soak_failover() {
     let (mut kills, mut hangs, mut partitions, mut fenced) = (0u32, 0u32, 0u32, 0u32);
     let mut primary_on_a = true;
     let mut primary_api = pair.api.clone();
-    let mut rng = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
+    let mut kill_points = KillPoints::from_clock();
     let t0 = Instant::now();
     for cycle in 0..cycles {
         wait_protected(&primary_api, &format!("cycle {cycle}"));
         let now = pair.acknowledged();
         pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: before the fault"));
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(rng % 150));
+        std::thread::sleep(kill_points.next());
         let standby_host_is_a = !primary_on_a;
         let standby_host = if standby_host_is_a {
             &pair.hosts.a
@@ -1001,51 +997,14 @@ fn soak_failover() {
                     );
                     fenced += 1;
                 }
-                let survivor_api = pair.dir.join(format!(
-                    "standby-{}.sock",
-                    if primary_on_a { "b" } else { "a" }
-                ));
-                let (standby, listen) = pair.new_standby(primary_on_a);
-                let protect = integration_tests::run_ftvmm(
-                    &[
-                        "vm",
-                        "--api-socket",
-                        survivor_api.to_str().unwrap(),
-                        "protect",
-                        "--standby",
-                        &listen,
-                    ],
-                    DEADLINE,
-                );
-                assert_eq!(protect.code(), Some(0), "cycle {cycle}: {protect:?}");
-                pair.primary = std::mem::replace(&mut pair.standby, standby);
+                primary_api = pair.reprotect_survivor(primary_on_a, &format!("cycle {cycle}"));
                 primary_on_a = !primary_on_a;
-                primary_api = survivor_api;
             }
             _ => {
                 // The standby's host is cut off: the primary goes on, the standby never acts.
                 partitions += 1;
                 set_host_link(standby_host, false);
-                let t1 = Instant::now();
-                loop {
-                    let out = integration_tests::run_ftvmm(
-                        &[
-                            "vm",
-                            "--api-socket",
-                            primary_api.to_str().unwrap(),
-                            "protection",
-                        ],
-                        DEADLINE,
-                    );
-                    if out.stdout.contains("\"degraded\"") {
-                        break;
-                    }
-                    assert!(
-                        t1.elapsed() < DEADLINE,
-                        "cycle {cycle}: not degraded: {out:?}"
-                    );
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                wait_protection_state(&primary_api, "degraded", &format!("cycle {cycle}"));
                 let now = pair.acknowledged();
                 pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: degraded"));
                 set_host_link(standby_host, true);
@@ -1058,18 +1017,7 @@ fn soak_failover() {
                 assert!(!pair.standby.stderr().contains("taking over"));
                 let (standby, listen) = pair.new_standby(standby_host_is_a);
                 pair.standby = standby;
-                let protect = integration_tests::run_ftvmm(
-                    &[
-                        "vm",
-                        "--api-socket",
-                        primary_api.to_str().unwrap(),
-                        "protect",
-                        "--standby",
-                        &listen,
-                    ],
-                    DEADLINE,
-                );
-                assert_eq!(protect.code(), Some(0), "cycle {cycle}: {protect:?}");
+                protect(&primary_api, &listen, &format!("cycle {cycle}"));
             }
         }
     }
