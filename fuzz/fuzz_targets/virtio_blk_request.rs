@@ -1,28 +1,18 @@
 //! virtio-blk: every request a hostile guest can put on the queue, against a small disk.
 #![no_main]
 
-use std::io::Write;
-
 use devices::virtio::block::event_handler::process_requests;
 use devices::virtio::block::request::{Disk, ID_BYTES};
 use devices::virtio::device_queues::{GuestErrorLog, QUEUE_BUDGET};
-use ftvmm_fuzz::queue_from_bytes;
+use ftvmm_fuzz::{queue_from_bytes, scratch_file};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((mem, mut queue)) = queue_from_bytes(data) else { return };
-    let mut file = tempfile();
-    file.write_all(&[0u8; 64 * 1024]).unwrap();
+    let file = scratch_file(64 * 1024);
     let id = [7u8; ID_BYTES];
     let read_only = data.first().is_some_and(|b| b & 0x80 != 0);
     let disk = Disk { file: &file, capacity: 64 * 1024, read_only, id: &id, journal: None };
     let mut errors = GuestErrorLog::new("fuzz-blk");
     process_requests(&mut queue, &mem, &disk, &mut errors, QUEUE_BUDGET);
 });
-
-fn tempfile() -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("ftvmm-fuzz-blk-{}", std::process::id()));
-    let f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
-    let _ = std::fs::remove_file(&path);
-    f
-}

@@ -39,3 +39,58 @@ pub fn queue_from_bytes(data: &[u8]) -> Option<(GuestMemoryMmap, Queue)> {
     queue.set_ready(true);
     queue.is_valid(&mem).then_some((mem, queue))
 }
+
+/// A peer on the other end of a replication or migration link, played by the fuzzer: reads come
+/// from its bytes, writes (acknowledgements) go nowhere.
+pub struct ScriptedPeer<'a>(pub &'a [u8]);
+
+impl std::io::Read for ScriptedPeer<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for ScriptedPeer<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Well-formed frames (right magic, version, length and checksum, compressed when large) around
+/// message payloads the fuzzer chose, so that the decoders and receive loops behind the checksum
+/// are reached: `data` is a sequence of `length: u16 LE | payload[length]` (a short last payload is
+/// taken as it is).
+pub fn framed(data: &[u8]) -> Vec<u8> {
+    let mut stream = Vec::new();
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let len = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
+        let (payload, after) = rest[2..].split_at(len.min(rest.len() - 2));
+        replication::wire::write_payload(&mut stream, payload).expect("writing to a Vec");
+        rest = after;
+    }
+    stream
+}
+
+/// A scratch file of `len` zero bytes, already unlinked.
+pub fn scratch_file(len: u64) -> std::fs::File {
+    let path = scratch_path("file");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("scratch file");
+    let _ = std::fs::remove_file(&path);
+    f.set_len(len).expect("scratch file size");
+    f
+}
+
+/// A path for a scratch file of this fuzzing process.
+pub fn scratch_path(what: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("ftvmm-fuzz-{what}-{}", std::process::id()))
+}

@@ -1,6 +1,7 @@
 //! The receiving side: build the hardware the source describes, fill its memory, apply the state,
 //! and run the guest only once the source has let go.
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::machine::VmSnapshot;
 use vmm::{Machine, RestoreOptions};
 
-use crate::link::{self, AcceptError, Link, LinkSecurity};
+use crate::link::{self, AcceptError, LinkSecurity};
 use crate::wire::{read_frame, write_frame, FrameError, Message};
 
 /// How long the destination waits for the next message before giving up.
@@ -53,12 +54,12 @@ pub fn receive(
         security = security.name(),
         "building the VM"
     );
-    let machine = link::assemble_incoming(&mut incoming, options)
+    let mut machine = link::assemble_incoming(&mut incoming, options)
         .map_err(|reason| ReceiveError::Machine { peer, reason })?;
     let mut link = incoming.link;
     let _ = link.set_read_timeout(Some(IDLE_TIMEOUT));
-    match receive_on(&mut link, peer, machine) {
-        Ok(machine) => Ok((machine, peer)),
+    match receive_stream(&mut link, peer, &mut machine) {
+        Ok(()) => Ok((machine, peer)),
         Err(e) => {
             // Tell the source why (best effort); it keeps its guest.
             let _ = write_frame(
@@ -72,11 +73,15 @@ pub fn receive(
     }
 }
 
-fn receive_on(
-    stream: &mut Link,
+/// The destination's receive loop on an established stream from `peer`: fills `machine`'s memory
+/// with the source's pages, applies its state, acknowledges, and returns once the source says Go.
+/// Anything out of order, outside guest memory or not matching `machine` is an error (and then
+/// `machine` holds a partial guest that must not run). Public so that it can be fuzzed.
+pub fn receive_stream<S: Read + Write>(
+    stream: &mut S,
     peer: SocketAddr,
-    mut machine: Machine,
-) -> Result<Machine, ReceiveError> {
+    machine: &mut Machine,
+) -> Result<(), ReceiveError> {
     let wire = |source| ReceiveError::Wire { peer, source };
     let machine_err = |reason: String| ReceiveError::Machine { peer, reason };
     let mut pages = 0u64;
@@ -121,7 +126,7 @@ fn receive_on(
     match read_frame::<_, Message>(stream).map_err(wire)? {
         Message::Go => {
             tracing::info!(pages, "migration received; the guest runs here now");
-            Ok(machine)
+            Ok(())
         }
         Message::Cancel => Err(ReceiveError::Cancelled { peer }),
         other => Err(unexpected(peer, "Go", &other)),

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::link::LinkSecurity;
 
-pub use destination::{receive, ReceiveError};
+pub use destination::{receive, receive_stream, ReceiveError};
 pub use source::{start_migration, MigrationHandle};
 
 /// How a migration is run.

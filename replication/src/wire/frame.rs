@@ -52,15 +52,21 @@ pub enum FrameError {
 /// Encodes and writes one message.
 pub fn write_frame<W: Write, T: Serialize>(w: &mut W, message: &T) -> Result<(), FrameError> {
     let raw = postcard::to_stdvec(message).map_err(|e| FrameError::Encode(e.to_string()))?;
+    write_payload(w, &raw)
+}
+
+/// Writes one frame around an already encoded message (compressed when that pays). Public for the
+/// fuzz targets, which send payloads of their own making in well-formed frames.
+pub fn write_payload<W: Write>(w: &mut W, raw: &[u8]) -> Result<(), FrameError> {
     let (flags, payload) = if raw.len() >= COMPRESS_MIN {
-        let packed = lz4_flex::compress_prepend_size(&raw);
+        let packed = lz4_flex::compress_prepend_size(raw);
         if packed.len() < raw.len() {
-            (FLAG_LZ4, packed)
+            (FLAG_LZ4, std::borrow::Cow::Owned(packed))
         } else {
-            (0, raw)
+            (0, std::borrow::Cow::Borrowed(raw))
         }
     } else {
-        (0, raw)
+        (0, std::borrow::Cow::Borrowed(raw))
     };
     let len = u32::try_from(payload.len())
         .ok()
