@@ -35,12 +35,18 @@ fn destination() -> Destination {
     let description = MachineDescription {
         vcpus: 1,
         memory_mib: vmm::memory::MIN_MEMORY_MIB,
-        disks: vec![DiskDescription { path: disk.clone(), read_only: false }],
+        disks: vec![DiskDescription {
+            path: disk.clone(),
+            read_only: false,
+        }],
         nets: vec![],
     };
     let options = RestoreOptions {
         serial: Some(SerialOutput::Null),
-        disks: Some(vec![BlockConfig { path: disk, read_only: false }]),
+        disks: Some(vec![BlockConfig {
+            path: disk,
+            read_only: false,
+        }]),
         nets: Some(vec![]),
     };
     let machine = Machine::assemble_for_restore(&description, &options).expect("a KVM VM");
@@ -50,7 +56,9 @@ fn destination() -> Destination {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     let source: SocketAddr = "192.0.2.1:7000".parse().unwrap();
     DESTINATION.with(|cell| {
         let mut cell = cell.borrow_mut();

@@ -51,7 +51,10 @@ impl Driver {
         self.write(0x20, (VIRTIO_F_VERSION_1 >> 32) as u32);
         self.write(0x24, 0);
         self.write(0x20, features_low);
-        self.write(0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        self.write(
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         self.write(0x30, 0);
         self.write(0x38, u32::from(QUEUE_SIZE));
         self.write(0x80, DESC_TABLE as u32);
@@ -62,7 +65,10 @@ impl Driver {
         self.write(0xa4, 0);
         self.write(0x44, 1);
         self.avail_idx = 0;
-        self.write(0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        self.write(
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
     }
 
     /// Puts a three-descriptor request (header, data, status byte) on the ring.
@@ -85,7 +91,9 @@ impl Driver {
         let ring_slot = AVAIL_RING + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
         let _ = self.memory.write_obj(d0, GuestAddress(ring_slot));
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        let _ = self.memory.write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2));
+        let _ = self
+            .memory
+            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2));
     }
 
     fn descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -104,14 +112,29 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&path, [0u8; DISK_BYTES]).expect("disk image");
     let read_only = data.first().is_some_and(|b| b & 1 == 1);
     let block = Arc::new(Mutex::new(
-        VirtioBlock::new(&BlockConfig { path: path.clone(), read_only }, 0).expect("virtio-blk"),
+        VirtioBlock::new(
+            &BlockConfig {
+                path: path.clone(),
+                read_only,
+            },
+            0,
+        )
+        .expect("virtio-blk"),
     ));
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
-    let transport = MmioTransport::new(block.clone(), memory.clone(), EventFdTrigger::new().unwrap())
-        .expect("transport");
+    let transport = MmioTransport::new(
+        block.clone(),
+        memory.clone(),
+        EventFdTrigger::new().unwrap(),
+    )
+    .expect("transport");
     let mut event_loop = EventManager::<Subscriber>::new().expect("event manager");
     event_loop.add_subscriber(block);
-    let mut driver = Driver { transport, memory, avail_idx: 0 };
+    let mut driver = Driver {
+        transport,
+        memory,
+        avail_idx: 0,
+    };
 
     // Each operation: kind, a 16-bit argument, a 32-bit value, one spare byte.
     for op in data.get(1..).unwrap_or_default().chunks_exact(8) {
@@ -138,7 +161,12 @@ fuzz_target!(|data: &[u8]| {
                 let kind = [0, 1, 4, 8][usize::from(op[7] & 3)]; // read, write, flush, get id
                 let sector = u64::from(value) % (DISK_BYTES as u64 / SECTOR_SIZE + 2);
                 let len = (u32::from(arg) % 8 + 1) * SECTOR_SIZE as u32;
-                driver.add_request(kind, sector, len.max(ID_BYTES as u32), u16::from(op[7] >> 2));
+                driver.add_request(
+                    kind,
+                    sector,
+                    len.max(ID_BYTES as u32),
+                    u16::from(op[7] >> 2),
+                );
             }
             _ => {
                 let _ = event_loop.run_with_timeout(0);
@@ -146,6 +174,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let quiet = (0..QUIET_WITHIN).any(|_| event_loop.run_with_timeout(0).expect("epoll") == 0);
-    assert!(quiet, "the event loop still has events {QUIET_WITHIN} turns after the guest stopped");
+    assert!(
+        quiet,
+        "the event loop still has events {QUIET_WITHIN} turns after the guest stopped"
+    );
     let _ = std::fs::remove_file(path);
 });

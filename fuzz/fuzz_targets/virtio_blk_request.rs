@@ -8,11 +8,19 @@ use ftvmm_fuzz::{queue_from_bytes, scratch_file};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, mut queue)) = queue_from_bytes(data) else { return };
+    let Some((mem, mut queue)) = queue_from_bytes(data) else {
+        return;
+    };
     let file = scratch_file(64 * 1024);
     let id = [7u8; ID_BYTES];
     let read_only = data.first().is_some_and(|b| b & 0x80 != 0);
-    let disk = Disk { file: &file, capacity: 64 * 1024, read_only, id: &id, journal: None };
+    let disk = Disk {
+        file: &file,
+        capacity: 64 * 1024,
+        read_only,
+        id: &id,
+        journal: None,
+    };
     let mut errors = GuestErrorLog::new("fuzz-blk");
     process_requests(&mut queue, &mem, &disk, &mut errors, QUEUE_BUDGET);
 });

@@ -17,11 +17,19 @@ impl OutputSink for Discard {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, mut queue)) = queue_from_bytes(data) else { return };
+    let Some((mem, mut queue)) = queue_from_bytes(data) else {
+        return;
+    };
     let mut buf = vec![0u8; NET_HDR_LEN + MAX_FRAME_LEN];
     let mut gate = PassThroughGate::new();
     let mut counters = NetCounters::default();
     let mut errors = GuestErrorLog::new("fuzz-net");
-    let mut tx = TxPath { buf: &mut buf, gate: &mut gate, sink: &mut Discard, counters: &mut counters, errors: &mut errors };
+    let mut tx = TxPath {
+        buf: &mut buf,
+        gate: &mut gate,
+        sink: &mut Discard,
+        counters: &mut counters,
+        errors: &mut errors,
+    };
     tx.drain(&mut queue, &mem, QUEUE_BUDGET);
 });

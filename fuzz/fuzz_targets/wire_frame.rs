@@ -9,7 +9,9 @@ use libfuzzer_sys::fuzz_target;
 use replication::wire::{read_frame, Message};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     let framed_stream;
     let mut stream = if mode & 1 == 1 {
         rest
@@ -19,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
     };
     while let Ok(message) = read_frame::<_, Message>(&mut stream) {
         // Whatever decodes must encode again.
-        replication::wire::write_frame(&mut Vec::new(), &message).expect("a decoded message encodes");
+        replication::wire::write_frame(&mut Vec::new(), &message)
+            .expect("a decoded message encodes");
     }
 });

@@ -26,8 +26,13 @@ pub fn queue_from_bytes(data: &[u8]) -> Option<(GuestMemoryMmap, Queue)> {
     mem.write_slice(table, GuestAddress(DESC_TABLE)).ok()?;
     // avail: flags = 0, idx from the fuzzer, then ring entries.
     mem.write_obj(0u16, GuestAddress(AVAIL_RING)).ok()?;
-    mem.write_obj(u16::from_le_bytes([avail[0], avail[1]]), GuestAddress(AVAIL_RING + 2)).ok()?;
-    mem.write_slice(&avail[2..], GuestAddress(AVAIL_RING + 4)).ok()?;
+    mem.write_obj(
+        u16::from_le_bytes([avail[0], avail[1]]),
+        GuestAddress(AVAIL_RING + 2),
+    )
+    .ok()?;
+    mem.write_slice(&avail[2..], GuestAddress(AVAIL_RING + 4))
+        .ok()?;
     let n = buffers.len().min(MEM_SIZE - DATA as usize);
     mem.write_slice(&buffers[..n], GuestAddress(DATA)).ok()?;
 
