@@ -360,3 +360,51 @@ fn api_reports_errors_as_json_with_meaningful_status() {
         "{out:?}"
     );
 }
+
+#[test]
+fn api_socket_for_a_group_is_0660_and_that_groups() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = scratch_dir("api-group");
+    let sock = dir.join("api.sock");
+    let guest = |group: &str, sock: &Path| {
+        let mut cmd = std::process::Command::new(ftvmm_bin());
+        cmd.args([
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "64",
+            "--cmdline",
+            "mode=spin",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--api-socket-group",
+            group,
+        ]);
+        cmd
+    };
+    // Debian's nogroup (65534), given by number so the test does not depend on its name.
+    let mut vm = RunningVm::spawn(guest("65534", &sock));
+    vm.wait_for("testguest: spinning cpus=1", DEADLINE);
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534);
+    assert_eq!(vm_cli(&sock, &["info"]).code(), Some(0));
+    vm.kill();
+
+    let out = run_ftvmm(
+        &guest("no-such-group-ftvmm", &dir.join("other.sock"))
+            .get_args()
+            .map(|a| a.to_str().unwrap())
+            .collect::<Vec<_>>(),
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("API socket group \"no-such-group-ftvmm\": no such group"),
+        "{out:?}"
+    );
+    assert!(!dir.join("other.sock").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}

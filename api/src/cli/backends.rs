@@ -1,8 +1,6 @@
 //! Options shared by the commands that bring an existing guest to this host (`restore`, `receive`,
 //! `standby`): this host's backends for the guest's devices, its API socket and its links.
 
-use std::path::PathBuf;
-
 use clap::Args;
 use vmm::{BlockConfig, NetConfig, RestoreOptions, SerialOutput};
 
@@ -27,9 +25,8 @@ pub struct BackendArgs {
     #[arg(long = "net", value_name = "tap=NAME")]
     nets: Vec<NetConfig>,
 
-    /// Serve the VM's control API on this Unix socket once it runs.
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub api: super::api_socket::ApiSocketArgs,
 
     #[command(flatten)]
     pub link: LinkArgs,

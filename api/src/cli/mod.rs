@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand.
 
+mod api_socket;
 mod backends;
 mod link;
 mod receive;

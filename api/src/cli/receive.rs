@@ -26,6 +26,7 @@ pub struct ReceiveArgs {
 
 pub fn receive(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let security = args.backends.link.required("ftvmm receive")?;
+    let api_socket = args.backends.api.socket()?;
     // This thread serves the peer and then runs the event loop: filtered before the peer speaks.
     vmm::seccomp::apply(vmm::seccomp::ThreadKind::EventLoop)?;
     let (machine, peer) = receive_migration(
@@ -40,11 +41,7 @@ pub fn receive(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         },
     )?;
     eprintln!("ftvmm: guest received from {peer}; running it here");
-    super::run::run_machine_after(
-        machine,
-        args.backends.api_socket.as_deref(),
-        Some(security),
-        None,
-        |m| m.announce_network(),
-    )
+    super::run::run_machine_after(machine, api_socket.as_ref(), Some(security), None, |m| {
+        m.announce_network()
+    })
 }

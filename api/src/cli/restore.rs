@@ -22,6 +22,7 @@ pub struct RestoreArgs {
 
 pub fn restore(args: RestoreArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let security = args.backends.link.security()?;
+    let api_socket = args.backends.api.socket()?;
     let machine = Machine::restore(&args.dir, &args.backends.restore_options())?;
-    super::run::run_machine(machine, args.backends.api_socket.as_deref(), security, None)
+    super::run::run_machine(machine, api_socket.as_ref(), security, None)
 }

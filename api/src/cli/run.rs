@@ -109,9 +109,8 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u64).range(5..=10_000))]
     epoch_ms: u64,
 
-    /// Serve the VM's control API (JSON over HTTP) on this Unix socket; see `ftvmm vm --help`.
-    #[arg(long, value_name = "PATH")]
-    api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    api: super::api_socket::ApiSocketArgs,
 
     #[command(flatten)]
     link: LinkArgs,
@@ -155,9 +154,9 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }),
         _ => None,
     };
-    let _server = match args.api_socket.as_deref() {
-        Some(path) => Some(crate::server::spawn(
-            path,
+    let _server = match args.api.socket()? {
+        Some(socket) => Some(crate::server::spawn(
+            &socket,
             machine.control_handle()?,
             security.clone(),
         )?),
@@ -185,7 +184,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
 /// process exit status.
 pub(super) fn run_machine(
     machine: Machine,
-    api_socket: Option<&std::path::Path>,
+    api_socket: Option<&crate::server::ApiSocket>,
     link: Option<LinkSecurity>,
     server: Option<crate::server::ApiServer>,
 ) -> Result<u8, Box<dyn std::error::Error>> {
@@ -196,14 +195,18 @@ pub(super) fn run_machine(
 /// are protected.
 pub(super) fn run_machine_after(
     mut machine: Machine,
-    api_socket: Option<&std::path::Path>,
+    api_socket: Option<&crate::server::ApiSocket>,
     link: Option<LinkSecurity>,
     server: Option<crate::server::ApiServer>,
     started: impl FnOnce(&Machine),
 ) -> Result<u8, Box<dyn std::error::Error>> {
     let _server = match (server, api_socket) {
         (Some(s), _) => Some(s),
-        (None, Some(path)) => Some(crate::server::spawn(path, machine.control_handle()?, link)?),
+        (None, Some(socket)) => Some(crate::server::spawn(
+            socket,
+            machine.control_handle()?,
+            link,
+        )?),
         (None, None) => None,
     };
     machine.start()?;

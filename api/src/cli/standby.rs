@@ -51,6 +51,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
     // This thread follows the primary and then runs the event loop: filtered before the peer speaks.
     vmm::seccomp::apply(vmm::seccomp::ThreadKind::EventLoop)?;
     let witness = args.witness.witness()?;
+    let api_socket = args.backends.api.socket()?;
     // While it follows, the standby's own API (state, failover) is served on the socket.
     let mut standby_api = None;
     let mut standby_api_error = None;
@@ -62,8 +63,8 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
         witness.as_deref(),
         |addr| eprintln!("ftvmm: standing by on {addr} ({})", security.name()),
         |control| {
-            if let Some(path) = args.backends.api_socket.as_deref() {
-                match crate::server::spawn_standby(path, control) {
+            if let Some(socket) = &api_socket {
+                match crate::server::spawn_standby(socket, control) {
                     Ok(server) => standby_api = Some(server),
                     Err(e) => standby_api_error = Some(e),
                 }
@@ -89,10 +90,10 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let mut machine = takeover.machine;
     // The survivor can be protected again (`vm protect`): its API knows the witness and the claim
     // this copy took over with.
-    let server = match args.backends.api_socket.as_deref() {
-        Some(path) => {
+    let server = match &api_socket {
+        Some(socket) => {
             let server =
-                crate::server::spawn(path, machine.control_handle()?, Some(security.clone()))?;
+                crate::server::spawn(socket, machine.control_handle()?, Some(security.clone()))?;
             server.set_witness(witness, takeover.claim);
             Some(server)
         }

@@ -35,6 +35,61 @@ pub enum ServerError {
     },
     #[error("cannot start the API server: {0}")]
     Runtime(std::io::Error),
+    #[error("API socket group {0:?}: no such group on this host")]
+    NoSuchGroup(String),
+    #[error("cannot give the API socket {path} to group {gid}: {source}")]
+    Group {
+        path: PathBuf,
+        gid: u32,
+        source: std::io::Error,
+    },
+}
+
+/// Where the API is served: a Unix socket only its owner may use, or also a group's members.
+#[derive(Clone, Debug)]
+pub struct ApiSocket {
+    pub path: PathBuf,
+    /// The group (id) whose members may use the socket too; the socket is then 0660.
+    pub group: Option<u32>,
+}
+
+impl ApiSocket {
+    /// The socket's permissions: [`SOCKET_MODE`], or 0660 with a group.
+    pub fn mode(&self) -> u32 {
+        match self.group {
+            Some(_) => GROUP_SOCKET_MODE,
+            None => SOCKET_MODE,
+        }
+    }
+}
+
+/// The id of group `name` (a name in the host's group database, or a number).
+pub fn group_id(name: &str) -> Result<u32, ServerError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let missing = || ServerError::NoSuchGroup(name.to_string());
+    let c_name = std::ffi::CString::new(name).map_err(|_| missing())?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: `group` is plain old data that getgrnam_r fills in.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: the NUL-terminated name, the group record, the
+    // buffer with its true length (the record's strings point into it; only gr_gid is read), and
+    // the result pointer.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(missing());
+    }
+    Ok(group.gr_gid)
 }
 
 /// A running API server; the socket file is removed when it is dropped (if it is still ours).
@@ -94,6 +149,8 @@ impl Drop for ApiServer {
 
 /// The API socket's permissions: only the user the VM runs as may control it.
 pub const SOCKET_MODE: u32 = 0o600;
+/// The API socket's permissions with `--api-socket-group`: its members too.
+pub const GROUP_SOCKET_MODE: u32 = 0o660;
 
 fn file_identity(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -102,14 +159,16 @@ fn file_identity(path: &Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
-/// Binds a Unix socket at `path` with mode [`SOCKET_MODE`], whatever the umask, without ever
+/// Binds the Unix socket `socket` with its mode (and group), whatever the umask, without ever
 /// replacing a socket that a live process serves. The socket is bound under a temporary name in
-/// the same directory, given its mode, then hard-linked to `path` (which fails if `path` appeared
-/// meanwhile), so no client can reach it with other permissions and no other socket is clobbered.
+/// the same directory, given its group and mode, then hard-linked to its path (which fails if the
+/// path appeared meanwhile), so no client can reach it with other permissions and no other socket
+/// is clobbered.
 fn bind_private(
-    path: &Path,
+    socket: &ApiSocket,
 ) -> Result<(std::os::unix::net::UnixListener, (u64, u64)), ServerError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let path = socket.path.as_path();
     let owned = || path.to_path_buf();
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -140,7 +199,17 @@ fn bind_private(
             path: owned(),
             source,
         })?;
-    let published = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(SOCKET_MODE))
+    if let Some(gid) = socket.group {
+        if let Err(source) = std::os::unix::fs::lchown(&tmp, None, Some(gid)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ServerError::Group {
+                path: owned(),
+                gid,
+                source,
+            });
+        }
+    }
+    let published = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(socket.mode()))
         .and_then(|()| std::fs::hard_link(&tmp, path));
     let _ = std::fs::remove_file(&tmp);
     match published {
@@ -162,9 +231,9 @@ fn bind_private(
     Ok((listener, identity))
 }
 
-/// Serves the control API for the VM behind `handle` on the Unix socket `path`.
+/// Serves the control API for the VM behind `handle` on `socket`.
 pub fn spawn(
-    path: &Path,
+    socket: &ApiSocket,
     handle: ControlHandle,
     link: Option<replication::link::LinkSecurity>,
 ) -> Result<ApiServer, ServerError> {
@@ -172,9 +241,9 @@ pub fn spawn(
     let outcome_reported = state.outcome_reported.clone();
     let protection = state.protection.clone();
     let witness = state.witness.clone();
-    let (identity, thread) = serve(path, routes::router(state))?;
+    let (identity, thread) = serve(socket, routes::router(state))?;
     Ok(ApiServer {
-        path: path.to_path_buf(),
+        path: socket.path.clone(),
         identity,
         outcome_reported,
         protection,
@@ -183,15 +252,15 @@ pub fn spawn(
     })
 }
 
-/// Serves a standby's API (its state, failover) on `path` while it follows its primary; drop it
+/// Serves a standby's API (its state, failover) on `socket` while it follows its primary; drop it
 /// before the VM's own API takes the path over.
 pub fn spawn_standby(
-    path: &Path,
+    socket: &ApiSocket,
     control: replication::protection::StandbyControl,
 ) -> Result<ApiServer, ServerError> {
-    let (identity, thread) = serve(path, standby_routes::router(control))?;
+    let (identity, thread) = serve(socket, standby_routes::router(control))?;
     Ok(ApiServer {
-        path: path.to_path_buf(),
+        path: socket.path.clone(),
         identity,
         outcome_reported: Arc::default(),
         protection: Arc::default(),
@@ -200,9 +269,13 @@ pub fn spawn_standby(
     })
 }
 
-/// Binds `path` (0600, never over a live socket) and serves `app` there on a thread of its own.
-fn serve(path: &Path, app: axum::Router) -> Result<((u64, u64), JoinHandle<()>), ServerError> {
-    let (std_listener, identity) = bind_private(path)?;
+/// Binds `socket` (0600 or 0660, never over a live socket) and serves `app` there on a thread of
+/// its own.
+fn serve(
+    socket: &ApiSocket,
+    app: axum::Router,
+) -> Result<((u64, u64), JoinHandle<()>), ServerError> {
+    let (std_listener, identity) = bind_private(socket)?;
     std_listener
         .set_nonblocking(true)
         .map_err(ServerError::Runtime)?;
@@ -229,7 +302,7 @@ fn serve(path: &Path, app: axum::Router) -> Result<((u64, u64), JoinHandle<()>),
             })
         })
         .map_err(ServerError::Runtime)?;
-    tracing::info!(socket = %path.display(), "API server listening");
+    tracing::info!(socket = %socket.path.display(), mode = format!("{:o}", socket.mode()), "API server listening");
     Ok((identity, thread))
 }
 
@@ -237,6 +310,13 @@ fn serve(path: &Path, app: axum::Router) -> Result<((u64, u64), JoinHandle<()>),
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    fn owner_only(path: &Path) -> ApiSocket {
+        ApiSocket {
+            path: path.to_path_buf(),
+            group: None,
+        }
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ftvmm-api-{name}-{}", std::process::id()));
@@ -251,7 +331,7 @@ mod tests {
         let path = dir.join("vm.sock");
         // SAFETY: umask only changes this process's file creation mask; restored below.
         let old = unsafe { libc::umask(0) };
-        let bound = bind_private(&path);
+        let bound = bind_private(&owner_only(&path));
         // SAFETY: as above.
         unsafe { libc::umask(old) };
         let (_listener, identity) = bound.unwrap();
@@ -267,16 +347,16 @@ mod tests {
     fn a_live_socket_is_never_replaced_and_a_stale_one_is() {
         let dir = scratch("live");
         let path = dir.join("vm.sock");
-        let (live, _) = bind_private(&path).unwrap();
+        let (live, _) = bind_private(&owner_only(&path)).unwrap();
         assert!(matches!(
-            bind_private(&path),
+            bind_private(&owner_only(&path)),
             Err(ServerError::InUse { .. })
         ));
         // The first server's socket still answers.
         assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
         drop(live);
         // Its process is gone (the listener closed): the path is stale and is taken over.
-        let (_again, _) = bind_private(&path).unwrap();
+        let (_again, _) = bind_private(&owner_only(&path)).unwrap();
         assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -287,10 +367,42 @@ mod tests {
         let path = dir.join("vm.sock");
         std::fs::write(&path, b"data").unwrap();
         assert!(matches!(
-            bind_private(&path),
+            bind_private(&owner_only(&path)),
             Err(ServerError::NotASocket { .. })
         ));
         assert_eq!(std::fs::read(&path).unwrap(), b"data");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_group_socket_belongs_to_that_group_and_is_0660() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = scratch("group");
+        let path = dir.join("vm.sock");
+        // A group other than its own where the test may give files to any group (as root: nogroup);
+        // its own group otherwise.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        // SAFETY: getegid has no preconditions.
+        let own = unsafe { libc::getegid() };
+        let gid = if root { 65534 } else { own };
+        let socket = ApiSocket {
+            path: path.clone(),
+            group: Some(gid),
+        };
+        let (_listener, _) = bind_private(&socket).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, GROUP_SOCKET_MODE);
+        assert_eq!(meta.gid(), gid);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn groups_are_found_by_name_or_number_and_unknown_ones_named() {
+        assert_eq!(group_id("root").unwrap(), 0);
+        assert_eq!(group_id("1234").unwrap(), 1234);
+        let err = group_id("no-such-group-ftvmm").unwrap_err().to_string();
+        assert!(err.contains("\"no-such-group-ftvmm\""), "{err}");
+        assert!(group_id("bad\0name").is_err());
     }
 }
