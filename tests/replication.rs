@@ -889,6 +889,11 @@ fn a_guest_with_a_disk_is_protected_and_its_writes_survive_failover() {
         pair.primary.output()
     );
     pair.wait_acknowledged(20, "with a disk");
+    // The first copy went through the whole disk and all of the guest's 128 MiB.
+    let sync = &pair.protection()["sync"];
+    let total = (DISK_BYTES + (128 << 20)) as u64;
+    assert_eq!(sync["total_bytes"].as_u64(), Some(total), "{sync}");
+    assert_eq!(sync["done_bytes"].as_u64(), Some(total), "{sync}");
 
     // Paused, the guest writes nothing; two more commits carry everything it wrote.
     let api = pair.api.to_str().unwrap().to_string();

@@ -189,6 +189,7 @@ pub(super) fn send_memory_image(
     memory: &GuestMemory,
     vm: &vmm::vm::Vm,
     tracker: &Mutex<DirtyTracker>,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<(), LoopError> {
     tracker
         .lock()
@@ -198,12 +199,18 @@ pub(super) fn send_memory_image(
     let mut page = vec![0u8; PAGE_SIZE];
     let mut batch: Vec<PageRun> = Vec::new();
     let mut bytes = 0;
+    // Gone through since the last progress report, zero pages (read, not sent) included.
+    let mut scanned = 0u64;
     for (addr, len) in DirtySet::all(memory).runs() {
         for offset in (0..len).step_by(PAGE_SIZE) {
             let gpa = addr.0 + offset;
             memory
                 .read_slice(&mut page, GuestAddress(gpa))
                 .map_err(|e| LoopError::Vm(format!("reading guest page {gpa:#x}: {e}")))?;
+            scanned += PAGE_SIZE as u64;
+            if scanned >= BATCH_BYTES as u64 {
+                progress(std::mem::take(&mut scanned));
+            }
             if page.iter().all(|b| *b == 0) {
                 continue;
             }
@@ -231,12 +238,17 @@ pub(super) fn send_memory_image(
     if !batch.is_empty() {
         write_frame(stream, &Message::MemorySync { runs: batch })?;
     }
+    progress(scanned);
     Ok(())
 }
 
 /// Sends each disk's image (read while the guest runs; its writes meanwhile are journalled and
 /// come with checkpoint 0), and before that the disks' sizes.
-pub(super) fn send_disk_images(stream: &mut Link, disks: &[DiskAccess]) -> Result<(), LoopError> {
+pub(super) fn send_disk_images(
+    stream: &mut Link,
+    disks: &[DiskAccess],
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), LoopError> {
     write_frame(
         stream,
         &Message::ProtectDisks {
@@ -261,6 +273,7 @@ pub(super) fn send_disk_images(stream: &mut Link, disks: &[DiskAccess]) -> Resul
                 },
             )?;
             offset += n as u64;
+            progress(n as u64);
         }
     }
     Ok(())

@@ -19,7 +19,7 @@ use super::checkpoint::{
     send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint,
 };
 use super::heartbeat::{self, StandbyWatch};
-use super::{ProtectionState, ProtectionStatus};
+use super::{ProtectionState, ProtectionStatus, SyncProgress};
 use crate::link::{self, Link, LinkSecurity, OpenError};
 use crate::wire::{read_frame, write_frame, Ending, FrameError, Message};
 use crate::witness::{ClaimState, HeldClaim, Witness};
@@ -184,6 +184,7 @@ pub fn start_protection(
         generation: None,
         held_frames: 0,
         held_bytes: 0,
+        sync: Default::default(),
         error: None,
     }));
     let stop = Arc::new(AtomicBool::new(false));
@@ -303,12 +304,32 @@ impl EpochLoop {
             CONNECT_TIMEOUT,
             IO_TIMEOUT,
         )?;
-        update(&self.status, |s| s.state = ProtectionState::Syncing);
+        let total_bytes = self.disks.iter().map(|d| d.capacity).sum::<u64>()
+            + vmm::dirty::DirtySet::all(&self.memory)
+                .runs()
+                .iter()
+                .map(|(_, len)| len)
+                .sum::<u64>();
+        update(&self.status, |s| {
+            s.state = ProtectionState::Syncing;
+            s.sync = SyncProgress {
+                done_bytes: 0,
+                total_bytes,
+            };
+        });
+        let status = self.status.clone();
+        let mut progress = move |bytes: u64| update(&status, |s| s.sync.done_bytes += bytes);
         let (result, failure_timeout) = match self.open_heartbeat(&mut stream) {
             Ok(failure_timeout) => (
-                send_disk_images(&mut stream, &self.disks)
+                send_disk_images(&mut stream, &self.disks, &mut progress)
                     .and_then(|()| {
-                        send_memory_image(&mut stream, &self.memory, &self.vm, &self.tracker)
+                        send_memory_image(
+                            &mut stream,
+                            &self.memory,
+                            &self.vm,
+                            &self.tracker,
+                            &mut progress,
+                        )
                     })
                     .and_then(|()| self.checkpoint_epochs(&mut stream)),
                 Some(failure_timeout),

@@ -59,5 +59,15 @@ pub struct ProtectionStatus {
     /// release).
     pub held_frames: u64,
     pub held_bytes: u64,
+    /// The first copy of the guest's disks and memory (state `syncing`): how far it has got.
+    pub sync: SyncProgress,
     pub error: Option<String>,
+}
+
+/// How much of the first copy (every disk image, then all of guest memory) has been read and sent.
+/// Zero pages of memory are read but not sent, so `done_bytes` counts what was gone through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
