@@ -34,8 +34,10 @@ pub struct StandbyArgs {
     listen: String,
 
     /// How long after its last heartbeat answer the primary counts as alive, in milliseconds (the
-    /// standby pings every fifth of it).
-    #[arg(long, value_name = "MS", default_value_t = 1000,
+    /// standby pings every fifth of it). With a witness, a silent primary is taken over about this
+    /// long after it fell silent (docs/benchmarks.md); raise it where hosts or the network stall
+    /// for longer than that without having failed.
+    #[arg(long, value_name = "MS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(50..=600_000))]
     failure_timeout_ms: u64,
 
