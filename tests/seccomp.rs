@@ -42,6 +42,8 @@ fn every_thread_of_a_protected_and_a_migrating_vm_is_filtered() {
     let mut standby_cmd = Command::new(ftvmm_bin());
     standby_cmd
         .args(["standby", "--listen", "127.0.0.1:0", "--serial", "null"])
+        // This test is about the filters, not timing: a generous failure timeout on a busy host.
+        .args(["--failure-timeout-ms", "1000"])
         .arg("--tls")
         .arg(pki.join("b"));
     let mut standby = RunningVm::spawn(standby_cmd);
