@@ -303,13 +303,16 @@ fn a_protected_guest_survives_the_loss_of_its_primary() {
         "{s}"
     );
     assert!(s["generation"].is_null(), "no witness, no generation: {s}");
+    assert_standby_never_sent(&pair);
     pair.primary.kill();
     let at_failure = pair.acknowledged();
 
     pair.standby
         .wait_for_stderr("taking over from checkpoint", DEADLINE);
-    // The client goes on against the standby, on the same connection.
+    // The client goes on against the standby, on the same connection: its frames now leave from
+    // host B's TAP (which the other tests check stays silent while the primary acts).
     pair.wait_acknowledged(at_failure + 10, "after failover");
+    assert!(frames_on_tap(&pair.hosts.b) > 0);
     let last = pair.finish();
     assert!(last >= at_failure + 10);
 }
@@ -340,6 +343,7 @@ fn a_hung_primary_is_not_taken_over_and_protects_again_when_it_wakes() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!pair.standby.stderr().contains("taking over"));
+    assert_standby_never_sent(&pair);
     // Now it dies for real: the standby takes over and the client loses nothing.
     pair.primary.kill();
     let at_failure = pair.acknowledged();
@@ -615,16 +619,15 @@ fn a_cut_replication_link_leaves_exactly_one_active_copy() {
         "{err}"
     );
     assert!(!err.contains("taking over"), "{err}");
+    assert_standby_never_sent(&pair);
     let healed_at = pair.acknowledged();
     pair.wait_acknowledged(healed_at + 10, "on the primary after the link healed");
     pair.finish();
 }
 
-/// Frames the guest on host A has put on its TAP (the host side receives them).
-fn frames_from_primary(pair: &ProtectedPair) -> u64 {
-    let out = pair
-        .hosts
-        .a
+/// Frames a guest on `host` has put on its TAP (the host side receives them).
+fn frames_on_tap(host: &integration_tests::netns::NetNs) -> u64 {
+    let out = host
         .command("cat")
         .arg("/sys/class/net/tap0/statistics/rx_packets")
         .output()
@@ -633,6 +636,21 @@ fn frames_from_primary(pair: &ProtectedPair) -> u64 {
         .trim()
         .parse()
         .expect("a count")
+}
+
+/// Frames the guest on host A has put on its TAP.
+fn frames_from_primary(pair: &ProtectedPair) -> u64 {
+    frames_on_tap(&pair.hosts.a)
+}
+
+/// The standby's copy never ran: its TAP on host B never saw a frame from a guest.
+fn assert_standby_never_sent(pair: &ProtectedPair) {
+    assert_eq!(
+        frames_on_tap(&pair.hosts.b),
+        0,
+        "the standby's copy put frames on its TAP\n{}",
+        pair.standby.stderr()
+    );
 }
 
 /// With a witness, a hung primary is taken over once it is silent, the client goes on against the
@@ -711,6 +729,7 @@ fn with_a_witness_a_partitioned_standby_never_takes_over() {
         "{err}"
     );
     assert!(!err.contains("taking over"), "{err}");
+    assert_standby_never_sent(&pair);
     let healed_at = pair.acknowledged();
     pair.wait_acknowledged(healed_at + 10, "on the primary after the link healed");
     pair.finish();
