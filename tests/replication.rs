@@ -356,9 +356,18 @@ fn a_hung_primary_is_not_taken_over_and_protects_again_when_it_wakes() {
 /// A standby on loopback with TLS identity `b` of a fresh PKI under `dir`; returns it, its address
 /// and the PKI.
 fn loopback_standby(dir: &std::path::Path) -> (RunningVm, String, std::path::PathBuf) {
+    loopback_standby_with(dir, &[])
+}
+
+/// As [`loopback_standby`], with more arguments.
+fn loopback_standby_with(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (RunningVm, String, std::path::PathBuf) {
     let pki = tls_pki(dir, &[("a", &["127.0.0.1"]), ("b", &["127.0.0.1"])]);
     let mut cmd = std::process::Command::new(ftvmm_bin());
     cmd.args(["standby", "--listen", "127.0.0.1:0", "--serial", "null"])
+        .args(extra)
         .arg("--tls")
         .arg(pki.join("b"));
     let mut standby = RunningVm::spawn(cmd);
@@ -426,6 +435,83 @@ fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
         assert!(!err.contains("taking over"), "{name}: {err}");
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// With a witness, a standby follows only the copy whose claim the witness holds: a primary that
+/// names another claim (holder or generation: a stale or second copy of the guest), or none, is
+/// refused before anything is synced; and a standby without a witness refuses a primary under one.
+#[test]
+fn a_standby_follows_only_the_primary_whose_claim_the_witness_holds() {
+    let _serial = one_at_a_time();
+    use replication::link::{self, LinkSecurity};
+    use replication::wire::{read_frame, write_frame, Message};
+    use replication::witness::{ClaimState, Witness};
+    let etcd = TestEtcd::start_local();
+    let witness = Witness::new(etcd.url(), "claim-check").unwrap();
+    let held = witness.create(0x1111, ClaimState::Protected).unwrap();
+    let generation = held.claim.generation;
+    let description = vmm::machine::MachineDescription {
+        vcpus: 1,
+        memory_mib: 32,
+        disks: vec![],
+        nets: vec![],
+    };
+    let with_witness = ["--witness", etcd.url(), "--guest-name", "claim-check"];
+    let cases: [(&str, &[&str], Message, &str); 4] = [
+        (
+            "another holder",
+            &with_witness,
+            Message::ClaimHeld {
+                holder: 0x2222,
+                generation,
+            },
+            "does not hold the primary's claim (holder 0x2222",
+        ),
+        (
+            "an older generation",
+            &with_witness,
+            Message::ClaimHeld {
+                holder: 0x1111,
+                generation: generation - 1,
+            },
+            "does not hold the primary's claim",
+        ),
+        (
+            "no claim",
+            &with_witness,
+            Message::ProtectDisks { sizes: vec![] },
+            "the primary protects without one",
+        ),
+        (
+            "no witness here",
+            &[],
+            Message::ClaimHeld {
+                holder: 0x1111,
+                generation,
+            },
+            "this standby has no witness",
+        ),
+    ];
+    for (name, args, message, expected) in cases {
+        let dir = std::env::temp_dir().join(format!(
+            "ftvmm-replication-claim-{}-{}",
+            std::process::id(),
+            name.replace(' ', "-")
+        ));
+        let (mut standby, addr, pki) = loopback_standby_with(&dir, args);
+        let security = LinkSecurity::tls(&pki.join("a")).unwrap();
+        let mut link = link::open(&addr, &description, &security, DEADLINE, DEADLINE).unwrap();
+        let standing: Message = read_frame(&mut link).unwrap();
+        assert_eq!(standing.name(), "Standing", "{name}");
+        write_frame(&mut link, &message).unwrap();
+        assert_eq!(standby.wait_exit(DEADLINE), Some(1), "{name}");
+        let err = standby.stderr();
+        assert!(err.contains(expected), "{name}: {err}");
+        assert!(!err.contains("taking over"), "{name}: {err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    // The witness still holds the real primary's claim, untouched.
+    assert_eq!(witness.read().unwrap().unwrap().claim, held.claim);
 }
 
 /// A primary on loopback protecting the test guest with `cmdline` to `standby` (TLS identity `a`).

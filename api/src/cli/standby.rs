@@ -37,7 +37,7 @@ pub struct StandbyArgs {
     /// standby pings every fifth of it). With a witness, a silent primary is taken over about this
     /// long after it fell silent (docs/benchmarks.md); raise it where hosts or the network stall
     /// for longer than that without having failed.
-    #[arg(long, value_name = "MS", default_value_t = 200,
+    #[arg(long, value_name = "MS", default_value_t = 180,
           value_parser = clap::value_parser!(u64).range(50..=600_000))]
     failure_timeout_ms: u64,
 

@@ -94,44 +94,39 @@ pub(super) fn take_checkpoint(
     })
 }
 
-/// Copies the pages of `set` out of guest memory.
+/// Copies the pages of `set` out of guest memory: each run of dirty pages is read in one go (in
+/// pieces of at most [`BATCH_BYTES`]) straight into the buffer that is sent.
 fn copy_pages(mem: &GuestMemory, set: &DirtySet) -> Result<(Vec<PageRun>, u64), String> {
     let mut runs: Vec<PageRun> = Vec::new();
     let mut pages = 0;
-    let mut page = vec![0u8; PAGE_SIZE];
     for (addr, len) in set.runs() {
-        for offset in (0..len).step_by(PAGE_SIZE) {
+        let mut offset = 0;
+        while offset < len {
+            let n = (len - offset).min(BATCH_BYTES as u64) as usize;
             let gpa = addr.0 + offset;
-            mem.read_slice(&mut page, GuestAddress(gpa))
-                .map_err(|e| format!("reading guest page {gpa:#x}: {e}"))?;
-            match runs.last_mut() {
-                Some(last)
-                    if last.gpa + last.data.len() as u64 == gpa
-                        && last.data.len() < BATCH_BYTES =>
-                {
-                    last.data.extend_from_slice(&page)
-                }
-                _ => runs.push(PageRun {
-                    gpa,
-                    data: page.clone(),
-                }),
-            }
-            pages += 1;
+            let mut data = vec![0u8; n];
+            mem.read_slice(&mut data, GuestAddress(gpa))
+                .map_err(|e| format!("reading guest pages {gpa:#x} (+{n} bytes): {e}"))?;
+            runs.push(PageRun { gpa, data });
+            pages += (n / PAGE_SIZE) as u64;
+            offset += n as u64;
         }
     }
     Ok((runs, pages))
 }
 
+/// Sends checkpoint `epoch`: its pages, its disk writes and its state. The page, write and state
+/// buffers move into the messages (the checkpoint keeps its dirty set, its counts and its pause).
 pub(super) fn send_checkpoint(
     stream: &mut Link,
     epoch: u64,
-    cp: &Checkpoint,
+    cp: &mut Checkpoint,
 ) -> Result<(), LoopError> {
     let mut batch: Vec<PageRun> = Vec::new();
     let mut bytes = 0;
-    for run in &cp.runs {
+    for run in std::mem::take(&mut cp.runs) {
         bytes += run.data.len();
-        batch.push(run.clone());
+        batch.push(run);
         if bytes >= BATCH_BYTES {
             write_frame(
                 stream,
@@ -147,16 +142,17 @@ pub(super) fn send_checkpoint(
         write_frame(stream, &Message::EpochPages { epoch, runs: batch })?;
     }
     let mut disk_writes = 0u64;
-    for (disk, writes) in cp.disk_writes.iter().enumerate() {
+    for (disk, writes) in std::mem::take(&mut cp.disk_writes).into_iter().enumerate() {
         let mut batch: Vec<DiskRun> = Vec::new();
         let mut bytes = 0;
-        for (i, w) in writes.iter().enumerate() {
+        let count = writes.len();
+        for (i, w) in writes.into_iter().enumerate() {
             bytes += w.data.len();
             batch.push(DiskRun {
                 offset: w.offset,
-                data: w.data.clone(),
+                data: w.data,
             });
-            if bytes >= BATCH_BYTES || i + 1 == writes.len() {
+            if bytes >= BATCH_BYTES || i + 1 == count {
                 disk_writes += batch.len() as u64;
                 write_frame(
                     stream,
@@ -176,7 +172,7 @@ pub(super) fn send_checkpoint(
             epoch,
             pages: cp.pages,
             disk_writes,
-            state: cp.state.clone(),
+            state: std::mem::take(&mut cp.state),
         },
     )?;
     Ok(())

@@ -321,7 +321,8 @@ impl EpochLoop {
         let mut progress = move |bytes: u64| update(&status, |s| s.sync.done_bytes += bytes);
         let (result, failure_timeout) = match self.open_heartbeat(&mut stream) {
             Ok(failure_timeout) => (
-                send_disk_images(&mut stream, &self.disks, &mut progress)
+                self.tell_claim(&mut stream)
+                    .and_then(|()| send_disk_images(&mut stream, &self.disks, &mut progress))
                     .and_then(|()| {
                         send_memory_image(
                             &mut stream,
@@ -427,6 +428,22 @@ impl EpochLoop {
         Ok(failure_timeout)
     }
 
+    /// With a witness, tells the standby the claim this protection holds, which is what the standby
+    /// checks at the witness and what a takeover must swap.
+    fn tell_claim(&self, stream: &mut Link) -> Result<(), LoopError> {
+        let held = self.claim.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(held) = held {
+            write_frame(
+                stream,
+                &Message::ClaimHeld {
+                    holder: held.claim.holder,
+                    generation: held.claim.generation,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     /// With a witness: the guest ended → the claim is removed; it goes on here → the claim becomes
     /// `unprotected`, which succeeds only if the standby has not taken over; if it has, this copy
     /// fences itself (never returns). An unreachable witness is retried: output stays held.
@@ -516,9 +533,9 @@ impl EpochLoop {
             }
             let span = tracing::debug_span!("epoch", epoch);
             let _guard = span.enter();
-            let cp = self.checkpoint(epoch)?;
+            let mut cp = self.checkpoint(epoch)?;
             let t0 = Instant::now();
-            if let Err(e) = send_checkpoint(stream, epoch, &cp) {
+            if let Err(e) = send_checkpoint(stream, epoch, &mut cp) {
                 // Never lose a dirty set: whoever tracks next must see these pages again.
                 self.tracker
                     .lock()

@@ -183,29 +183,6 @@ pub fn run_standby(
         failure_timeout_ms: failure_timeout.as_millis() as u64,
         heartbeat_ms: heartbeat_every.as_millis() as u64,
     };
-    // With a witness, the primary's claim is what a takeover must swap; without one, silence never
-    // ends following.
-    let primary_claim = match witness {
-        Some(w) => match w.read() {
-            Ok(Some(held)) if held.claim.state == ClaimState::Protected => Some(held),
-            Ok(other) => {
-                return Err(StandbyError::Setup {
-                    peer,
-                    reason: format!(
-                        "the witness's key {} holds no protected claim ({other:?})",
-                        w.key()
-                    ),
-                })
-            }
-            Err(e) => {
-                return Err(StandbyError::Setup {
-                    peer,
-                    reason: e.to_string(),
-                })
-            }
-        },
-        None => None,
-    };
     let on_silence = match witness {
         Some(_) => Some(stream.shutdown_handle().map_err(|e| StandbyError::Setup {
             peer,
@@ -227,6 +204,15 @@ pub fn run_standby(
             .map_err(|e| e.to_string())
         })
         .map_err(|reason| StandbyError::Setup { peer, reason })?;
+    // With a witness, the primary's claim is what a takeover must swap; without one, silence never
+    // ends following.
+    let primary_claim = match witness {
+        Some(w) => Some(
+            check_primary_claim(&mut stream, w)
+                .map_err(|reason| StandbyError::Setup { peer, reason })?,
+        ),
+        None => None,
+    };
     // Checkpoints may take as long as they take: liveness comes from the heartbeat channel.
     let _ = stream.set_read_timeout(None);
     let control = StandbyControl {
@@ -303,6 +289,39 @@ pub fn run_standby(
         reason,
         claim: our_claim,
     })))
+}
+
+/// Reads the claim the primary says it protects under and checks that the witness holds exactly
+/// it (same holder and generation), `protected`: the standby follows no other copy of the guest.
+fn check_primary_claim(stream: &mut Link, witness: &Witness) -> Result<HeldClaim, String> {
+    let (holder, generation) = match read_frame::<_, Message>(stream).map_err(|e| e.to_string())? {
+        Message::ClaimHeld { holder, generation } => (holder, generation),
+        other => {
+            return Err(format!(
+                "this standby has a witness but the primary protects without one (it sent {} \
+                 where ClaimHeld was due); give both ends the same --witness and --guest-name",
+                other.name()
+            ))
+        }
+    };
+    match witness.read().map_err(|e| e.to_string())? {
+        Some(held)
+            if held.claim.state == ClaimState::Protected
+                && held.claim.holder == holder
+                && held.claim.generation == generation =>
+        {
+            Ok(held)
+        }
+        now => Err(format!(
+            "the witness's key {} does not hold the primary's claim (holder {holder:#x}, \
+             generation {generation}, protected): it holds {}",
+            witness.key(),
+            now.map_or("nothing".into(), |h| format!(
+                "holder {:#x}, generation {}, {:?}",
+                h.claim.holder, h.claim.generation, h.claim.state
+            ))
+        )),
+    }
 }
 
 /// Swaps the primary's `protected` claim for this standby's `active` one; fails if the primary
@@ -567,6 +586,13 @@ fn follow_into<S: Read + Write>(
                 }
             }
             Message::Goodbye { ending } => return FollowEnd::Goodbye(ending),
+            Message::ClaimHeld { .. } => {
+                return FollowEnd::LinkBroken(
+                    "the primary protects under a witness claim but this standby has no witness; \
+                     give both ends the same --witness and --guest-name"
+                        .into(),
+                )
+            }
             other => return FollowEnd::LinkBroken(format!("unexpected message {}", other.name())),
         }
     }

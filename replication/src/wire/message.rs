@@ -1,4 +1,8 @@
 //! The messages of live migration and of protection (replication checkpoints).
+//!
+//! Byte payloads (pages, disk data, encoded state) are `serde_bytes`: postcard writes and reads them
+//! as one length-prefixed block (the same bytes on the wire as a sequence of `u8`, without a call per
+//! byte).
 
 use serde::{Deserialize, Serialize};
 use vmm::machine::MachineDescription;
@@ -8,6 +12,7 @@ use vmm::machine::MachineDescription;
 pub struct PageRun {
     /// Guest physical address of the first byte.
     pub gpa: u64,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -15,6 +20,7 @@ pub struct PageRun {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRun {
     pub offset: u64,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -57,7 +63,10 @@ pub enum Message {
     Pages { round: u32, runs: Vec<PageRun> },
     /// Source → destination, last: vCPU, VM and device state (an encoded `VmSnapshot`), sent
     /// with the vCPUs stopped.
-    State { snapshot: Vec<u8> },
+    State {
+        #[serde(with = "serde_bytes")]
+        snapshot: Vec<u8>,
+    },
     /// Destination → source: state applied; the destination will run the guest once told to.
     Applied,
     /// Source → destination: the source has stopped for good; run the guest.
@@ -75,6 +84,7 @@ pub enum Message {
         pages: u64,
         /// Disk writes sent for this checkpoint (`EpochDiskWrites` runs, all disks).
         disk_writes: u64,
+        #[serde(with = "serde_bytes")]
         state: Vec<u8>,
     },
     /// Primary → standby, after `Standing`: the size in bytes of each of the guest's disks; the
@@ -88,6 +98,7 @@ pub enum Message {
     DiskSync {
         disk: u32,
         offset: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Primary → standby: writes the guest completed on disk `disk` during checkpoint `epoch`, in
@@ -112,6 +123,10 @@ pub enum Message {
     },
     /// Primary → standby, first on the heartbeat channel (a second connection).
     HeartbeatOpen { session: u64 },
+    /// Primary → standby, right after `Standing`, when the primary protects under a witness: the
+    /// claim it holds there (its holder id and generation, the fencing token). The standby follows
+    /// only if the witness holds exactly this claim, `protected`; a takeover swaps that claim.
+    ClaimHeld { holder: u64, generation: u64 },
     /// Standby → primary on the heartbeat channel: `sent_us` is the standby's own clock.
     Ping { sent_us: u64 },
     /// Primary → standby: the echo of a `Ping`, sent only while the primary checkpoints for this
@@ -141,6 +156,7 @@ impl Message {
             Message::MemorySync { .. } => "MemorySync",
             Message::EpochDiskWrites { .. } => "EpochDiskWrites",
             Message::HeartbeatOpen { .. } => "HeartbeatOpen",
+            Message::ClaimHeld { .. } => "ClaimHeld",
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
         }
