@@ -1,6 +1,7 @@
 //! The primary's epoch loop: every epoch, pause the vCPUs, take the dirty pages and the device and vCPU
 //! state, start a new output epoch, resume; send the checkpoint; when the standby commits it, release
-//! the output it produced. When the guest ends, or protection is stopped, the loop tells the standby
+//! the output it produced. Checkpoints are pipelined: the next one is taken on time while earlier
+//! ones are still being committed (`in_flight.rs`). When the guest ends, or protection is stopped, the loop tells the standby
 //! why (`Goodbye`), so that it ends instead of resuming a guest that is gone or goes on here.
 //! Taking and sending one checkpoint is `checkpoint.rs`.
 
@@ -19,9 +20,10 @@ use super::checkpoint::{
     send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint,
 };
 use super::heartbeat::{self, StandbyWatch};
+use super::in_flight::{InFlight, SentCheckpoint};
 use super::{ProtectionState, ProtectionStatus, SyncProgress};
 use crate::link::{self, Link, LinkSecurity, OpenError};
-use crate::wire::{read_frame, write_frame, Ending, FrameError, Message};
+use crate::wire::{read_frame, write_frame, Ending, FrameError, FrameReader, Message};
 use crate::witness::{ClaimState, HeldClaim, Witness};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -519,69 +521,119 @@ impl EpochLoop {
         }
     }
 
-    /// Checkpoints every epoch until stopped or something fails.
+    /// Checkpoints at a steady cadence, one every epoch, until stopped or something fails. Up to
+    /// `in_flight::MAX_IN_FLIGHT` checkpoints are on their way at once, so the next one is taken on time
+    /// whatever the last one's commit takes; the output of epoch N leaves only on the standby's
+    /// `Committed { N }`, and commits must come in order (`in_flight.rs`). Whatever is still in
+    /// flight when protection ends gives its dirty set back to the tracker.
     fn checkpoint_epochs(&self, stream: &mut Link) -> Result<(), LoopError> {
-        for epoch in 0u64.. {
-            if self.stop.load(Ordering::SeqCst) {
+        let mut in_flight = InFlight::default();
+        let result = self.pipeline(stream, &mut in_flight);
+        in_flight.fold_back(&mut self.tracker.lock().unwrap_or_else(|e| e.into_inner()));
+        result
+    }
+
+    fn pipeline(&self, stream: &mut Link, in_flight: &mut InFlight) -> Result<(), LoopError> {
+        let mut acks = FrameReader::new();
+        let mut next_epoch = 0u64;
+        let mut due = Instant::now();
+        loop {
+            let stopping = self.stop.load(Ordering::SeqCst);
+            if stopping && in_flight.is_empty() {
                 return Ok(());
             }
-            if epoch > 0 {
-                std::thread::sleep(self.params.epoch);
-                if self.stop.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
+            let now = Instant::now();
+            if !stopping && now >= due && !in_flight.is_full() {
+                let epoch = next_epoch;
+                let span = tracing::debug_span!("epoch", epoch);
+                let _guard = span.enter();
+                let mut cp = self.checkpoint(epoch)?;
+                let taken_at = Instant::now();
+                let sent = send_checkpoint(stream, epoch, &mut cp);
+                in_flight.push(SentCheckpoint {
+                    epoch,
+                    pages: cp.pages,
+                    pause: cp.pause,
+                    taken_at,
+                    set: cp.set,
+                });
+                sent?;
+                next_epoch += 1;
+                // The cadence holds; a checkpoint that took longer than an epoch to send is
+                // followed by the next one at once (while the window has room).
+                due = (due + self.params.epoch).max(Instant::now());
+                continue;
             }
-            let span = tracing::debug_span!("epoch", epoch);
-            let _guard = span.enter();
-            let mut cp = self.checkpoint(epoch)?;
-            let t0 = Instant::now();
-            if let Err(e) = send_checkpoint(stream, epoch, &mut cp) {
-                // Never lose a dirty set: whoever tracks next must see these pages again.
-                self.tracker
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .fold_back(&cp.set);
-                return Err(e);
+            if in_flight.is_empty() {
+                std::thread::sleep(due.saturating_duration_since(now));
+                continue;
             }
-            match read_frame::<_, Message>(stream)? {
-                Message::Committed { epoch: e } if e == epoch => {}
-                Message::Error { message } => return Err(LoopError::Refused(message)),
-                other => {
+            // Acknowledgements until the next checkpoint is due; with the window full, or when
+            // stopping, as long as a commit may take.
+            let waiting_only_for_acks = stopping || in_flight.is_full();
+            let wait = if waiting_only_for_acks {
+                IO_TIMEOUT
+            } else {
+                due.saturating_duration_since(now)
+            };
+            stream
+                .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+                .map_err(|e| LoopError::Wire(FrameError::Io(e)))?;
+            match acks.poll::<_, Message>(stream)? {
+                None if waiting_only_for_acks => {
                     return Err(LoopError::Protocol(format!(
-                        "expected Committed {epoch}, got {other:?}"
+                        "no commit of checkpoint {} within {IO_TIMEOUT:?}",
+                        in_flight.oldest().unwrap_or_default()
+                    )))
+                }
+                None => {}
+                Some(Message::Committed { epoch }) => {
+                    let committed = in_flight.commit(epoch).map_err(LoopError::Protocol)?;
+                    self.committed(committed)?;
+                }
+                Some(Message::Error { message }) => return Err(LoopError::Refused(message)),
+                Some(other) => {
+                    return Err(LoopError::Protocol(format!(
+                        "expected Committed, got {}",
+                        other.name()
                     )))
                 }
             }
-            let commit = t0.elapsed();
-            let held = Arc::new(Mutex::new((0, 0)));
-            let held_after = held.clone();
-            self.run_job(move |m| {
-                m.release_output(epoch);
-                *held_after.lock().unwrap_or_else(|e| e.into_inner()) = m.held_output();
-                VmReply::Done(m.info())
-            })?;
-            let (held_frames, held_bytes) = *held.lock().unwrap_or_else(|e| e.into_inner());
-            let generation = self
-                .claim
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|h| h.claim.generation);
-            let heartbeat_age = self.watch.ping_age();
-            update(&self.status, |s| {
-                s.state = ProtectionState::Protected;
-                s.committed_epoch = epoch;
-                s.last_pause_ms = cp.pause.as_secs_f64() * 1e3;
-                s.last_pages = cp.pages;
-                s.last_commit_ms = commit.as_secs_f64() * 1e3;
-                s.heartbeat_age_ms = heartbeat_age.map(|a| a.as_secs_f64() * 1e3);
-                s.generation = generation;
-                s.held_frames = held_frames as u64;
-                s.held_bytes = held_bytes as u64;
-            });
-            if epoch == 0 {
-                tracing::info!("guest protected by {}", self.params.standby);
-            }
+        }
+    }
+
+    /// Checkpoint `cp` is committed: its epoch's output leaves, and the status says so.
+    fn committed(&self, cp: SentCheckpoint) -> Result<(), LoopError> {
+        let commit = cp.taken_at.elapsed();
+        let epoch = cp.epoch;
+        let held = Arc::new(Mutex::new((0, 0)));
+        let held_after = held.clone();
+        self.run_job(move |m| {
+            m.release_output(epoch);
+            *held_after.lock().unwrap_or_else(|e| e.into_inner()) = m.held_output();
+            VmReply::Done(m.info())
+        })?;
+        let (held_frames, held_bytes) = *held.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self
+            .claim
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|h| h.claim.generation);
+        let heartbeat_age = self.watch.ping_age();
+        update(&self.status, |s| {
+            s.state = ProtectionState::Protected;
+            s.committed_epoch = epoch;
+            s.last_pause_ms = cp.pause.as_secs_f64() * 1e3;
+            s.last_pages = cp.pages;
+            s.last_commit_ms = commit.as_secs_f64() * 1e3;
+            s.heartbeat_age_ms = heartbeat_age.map(|a| a.as_secs_f64() * 1e3);
+            s.generation = generation;
+            s.held_frames = held_frames as u64;
+            s.held_bytes = held_bytes as u64;
+        });
+        if epoch == 0 {
+            tracing::info!("guest protected by {}", self.params.standby);
         }
         Ok(())
     }

@@ -16,6 +16,7 @@
 mod checkpoint;
 pub mod epoch_loop;
 pub mod heartbeat;
+mod in_flight;
 pub mod standby;
 mod standby_disks;
 

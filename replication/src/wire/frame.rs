@@ -95,21 +95,8 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameErr
             FrameError::Io(e)
         });
     }
-    let magic: [u8; 4] = header[..4].try_into().expect("4 bytes");
-    if magic != MAGIC {
-        return Err(FrameError::Magic(magic));
-    }
-    let version = u16::from_le_bytes([header[4], header[5]]);
-    if version != PROTOCOL_VERSION {
-        return Err(FrameError::Version(version));
-    }
-    let flags = u16::from_le_bytes([header[6], header[7]]);
-    let len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    let sent = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
-    let mut payload = vec![0u8; len as usize];
+    let header = FrameHeader::parse(&header)?;
+    let mut payload = vec![0u8; header.len as usize];
     r.read_exact(&mut payload).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             FrameError::Closed
@@ -117,11 +104,47 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameErr
             FrameError::Io(e)
         }
     })?;
-    let received = crc32c::crc32c(&payload);
-    if received != sent {
-        return Err(FrameError::Checksum { sent, received });
+    header.decode(&payload)
+}
+
+/// A frame's header, checked: known magic and version, a length within bounds.
+struct FrameHeader {
+    flags: u16,
+    len: u32,
+    crc: u32,
+}
+
+impl FrameHeader {
+    fn parse(header: &[u8; HEADER_LEN]) -> Result<Self, FrameError> {
+        let magic: [u8; 4] = header[..4].try_into().expect("4 bytes");
+        if magic != MAGIC {
+            return Err(FrameError::Magic(magic));
+        }
+        let version = u16::from_le_bytes([header[4], header[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(FrameError::Version(version));
+        }
+        let flags = u16::from_le_bytes([header[6], header[7]]);
+        let len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        let crc = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+        Ok(Self { flags, len, crc })
     }
-    let raw = if flags & FLAG_LZ4 != 0 {
+
+    /// Checks the payload against the header's checksum, decompresses it if need be, and decodes.
+    fn decode<T: DeserializeOwned>(&self, payload: &[u8]) -> Result<T, FrameError> {
+        let received = crc32c::crc32c(payload);
+        if received != self.crc {
+            return Err(FrameError::Checksum {
+                sent: self.crc,
+                received,
+            });
+        }
+        if self.flags & FLAG_LZ4 == 0 {
+            return postcard::from_bytes(payload).map_err(|e| FrameError::Decode(e.to_string()));
+        }
         // The prepended size is bounded like any frame, so a hostile size cannot blow up memory.
         let claimed = payload
             .get(..4)
@@ -130,12 +153,66 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameErr
             Some(c) if c <= 4 * MAX_FRAME => {}
             _ => return Err(FrameError::Decompress("bad uncompressed size".into())),
         }
-        lz4_flex::decompress_size_prepended(&payload)
-            .map_err(|e| FrameError::Decompress(e.to_string()))?
-    } else {
-        payload
-    };
-    postcard::from_bytes(&raw).map_err(|e| FrameError::Decode(e.to_string()))
+        let raw = lz4_flex::decompress_size_prepended(payload)
+            .map_err(|e| FrameError::Decompress(e.to_string()))?;
+        postcard::from_bytes(&raw).map_err(|e| FrameError::Decode(e.to_string()))
+    }
+}
+
+/// Reads frames from a stream whose reads time out (a read timeout set on its socket): the bytes
+/// of a frame that has only partly arrived are kept until the rest comes, so a timeout never loses
+/// the stream's place. The epoch loop waits for acknowledgements this way between checkpoints.
+#[derive(Default)]
+pub struct FrameReader {
+    buffered: Vec<u8>,
+}
+
+impl FrameReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next whole message, or `None` if none was complete when a read timed out.
+    pub fn poll<R: Read, T: DeserializeOwned>(
+        &mut self,
+        r: &mut R,
+    ) -> Result<Option<T>, FrameError> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(message) = self.take_buffered()? {
+                return Ok(Some(message));
+            }
+            match r.read(&mut chunk) {
+                Ok(0) => return Err(FrameError::Closed),
+                Ok(n) => self.buffered.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        }
+    }
+
+    /// A message from the bytes already read, if a whole frame is there.
+    fn take_buffered<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        let Some(header) = self.buffered.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let header = FrameHeader::parse(header.try_into().expect("HEADER_LEN bytes"))?;
+        let end = HEADER_LEN + header.len as usize;
+        let Some(payload) = self.buffered.get(HEADER_LEN..end) else {
+            return Ok(None);
+        };
+        let message = header.decode(payload)?;
+        self.buffered.drain(..end);
+        Ok(Some(message))
+    }
 }
 
 #[cfg(test)]
@@ -219,5 +296,75 @@ mod tests {
             }
             let _ = read_frame::<_, Message>(&mut &data[..]);
         }
+    }
+
+    /// A reader that hands out at most `step` bytes per read and times out every other read.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+        calls: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(2) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = self.step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_frame_reader_keeps_its_place_across_timeouts() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Message::Committed { epoch: 1 }).unwrap();
+        write_frame(&mut buf, &pages()).unwrap();
+        write_frame(&mut buf, &Message::Committed { epoch: 2 }).unwrap();
+        let mut r = Trickle {
+            data: &buf,
+            step: 5,
+            calls: 0,
+        };
+        let mut reader = FrameReader::new();
+        let mut got = Vec::new();
+        let mut timeouts = 0;
+        while got.len() < 3 {
+            match reader.poll::<_, Message>(&mut r).unwrap() {
+                Some(m) => got.push(m),
+                None => timeouts += 1,
+            }
+        }
+        assert!(
+            timeouts > 3,
+            "the trickle timed out in the middle of frames"
+        );
+        assert_eq!(
+            got,
+            vec![
+                Message::Committed { epoch: 1 },
+                pages(),
+                Message::Committed { epoch: 2 }
+            ]
+        );
+        // The end of the stream (past a last timeout) is the peer closing it.
+        let end = loop {
+            match reader.poll::<_, Message>(&mut r) {
+                Ok(None) => continue,
+                other => break other,
+            }
+        };
+        assert!(matches!(end, Err(FrameError::Closed)), "{end:?}");
+        // A corrupt frame is refused, not waited for.
+        let mut bad = Vec::new();
+        write_frame(&mut bad, &Message::Go).unwrap();
+        bad[0] = b'X';
+        assert!(matches!(
+            FrameReader::new().poll::<_, Message>(&mut &bad[..]),
+            Err(FrameError::Magic(_))
+        ));
     }
 }

@@ -5,5 +5,7 @@
 pub mod frame;
 pub mod message;
 
-pub use frame::{read_frame, write_frame, write_payload, FrameError, PROTOCOL_VERSION};
+pub use frame::{
+    read_frame, write_frame, write_payload, FrameError, FrameReader, PROTOCOL_VERSION,
+};
 pub use message::{DiskRun, Ending, Message, PageRun};
