@@ -55,6 +55,9 @@ fn protect(cmdline: &str, epoch_ms: u32) {
     primary.wait_for("testguest: spinning", DEADLINE);
     let (mut pauses, mut commits, mut pages) = (Vec::new(), Vec::new(), Vec::new());
     let mut last_epoch = 0;
+    // (time, epoch) of the first and the last committed epoch seen: the cadence actually kept.
+    let mut first_seen: Option<(Instant, u64)> = None;
+    let mut last_seen: Option<(Instant, u64)> = None;
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(10) {
         let out = run_ftvmm(
@@ -64,6 +67,8 @@ fn protect(cmdline: &str, epoch_ms: u32) {
         if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
             let epoch = s["committed_epoch"].as_u64().unwrap_or(0);
             if epoch > last_epoch && epoch > 2 {
+                first_seen.get_or_insert((Instant::now(), epoch));
+                last_seen = Some((Instant::now(), epoch));
                 pauses.extend(ms(&s["last_pause_ms"]));
                 commits.extend(ms(&s["last_commit_ms"]));
                 pages.push(s["last_pages"].as_u64().unwrap_or(0));
@@ -81,13 +86,19 @@ fn protect(cmdline: &str, epoch_ms: u32) {
     }
     let (p, c) = (stats(&pauses), stats(&commits));
     pages.sort_unstable();
+    let per_second = match (first_seen, last_seen) {
+        (Some((t1, e1)), Some((t2, e2))) if t2 > t1 => (e2 - e1) as f64 / (t2 - t1).as_secs_f64(),
+        _ => 0.0,
+    };
     println!(
-        "{cmdline:<28} epoch {epoch_ms} ms | pause median {:.2} ms p99 {:.2} ms | commit median {:.2} ms p99 {:.2} ms | pages/epoch median {} | {} epochs sampled",
+        "{cmdline:<28} epoch {epoch_ms} ms | pause median {:.2} ms p99 {:.2} ms | commit median {:.2} ms p99 {:.2} ms | pages/epoch median {} | {:.1} epochs/s committed (ideal {:.1}) | {} epochs sampled",
         p.median.as_secs_f64() * 1e3,
         p.p99.as_secs_f64() * 1e3,
         c.median.as_secs_f64() * 1e3,
         c.p99.as_secs_f64() * 1e3,
         pages[pages.len() / 2],
+        per_second,
+        1000.0 / f64::from(epoch_ms),
         pauses.len()
     );
 }
