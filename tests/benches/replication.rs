@@ -1,6 +1,7 @@
 //! Protection benchmarks (run by `scripts/bench-replication`): the epoch pause (vCPUs stopped for a
 //! checkpoint) and the commit latency (end of pause to the standby's acknowledgement) of a 256 MiB,
-//! 2-vCPU test guest protected over loopback, idle and dirtying memory. Prints figures only.
+//! 2-vCPU test guest protected over loopback, idle and dirtying memory; the takeover time; and the
+//! reply latency gating adds for a client. Prints figures only.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -191,7 +192,119 @@ fn takeover(signal: &str, witness: bool, runs: usize) {
     );
 }
 
+/// Reply latency of the test guest's key-value service as a client on the LAN sees it (one
+/// request at a time, 5 s each): the guest unprotected, then protected at 10, 40 and 100 epochs per
+/// second with the standby on host B (network namespaces). Gating holds each reply until the
+/// checkpoint of its epoch commits: on average half an epoch plus the commit, the floor printed.
+fn reply_latency() {
+    for epoch_ms in [None, Some(100u64), Some(25), Some(10)] {
+        let hosts = integration_tests::netns::TwoHosts::new().expect("network namespaces");
+        let dir = std::env::temp_dir().join(format!(
+            "ftvmm-bench-latency-{}-{}",
+            std::process::id(),
+            epoch_ms.unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = tls_pki(&dir, &[("a", &[&hosts.a_ip()]), ("b", &[&hosts.b_ip()])]);
+        let listen = format!("{}:7100", hosts.b_ip());
+        let api = dir.join("primary.sock");
+        let mut standby = epoch_ms.map(|_| {
+            let mut cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
+            cmd.args(["standby", "--listen", &listen, "--net", "tap=tap0"])
+                .args(["--serial", "null", "--tls"])
+                .arg(pki.join("b"));
+            let mut standby = RunningVm::spawn(cmd);
+            standby.wait_for_stderr("standing by", DEADLINE);
+            standby
+        });
+        let mut cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
+        cmd.env("FTVMM_LOG", "replication=info")
+            .args(["run", "--kernel", testguest().to_str().unwrap()])
+            .args(["--memory", "128", "--net", "tap=tap0"])
+            .args(["--cmdline", &format!("mode=net ip={}/24", hosts.guest_ip())])
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--tls")
+            .arg(pki.join("a"));
+        if let Some(epoch) = epoch_ms {
+            cmd.args(["--standby", &listen, "--epoch-ms", &epoch.to_string()]);
+        }
+        let mut primary = RunningVm::spawn(cmd);
+        primary.wait_for("testguest: net up", DEADLINE);
+        if epoch_ms.is_some() {
+            primary.wait_for_stderr("guest protected by", DEADLINE);
+        }
+        // Back to back, then with a random pause of up to an epoch between requests.
+        let addr = format!("{}:4000", hosts.guest_ip());
+        let think = Duration::from_millis(epoch_ms.unwrap_or(0));
+        let back_to_back = integration_tests::clients::round_trips(
+            hosts.lan.name(),
+            addr.clone(),
+            Duration::from_secs(5),
+            Duration::ZERO,
+        )
+        .join()
+        .expect("client thread")
+        .expect("round trips");
+        let client = integration_tests::clients::round_trips(
+            hosts.lan.name(),
+            addr,
+            Duration::from_secs(10),
+            think,
+        );
+        let mut commits = Vec::new();
+        while !client.is_finished() {
+            if epoch_ms.is_some() {
+                let out = run_ftvmm(
+                    &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
+                    DEADLINE,
+                );
+                if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
+                    commits.extend(ms(&s["last_commit_ms"]));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(97));
+        }
+        let replies = client.join().expect("client thread").expect("round trips");
+        primary.kill();
+        if let Some(s) = standby.as_mut() {
+            s.kill();
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        let r = stats(&replies);
+        let (p50, p99) = (r.median.as_secs_f64() * 1e3, r.p99.as_secs_f64() * 1e3);
+        let b = stats(&back_to_back);
+        let (b50, b99) = (b.median.as_secs_f64() * 1e3, b.p99.as_secs_f64() * 1e3);
+        match epoch_ms {
+            None => println!(
+                "reply latency unprotected            | p50 {p50:.2} ms p99 {p99:.2} ms | {} replies",
+                replies.len() + back_to_back.len()
+            ),
+            Some(epoch) => {
+                let commit = if commits.is_empty() {
+                    0.0
+                } else {
+                    stats(&commits).median.as_secs_f64() * 1e3
+                };
+                let floor = epoch as f64 / 2.0 + commit;
+                println!(
+                    "reply latency at {:>3} epochs/s ({epoch:>3} ms) | requests at random times: p50 {p50:.2} ms p99 {p99:.2} ms, floor epoch/2 + commit {floor:.2} ms (commit median {commit:.2} ms), p50/floor {:.2}, {} replies | back to back: p50 {b50:.2} ms p99 {b99:.2} ms, {} replies",
+                    1000 / epoch,
+                    p50 / floor,
+                    replies.len(),
+                    back_to_back.len()
+                );
+            }
+        }
+    }
+}
+
 fn main() {
+    // FTVMM_BENCH_ONLY=latency runs the reply-latency part alone.
+    if std::env::var("FTVMM_BENCH_ONLY").as_deref() == Ok("latency") {
+        reply_latency();
+        return;
+    }
     println!("ftvmm protection benchmarks (test guest, 256 MiB, 2 vCPUs, standby over loopback, 10 s each)");
     protect("mode=spin", 50);
     protect("mode=spin dirty=10000 dirty_mb=64", 50);
@@ -200,4 +313,8 @@ fn main() {
     takeover("-KILL", false, 5);
     takeover("-KILL", true, 5);
     takeover("-STOP", true, 5);
+    println!(
+        "reply latency (key-value service, 128 MiB guest, client on the LAN, standby on host B)"
+    );
+    reply_latency();
 }

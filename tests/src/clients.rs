@@ -73,3 +73,56 @@ pub fn incrementer(
         Ok(last)
     })
 }
+
+/// From a thread inside the network namespace `netns`, keeps one connection to the key-value
+/// service at `addr` and sends `INCR counter`, one request at a time, for `duration`, waiting a
+/// pseudo-random time below `think` after each reply (zero: back to back); returns the time each
+/// reply took.
+pub fn round_trips(
+    netns: &str,
+    addr: String,
+    duration: Duration,
+    think: Duration,
+) -> JoinHandle<Result<Vec<Duration>, String>> {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        // SAFETY: joins this new thread (only) to the namespace; no memory is shared with the kernel.
+        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        if ret != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let target = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+        let s = TcpStream::connect_timeout(&target, Duration::from_secs(20))
+            .map_err(|e| e.to_string())?;
+        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(s);
+        let mut times = Vec::new();
+        let start = std::time::Instant::now();
+        let mut line = String::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        while start.elapsed() < duration {
+            let t0 = std::time::Instant::now();
+            r.get_mut()
+                .write_all(b"INCR counter\n")
+                .map_err(|e| format!("send: {e}"))?;
+            line.clear();
+            r.read_line(&mut line)
+                .map_err(|e| format!("receive: {e}"))?;
+            if line.trim().parse::<u64>().is_err() {
+                return Err(format!("INCR answered {:?}", line.trim()));
+            }
+            times.push(t0.elapsed());
+            if !think.is_zero() {
+                // xorshift: spread the requests over the epoch without a crate for it.
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                std::thread::sleep(think.mul_f64((seed % 1000) as f64 / 1000.0));
+            }
+        }
+        Ok(times)
+    })
+}
