@@ -379,19 +379,20 @@ fn loopback_standby_with(
 fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
     let _serial = one_at_a_time();
     use replication::link::{self, LinkSecurity};
-    use replication::wire::{write_frame, Message, PageRun};
+    use replication::wire::{write_frame, EncodedPage, Message, PageEncoding};
     let description = vmm::machine::MachineDescription {
         vcpus: 1,
         memory_mib: 32,
         disks: vec![],
         nets: vec![],
     };
-    let cases: [(&str, Message, &str); 3] = [
+    let page = |gpa: u64, encoding: PageEncoding| EncodedPage { gpa, encoding };
+    let cases: [(&str, Message, &str); 4] = [
         (
             "out of order",
             Message::EpochPages {
                 epoch: 5,
-                runs: vec![],
+                pages: vec![],
             },
             "pages of checkpoint 5 where 0 was due",
         ),
@@ -399,23 +400,31 @@ fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
             "outside memory",
             Message::EpochPages {
                 epoch: 0,
-                runs: vec![PageRun {
-                    gpa: 1 << 40,
-                    data: vec![1; 4096],
-                }],
+                pages: vec![page(1 << 40, PageEncoding::Whole(vec![1; 4096]))],
             },
-            "not whole pages of guest memory",
+            "not a whole page of guest memory",
         ),
         (
             "torn page",
             Message::EpochPages {
                 epoch: 0,
-                runs: vec![PageRun {
-                    gpa: 0x10_0000,
-                    data: vec![1; 100],
-                }],
+                pages: vec![page(0x10_0000, PageEncoding::Whole(vec![1; 100]))],
             },
-            "not whole pages of guest memory",
+            "100 bytes where a whole page was due",
+        ),
+        (
+            "a delta against another base",
+            Message::EpochPages {
+                epoch: 0,
+                pages: vec![page(
+                    0x10_0000,
+                    PageEncoding::Delta {
+                        base_crc: 0x1234_5678,
+                        changes: vec![0, 1, 7],
+                    },
+                )],
+            },
+            "a delta made against a copy (CRC32C 0x12345678) this standby does not hold",
         ),
     ];
     for (name, message, expected) in cases {

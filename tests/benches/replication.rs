@@ -55,6 +55,8 @@ fn protect(cmdline: &str, epoch_ms: u32) {
     let mut primary = RunningVm::spawn(primary_cmd);
     primary.wait_for("testguest: spinning", DEADLINE);
     let (mut pauses, mut commits, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+    // Page data on the link against the raw dirty bytes, summed over the epochs sampled.
+    let (mut page_bytes, mut raw_bytes) = (0u64, 0u64);
     let mut last_epoch = 0;
     // (time, epoch) of the first and the last committed epoch seen: the cadence actually kept.
     let mut first_seen: Option<(Instant, u64)> = None;
@@ -73,6 +75,8 @@ fn protect(cmdline: &str, epoch_ms: u32) {
                 pauses.extend(ms(&s["last_pause_ms"]));
                 commits.extend(ms(&s["last_commit_ms"]));
                 pages.push(s["last_pages"].as_u64().unwrap_or(0));
+                page_bytes += s["last_page_bytes"].as_u64().unwrap_or(0);
+                raw_bytes += s["last_pages"].as_u64().unwrap_or(0) * 4096;
             }
             last_epoch = epoch;
         }
@@ -92,7 +96,7 @@ fn protect(cmdline: &str, epoch_ms: u32) {
         _ => 0.0,
     };
     println!(
-        "{cmdline:<28} epoch {epoch_ms} ms | pause median {:.2} ms p99 {:.2} ms | commit median {:.2} ms p99 {:.2} ms | pages/epoch median {} | {:.1} epochs/s committed (ideal {:.1}) | {} epochs sampled",
+        "{cmdline:<28} epoch {epoch_ms} ms | pause median {:.2} ms p99 {:.2} ms | commit median {:.2} ms p99 {:.2} ms | pages/epoch median {} | {:.1} epochs/s committed (ideal {:.1}) | page bytes on the link / raw {} | {} epochs sampled",
         p.median.as_secs_f64() * 1e3,
         p.p99.as_secs_f64() * 1e3,
         c.median.as_secs_f64() * 1e3,
@@ -100,6 +104,11 @@ fn protect(cmdline: &str, epoch_ms: u32) {
         pages[pages.len() / 2],
         per_second,
         1000.0 / f64::from(epoch_ms),
+        if raw_bytes == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.3}", page_bytes as f64 / raw_bytes as f64)
+        },
         pauses.len()
     );
 }
@@ -300,21 +309,25 @@ fn reply_latency() {
 }
 
 fn main() {
-    // FTVMM_BENCH_ONLY=latency runs the reply-latency part alone.
-    if std::env::var("FTVMM_BENCH_ONLY").as_deref() == Ok("latency") {
-        reply_latency();
-        return;
+    // FTVMM_BENCH_ONLY=epochs|takeover|latency runs one part alone.
+    let only = std::env::var("FTVMM_BENCH_ONLY").ok();
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if run("epochs") {
+        println!("ftvmm protection benchmarks (test guest, 256 MiB, 2 vCPUs, standby over loopback, 10 s each)");
+        protect("mode=spin", 50);
+        protect("mode=spin dirty=10000 dirty_mb=64", 50);
+        protect("mode=spin dirty=10000 dirty_mb=64", 20);
     }
-    println!("ftvmm protection benchmarks (test guest, 256 MiB, 2 vCPUs, standby over loopback, 10 s each)");
-    protect("mode=spin", 50);
-    protect("mode=spin dirty=10000 dirty_mb=64", 50);
-    protect("mode=spin dirty=10000 dirty_mb=64", 20);
-    println!("takeover (128 MiB guest, epoch 20 ms, the default failure timeout (180 ms), standby and etcd on loopback)");
-    takeover("-KILL", false, 5);
-    takeover("-KILL", true, 5);
-    takeover("-STOP", true, 5);
-    println!(
-        "reply latency (key-value service, 128 MiB guest, client on the LAN, standby on host B)"
-    );
-    reply_latency();
+    if run("takeover") {
+        println!("takeover (128 MiB guest, epoch 20 ms, the default failure timeout (180 ms), standby and etcd on loopback)");
+        takeover("-KILL", false, 5);
+        takeover("-KILL", true, 5);
+        takeover("-STOP", true, 5);
+    }
+    if run("latency") {
+        println!(
+            "reply latency (key-value service, 128 MiB guest, client on the LAN, standby on host B)"
+        );
+        reply_latency();
+    }
 }

@@ -14,8 +14,9 @@ use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::Machine;
 
 use super::epoch_loop::LoopError;
+use super::page_delta::{encoded_bytes, SentPages};
 use crate::link::Link;
-use crate::wire::{write_frame, DiskRun, Message, PageRun};
+use crate::wire::{write_frame, DiskRun, EncodedPage, Message, PageRun};
 
 /// Largest batch of pages or disk writes in one message.
 const BATCH_BYTES: usize = 4 << 20;
@@ -115,31 +116,46 @@ fn copy_pages(mem: &GuestMemory, set: &DirtySet) -> Result<(Vec<PageRun>, u64), 
     Ok((runs, pages))
 }
 
-/// Sends checkpoint `epoch`: its pages, its disk writes and its state. The page, write and state
-/// buffers move into the messages (the checkpoint keeps its dirty set, its counts and its pause).
+/// Sends checkpoint `epoch`: its pages (each encoded against what the standby holds, `page_delta.rs`),
+/// its disk writes and its state; returns the bytes of page data it took (before frame
+/// compression). The page, write and state buffers move into the messages (the checkpoint keeps its
+/// dirty set, its counts and its pause).
 pub(super) fn send_checkpoint(
     stream: &mut Link,
     epoch: u64,
     cp: &mut Checkpoint,
-) -> Result<(), LoopError> {
-    let mut batch: Vec<PageRun> = Vec::new();
+    sent_pages: &mut SentPages,
+) -> Result<u64, LoopError> {
+    let mut batch: Vec<EncodedPage> = Vec::new();
     let mut bytes = 0;
+    let mut page_bytes = 0u64;
     for run in std::mem::take(&mut cp.runs) {
-        bytes += run.data.len();
-        batch.push(run);
-        if bytes >= BATCH_BYTES {
-            write_frame(
-                stream,
-                &Message::EpochPages {
-                    epoch,
-                    runs: std::mem::take(&mut batch),
-                },
-            )?;
-            bytes = 0;
+        for (i, page) in run.data.chunks_exact(PAGE_SIZE).enumerate() {
+            let encoded = sent_pages.encode(run.gpa + (i * PAGE_SIZE) as u64, page);
+            bytes += encoded_bytes(&encoded);
+            batch.push(encoded);
+            if bytes >= BATCH_BYTES {
+                page_bytes += bytes as u64;
+                write_frame(
+                    stream,
+                    &Message::EpochPages {
+                        epoch,
+                        pages: std::mem::take(&mut batch),
+                    },
+                )?;
+                bytes = 0;
+            }
         }
     }
     if !batch.is_empty() {
-        write_frame(stream, &Message::EpochPages { epoch, runs: batch })?;
+        page_bytes += bytes as u64;
+        write_frame(
+            stream,
+            &Message::EpochPages {
+                epoch,
+                pages: batch,
+            },
+        )?;
     }
     let mut disk_writes = 0u64;
     for (disk, writes) in std::mem::take(&mut cp.disk_writes).into_iter().enumerate() {
@@ -175,7 +191,7 @@ pub(super) fn send_checkpoint(
             state: std::mem::take(&mut cp.state),
         },
     )?;
-    Ok(())
+    Ok(page_bytes)
 }
 
 /// Starts dirty tracking, then sends every non-zero page of guest memory while the guest runs

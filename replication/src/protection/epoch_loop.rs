@@ -21,6 +21,7 @@ use super::checkpoint::{
 };
 use super::heartbeat::{self, StandbyWatch};
 use super::in_flight::{InFlight, SentCheckpoint};
+use super::page_delta::{SentPages, DEFAULT_CACHE_BYTES};
 use super::{ProtectionState, ProtectionStatus, SyncProgress};
 use crate::link::{self, Link, LinkSecurity, OpenError};
 use crate::wire::{read_frame, write_frame, Ending, FrameError, FrameReader, Message};
@@ -181,6 +182,7 @@ pub fn start_protection(
         committed_epoch: 0,
         last_pause_ms: 0.0,
         last_pages: 0,
+        last_page_bytes: 0,
         last_commit_ms: 0.0,
         heartbeat_age_ms: None,
         generation: None,
@@ -535,6 +537,8 @@ impl EpochLoop {
 
     fn pipeline(&self, stream: &mut Link, in_flight: &mut InFlight) -> Result<(), LoopError> {
         let mut acks = FrameReader::new();
+        // What this session sent of each page: the base of the next deltas.
+        let mut sent_pages = SentPages::new(DEFAULT_CACHE_BYTES);
         let mut next_epoch = 0u64;
         let mut due = Instant::now();
         loop {
@@ -549,10 +553,11 @@ impl EpochLoop {
                 let _guard = span.enter();
                 let mut cp = self.checkpoint(epoch)?;
                 let taken_at = Instant::now();
-                let sent = send_checkpoint(stream, epoch, &mut cp);
+                let sent = send_checkpoint(stream, epoch, &mut cp, &mut sent_pages);
                 in_flight.push(SentCheckpoint {
                     epoch,
                     pages: cp.pages,
+                    page_bytes: *sent.as_ref().unwrap_or(&0),
                     pause: cp.pause,
                     taken_at,
                     set: cp.set,
@@ -626,6 +631,7 @@ impl EpochLoop {
             s.committed_epoch = epoch;
             s.last_pause_ms = cp.pause.as_secs_f64() * 1e3;
             s.last_pages = cp.pages;
+            s.last_page_bytes = cp.page_bytes;
             s.last_commit_ms = commit.as_secs_f64() * 1e3;
             s.heartbeat_age_ms = heartbeat_age.map(|a| a.as_secs_f64() * 1e3);
             s.generation = generation;

@@ -17,6 +17,8 @@ pub(super) const MAX_IN_FLIGHT: usize = 3;
 pub(super) struct SentCheckpoint {
     pub(super) epoch: u64,
     pub(super) pages: u64,
+    /// Bytes of page data it took on the link.
+    pub(super) page_bytes: u64,
     pub(super) pause: Duration,
     /// The end of its pause: its commit latency runs from here.
     pub(super) taken_at: Instant,
@@ -82,6 +84,7 @@ mod tests {
         SentCheckpoint {
             epoch,
             pages: 0,
+            page_bytes: 0,
             pause: Duration::ZERO,
             taken_at: Instant::now(),
             set: DirtySet::default(),

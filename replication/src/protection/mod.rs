@@ -17,6 +17,7 @@ mod checkpoint;
 pub mod epoch_loop;
 pub mod heartbeat;
 mod in_flight;
+pub mod page_delta;
 pub mod standby;
 mod standby_disks;
 
@@ -50,6 +51,9 @@ pub struct ProtectionStatus {
     pub last_pause_ms: f64,
     /// Pages in the last checkpoint.
     pub last_pages: u64,
+    /// Bytes of page data the last checkpoint took on the link (zero pages as marks, deltas
+    /// against the standby's copy; before frame compression), against `last_pages` × 4 KiB raw.
+    pub last_page_bytes: u64,
     /// From the end of the pause to the standby's acknowledgement, last epoch.
     pub last_commit_ms: f64,
     /// Time since the standby's last heartbeat ping, if the heartbeat channel is open.

@@ -28,9 +28,10 @@ use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::{Machine, RestoreOptions};
 
 use super::heartbeat::{self, Liveness};
+use super::page_delta::decode_page;
 use super::standby_disks::StandbyDisks;
 use crate::link::{self, AcceptError, Link, LinkSecurity, LinkShutdown};
-use crate::wire::{read_frame, write_frame, Ending, FrameError, Message, PageRun};
+use crate::wire::{read_frame, write_frame, EncodedPage, Ending, FrameError, Message, PageRun};
 use crate::witness::{ClaimState, HeldClaim, Witness};
 
 /// Why the standby could not take over.
@@ -360,6 +361,23 @@ fn take_claim(
     }
 }
 
+/// The contents an encoded page of a checkpoint stands for, to be written at its commit; the page
+/// must be a whole page of guest memory, and a delta must have been made against what memory holds.
+fn stage_page(memory: &GuestMemory, page: EncodedPage) -> Result<PageRun, String> {
+    let gpa = page.gpa;
+    if !(gpa.is_multiple_of(PAGE_SIZE as u64) && memory.check_range(GuestAddress(gpa), PAGE_SIZE)) {
+        return Err(format!("page {gpa:#x} is not a whole page of guest memory"));
+    }
+    let current = || {
+        let mut base = vec![0u8; PAGE_SIZE];
+        // In range (checked above); a failed read leaves zeros, which no delta's CRC matches.
+        let _ = memory.read_slice(&mut base, GuestAddress(gpa));
+        base
+    };
+    let data = decode_page(page, current).map_err(|e| e.to_string())?;
+    Ok(PageRun { gpa, data })
+}
+
 /// `run` must be whole pages inside guest memory.
 fn whole_pages_of(memory: &GuestMemory, run: &PageRun) -> Result<(), String> {
     let whole = run.data.len().is_multiple_of(PAGE_SIZE)
@@ -470,23 +488,26 @@ fn follow_into<S: Read + Write>(
         };
         let expected = committed.as_ref().map_or(0, |(e, _)| e + 1);
         match message {
-            Message::EpochPages { epoch, runs } => {
+            Message::EpochPages { epoch, pages } => {
                 if epoch != expected {
                     return FollowEnd::LinkBroken(format!(
                         "pages of checkpoint {epoch} where {expected} was due"
                     ));
                 }
-                for run in runs {
-                    if let Err(reason) = whole_pages_of(memory, &run) {
-                        return FollowEnd::LinkBroken(format!("checkpoint {epoch}: {reason}"));
-                    }
-                    staged_pages += (run.data.len() / PAGE_SIZE) as u64;
+                for page in pages {
+                    staged_pages += 1;
                     if staged_pages > guest_pages {
                         return FollowEnd::LinkBroken(format!(
                             "checkpoint {epoch} has more pages than the guest ({guest_pages})"
                         ));
                     }
-                    staged.push(run);
+                    // The previous checkpoint is applied: memory holds each delta's base.
+                    match stage_page(memory, page) {
+                        Ok(run) => staged.push(run),
+                        Err(reason) => {
+                            return FollowEnd::LinkBroken(format!("checkpoint {epoch}: {reason}"))
+                        }
+                    }
                 }
             }
             Message::ProtectDisks { sizes } => {

@@ -16,6 +16,31 @@ pub struct PageRun {
     pub data: Vec<u8>,
 }
 
+/// One dirty page of a checkpoint as it travels (`crate::protection::page_delta`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodedPage {
+    /// Guest physical address of the page.
+    pub gpa: u64,
+    pub encoding: PageEncoding,
+}
+
+/// How a page's contents travel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageEncoding {
+    /// All zeros.
+    Zero,
+    /// The whole page.
+    Whole(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The bytes that differ from the copy the standby holds, whose CRC32C is `base_crc` (applied
+    /// to anything else, it is refused): `unchanged: varint | changed: varint | bytes[changed]`
+    /// runs from the start of the page, as QEMU's XBZRLE encodes them.
+    Delta {
+        base_crc: u32,
+        #[serde(with = "serde_bytes")]
+        changes: Vec<u8>,
+    },
+}
+
 /// A write to a disk image: `data` at byte `offset`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRun {
@@ -75,8 +100,8 @@ pub enum Message {
     Cancel,
     /// Either way: the sender gives up, with why.
     Error { message: String },
-    /// Primary → standby: pages of checkpoint `epoch` (one or more messages).
-    EpochPages { epoch: u64, runs: Vec<PageRun> },
+    /// Primary → standby: dirty pages of checkpoint `epoch` (one or more messages).
+    EpochPages { epoch: u64, pages: Vec<EncodedPage> },
     /// Primary → standby: checkpoint `epoch` is complete: `pages` pages were sent for it, and this
     /// is the vCPU, VM and device state (an encoded `VmSnapshot`) at its end.
     EpochEnd {

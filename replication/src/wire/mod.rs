@@ -8,4 +8,4 @@ pub mod message;
 pub use frame::{
     read_frame, write_frame, write_payload, FrameError, FrameReader, PROTOCOL_VERSION,
 };
-pub use message::{DiskRun, Ending, Message, PageRun};
+pub use message::{DiskRun, EncodedPage, Ending, Message, PageEncoding, PageRun};
