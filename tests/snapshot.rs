@@ -235,23 +235,21 @@ fn http(sock: &Path, request: &str) -> (u16, String) {
     (status, body)
 }
 
+/// `ftvmm run` of a 64 MiB spinning test guest serving its API on `sock`, with `extra` arguments.
+fn spinning_guest_with_api(sock: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.args(["run", "--kernel", testguest().to_str().unwrap()])
+        .args(["--memory", "64", "--cmdline", "mode=spin", "--api-socket"])
+        .arg(sock)
+        .args(extra);
+    cmd
+}
+
 #[test]
 fn api_reports_errors_as_json_with_meaningful_status() {
     let dir = scratch_dir("api");
     let sock = dir.join("api.sock");
-    let mut cmd = std::process::Command::new(ftvmm_bin());
-    cmd.args([
-        "run",
-        "--kernel",
-        testguest().to_str().unwrap(),
-        "--memory",
-        "64",
-        "--cmdline",
-        "mode=spin",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    let mut vm = RunningVm::spawn(cmd);
+    let mut vm = RunningVm::spawn(spinning_guest_with_api(&sock, &[]));
     vm.wait_for("testguest: spinning cpus=1", DEADLINE);
 
     let vcpus = vm_cli(&sock, &["vcpus"]);
@@ -366,23 +364,8 @@ fn api_socket_for_a_group_is_0660_and_that_groups() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = scratch_dir("api-group");
     let sock = dir.join("api.sock");
-    let guest = |group: &str, sock: &Path| {
-        let mut cmd = std::process::Command::new(ftvmm_bin());
-        cmd.args([
-            "run",
-            "--kernel",
-            testguest().to_str().unwrap(),
-            "--memory",
-            "64",
-            "--cmdline",
-            "mode=spin",
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--api-socket-group",
-            group,
-        ]);
-        cmd
-    };
+    let guest =
+        |group: &str, sock: &Path| spinning_guest_with_api(sock, &["--api-socket-group", group]);
     // Debian's nogroup (65534), given by number so the test does not depend on its name.
     let mut vm = RunningVm::spawn(guest("65534", &sock));
     vm.wait_for("testguest: spinning cpus=1", DEADLINE);

@@ -7,6 +7,24 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// Joins the calling thread (only) to the network namespace `netns` and connects to `addr`, with
+/// `reply_timeout` on reads.
+fn connect_from(netns: &str, addr: &str, reply_timeout: Duration) -> Result<TcpStream, String> {
+    let path = format!("/var/run/netns/{netns}");
+    let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+    // SAFETY: joins this thread (only) to the namespace; no memory is shared with the kernel.
+    let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+    if ret != 0 {
+        return Err(format!("setns: {}", std::io::Error::last_os_error()));
+    }
+    let target = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let s =
+        TcpStream::connect_timeout(&target, Duration::from_secs(20)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(reply_timeout))
+        .map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
 /// Keeps one connection to the key-value service at `addr` and, until `stop`, sends in one go
 /// `GET last`, `INCR counter` and `SET last <the expected new value>`, from a thread inside the
 /// network namespace `netns`. Every increment must be exactly one more than the last and `last`
@@ -19,20 +37,9 @@ pub fn incrementer(
     acknowledged: Arc<AtomicU64>,
     reply_timeout: Duration,
 ) -> JoinHandle<Result<u64, String>> {
-    let path = format!("/var/run/netns/{netns}");
+    let netns = netns.to_string();
     std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-        // SAFETY: joins this new thread (only) to the namespace; no memory is shared with the kernel.
-        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-        if ret != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
-        let target = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-        let s = TcpStream::connect_timeout(&target, Duration::from_secs(20))
-            .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(reply_timeout))
-            .map_err(|e| e.to_string())?;
-        let mut r = BufReader::new(s);
+        let mut r = BufReader::new(connect_from(&netns, &addr, reply_timeout)?);
         let mut last = 0u64;
         while !stop.load(Ordering::SeqCst) {
             let next = last + 1;
@@ -84,20 +91,10 @@ pub fn round_trips(
     duration: Duration,
     think: Duration,
 ) -> JoinHandle<Result<Vec<Duration>, String>> {
-    let path = format!("/var/run/netns/{netns}");
+    let netns = netns.to_string();
     std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-        // SAFETY: joins this new thread (only) to the namespace; no memory is shared with the kernel.
-        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-        if ret != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
-        let target = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-        let s = TcpStream::connect_timeout(&target, Duration::from_secs(20))
-            .map_err(|e| e.to_string())?;
+        let s = connect_from(&netns, &addr, Duration::from_secs(10))?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
         let mut r = BufReader::new(s);
         let mut times = Vec::new();
         let start = std::time::Instant::now();
