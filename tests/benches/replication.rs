@@ -6,6 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use integration_tests::netns::TwoHosts;
 use integration_tests::{ftvmm_bin, run_ftvmm, stats, testguest, tls_pki, RunningVm};
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -201,15 +202,34 @@ fn takeover(signal: &str, witness: bool, runs: usize) {
     );
 }
 
-/// Reply latency of the test guest's key-value service as a client on the LAN sees it (one
-/// request at a time, 5 s each): the guest unprotected, then protected at 10, 40 and 100 epochs per
-/// second with the standby on host B (network namespaces). Gating holds each reply until the
-/// checkpoint of its epoch commits: on average half an epoch plus the commit, the floor printed.
-fn reply_latency() {
-    for epoch_ms in [None, Some(100u64), Some(25), Some(10)] {
-        let hosts = integration_tests::netns::TwoHosts::new().expect("network namespaces");
+/// The test guest's key-value service (`mode=net`, 128 MiB) on host A of a [`TwoHosts`] topology,
+/// protected (when `epoch_ms` is given) by a standby on host B, with etcd on the LAN as the witness
+/// when asked; clients live on the LAN.
+struct LanPair {
+    hosts: TwoHosts,
+    primary: RunningVm,
+    standby: Option<RunningVm>,
+    api: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    _etcd: Option<integration_tests::witness::TestEtcd>,
+}
+
+impl LanPair {
+    fn start(epoch_ms: Option<u64>, witness: bool) -> Self {
+        let hosts = TwoHosts::new().expect("network namespaces");
+        let etcd = witness
+            .then(|| integration_tests::witness::TestEtcd::start(&hosts.lan, &hosts.lan_ip()));
+        let witness_args: Vec<String> = match &etcd {
+            Some(e) => vec![
+                "--witness".into(),
+                e.url().into(),
+                "--guest-name".into(),
+                "bench".into(),
+            ],
+            None => vec![],
+        };
         let dir = std::env::temp_dir().join(format!(
-            "ftvmm-bench-latency-{}-{}",
+            "ftvmm-bench-lan-{}-{}",
             std::process::id(),
             epoch_ms.unwrap_or(0)
         ));
@@ -217,9 +237,10 @@ fn reply_latency() {
         let pki = tls_pki(&dir, &[("a", &[&hosts.a_ip()]), ("b", &[&hosts.b_ip()])]);
         let listen = format!("{}:7100", hosts.b_ip());
         let api = dir.join("primary.sock");
-        let mut standby = epoch_ms.map(|_| {
+        let standby = epoch_ms.map(|_| {
             let mut cmd = hosts.b.command(ftvmm_bin().to_str().unwrap());
             cmd.args(["standby", "--listen", &listen, "--net", "tap=tap0"])
+                .args(&witness_args)
                 .args(["--serial", "null", "--tls"])
                 .arg(pki.join("b"));
             let mut standby = RunningVm::spawn(cmd);
@@ -231,6 +252,7 @@ fn reply_latency() {
             .args(["run", "--kernel", testguest().to_str().unwrap()])
             .args(["--memory", "128", "--net", "tap=tap0"])
             .args(["--cmdline", &format!("mode=net ip={}/24", hosts.guest_ip())])
+            .args(&witness_args)
             .arg("--api-socket")
             .arg(&api)
             .arg("--tls")
@@ -243,12 +265,43 @@ fn reply_latency() {
         if epoch_ms.is_some() {
             primary.wait_for_stderr("guest protected by", DEADLINE);
         }
+        Self {
+            hosts,
+            primary,
+            standby,
+            api,
+            dir,
+            _etcd: etcd,
+        }
+    }
+
+    fn kv_addr(&self) -> String {
+        format!("{}:4000", self.hosts.guest_ip())
+    }
+}
+
+impl Drop for LanPair {
+    fn drop(&mut self) {
+        self.primary.kill();
+        if let Some(s) = self.standby.as_mut() {
+            s.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Reply latency of the test guest's key-value service as a client on the LAN sees it (one
+/// request at a time): the guest unprotected, then protected at 10, 40 and 100 epochs per second
+/// with the standby on host B. Gating holds each reply until the checkpoint of its epoch commits:
+/// on average half an epoch plus the commit, the floor printed.
+fn reply_latency() {
+    for epoch_ms in [None, Some(100u64), Some(25), Some(10)] {
+        let pair = LanPair::start(epoch_ms, false);
         // Back to back, then with a random pause of up to an epoch between requests.
-        let addr = format!("{}:4000", hosts.guest_ip());
         let think = Duration::from_millis(epoch_ms.unwrap_or(0));
         let back_to_back = integration_tests::clients::round_trips(
-            hosts.lan.name(),
-            addr.clone(),
+            pair.hosts.lan.name(),
+            pair.kv_addr(),
             Duration::from_secs(5),
             Duration::ZERO,
         )
@@ -256,8 +309,8 @@ fn reply_latency() {
         .expect("client thread")
         .expect("round trips");
         let client = integration_tests::clients::round_trips(
-            hosts.lan.name(),
-            addr,
+            pair.hosts.lan.name(),
+            pair.kv_addr(),
             Duration::from_secs(10),
             think,
         );
@@ -265,7 +318,12 @@ fn reply_latency() {
         while !client.is_finished() {
             if epoch_ms.is_some() {
                 let out = run_ftvmm(
-                    &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
+                    &[
+                        "vm",
+                        "--api-socket",
+                        pair.api.to_str().unwrap(),
+                        "protection",
+                    ],
                     DEADLINE,
                 );
                 if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
@@ -275,11 +333,7 @@ fn reply_latency() {
             std::thread::sleep(Duration::from_millis(97));
         }
         let replies = client.join().expect("client thread").expect("round trips");
-        primary.kill();
-        if let Some(s) = standby.as_mut() {
-            s.kill();
-        }
-        let _ = std::fs::remove_dir_all(dir);
+        drop(pair);
         let r = stats(&replies);
         let (p50, p99) = (r.median.as_secs_f64() * 1e3, r.p99.as_secs_f64() * 1e3);
         let b = stats(&back_to_back);
@@ -308,8 +362,41 @@ fn reply_latency() {
     }
 }
 
+/// Failover as the client sees it: the longest wait for one reply (requests back to back, on one
+/// connection) around the loss of the primary, killed (no witness needed) or frozen (SIGSTOP, with
+/// the witness), at 40 epochs/s with the default failure timeout.
+fn client_failover(signal: &str, witness: bool, runs: usize) {
+    let mut gaps = Vec::new();
+    for _ in 0..runs {
+        let pair = LanPair::start(Some(25), witness);
+        let client = integration_tests::clients::round_trips(
+            pair.hosts.lan.name(),
+            pair.kv_addr(),
+            Duration::from_secs(6),
+            Duration::ZERO,
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let status = Command::new("kill")
+            .args([signal, &pair.primary.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let replies = client.join().expect("client thread").expect("round trips");
+        gaps.push(stats(&replies).max);
+        drop(pair);
+    }
+    let g = stats(&gaps);
+    println!(
+        "client's longest wait for a reply across the primary's loss (kill {signal}, witness {}) | median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
+        if witness { "yes" } else { "no " },
+        g.median.as_secs_f64() * 1e3,
+        g.min.as_secs_f64() * 1e3,
+        g.max.as_secs_f64() * 1e3
+    );
+}
+
 fn main() {
-    // FTVMM_BENCH_ONLY=epochs|takeover|latency runs one part alone.
+    // FTVMM_BENCH_ONLY=epochs|takeover|failover|latency runs one part alone.
     let only = std::env::var("FTVMM_BENCH_ONLY").ok();
     let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if run("epochs") {
@@ -323,6 +410,11 @@ fn main() {
         takeover("-KILL", false, 5);
         takeover("-KILL", true, 5);
         takeover("-STOP", true, 5);
+    }
+    if run("failover") {
+        println!("failover seen by a client (key-value service, 40 epochs/s, client on the LAN, standby on host B, etcd on the LAN)");
+        client_failover("-KILL", false, 3);
+        client_failover("-STOP", true, 3);
     }
     if run("latency") {
         println!(
