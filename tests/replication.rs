@@ -523,6 +523,52 @@ fn a_standby_follows_only_the_primary_whose_claim_the_witness_holds() {
     assert_eq!(witness.read().unwrap().unwrap().claim, held.claim);
 }
 
+/// `--epoch-ms auto:MIN-MAX`: the epoch loop picks its epoch within the bounds (the status says
+/// which) and protection holds: the standby takes over a killed primary.
+#[test]
+fn an_adaptive_epoch_stays_within_its_bounds_and_protects() {
+    let _serial = one_at_a_time();
+    let dir = std::env::temp_dir().join(format!("ftvmm-replication-auto-{}", std::process::id()));
+    let (mut standby, addr, pki) = loopback_standby(&dir);
+    let api = dir.join("a.sock");
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.env("FTVMM_LOG", "replication=info")
+        .args(["run", "--kernel", testguest().to_str().unwrap()])
+        .args([
+            "--memory",
+            "64",
+            "--cmdline",
+            "mode=spin dirty=2000 dirty_mb=8",
+        ])
+        .args(["--standby", &addr, "--epoch-ms", "auto:15-40", "--tls"])
+        .arg(pki.join("a"))
+        .arg("--api-socket")
+        .arg(&api);
+    let mut primary = RunningVm::spawn(cmd);
+    primary.wait_for_stderr("guest protected by", DEADLINE);
+    let t0 = Instant::now();
+    let mut epochs_seen = Vec::new();
+    while epochs_seen.len() < 20 {
+        assert!(t0.elapsed() < DEADLINE, "no epochs committed");
+        let out = integration_tests::run_ftvmm(
+            &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
+            DEADLINE,
+        );
+        let s: serde_json::Value = serde_json::from_str(&out.stdout).expect("protection status");
+        assert_eq!(s["state"], "protected", "{s}");
+        epochs_seen.push(s["epoch_ms"].as_f64().expect("epoch_ms"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        epochs_seen.iter().all(|e| (15.0..=40.0).contains(e)),
+        "{epochs_seen:?}"
+    );
+    primary.kill();
+    standby.wait_for_stderr("taking over from checkpoint", DEADLINE);
+    standby.kill();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A primary on loopback protecting the test guest with `cmdline` to `standby` (TLS identity `a`).
 fn loopback_primary(
     cmdline: &str,

@@ -15,7 +15,7 @@ fn ms(v: &serde_json::Value) -> Option<Duration> {
     v.as_f64().map(|m| Duration::from_secs_f64(m / 1e3))
 }
 
-fn protect(cmdline: &str, epoch_ms: u32) {
+fn protect(cmdline: &str, epoch: &str) {
     let dir = std::env::temp_dir().join(format!("ftvmm-bench-repl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("p.sock");
@@ -48,7 +48,7 @@ fn protect(cmdline: &str, epoch_ms: u32) {
             "--standby",
             &listen,
             "--epoch-ms",
-            &epoch_ms.to_string(),
+            epoch,
         ])
         .args(["--api-socket", sock.to_str().unwrap()])
         .arg("--tls")
@@ -56,6 +56,7 @@ fn protect(cmdline: &str, epoch_ms: u32) {
     let mut primary = RunningVm::spawn(primary_cmd);
     primary.wait_for("testguest: spinning", DEADLINE);
     let (mut pauses, mut commits, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+    let mut epoch_lengths = Vec::new();
     // Page data on the link against the raw dirty bytes, summed over the epochs sampled.
     let (mut page_bytes, mut raw_bytes) = (0u64, 0u64);
     let mut last_epoch = 0;
@@ -74,6 +75,7 @@ fn protect(cmdline: &str, epoch_ms: u32) {
                 first_seen.get_or_insert((Instant::now(), epoch));
                 last_seen = Some((Instant::now(), epoch));
                 pauses.extend(ms(&s["last_pause_ms"]));
+                epoch_lengths.extend(ms(&s["epoch_ms"]));
                 commits.extend(ms(&s["last_commit_ms"]));
                 pages.push(s["last_pages"].as_u64().unwrap_or(0));
                 page_bytes += s["last_page_bytes"].as_u64().unwrap_or(0);
@@ -91,20 +93,21 @@ fn protect(cmdline: &str, epoch_ms: u32) {
         return;
     }
     let (p, c) = (stats(&pauses), stats(&commits));
+    let epoch_ms = stats(&epoch_lengths).median.as_secs_f64() * 1e3;
     pages.sort_unstable();
     let per_second = match (first_seen, last_seen) {
         (Some((t1, e1)), Some((t2, e2))) if t2 > t1 => (e2 - e1) as f64 / (t2 - t1).as_secs_f64(),
         _ => 0.0,
     };
     println!(
-        "{cmdline:<28} epoch {epoch_ms} ms | pause median {:.2} ms p99 {:.2} ms | commit median {:.2} ms p99 {:.2} ms | pages/epoch median {} | {:.1} epochs/s committed (ideal {:.1}) | page bytes on the link / raw {} | {} epochs sampled",
+        "{cmdline:<28} epoch {epoch} (median {epoch_ms:.1} ms) | pause median {:.2} ms p99 {:.2} ms | commit median {:.2} ms p99 {:.2} ms | pages/epoch median {} | {:.1} epochs/s committed (ideal {:.1}) | page bytes on the link / raw {} | {} epochs sampled",
         p.median.as_secs_f64() * 1e3,
         p.p99.as_secs_f64() * 1e3,
         c.median.as_secs_f64() * 1e3,
         c.p99.as_secs_f64() * 1e3,
         pages[pages.len() / 2],
         per_second,
-        1000.0 / f64::from(epoch_ms),
+        1000.0 / epoch_ms,
         if raw_bytes == 0 {
             "-".to_string()
         } else {
@@ -401,9 +404,12 @@ fn main() {
     let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if run("epochs") {
         println!("ftvmm protection benchmarks (test guest, 256 MiB, 2 vCPUs, standby over loopback, 10 s each)");
-        protect("mode=spin", 50);
-        protect("mode=spin dirty=10000 dirty_mb=64", 50);
-        protect("mode=spin dirty=10000 dirty_mb=64", 20);
+        protect("mode=spin", "50");
+        protect("mode=spin dirty=10000 dirty_mb=64", "50");
+        protect("mode=spin dirty=10000 dirty_mb=64", "20");
+        protect("mode=spin", "auto");
+        protect("mode=spin dirty=10000 dirty_mb=64", "auto");
+        protect("mode=spin dirty=40000 dirty_mb=64", "auto");
     }
     if run("takeover") {
         println!("takeover (128 MiB guest, epoch 20 ms, the default failure timeout (180 ms), standby and etcd on loopback)");

@@ -38,7 +38,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     Restore(restore::RestoreArgs),
     Receive(receive::ReceiveArgs),
     Standby(standby::StandbyArgs),
@@ -54,7 +54,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         vmm::seccomp::enable();
     }
     match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Restore(args) => restore::restore(args),
         Command::Receive(args) => receive::receive(args),
         Command::Standby(args) => standby::standby(args),

@@ -104,10 +104,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "HOST:PORT")]
     standby: Option<String>,
 
-    /// Time between checkpoints when protected, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 50,
-          value_parser = clap::value_parser!(u64).range(5..=10_000))]
-    epoch_ms: u64,
+    /// Time between checkpoints when protected, in milliseconds (5 to 10000); or `auto` (10 to
+    /// 200 ms) or `auto:MIN-MAX`: the shortest epoch within the bounds whose checkpoints commit
+    /// within half of it (shorter epochs: less delay on the guest's output).
+    #[arg(long, value_name = "MS|auto[:MIN-MAX]", default_value = "50")]
+    epoch_ms: replication::protection::EpochLength,
 
     #[command(flatten)]
     api: super::api_socket::ApiSocketArgs,
@@ -148,7 +149,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         (Some(standby), Some(security)) => Some(replication::protection::ProtectionParams {
             standby,
             security: security.clone(),
-            epoch: std::time::Duration::from_millis(args.epoch_ms),
+            epoch: args.epoch_ms,
             witness: witness.clone(),
             claim: None,
         }),

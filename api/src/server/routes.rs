@@ -439,7 +439,7 @@ async fn vm_protect(
     let params = ProtectionParams {
         standby: req.standby,
         security,
-        epoch: Duration::from_millis(epoch_ms),
+        epoch: replication::protection::EpochLength::Fixed(Duration::from_millis(epoch_ms)),
         witness: setting.witness,
         claim,
     };

@@ -19,6 +19,7 @@ use vmm::Machine;
 use super::checkpoint::{
     send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint,
 };
+use super::epoch_length::{EpochClock, EpochLength};
 use super::heartbeat::{self, StandbyWatch};
 use super::in_flight::{InFlight, SentCheckpoint};
 use super::page_delta::{SentPages, DEFAULT_CACHE_BYTES};
@@ -50,8 +51,8 @@ pub struct ProtectionParams {
     pub standby: String,
     /// How the link to the standby is protected.
     pub security: LinkSecurity,
-    /// Time between checkpoints.
-    pub epoch: Duration,
+    /// Time between checkpoints: fixed, or adaptive within bounds (`epoch_length.rs`).
+    pub epoch: EpochLength,
     /// The witness that decides which copy may act (`crate::witness`); without one, the safe rule
     /// of `heartbeat.rs` applies.
     pub witness: Option<Arc<Witness>>,
@@ -180,6 +181,7 @@ pub fn start_protection(
         state: ProtectionState::Connecting,
         standby: params.standby.clone(),
         committed_epoch: 0,
+        epoch_ms: 0.0,
         last_pause_ms: 0.0,
         last_pages: 0,
         last_page_bytes: 0,
@@ -539,6 +541,7 @@ impl EpochLoop {
         let mut acks = FrameReader::new();
         // What this session sent of each page: the base of the next deltas.
         let mut sent_pages = SentPages::new(DEFAULT_CACHE_BYTES);
+        let mut clock = EpochClock::new(self.params.epoch);
         let mut next_epoch = 0u64;
         let mut due = Instant::now();
         loop {
@@ -566,7 +569,11 @@ impl EpochLoop {
                 next_epoch += 1;
                 // The cadence holds; a checkpoint that took longer than an epoch to send is
                 // followed by the next one at once (while the window has room).
-                due = (due + self.params.epoch).max(Instant::now());
+                let epoch_length = clock.next();
+                update(&self.status, |s| {
+                    s.epoch_ms = epoch_length.as_secs_f64() * 1e3
+                });
+                due = (due + epoch_length).max(Instant::now());
                 continue;
             }
             if in_flight.is_empty() {
@@ -594,6 +601,7 @@ impl EpochLoop {
                 None => {}
                 Some(Message::Committed { epoch }) => {
                     let committed = in_flight.commit(epoch).map_err(LoopError::Protocol)?;
+                    clock.observe(committed.taken_at.elapsed());
                     self.committed(committed)?;
                 }
                 Some(Message::Error { message }) => return Err(LoopError::Refused(message)),

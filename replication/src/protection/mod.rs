@@ -14,6 +14,7 @@
 //! takeovers that the two cannot.
 
 mod checkpoint;
+pub mod epoch_length;
 pub mod epoch_loop;
 pub mod heartbeat;
 mod in_flight;
@@ -23,6 +24,7 @@ mod standby_disks;
 
 use serde::{Deserialize, Serialize};
 
+pub use epoch_length::EpochLength;
 pub use epoch_loop::{ending_of, start_protection, ProtectionHandle, ProtectionParams};
 pub use standby::{run_standby, StandbyControl, StandbyEnd, StandbyError, StandbyStatus, Takeover};
 
@@ -47,6 +49,8 @@ pub struct ProtectionStatus {
     pub standby: String,
     /// Last committed epoch.
     pub committed_epoch: u64,
+    /// The length of the current epoch (fixed, or chosen by `--epoch-ms auto`).
+    pub epoch_ms: f64,
     /// How long the vCPUs were paused for the last checkpoint.
     pub last_pause_ms: f64,
     /// Pages in the last checkpoint.
