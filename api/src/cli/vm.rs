@@ -74,9 +74,10 @@ enum VmAction {
         /// The standby's HOST:PORT (where `ftvmm standby` listens).
         #[arg(long, value_name = "HOST:PORT")]
         standby: String,
-        /// Time between checkpoints, in milliseconds.
-        #[arg(long, value_name = "MS", default_value_t = 50)]
-        epoch_ms: u64,
+        /// Time between checkpoints, in milliseconds; or `auto` or `auto:MIN-MAX`, as for
+        /// `ftvmm run --epoch-ms`.
+        #[arg(long, value_name = "MS|auto[:MIN-MAX]", default_value = "50")]
+        epoch_ms: replication::protection::EpochLength,
     },
     /// Cancel a migration before its hand-over; the guest keeps running here.
     CancelMigration,
@@ -108,7 +109,7 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         VmAction::Protect { standby, epoch_ms } => (
             "PUT",
             "/api/v1/vm/protect",
-            Some(json!({ "standby": standby, "epoch_ms": epoch_ms })),
+            Some(json!({ "standby": standby, "epoch": epoch_ms.to_string() })),
         ),
         VmAction::CancelMigration => ("PUT", "/api/v1/vm/migration/cancel", None),
         VmAction::Migrate { .. } => unreachable!("handled above"),

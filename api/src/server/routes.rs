@@ -15,8 +15,9 @@ use utoipa::{OpenApi, ToSchema};
 
 use replication::link::LinkSecurity;
 use replication::migration::{start_migration, MigrationHandle, MigrationParams, MigrationStatus};
+use replication::protection::epoch_length::EpochLengthError;
 use replication::protection::{
-    start_protection, ProtectionHandle, ProtectionParams, ProtectionState,
+    start_protection, EpochLength, ProtectionHandle, ProtectionParams, ProtectionState,
 };
 use vmm::control::{ControlError, VmCommand, VmReply};
 use vmm::ControlHandle;
@@ -81,6 +82,25 @@ pub struct ProtectRequest {
     pub standby: String,
     /// Time between checkpoints in milliseconds (default 50).
     pub epoch_ms: Option<u64>,
+    /// Time between checkpoints as `ftvmm run --epoch-ms` takes it: milliseconds, `auto` or
+    /// `auto:MIN-MAX`; instead of `epoch_ms`.
+    pub epoch: Option<String>,
+}
+
+impl ProtectRequest {
+    /// The epoch length asked for (50 ms if neither field is given).
+    fn epoch_length(&self) -> Result<EpochLength, String> {
+        match (self.epoch_ms, self.epoch.as_deref()) {
+            (Some(_), Some(_)) => Err("give \"epoch_ms\" or \"epoch\", not both".into()),
+            (Some(ms), None) => ms.to_string().parse().map_err(|e: EpochLengthError| {
+                format!("\"epoch_ms\" must be 5 to 10000, got {ms} ({e})")
+            }),
+            (None, Some(epoch)) => epoch
+                .parse()
+                .map_err(|e: EpochLengthError| format!("\"epoch\": {e}")),
+            (None, None) => Ok(EpochLength::Fixed(Duration::from_millis(50))),
+        }
+    }
 }
 
 /// Body of `PUT /api/v1/vm/migrate`.
@@ -403,13 +423,10 @@ async fn vm_protect(
     if let Some(response) = not_host_port("standby", &req.standby) {
         return response;
     }
-    let epoch_ms = req.epoch_ms.unwrap_or(50);
-    if !(5..=10_000).contains(&epoch_ms) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("\"epoch_ms\" must be 5 to 10000, got {epoch_ms}"),
-        );
-    }
+    let epoch = match req.epoch_length() {
+        Ok(epoch) => epoch,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
     let Some(security) = st.link.clone() else {
         return no_link("replication");
     };
@@ -439,7 +456,7 @@ async fn vm_protect(
     let params = ProtectionParams {
         standby: req.standby,
         security,
-        epoch: replication::protection::EpochLength::Fixed(Duration::from_millis(epoch_ms)),
+        epoch,
         witness: setting.witness,
         claim,
     };
@@ -564,4 +581,38 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .fallback(not_found)
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(epoch_ms: Option<u64>, epoch: Option<&str>) -> ProtectRequest {
+        ProtectRequest {
+            standby: "10.0.0.2:7100".into(),
+            epoch_ms,
+            epoch: epoch.map(String::from),
+        }
+    }
+
+    #[test]
+    fn the_epoch_is_a_number_or_auto_and_bad_ones_are_named() {
+        let ms = |v| EpochLength::Fixed(Duration::from_millis(v));
+        assert_eq!(request(None, None).epoch_length(), Ok(ms(50)));
+        assert_eq!(request(Some(20), None).epoch_length(), Ok(ms(20)));
+        assert_eq!(request(None, Some("30")).epoch_length(), Ok(ms(30)));
+        assert!(matches!(
+            request(None, Some("auto:10-40")).epoch_length(),
+            Ok(EpochLength::Adaptive { .. })
+        ));
+        let err = request(Some(2), None).epoch_length().unwrap_err();
+        assert!(
+            err.contains("\"epoch_ms\" must be 5 to 10000, got 2"),
+            "{err}"
+        );
+        let err = request(None, Some("soon")).epoch_length().unwrap_err();
+        assert!(err.contains("\"soon\""), "{err}");
+        let err = request(Some(20), Some("auto")).epoch_length().unwrap_err();
+        assert!(err.contains("not both"), "{err}");
+    }
 }
