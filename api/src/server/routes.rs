@@ -479,13 +479,7 @@ async fn vm_protect(
     if let Err(response) = start_on_event_loop(&st, job, StatusCode::BAD_REQUEST).await {
         return response;
     }
-    let status = st
-        .protection
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .map(ProtectionHandle::status);
-    match status {
+    match protection_status(&st) {
         Some(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
         None => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -538,19 +532,22 @@ async fn vm_unprotect(State(st): State<ApiState>) -> Response {
 #[utoipa::path(get, path = "/api/v1/vm/protection", responses(
     (status = 200, description = "the protection status"), (status = 404, body = ErrorBody)))]
 async fn vm_protection(State(st): State<ApiState>) -> Response {
-    let status = st
-        .protection
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .map(ProtectionHandle::status);
-    match status {
+    match protection_status(&st) {
         Some(s) => Json(s).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
             "the VM is not protected (start it with --standby)",
         ),
     }
+}
+
+/// The status of this VM's protection (its last one, if it ended), if it was ever protected.
+fn protection_status(st: &ApiState) -> Option<replication::protection::ProtectionStatus> {
+    st.protection
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(ProtectionHandle::status)
 }
 
 async fn openapi() -> Response {

@@ -14,7 +14,7 @@ use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::Machine;
 
 use super::epoch_loop::LoopError;
-use super::page_delta::{encoded_bytes, SentPages};
+use super::page_delta::{encoded_bytes, is_zero, SentPages};
 use crate::link::Link;
 use crate::wire::{write_frame, DiskRun, EncodedPage, Message, PageRun};
 
@@ -223,7 +223,7 @@ pub(super) fn send_memory_image(
             if scanned >= BATCH_BYTES as u64 {
                 progress(std::mem::take(&mut scanned));
             }
-            if page.iter().all(|b| *b == 0) {
+            if is_zero(&page) {
                 continue;
             }
             match batch.last_mut() {

@@ -1,8 +1,9 @@
 //! The primary's epoch loop: every epoch, pause the vCPUs, take the dirty pages and the device and vCPU
 //! state, start a new output epoch, resume; send the checkpoint; when the standby commits it, release
 //! the output it produced. Checkpoints are pipelined: the next one is taken on time while earlier
-//! ones are still being committed (`in_flight.rs`). When the guest ends, or protection is stopped, the loop tells the standby
-//! why (`Goodbye`), so that it ends instead of resuming a guest that is gone or goes on here.
+//! ones are still being committed (`in_flight.rs`). When the guest ends, or protection is stopped,
+//! the loop tells the standby why (`Goodbye`), so that it ends instead of resuming a guest that is
+//! gone or goes on here.
 //! Taking and sending one checkpoint is `checkpoint.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -311,11 +312,7 @@ impl EpochLoop {
             IO_TIMEOUT,
         )?;
         let total_bytes = self.disks.iter().map(|d| d.capacity).sum::<u64>()
-            + vmm::dirty::DirtySet::all(&self.memory)
-                .runs()
-                .iter()
-                .map(|(_, len)| len)
-                .sum::<u64>();
+            + (self.description.memory_mib << 20);
         update(&self.status, |s| {
             s.state = ProtectionState::Syncing;
             s.sync = SyncProgress {
@@ -601,8 +598,9 @@ impl EpochLoop {
                 None => {}
                 Some(Message::Committed { epoch }) => {
                     let committed = in_flight.commit(epoch).map_err(LoopError::Protocol)?;
-                    clock.observe(committed.taken_at.elapsed());
-                    self.committed(committed)?;
+                    let commit = committed.taken_at.elapsed();
+                    clock.observe(commit);
+                    self.committed(committed, commit)?;
                 }
                 Some(Message::Error { message }) => return Err(LoopError::Refused(message)),
                 Some(other) => {
@@ -615,9 +613,9 @@ impl EpochLoop {
         }
     }
 
-    /// Checkpoint `cp` is committed: its epoch's output leaves, and the status says so.
-    fn committed(&self, cp: SentCheckpoint) -> Result<(), LoopError> {
-        let commit = cp.taken_at.elapsed();
+    /// Checkpoint `cp` is committed, `commit` after its pause ended: its epoch's output leaves, and
+    /// the status says so.
+    fn committed(&self, cp: SentCheckpoint, commit: Duration) -> Result<(), LoopError> {
         let epoch = cp.epoch;
         let held = Arc::new(Mutex::new((0, 0)));
         let held_after = held.clone();

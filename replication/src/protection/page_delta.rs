@@ -20,6 +20,9 @@ pub(super) const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// A delta is sent only if it is at most this many bytes; otherwise the page goes whole (frame
 /// compression still applies).
 const DELTA_LIMIT: usize = PAGE_SIZE / 2;
+/// Unchanged gaps up to this long inside a changed stretch are sent as changed bytes: a new run's
+/// two varints would cost as much.
+const GAP_NOT_WORTH_A_RUN: usize = 4;
 
 /// The last copy of each page the primary sent, for as many pages as the cache holds; pages past
 /// its capacity are sent whole or as zero marks.
@@ -62,7 +65,8 @@ impl SentPages {
     }
 }
 
-fn is_zero(page: &[u8]) -> bool {
+/// Whether `page` is all zeros (a word at a time).
+pub(super) fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(8)
         .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
 }
@@ -81,8 +85,8 @@ fn next_difference(a: &[u8], b: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// The runs of `page` that differ from `base`, if they fit in [`DELTA_LIMIT`] bytes. Unchanged
-/// gaps shorter than a run header are sent as changed bytes (fewer, longer runs).
+/// The runs of `page` that differ from `base`, if they fit in [`DELTA_LIMIT`] bytes. Short unchanged
+/// gaps ([`GAP_NOT_WORTH_A_RUN`]) are sent as changed bytes (fewer, longer runs).
 fn changes(page: &[u8], base: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let mut at = 0;
@@ -97,7 +101,7 @@ fn changes(page: &[u8], base: &[u8]) -> Option<Vec<u8>> {
                 changed_to += 1;
             }
             let next = next_difference(page, base, changed_to);
-            if next == page.len() || next - changed_to > 4 {
+            if next == page.len() || next - changed_to > GAP_NOT_WORTH_A_RUN {
                 break;
             }
             changed_to = next;

@@ -365,7 +365,7 @@ fn take_claim(
 /// must be a whole page of guest memory, and a delta must have been made against what memory holds.
 fn stage_page(memory: &GuestMemory, page: EncodedPage) -> Result<PageRun, String> {
     let gpa = page.gpa;
-    if !(gpa.is_multiple_of(PAGE_SIZE as u64) && memory.check_range(GuestAddress(gpa), PAGE_SIZE)) {
+    if !whole_pages_in(memory, gpa, PAGE_SIZE) {
         return Err(format!("page {gpa:#x} is not a whole page of guest memory"));
     }
     let current = || {
@@ -378,12 +378,16 @@ fn stage_page(memory: &GuestMemory, page: EncodedPage) -> Result<PageRun, String
     Ok(PageRun { gpa, data })
 }
 
+/// Whether `len` bytes at `gpa` are whole pages inside guest memory.
+fn whole_pages_in(memory: &GuestMemory, gpa: u64, len: usize) -> bool {
+    len.is_multiple_of(PAGE_SIZE)
+        && gpa.is_multiple_of(PAGE_SIZE as u64)
+        && memory.check_range(GuestAddress(gpa), len)
+}
+
 /// `run` must be whole pages inside guest memory.
 fn whole_pages_of(memory: &GuestMemory, run: &PageRun) -> Result<(), String> {
-    let whole = run.data.len().is_multiple_of(PAGE_SIZE)
-        && run.gpa.is_multiple_of(PAGE_SIZE as u64)
-        && memory.check_range(GuestAddress(run.gpa), run.data.len());
-    if whole {
+    if whole_pages_in(memory, run.gpa, run.data.len()) {
         Ok(())
     } else {
         Err(format!(
