@@ -11,6 +11,7 @@ pub mod machine;
 pub mod memory;
 pub mod seccomp;
 pub mod snapshot;
+pub mod userfault;
 pub mod vcpu;
 pub mod vm;
 

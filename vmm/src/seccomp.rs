@@ -264,6 +264,8 @@ const FILES: &[i64] = &[
     libc::SYS_getuid,
     libc::SYS_geteuid,
     libc::SYS_sched_setaffinity,
+    // Write-protecting guest memory for a checkpoint's copy (`userfault.rs`).
+    libc::SYS_userfaultfd,
 ];
 
 /// The allowlist of `kind`: syscall → rules (an empty list allows it whatever its arguments).

@@ -110,6 +110,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS|auto[:MIN-MAX]", default_value = "50")]
     epoch_ms: replication::protection::EpochLength,
 
+    /// When a protected guest's dirty pages are copied at each checkpoint: `on-write` (after the
+    /// vCPUs resumed, each page write-protected until copied, so the pause does not grow with the
+    /// dirty pages; needs userfaultfd write protection, Linux 5.7, else falls back) or `paused`.
+    #[arg(long, value_name = "on-write|paused", default_value = "on-write")]
+    checkpoint_copy: replication::protection::CheckpointCopy,
+
     #[command(flatten)]
     api: super::api_socket::ApiSocketArgs,
 
@@ -152,6 +158,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
             epoch: args.epoch_ms,
             witness: witness.clone(),
             claim: None,
+            checkpoint_copy: args.checkpoint_copy,
         }),
         _ => None,
     };

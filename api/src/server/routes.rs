@@ -459,6 +459,7 @@ async fn vm_protect(
         epoch,
         witness: setting.witness,
         claim,
+        checkpoint_copy: Default::default(),
     };
     let slot = st.protection.clone();
     let control = st.handle.clone();

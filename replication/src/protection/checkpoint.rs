@@ -3,7 +3,7 @@
 //! the standby; and the first copy of the disk images, sent while the guest runs.
 
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::{DiskWrite, WriteJournal};
@@ -11,8 +11,10 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::dirty::{DirtySet, DirtyTracker};
 use vmm::machine::DiskAccess;
 use vmm::memory::{GuestMemory, PAGE_SIZE};
+use vmm::userfault::WriteProtector;
 use vmm::Machine;
 
+use super::copy_on_write::{self, read_run, CopiedPages, ProtectedPages};
 use super::epoch_loop::LoopError;
 use super::page_delta::{encoded_bytes, is_zero, SentPages};
 use crate::link::Link;
@@ -40,7 +42,7 @@ impl From<String> for CheckpointError {
 
 /// A checkpoint taken with the vCPUs paused.
 pub(super) struct Checkpoint {
-    pub(super) runs: Vec<PageRun>,
+    pub(super) contents: PageContents,
     pub(super) pages: u64,
     /// Per disk, the writes the guest completed during the epoch.
     pub(super) disk_writes: Vec<Vec<DiskWrite>>,
@@ -49,18 +51,41 @@ pub(super) struct Checkpoint {
     pub(super) pause: Duration,
 }
 
-/// With the vCPUs paused: the pages dirtied since the last checkpoint (all of them for epoch 0), the
-/// state, and the start of output epoch `epoch + 1`.
+/// The content of a checkpoint's dirty pages: copied while the vCPUs were paused, or write-protected
+/// then and copied after they resumed (`copy_on_write.rs`).
+pub(super) enum PageContents {
+    Copied(Vec<PageRun>),
+    Protected(ProtectedPages),
+}
+
+impl PageContents {
+    /// The pages, copying those still protected (the guest runs meanwhile), and how many writes
+    /// had to wait for their copy.
+    pub(super) fn copy(self, mem: &GuestMemory) -> Result<CopiedPages, String> {
+        match self {
+            PageContents::Copied(runs) => Ok(CopiedPages {
+                runs,
+                write_faults: 0,
+            }),
+            PageContents::Protected(pages) => pages.copy(mem),
+        }
+    }
+}
+
+/// With the vCPUs paused: the pages dirtied since the last checkpoint, the state, and the start of
+/// output epoch `epoch + 1`. With a `protector` the pages are only write-protected here and copied
+/// once the guest runs again; without, they are copied now.
 pub(super) fn take_checkpoint(
     m: &mut Machine,
     tracker: &Mutex<DirtyTracker>,
     journals: &[WriteJournal],
+    protector: Option<&Arc<WriteProtector>>,
     epoch: u64,
 ) -> Result<Checkpoint, String> {
     let t0 = Instant::now();
     let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
     // A user's pause (`vm pause`) survives the checkpoint: only what this pauses is resumed.
-    let (runs, pages, state, set, disk_writes) = m
+    let (contents, state, set, disk_writes) = m
         .while_paused(|m| {
             // Memory was copied while the guest ran (`send_memory_image`), tracking since: every
             // checkpoint, the first included, carries the pages dirtied since.
@@ -73,7 +98,6 @@ pub(super) fn take_checkpoint(
                 m.begin_output_epoch(epoch + 1);
             }
             let set = tracker.take();
-            let (runs, pages) = copy_pages(m.memory(), &set)?;
             let state = m.capture_state().map_err(|e| e.to_string())?;
             let state = vmm::snapshot::encode(&state).map_err(|e| e.to_string())?;
             // Writes completed so far belong to this epoch: the device is idle while paused.
@@ -82,12 +106,17 @@ pub(super) fn take_checkpoint(
                 .map(WriteJournal::take)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
-            Ok::<_, CheckpointError>((runs, pages, state, set, disk_writes))
+            // Last: from here a write to a dirty page on this thread would wait for the copy.
+            let contents = match protector {
+                Some(p) => PageContents::Protected(copy_on_write::protect(p, m.memory(), &set)?),
+                None => PageContents::Copied(copy_pages(m.memory(), &set)?),
+            };
+            Ok::<_, CheckpointError>((contents, state, set, disk_writes))
         })
         .map_err(|e| e.0)?;
     Ok(Checkpoint {
-        runs,
-        pages,
+        contents,
+        pages: set.count(),
         disk_writes,
         state,
         set,
@@ -97,39 +126,34 @@ pub(super) fn take_checkpoint(
 
 /// Copies the pages of `set` out of guest memory: each run of dirty pages is read in one go (in
 /// pieces of at most [`BATCH_BYTES`]) straight into the buffer that is sent.
-fn copy_pages(mem: &GuestMemory, set: &DirtySet) -> Result<(Vec<PageRun>, u64), String> {
+fn copy_pages(mem: &GuestMemory, set: &DirtySet) -> Result<Vec<PageRun>, String> {
     let mut runs: Vec<PageRun> = Vec::new();
-    let mut pages = 0;
     for (addr, len) in set.runs() {
         let mut offset = 0;
         while offset < len {
             let n = (len - offset).min(BATCH_BYTES as u64) as usize;
-            let gpa = addr.0 + offset;
-            let mut data = vec![0u8; n];
-            mem.read_slice(&mut data, GuestAddress(gpa))
-                .map_err(|e| format!("reading guest pages {gpa:#x} (+{n} bytes): {e}"))?;
-            runs.push(PageRun { gpa, data });
-            pages += (n / PAGE_SIZE) as u64;
+            runs.push(read_run(mem, addr.0 + offset, n)?);
             offset += n as u64;
         }
     }
-    Ok((runs, pages))
+    Ok(runs)
 }
 
-/// Sends checkpoint `epoch`: its pages (each encoded against what the standby holds, `page_delta.rs`),
-/// its disk writes and its state; returns the bytes of page data it took (before frame
-/// compression). The page, write and state buffers move into the messages (the checkpoint keeps its
-/// dirty set, its counts and its pause).
+/// Sends checkpoint `epoch`: its pages `runs` (each encoded against what the standby holds,
+/// `page_delta.rs`), its disk writes and its state; returns the bytes of page data it took (before
+/// frame compression). The page, write and state buffers move into the messages (the checkpoint
+/// keeps its dirty set, its counts and its pause).
 pub(super) fn send_checkpoint(
     stream: &mut Link,
     epoch: u64,
+    runs: Vec<PageRun>,
     cp: &mut Checkpoint,
     sent_pages: &mut SentPages,
 ) -> Result<u64, LoopError> {
     let mut batch: Vec<EncodedPage> = Vec::new();
     let mut bytes = 0;
     let mut page_bytes = 0u64;
-    for run in std::mem::take(&mut cp.runs) {
+    for run in runs {
         for (i, page) in run.data.chunks_exact(PAGE_SIZE).enumerate() {
             let encoded = sent_pages.encode(run.gpa + (i * PAGE_SIZE) as u64, page);
             bytes += encoded_bytes(&encoded);

@@ -15,10 +15,11 @@ use devices::virtio::block::WriteJournal;
 use vmm::control::{ControlHandle, VmCommand, VmReply};
 use vmm::dirty::DirtyTracker;
 use vmm::machine::DiskAccess;
+use vmm::userfault::WriteProtector;
 use vmm::Machine;
 
 use super::checkpoint::{
-    send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint,
+    send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint, PageContents,
 };
 use super::epoch_length::{EpochClock, EpochLength};
 use super::heartbeat::{self, StandbyWatch};
@@ -60,6 +61,33 @@ pub struct ProtectionParams {
     /// The claim this copy already holds at the witness (a primary that went on unprotected, a
     /// standby that took over): protection swaps it for a `protected` one instead of creating one.
     pub claim: Option<HeldClaim>,
+    /// How a checkpoint's pages are copied: after the vCPUs resumed, under write protection (the
+    /// default; falls back to the other where the host's userfaultfd cannot), or while they are
+    /// paused.
+    pub checkpoint_copy: CheckpointCopy,
+}
+
+/// When a checkpoint's dirty pages are copied (`ftvmm run --checkpoint-copy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CheckpointCopy {
+    /// After the vCPUs resumed, each page write-protected until copied (`copy_on_write.rs`): the
+    /// pause does not grow with the dirty set.
+    #[default]
+    OnWrite,
+    /// While the vCPUs are paused.
+    Paused,
+}
+
+impl std::str::FromStr for CheckpointCopy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on-write" => Ok(Self::OnWrite),
+            "paused" => Ok(Self::Paused),
+            other => Err(format!("`{other}`: expected on-write or paused")),
+        }
+    }
 }
 
 /// `ftvmm run` exits with this status when the witness says another copy took over.
@@ -185,6 +213,7 @@ pub fn start_protection(
         epoch_ms: 0.0,
         last_pause_ms: 0.0,
         last_pages: 0,
+        last_write_faults: 0,
         last_page_bytes: 0,
         last_commit_ms: 0.0,
         heartbeat_age_ms: None,
@@ -221,7 +250,18 @@ pub fn start_protection(
     let claim = Arc::new(Mutex::new(claim));
     let watch = StandbyWatch::spawn()?;
     let disks = machine.disk_access()?;
+    let protector = match params.checkpoint_copy {
+        CheckpointCopy::OnWrite => match WriteProtector::new(machine.memory()) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                tracing::warn!("{e}; checkpoints copy their pages with the vCPUs paused");
+                None
+            }
+        },
+        CheckpointCopy::Paused => None,
+    };
     let job = EpochLoop {
+        protector,
         watch,
         disks,
         memory: machine.memory().clone(),
@@ -260,6 +300,8 @@ struct EpochLoop {
     vm: Arc<vmm::vm::Vm>,
     /// The guest's disks: their images are copied first, their writes journalled per epoch.
     disks: Vec<DiskAccess>,
+    /// Guest memory registered for write protection: checkpoints copy their pages after the pause.
+    protector: Option<Arc<WriteProtector>>,
     /// This primary's session at the witness.
     session: u64,
     /// The witness's claim as this primary last wrote it.
@@ -553,11 +595,18 @@ impl EpochLoop {
                 let _guard = span.enter();
                 let mut cp = self.checkpoint(epoch)?;
                 let taken_at = Instant::now();
-                let sent = send_checkpoint(stream, epoch, &mut cp, &mut sent_pages);
+                let copied = std::mem::replace(&mut cp.contents, PageContents::Copied(Vec::new()))
+                    .copy(&self.memory);
+                let sent = copied.map_err(LoopError::Vm).and_then(|copied| {
+                    send_checkpoint(stream, epoch, copied.runs, &mut cp, &mut sent_pages)
+                        .map(|bytes| (bytes, copied.write_faults))
+                });
+                let (page_bytes, write_faults) = *sent.as_ref().unwrap_or(&(0, 0));
                 in_flight.push(SentCheckpoint {
                     epoch,
                     pages: cp.pages,
-                    page_bytes: *sent.as_ref().unwrap_or(&0),
+                    write_faults,
+                    page_bytes,
                     pause: cp.pause,
                     taken_at,
                     set: cp.set,
@@ -637,6 +686,7 @@ impl EpochLoop {
             s.committed_epoch = epoch;
             s.last_pause_ms = cp.pause.as_secs_f64() * 1e3;
             s.last_pages = cp.pages;
+            s.last_write_faults = cp.write_faults;
             s.last_page_bytes = cp.page_bytes;
             s.last_commit_ms = commit.as_secs_f64() * 1e3;
             s.heartbeat_age_ms = heartbeat_age.map(|a| a.as_secs_f64() * 1e3);
@@ -671,8 +721,9 @@ impl EpochLoop {
         let out = slot.clone();
         let tracker = self.tracker.clone();
         let journals: Vec<WriteJournal> = self.disks.iter().map(|d| d.journal.clone()).collect();
+        let protector = self.protector.clone();
         self.run_job(move |m| {
-            let result = take_checkpoint(m, &tracker, &journals, epoch);
+            let result = take_checkpoint(m, &tracker, &journals, protector.as_ref(), epoch);
             let reply = match &result {
                 Ok(_) => VmReply::Done(m.info()),
                 Err(e) => VmReply::Error(e.clone()),

@@ -17,6 +17,8 @@ pub(super) const MAX_IN_FLIGHT: usize = 3;
 pub(super) struct SentCheckpoint {
     pub(super) epoch: u64,
     pub(super) pages: u64,
+    /// Writes that waited for the copy of their page (`copy_on_write.rs`).
+    pub(super) write_faults: u64,
     /// Bytes of page data it took on the link.
     pub(super) page_bytes: u64,
     pub(super) pause: Duration,
@@ -84,6 +86,7 @@ mod tests {
         SentCheckpoint {
             epoch,
             pages: 0,
+            write_faults: 0,
             page_bytes: 0,
             pause: Duration::ZERO,
             taken_at: Instant::now(),

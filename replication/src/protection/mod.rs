@@ -14,6 +14,7 @@
 //! takeovers that the two cannot.
 
 mod checkpoint;
+mod copy_on_write;
 pub mod epoch_length;
 pub mod epoch_loop;
 pub mod heartbeat;
@@ -25,7 +26,9 @@ mod standby_disks;
 use serde::{Deserialize, Serialize};
 
 pub use epoch_length::EpochLength;
-pub use epoch_loop::{ending_of, start_protection, ProtectionHandle, ProtectionParams};
+pub use epoch_loop::{
+    ending_of, start_protection, CheckpointCopy, ProtectionHandle, ProtectionParams,
+};
 pub use standby::{run_standby, StandbyControl, StandbyEnd, StandbyError, StandbyStatus, Takeover};
 
 /// Where protection stands.
@@ -55,6 +58,9 @@ pub struct ProtectionStatus {
     pub last_pause_ms: f64,
     /// Pages in the last checkpoint.
     pub last_pages: u64,
+    /// Guest writes (vCPUs or devices) that waited, after the last checkpoint's pause, for the copy
+    /// of the page they wrote (`copy_on_write.rs`).
+    pub last_write_faults: u64,
     /// Bytes of page data the last checkpoint took on the link (zero pages as marks, deltas
     /// against the standby's copy; before frame compression), against `last_pages` × 4 KiB raw.
     pub last_page_bytes: u64,

@@ -2,6 +2,13 @@
 //! byte into that many distinct 4 KiB pages per second, cycling through a buffer of `dirty_mb=N`
 //! MiB (default 64). It gives migration and replication a guest whose memory keeps changing at a
 //! known rate.
+//!
+//! It also checks that its memory is one consistent image: each page's first word counts the writes
+//! to that page, and before every write the dirtier checks that the count is the one its own position
+//! says (pages before it in this pass written once more than pages after it). A snapshot, migration
+//! or checkpoint that kept a page older or newer than the rest (a dirty page missed, or copied after
+//! a later write) shows as `testguest: FAIL dirtier: ...` when the restored guest comes back to that
+//! page.
 
 use alloc::vec::Vec;
 
@@ -18,6 +25,10 @@ pub struct Dirtier {
     start: u64,
     done: u64,
     next_page: usize,
+    /// Whole passes over the buffer: the write count of every page from `next_page` on.
+    passes: u64,
+    /// Set after the first inconsistency is reported (one report, not one per page).
+    failed: bool,
 }
 
 impl Dirtier {
@@ -47,6 +58,8 @@ impl Dirtier {
             start: cpu::rdtsc(),
             done: 0,
             next_page: 0,
+            passes: 0,
+            failed: false,
         }))
     }
 
@@ -73,9 +86,24 @@ impl Dirtier {
         let pages = self.buffer.len() / PAGE;
         for _ in 0..behind {
             let offset = self.next_page * PAGE;
+            let word: &mut [u8; 8] = (&mut self.buffer[offset..offset + 8]).try_into().expect("8 bytes");
+            let count = u64::from_le_bytes(*word);
+            if count != self.passes && !self.failed {
+                self.failed = true;
+                crate::println!(
+                    "testguest: FAIL dirtier: page {} was written {} times, expected {}: memory is not one consistent image",
+                    self.next_page,
+                    count,
+                    self.passes
+                );
+            }
             // A changing value, so every write really modifies the page.
-            self.buffer[offset] = self.buffer[offset].wrapping_add(1);
-            self.next_page = (self.next_page + 1) % pages;
+            *word = (count + 1).to_le_bytes();
+            self.next_page += 1;
+            if self.next_page == pages {
+                self.next_page = 0;
+                self.passes += 1;
+            }
         }
         self.done += behind;
     }

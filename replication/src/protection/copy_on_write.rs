@@ -1,0 +1,303 @@
+//! Copying a checkpoint's pages after the vCPUs resumed, so that the pause does not grow with the
+//! dirty set.
+//!
+//! While the vCPUs are paused the checkpoint write-protects the chunks of guest memory that hold its
+//! dirty pages ([`protect`], userfaultfd: `vmm::userfault`) and captures the state; the guest then
+//! runs on while the epoch-loop thread copies the pages ([`ProtectedPages::copy`]). The rule that
+//! keeps a checkpoint consistent: *no dirty page is written before its content of the checkpoint was
+//! copied*. A write to a protected page — by a vCPU, through KVM's page fault, or by a device model on
+//! the event-loop thread — stops the writer and is reported as a fault; the copier serves faults
+//! before anything else, copying the faulting page's chunk first and only then unprotecting it, which
+//! lets the writer go on. A page written after its copy belongs to the next epoch: the write
+//! goes through KVM's dirty log or vm-memory's bitmap as any other.
+//!
+//! Protection works on [`CHUNK`]s (2 MiB, a huge page): one ioctl per chunk while paused, whatever
+//! the number of dirty pages in it, and huge pages are not split. A write to a page of a protected
+//! chunk that is not dirty costs its writer the copy of that chunk's dirty pages, which is also what
+//! a fault on a dirty one costs.
+//!
+//! The copier must never write guest memory itself, nor wait for the event loop while pages are
+//! protected: the event loop may be stopped on one of them. Whatever stops the copy (an error, a
+//! checkpoint dropped unsent) unprotects the chunks not yet copied.
+
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm::dirty::DirtySet;
+use vmm::memory::{GuestMemory, PAGE_SIZE};
+use vmm::userfault::WriteProtector;
+
+use crate::wire::PageRun;
+
+/// The unit of write protection: one x86 large page. Guest RAM is 2 MiB-aligned both in the guest
+/// and in the VMM (`vmm/src/memory.rs`), so a chunk is one huge page of the mapping.
+pub(super) const CHUNK: u64 = 2 << 20;
+
+/// Faults read from the descriptor at once.
+const FAULT_BATCH: usize = 16;
+
+/// A write-protected chunk of guest memory and the dirty runs in it.
+struct Chunk {
+    /// Host address and length of the protected range (a chunk, cut at the ends of its region).
+    host: u64,
+    len: u64,
+    /// Dirty runs in the chunk: guest address and length.
+    runs: Vec<(u64, u64)>,
+    copied: bool,
+}
+
+/// A checkpoint's dirty pages, write-protected, waiting to be copied. Dropped uncopied, it lifts the
+/// protection it holds.
+pub(super) struct ProtectedPages {
+    protector: Arc<WriteProtector>,
+    /// In host-address order (what faults name).
+    chunks: Vec<Chunk>,
+}
+
+/// Pages copied, as the checkpoint sends them.
+pub(super) struct CopiedPages {
+    pub(super) runs: Vec<PageRun>,
+    /// Writes that had to wait for their chunk's copy.
+    pub(super) write_faults: u64,
+}
+
+/// With the vCPUs paused: write-protects every chunk holding a page of `set`.
+pub(super) fn protect(
+    protector: &Arc<WriteProtector>,
+    mem: &GuestMemory,
+    set: &DirtySet,
+) -> Result<ProtectedPages, String> {
+    let mut chunks: Vec<Chunk> = Vec::new();
+    for (addr, len) in set.runs() {
+        let (mut gpa, end) = (addr.0, addr.0 + len);
+        while gpa < end {
+            let chunk_start = gpa & !(CHUNK - 1);
+            let piece_end = end.min(chunk_start + CHUNK);
+            let run = (gpa, piece_end - gpa);
+            match chunks.last_mut() {
+                // Runs come in guest-address order: a chunk's runs are consecutive.
+                Some(last) if last.runs[0].0 & !(CHUNK - 1) == chunk_start => last.runs.push(run),
+                _ => chunks.push(chunk_at(mem, chunk_start, gpa, run)?),
+            }
+            gpa = piece_end;
+        }
+    }
+    chunks.sort_unstable_by_key(|c| c.host);
+    let pages = ProtectedPages {
+        protector: protector.clone(),
+        chunks,
+    };
+    for chunk in &pages.chunks {
+        // On failure the chunks already protected are released by `pages`' drop.
+        pages
+            .protector
+            .protect(chunk.host, chunk.len)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(pages)
+}
+
+/// The protected range of the chunk at `chunk_start` whose first dirty run is `run` (at `gpa`).
+fn chunk_at(
+    mem: &GuestMemory,
+    chunk_start: u64,
+    gpa: u64,
+    run: (u64, u64),
+) -> Result<Chunk, String> {
+    let region = mem
+        .find_region(GuestAddress(gpa))
+        .ok_or_else(|| format!("dirty page {gpa:#x} is outside guest memory"))?;
+    let region_start = region.start_addr().0;
+    let start = chunk_start.max(region_start);
+    let end = (chunk_start + CHUNK).min(region_start + region.len());
+    let host = mem
+        .get_host_address(GuestAddress(start))
+        .map_err(|e| format!("guest address {start:#x}: {e}"))? as u64;
+    Ok(Chunk {
+        host,
+        len: end - start,
+        runs: vec![run],
+        copied: false,
+    })
+}
+
+impl ProtectedPages {
+    /// After the vCPUs resumed: copies every dirty page, serving the writers stopped on a protected
+    /// chunk first, and unprotects each chunk right after its copy.
+    pub(super) fn copy(mut self, mem: &GuestMemory) -> Result<CopiedPages, String> {
+        let mut copied = CopiedPages {
+            runs: Vec::new(),
+            write_faults: 0,
+        };
+        let mut faults = Vec::with_capacity(FAULT_BATCH);
+        let mut next = 0;
+        loop {
+            faults.clear();
+            self.protector
+                .pending_faults(&mut faults)
+                .map_err(|e| e.to_string())?;
+            for &host in &faults {
+                copied.write_faults += 1;
+                match self.chunk_holding(host) {
+                    Some(i) if !self.chunks[i].copied => {
+                        self.copy_chunk(i, mem, &mut copied.runs)?
+                    }
+                    // Unprotected between the fault and now (its writer was woken then) or never
+                    // ours: let the writer through.
+                    _ => self
+                        .protector
+                        .unprotect(host, PAGE_SIZE as u64)
+                        .map_err(|e| e.to_string())?,
+                }
+            }
+            while next < self.chunks.len() && self.chunks[next].copied {
+                next += 1;
+            }
+            if next == self.chunks.len() {
+                return Ok(copied);
+            }
+            self.copy_chunk(next, mem, &mut copied.runs)?;
+        }
+    }
+
+    fn chunk_holding(&self, host: u64) -> Option<usize> {
+        let i = self.chunks.partition_point(|c| c.host + c.len <= host);
+        (i < self.chunks.len() && self.chunks[i].host <= host).then_some(i)
+    }
+
+    fn copy_chunk(
+        &mut self,
+        i: usize,
+        mem: &GuestMemory,
+        runs: &mut Vec<PageRun>,
+    ) -> Result<(), String> {
+        let chunk = &mut self.chunks[i];
+        for &(gpa, len) in &chunk.runs {
+            runs.push(read_run(mem, gpa, len as usize)?);
+        }
+        chunk.copied = true;
+        self.protector
+            .unprotect(chunk.host, chunk.len)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for ProtectedPages {
+    fn drop(&mut self) {
+        for chunk in self.chunks.iter().filter(|c| !c.copied) {
+            if let Err(e) = self.protector.unprotect(chunk.host, chunk.len) {
+                tracing::error!("{e}");
+            }
+        }
+    }
+}
+
+/// `len` bytes of guest memory at `gpa`, as a run to send.
+pub(super) fn read_run(mem: &GuestMemory, gpa: u64, len: usize) -> Result<PageRun, String> {
+    let mut data = vec![0u8; len];
+    mem.read_slice(&mut data, GuestAddress(gpa))
+        .map_err(|e| format!("reading guest pages {gpa:#x} (+{len} bytes): {e}"))?;
+    Ok(PageRun { gpa, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// The set of `pages` (page numbers in the region at guest address 0).
+    fn dirty(mem: &GuestMemory, pages: &[u64]) -> DirtySet {
+        let mut set = DirtySet::all(mem);
+        for region in &mut set.regions {
+            region.bitmap.fill(0);
+        }
+        for &p in pages {
+            set.regions[0].bitmap[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        set
+    }
+
+    fn page_value(runs: &[PageRun], gpa: u64) -> Option<u64> {
+        runs.iter().find_map(|r| {
+            let off = gpa.checked_sub(r.gpa)? as usize;
+            (off < r.data.len())
+                .then(|| u64::from_le_bytes(r.data[off..off + 8].try_into().unwrap()))
+        })
+    }
+
+    /// Writers hammer every dirty page (and pages beside them) while the copy runs: each copied page
+    /// holds the checkpoint's content, never a later one, and every write lands afterwards.
+    #[test]
+    fn a_page_written_during_the_copy_is_copied_with_its_checkpoint_content() {
+        let mem = vmm::memory::create_guest_memory(64).unwrap();
+        // Dirty pages spread over several chunks, with runs that cross a chunk boundary.
+        let pages: Vec<u64> = (0..2000u64)
+            .map(|i| (i * 7) % 16384)
+            .chain(510..515)
+            .collect();
+        for &p in &pages {
+            mem.write_obj(p, GuestAddress(p * PAGE_SIZE as u64))
+                .unwrap();
+        }
+        let set = dirty(&mem, &pages);
+        let protector = Arc::new(WriteProtector::new(&mem).unwrap());
+        let protected = protect(&protector, &mem, &set).unwrap();
+        assert!(protected.chunks.len() > 4);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let (mem, stop, pages) = (mem.clone(), stop.clone(), pages.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let p = pages[((n * 31 + w * 977) % pages.len() as u64) as usize];
+                        mem.write_obj(u64::MAX - p, GuestAddress(p * PAGE_SIZE as u64))
+                            .unwrap();
+                        // A clean page beside it, in a protected chunk.
+                        mem.write_obj(1u64, GuestAddress(p * PAGE_SIZE as u64 + 4096 * 16384))
+                            .ok();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        let copied = protected.copy(&mem).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::Relaxed);
+        let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+        assert!(writes > 0);
+        assert!(copied.write_faults > 0, "no writer met a protected page");
+
+        let total: usize = copied.runs.iter().map(|r| r.data.len()).sum();
+        assert_eq!(total as u64, set.count() * PAGE_SIZE as u64);
+        for &p in &pages {
+            assert_eq!(
+                page_value(&copied.runs, p * PAGE_SIZE as u64),
+                Some(p),
+                "page {p}"
+            );
+        }
+        // The writes went through after the copy.
+        assert!(pages.iter().any(|&p| mem
+            .read_obj::<u64>(GuestAddress(p * PAGE_SIZE as u64))
+            .unwrap()
+            == u64::MAX - p));
+    }
+
+    /// A checkpoint dropped before its copy leaves no page protected.
+    #[test]
+    fn dropped_uncopied_pages_are_unprotected() {
+        let mem = vmm::memory::create_guest_memory(16).unwrap();
+        mem.write_obj(7u64, GuestAddress(0x20_0000)).unwrap();
+        let protector = Arc::new(WriteProtector::new(&mem).unwrap());
+        let protected = protect(&protector, &mem, &dirty(&mem, &[0x200])).unwrap();
+        drop(protected);
+        // Would stop this thread for good if the page were still protected.
+        mem.write_obj(8u64, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 8);
+    }
+}
