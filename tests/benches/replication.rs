@@ -15,7 +15,9 @@ fn ms(v: &serde_json::Value) -> Option<Duration> {
     v.as_f64().map(|m| Duration::from_secs_f64(m / 1e3))
 }
 
-fn protect(cmdline: &str, epoch: &str) {
+/// Protects the test guest with `cmdline` at `epoch` (with `extra` arguments to `ftvmm run`) for
+/// 10 s and prints the epoch figures.
+fn protect(cmdline: &str, epoch: &str, extra: &[&str]) {
     let dir = std::env::temp_dir().join(format!("ftvmm-bench-repl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("p.sock");
@@ -51,11 +53,14 @@ fn protect(cmdline: &str, epoch: &str) {
             epoch,
         ])
         .args(["--api-socket", sock.to_str().unwrap()])
+        .args(extra)
         .arg("--tls")
         .arg(pki.join("a"));
     let mut primary = RunningVm::spawn(primary_cmd);
     primary.wait_for("testguest: spinning", DEADLINE);
     let (mut pauses, mut commits, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+    let mut write_faults = Vec::new();
+    let mut stopping = Vec::new();
     let mut epoch_lengths = Vec::new();
     // Page data on the link against the raw dirty bytes, summed over the epochs sampled.
     let (mut page_bytes, mut raw_bytes) = (0u64, 0u64);
@@ -75,9 +80,11 @@ fn protect(cmdline: &str, epoch: &str) {
                 first_seen.get_or_insert((Instant::now(), epoch));
                 last_seen = Some((Instant::now(), epoch));
                 pauses.extend(ms(&s["last_pause_ms"]));
+                stopping.extend(ms(&s["last_pause_stopping_ms"]));
                 epoch_lengths.extend(ms(&s["epoch_ms"]));
                 commits.extend(ms(&s["last_commit_ms"]));
                 pages.push(s["last_pages"].as_u64().unwrap_or(0));
+                write_faults.push(s["last_write_faults"].as_u64().unwrap_or(0));
                 page_bytes += s["last_page_bytes"].as_u64().unwrap_or(0);
                 raw_bytes += s["last_pages"].as_u64().unwrap_or(0) * 4096;
             }
@@ -92,20 +99,26 @@ fn protect(cmdline: &str, epoch: &str) {
         println!("{cmdline}: no epochs sampled");
         return;
     }
-    let (p, c) = (stats(&pauses), stats(&commits));
+    let (p, c, st) = (stats(&pauses), stats(&commits), stats(&stopping));
     let epoch_ms = stats(&epoch_lengths).median.as_secs_f64() * 1e3;
     pages.sort_unstable();
+    write_faults.sort_unstable();
     let per_second = match (first_seen, last_seen) {
         (Some((t1, e1)), Some((t2, e2))) if t2 > t1 => (e2 - e1) as f64 / (t2 - t1).as_secs_f64(),
         _ => 0.0,
     };
     println!(
-        "{cmdline:<28} epoch {epoch} (median {epoch_ms:.1} ms) | pause median {:.2} ms p99 {:.2} ms | commit median {:.2} ms p99 {:.2} ms | pages/epoch median {} | {:.1} epochs/s committed (ideal {:.1}) | page bytes on the link / raw {} | {} epochs sampled",
+        "{cmdline:<28} {} epoch {epoch} (median {epoch_ms:.1} ms) | pause median {:.2} ms p99 {:.2} ms (stopping the vCPUs median {:.2} p99 {:.2}) | commit median {:.2} ms p99 {:.2} ms | pages/epoch median {} | writes waiting for the copy/epoch median {} max {} | {:.1} epochs/s committed (ideal {:.1}) | page bytes on the link / raw {} | {} epochs sampled",
+        extra.join(" "),
         p.median.as_secs_f64() * 1e3,
         p.p99.as_secs_f64() * 1e3,
+        st.median.as_secs_f64() * 1e3,
+        st.p99.as_secs_f64() * 1e3,
         c.median.as_secs_f64() * 1e3,
         c.p99.as_secs_f64() * 1e3,
         pages[pages.len() / 2],
+        write_faults[write_faults.len() / 2],
+        write_faults.last().unwrap_or(&0),
         per_second,
         1000.0 / epoch_ms,
         if raw_bytes == 0 {
@@ -457,17 +470,30 @@ fn guest_throughput() {
 }
 
 fn main() {
-    // FTVMM_BENCH_ONLY=epochs|takeover|throughput|failover|latency runs one part alone.
+    // FTVMM_BENCH_ONLY=epochs|copy|takeover|throughput|failover|latency runs one part alone.
     let only = std::env::var("FTVMM_BENCH_ONLY").ok();
     let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if run("epochs") {
         println!("ftvmm protection benchmarks (test guest, 256 MiB, 2 vCPUs, standby over loopback, 10 s each)");
-        protect("mode=spin", "50");
-        protect("mode=spin dirty=10000 dirty_mb=64", "50");
-        protect("mode=spin dirty=10000 dirty_mb=64", "20");
-        protect("mode=spin", "auto");
-        protect("mode=spin dirty=10000 dirty_mb=64", "auto");
-        protect("mode=spin dirty=40000 dirty_mb=64", "auto");
+        protect("mode=spin", "50", &[]);
+        protect("mode=spin dirty=10000 dirty_mb=64", "50", &[]);
+        protect("mode=spin dirty=10000 dirty_mb=64", "20", &[]);
+        protect("mode=spin", "auto", &[]);
+        protect("mode=spin dirty=10000 dirty_mb=64", "auto", &[]);
+        protect("mode=spin dirty=40000 dirty_mb=64", "auto", &[]);
+    }
+    if run("copy") {
+        println!("checkpoint copy while paused against copy on write (256 MiB, 2 vCPUs, 50 ms epochs: about 1,000 and 10,000 dirty pages per epoch)");
+        protect("mode=spin", "50", &[]);
+        for dirty in ["dirty=20000", "dirty=200000"] {
+            for copy in ["paused", "on-write"] {
+                protect(
+                    &format!("mode=spin {dirty} dirty_mb=64"),
+                    "50",
+                    &["--checkpoint-copy", copy],
+                );
+            }
+        }
     }
     if run("takeover") {
         println!("takeover (128 MiB guest, epoch 20 ms, the default failure timeout (180 ms), standby and etcd on loopback)");

@@ -49,6 +49,8 @@ pub(super) struct Checkpoint {
     pub(super) state: Vec<u8>,
     pub(super) set: DirtySet,
     pub(super) pause: Duration,
+    /// Of the pause, the time it took to stop the vCPUs.
+    pub(super) stopping: Duration,
 }
 
 /// The content of a checkpoint's dirty pages: copied while the vCPUs were paused, or write-protected
@@ -85,8 +87,9 @@ pub(super) fn take_checkpoint(
     let t0 = Instant::now();
     let mut tracker = tracker.lock().unwrap_or_else(|e| e.into_inner());
     // A user's pause (`vm pause`) survives the checkpoint: only what this pauses is resumed.
-    let (contents, state, set, disk_writes) = m
+    let (contents, state, set, disk_writes, stopping) = m
         .while_paused(|m| {
+            let stopping = t0.elapsed();
             // Memory was copied while the guest ran (`send_memory_image`), tracking since: every
             // checkpoint, the first included, carries the pages dirtied since.
             tracker
@@ -111,7 +114,7 @@ pub(super) fn take_checkpoint(
                 Some(p) => PageContents::Protected(copy_on_write::protect(p, m.memory(), &set)?),
                 None => PageContents::Copied(copy_pages(m.memory(), &set)?),
             };
-            Ok::<_, CheckpointError>((contents, state, set, disk_writes))
+            Ok::<_, CheckpointError>((contents, state, set, disk_writes, stopping))
         })
         .map_err(|e| e.0)?;
     Ok(Checkpoint {
@@ -121,6 +124,7 @@ pub(super) fn take_checkpoint(
         state,
         set,
         pause: t0.elapsed(),
+        stopping,
     })
 }
 

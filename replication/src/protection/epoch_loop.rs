@@ -212,6 +212,7 @@ pub fn start_protection(
         committed_epoch: 0,
         epoch_ms: 0.0,
         last_pause_ms: 0.0,
+        last_pause_stopping_ms: 0.0,
         last_pages: 0,
         last_write_faults: 0,
         last_page_bytes: 0,
@@ -608,6 +609,7 @@ impl EpochLoop {
                     write_faults,
                     page_bytes,
                     pause: cp.pause,
+                    stopping: cp.stopping,
                     taken_at,
                     set: cp.set,
                 });
@@ -685,6 +687,7 @@ impl EpochLoop {
             s.state = ProtectionState::Protected;
             s.committed_epoch = epoch;
             s.last_pause_ms = cp.pause.as_secs_f64() * 1e3;
+            s.last_pause_stopping_ms = cp.stopping.as_secs_f64() * 1e3;
             s.last_pages = cp.pages;
             s.last_write_faults = cp.write_faults;
             s.last_page_bytes = cp.page_bytes;

@@ -22,6 +22,8 @@ pub(super) struct SentCheckpoint {
     /// Bytes of page data it took on the link.
     pub(super) page_bytes: u64,
     pub(super) pause: Duration,
+    /// Of the pause, the time it took to stop the vCPUs.
+    pub(super) stopping: Duration,
     /// The end of its pause: its commit latency runs from here.
     pub(super) taken_at: Instant,
     /// Its dirty set, folded back if it is never committed.
@@ -89,6 +91,7 @@ mod tests {
             write_faults: 0,
             page_bytes: 0,
             pause: Duration::ZERO,
+            stopping: Duration::ZERO,
             taken_at: Instant::now(),
             set: DirtySet::default(),
         }

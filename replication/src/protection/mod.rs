@@ -56,6 +56,9 @@ pub struct ProtectionStatus {
     pub epoch_ms: f64,
     /// How long the vCPUs were paused for the last checkpoint.
     pub last_pause_ms: f64,
+    /// Of that pause, the time it took to stop the vCPUs (the rest is taking the checkpoint —
+    /// dirty pages, state, and their write protection or copy — and resuming).
+    pub last_pause_stopping_ms: f64,
     /// Pages in the last checkpoint.
     pub last_pages: u64,
     /// Guest writes (vCPUs or devices) that waited, after the last checkpoint's pause, for the copy

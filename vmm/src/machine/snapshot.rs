@@ -309,7 +309,9 @@ impl Machine {
                 .collect::<Result<_, _>>()
                 .map_err(SnapshotError::from)?);
         }
-        let mut states = Vec::with_capacity(self.vcpu_count.into());
+        // Every parked vCPU thread is asked at once and saves its own state in parallel; the
+        // replies are then taken in vCPU order.
+        let mut replies = Vec::with_capacity(self.vcpu_count.into());
         for id in 0..self.vcpu_count {
             let (tx, rx) = mpsc::channel();
             self.control
@@ -318,6 +320,10 @@ impl Machine {
                     id,
                     reason: e.to_string(),
                 })?;
+            replies.push(rx);
+        }
+        let mut states = Vec::with_capacity(self.vcpu_count.into());
+        for (id, rx) in (0..self.vcpu_count).zip(replies) {
             let state = rx
                 .recv_timeout(VCPU_REPLY_TIMEOUT)
                 .map_err(|_| SnapshotError::VcpuTimeout(id))?
