@@ -114,6 +114,9 @@ stop_all() {
 }
 
 # ---- measuring
+# KVM's counters in the L1 (debugfs: sums over the VMs alive), read as the window opens and closes.
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+kvm_counters() { cat /sys/kernel/debug/kvm/exits /sys/kernel/debug/kvm/pf_fixed 2>/dev/null | tr '\n' ' '; }
 # throughput VMM FIGURE NAME: units per second of the L1's clock over the window, once NAME has
 # worked for WARMUP seconds; runs SAMPLE (if set) every half second meanwhile, and ON_OPEN /
 # ON_CLOSE (if set) as the window opens and closes.
@@ -121,6 +124,7 @@ throughput() {
     wait_for "$3" '^ftvmm-linux-work: units=' 120
     sleep "$WARMUP"
     [ -n "${ON_OPEN:-}" ] && $ON_OPEN
+    set -- "$@" $(kvm_counters)
     u0=$(units "$3") t0=$(now_ms)
     end=$((t0 + WINDOW * 1000))
     while [ "$(now_ms)" -lt "$end" ]; do
@@ -128,8 +132,14 @@ throughput() {
         sleep 0.5
     done
     u1=$(units "$3") t1=$(now_ms)
+    set -- "$@" $(kvm_counters)
     [ -n "${ON_CLOSE:-}" ] && $ON_CLOSE
     bench "$1" "$2" "$(ratio_per_s $((u1 - u0)) $((t1 - t0)))"
+    # $4 $5: exits and pf_fixed at the opening, $6 $7 at the closing.
+    if [ $# -ge 7 ]; then
+        bench "$1" "kvm_exits_per_s_${2#units_per_s_}" "$(ratio_per_s $(($6 - $4)) $((t1 - t0)))"
+        bench "$1" "kvm_pf_fixed_per_s_${2#units_per_s_}" "$(ratio_per_s $(($7 - $5)) $((t1 - t0)))"
+    fi
     WINDOW_MS=$((t1 - t0))
 }
 # round_trips VMM SUFFIX: nettest's echo round trips to the guest, p50 and p99.
