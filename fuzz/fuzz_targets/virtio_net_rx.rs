@@ -1,4 +1,5 @@
-//! virtio-net receive: frames written into arbitrary receive chains.
+//! virtio-net receive: frames (as the TAP delivers them: header, then frame) written into arbitrary
+//! receive chains, with and without the driver's partial checksums.
 #![no_main]
 
 use devices::virtio::device_queues::GuestErrorLog;
@@ -13,9 +14,16 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut counters = NetCounters::default();
     let mut errors = GuestErrorLog::new("fuzz-net");
-    let frame = vec![0xa5u8; 1514];
-    for len in [60usize, 1514, 0] {
-        if deliver_frame(&mut queue, &mem, &frame[..len], &mut counters, &mut errors) != Some(true)
+    let packet = vec![0xa5u8; 12 + 1514];
+    for (len, guest_csum) in [(12 + 60usize, true), (12 + 1514, false), (12, true), (3, false)] {
+        if deliver_frame(
+            &mut queue,
+            &mem,
+            &packet[..len],
+            guest_csum,
+            &mut counters,
+            &mut errors,
+        ) != Some(true)
         {
             break;
         }

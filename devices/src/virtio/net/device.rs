@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::tap::{Tap, TapError};
+use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use crate::output_gate::{OutputGate, PassThroughGate};
 use crate::persist::VirtioDeviceState;
 use crate::virtio::device_queues::DeviceQueues;
@@ -12,15 +12,27 @@ use crate::virtio::{
 
 /// virtio device ID of a network card.
 pub const VIRTIO_ID_NET: u32 = 1;
+/// The driver may send frames with a partial checksum (it gives where to finish it).
+const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+/// The driver accepts frames with a partial checksum.
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+/// The driver accepts TCP segments larger than the MTU (IPv4, IPv6).
+const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+/// The driver may send TCP segments larger than the MTU (IPv4, IPv6).
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Size of `struct virtio_net_hdr_v1` (virtio 1.x always includes `num_buffers`).
+/// Size of `struct virtio_net_hdr_v1` (virtio 1.x always includes `num_buffers`): the header on
+/// every frame, between the guest and the device and between the device and the TAP (`tap.rs`).
 pub const NET_HDR_LEN: usize = 12;
-/// Largest frame accepted from either side (no offloads are offered: 1514 + VLAN, with margin).
-pub const MAX_FRAME_LEN: usize = 65_536;
+/// Largest frame accepted from either side: a 64 KiB TCP segment (TSO) with its Ethernet and VLAN
+/// headers.
+pub const MAX_FRAME_LEN: usize = 65_550;
 
 /// An Ethernet MAC address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +176,7 @@ impl VirtioNet {
             queues,
             gate: Box::new(PassThroughGate::new()),
             rx_pending: None,
-            rx_buf: vec![0u8; MAX_FRAME_LEN],
+            rx_buf: vec![0u8; NET_HDR_LEN + MAX_FRAME_LEN],
             tx_buf: vec![0u8; NET_HDR_LEN + MAX_FRAME_LEN],
             tap_watched: false,
             counters: NetCounters::default(),
@@ -212,7 +224,9 @@ impl VirtioNet {
     /// VMM-generated, so it bypasses the output gate.
     pub fn announce(&mut self) {
         use crate::output_gate::OutputSink;
-        let frame = super::announce::rarp_frame(self.mac);
+        // A whole frame: an all-zero header.
+        let mut frame = [0u8; NET_HDR_LEN + super::announce::FRAME_LEN];
+        frame[NET_HDR_LEN..].copy_from_slice(&super::announce::rarp_frame(self.mac));
         for _ in 0..3 {
             if let Err(e) = self.tap.send(&frame) {
                 tracing::warn!(
@@ -247,7 +261,15 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+        VIRTIO_F_VERSION_1
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_GUEST_CSUM
+            | VIRTIO_NET_F_GUEST_TSO4
+            | VIRTIO_NET_F_GUEST_TSO6
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -263,12 +285,23 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        // The TAP may hand over what the driver accepts (also after a restore, on a new TAP).
+        let offload = tap_offload(self.acked_features);
+        if let Err(e) = self.tap.set_offload(offload) {
+            tracing::warn!(
+                "virtio-net {}: cannot set offloads {offload:#x}: {e}; the guest gets whole frames",
+                self.tap.name()
+            );
+        }
         self.queues.activate(ctx)
     }
 
     fn reset(&mut self) -> bool {
         self.queues.reset();
         self.rx_pending = None;
+        if let Err(e) = self.tap.set_offload(0) {
+            tracing::warn!("virtio-net {}: cannot clear offloads: {e}", self.tap.name());
+        }
         true
     }
 
@@ -313,9 +346,36 @@ impl VirtioDevice for VirtioNet {
     }
 }
 
+/// The TAP offloads (`TUN_F_*`) that match the driver's `features`: frames the guest accepts with a
+/// partial checksum, and large TCP segments only where it accepts those too.
+fn tap_offload(features: u64) -> u32 {
+    if features & VIRTIO_NET_F_GUEST_CSUM == 0 {
+        return 0;
+    }
+    let mut flags = TUN_F_CSUM;
+    if features & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+        flags |= TUN_F_TSO4;
+    }
+    if features & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+        flags |= TUN_F_TSO6;
+    }
+    flags
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tap_offloads_follow_what_the_driver_accepts() {
+        assert_eq!(tap_offload(0), 0);
+        assert_eq!(tap_offload(VIRTIO_NET_F_GUEST_TSO4), 0, "TSO needs GUEST_CSUM");
+        assert_eq!(tap_offload(VIRTIO_NET_F_GUEST_CSUM), TUN_F_CSUM);
+        assert_eq!(
+            tap_offload(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        );
+    }
 
     #[test]
     fn parses_net_arguments_and_macs() {

@@ -9,34 +9,51 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
-use super::device::{NetCounters, VirtioNet, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
+use super::device::{
+    NetCounters, VirtioNet, NET_HDR_LEN, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_GUEST_CSUM,
+};
 use crate::output_gate::{OutputGate, OutputSink};
 use crate::virtio::device_queues::{pop_chain, Drained, GuestErrorLog, QueueEvent, QUEUE_BUDGET};
 use crate::virtio::GuestMemoryMmap;
 
-/// `virtio_net_hdr_v1` for a received frame: no offloads, one buffer.
-fn rx_header() -> [u8; NET_HDR_LEN] {
+/// The `virtio_net_hdr_v1` a received frame goes to the guest with, from the TAP's (`tap`): one
+/// buffer; the TAP's checksum and segmentation fields only if the driver accepts partial checksums
+/// (`guest_csum`; the TAP is told the same, `device.rs`), else none.
+fn rx_header(tap: &[u8], guest_csum: bool) -> [u8; NET_HDR_LEN] {
     let mut h = [0u8; NET_HDR_LEN];
+    if guest_csum {
+        h[..10].copy_from_slice(&tap[..10]);
+    }
     h[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
     h
 }
 
-/// Writes one received frame into the next receive buffer on `queue`. Returns `None` when the driver
-/// has no buffer available or the queue is stopped (the frame is not consumed), `Some(false)` if the
-/// queue is broken (stop using it), `Some(true)` once the buffer went back to the driver (holding the
-/// frame, or dropped because the buffer was unusable).
+/// Writes one received frame (as read from the TAP: header, then the frame) into the next receive
+/// buffer on `queue`. Returns `None` when the driver has no buffer available or the queue is stopped
+/// (the frame is not consumed), `Some(false)` if the queue is broken (stop using it), `Some(true)`
+/// once the buffer went back to the driver (holding the frame, or dropped because the frame was
+/// malformed or the buffer unusable).
 pub fn deliver_frame(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-    frame: &[u8],
+    packet: &[u8],
+    guest_csum: bool,
     counters: &mut NetCounters,
     errors: &mut GuestErrorLog,
 ) -> Option<bool> {
     let chain = pop_chain(queue, mem, errors)?;
     let head = chain.head_index();
+    let Some((tap_header, frame)) = packet.split_at_checked(NET_HDR_LEN) else {
+        counters.rx_dropped += 1;
+        return match queue.add_used(mem, head, 0) {
+            Ok(()) => Some(true),
+            Err(_) => Some(false),
+        };
+    };
     let written = match chain.writer(mem) {
         Ok(mut w) if w.available_bytes() >= NET_HDR_LEN + frame.len() => {
-            match w.write_all(&rx_header()).and_then(|_| w.write_all(frame)) {
+            let header = rx_header(tap_header, guest_csum);
+            match w.write_all(&header).and_then(|_| w.write_all(frame)) {
                 Ok(()) => {
                     counters.rx_frames += 1;
                     w.bytes_written()
@@ -96,6 +113,7 @@ impl VirtioNet {
                 &mut active.queues[RX_QUEUE],
                 mem,
                 &self.rx_buf[..len],
+                self.acked_features & VIRTIO_NET_F_GUEST_CSUM != 0,
                 &mut self.counters,
                 errors,
             ) {
@@ -176,7 +194,8 @@ impl TxPath<'_> {
                 {
                     let len = r.available_bytes();
                     match r.read_exact(&mut self.buf[..len]) {
-                        Ok(()) => match self.gate.submit(&self.buf[NET_HDR_LEN..len], self.sink) {
+                        // Header and frame: the TAP takes the driver's header as it is.
+                        Ok(()) => match self.gate.submit(&self.buf[..len], self.sink) {
                             Ok(()) => self.counters.tx_frames += 1,
                             Err(e) => {
                                 // A full TAP queue drops the frame, as a congested link would.
@@ -345,8 +364,8 @@ mod tests {
     fn a_full_gate_pauses_transmit_and_drops_nothing() {
         let m = mem();
         let mut queue = frames_queue(&m, 3);
-        // Room for one frame's payload only.
-        let mut gate = crate::output_gate::EpochGate::with_cap(1, 52);
+        // Room for one frame (header and payload) only.
+        let mut gate = crate::output_gate::EpochGate::with_cap(1, 64);
         let (mut buf, mut sink) = (vec![0u8; 2048], Frames::default());
         let (mut counters, mut errors) = (NetCounters::default(), GuestErrorLog::new("test"));
         let mut path = TxPath {
@@ -375,10 +394,11 @@ mod tests {
     }
 
     #[test]
-    fn transmit_strips_the_header_and_gathers_descriptors() {
+    fn transmit_passes_the_drivers_header_and_gathers_descriptors() {
         let m = mem();
-        m.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(0x8000))
-            .unwrap();
+        // NEEDS_CSUM, csum_start 34, csum_offset 16: the TAP finishes the checksum.
+        let header = [1, 0, 0, 0, 0, 0, 34, 0, 16, 0, 0, 0];
+        m.write_slice(&header, GuestAddress(0x8000)).unwrap();
         m.write_slice(b"hello ", GuestAddress(0x9000)).unwrap();
         m.write_slice(b"world", GuestAddress(0xa000)).unwrap();
         let (frames, c) = tx(
@@ -389,7 +409,7 @@ mod tests {
                 (0xa000, 5, false),
             ],
         );
-        assert_eq!(frames.0, vec![b"hello world".to_vec()]);
+        assert_eq!(frames.0, vec![[&header[..], b"hello world"].concat()]);
         assert_eq!(c.tx_frames, 1);
     }
 
@@ -410,38 +430,68 @@ mod tests {
         assert_eq!(c.tx_dropped, 1);
     }
 
+    /// A frame as the TAP delivers it: its header (NEEDS_CSUM | DATA_VALID, TCPv4 segments of 1448
+    /// bytes), then the frame.
+    fn from_tap(frame: &[u8]) -> Vec<u8> {
+        [&[3u8, 1, 66, 0, 0xa8, 5, 34, 0, 16, 0, 0, 0][..], frame].concat()
+    }
+
     #[test]
     fn receive_writes_header_and_frame_or_drops_when_too_small() {
         let m = mem();
         let mut counters = NetCounters::default();
         let mut errors = GuestErrorLog::new("test");
         let mut q = queue_with(&m, &[(0x8000, 2048, true)]);
+        let packet = from_tap(b"frame!");
         assert_eq!(
-            deliver_frame(&mut q, &m, b"frame!", &mut counters, &mut errors),
+            deliver_frame(&mut q, &m, &packet, true, &mut counters, &mut errors),
             Some(true)
         );
         let mut got = [0u8; NET_HDR_LEN + 6];
         m.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+        assert_eq!(&got[..10], &packet[..10], "the TAP's offload fields");
         assert_eq!(&got[NET_HDR_LEN..], b"frame!");
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
         // No more buffers: the frame is kept by the caller.
         assert_eq!(
-            deliver_frame(&mut q, &m, b"next", &mut counters, &mut errors),
+            deliver_frame(&mut q, &m, &from_tap(b"next"), true, &mut counters, &mut errors),
             None
         );
         // A buffer too small for header + frame: returned empty, frame dropped.
         let mut q = queue_with(&m, &[(0x8000, 8, true)]);
         assert_eq!(
-            deliver_frame(&mut q, &m, b"frame!", &mut counters, &mut errors),
+            deliver_frame(&mut q, &m, &packet, true, &mut counters, &mut errors),
             Some(true)
         );
         assert_eq!(counters.rx_dropped, 1);
         // A read-only buffer cannot receive.
         let mut q = queue_with(&m, &[(0x8000, 2048, false)]);
         assert_eq!(
-            deliver_frame(&mut q, &m, b"frame!", &mut counters, &mut errors),
+            deliver_frame(&mut q, &m, &packet, true, &mut counters, &mut errors),
             Some(true)
         );
         assert_eq!(counters.rx_dropped, 2);
+        // Shorter than a header: dropped.
+        let mut q = queue_with(&m, &[(0x8000, 2048, true)]);
+        assert_eq!(
+            deliver_frame(&mut q, &m, &[0u8; 5], true, &mut counters, &mut errors),
+            Some(true)
+        );
+        assert_eq!(counters.rx_dropped, 3);
+    }
+
+    #[test]
+    fn a_driver_without_partial_checksums_gets_no_offload_fields() {
+        let m = mem();
+        let (mut counters, mut errors) = (NetCounters::default(), GuestErrorLog::new("test"));
+        let mut q = queue_with(&m, &[(0x8000, 2048, true)]);
+        let packet = from_tap(b"frame!");
+        assert_eq!(
+            deliver_frame(&mut q, &m, &packet, false, &mut counters, &mut errors),
+            Some(true)
+        );
+        let mut got = [0u8; NET_HDR_LEN];
+        m.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+        assert_eq!(got, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
     }
 }
