@@ -22,13 +22,19 @@ vmm_exec() {
     cmdline="$GUEST_CMDLINE $extra"
     case "$vmm" in
         ftvmm)
+            # PLAIN_TCP=1: the migration link without TLS (what QEMU's is).
+            if [ "${PLAIN_TCP:-}" = 1 ]; then
+                src_link=--insecure-plain-tcp dst_link=--insecure-plain-tcp
+            else
+                src_link="--tls /tmp/pki/src" dst_link="--tls /tmp/pki/dst"
+            fi
             if [ -n "$incoming" ]; then
                 exec ftvmm receive --listen "127.0.0.1:$incoming" --net "tap=$tap,mac=$GUEST_MAC" \
-                    --disk "path=$disk" --api-socket "/tmp/$name.sock" --tls /tmp/pki/dst
+                    --disk "path=$disk" --api-socket "/tmp/$name.sock" $dst_link
             fi
             exec ftvmm run --kernel "$KERNEL" --initrd "$INITRD" --vcpus 2 --memory 512 \
                 --cmdline "$cmdline" --disk "path=$disk" --net "tap=$tap,mac=$GUEST_MAC" \
-                --api-socket "/tmp/$name.sock" --tls /tmp/pki/src ;;
+                --api-socket "/tmp/$name.sock" $src_link ;;
         microvm|q35)
             if [ "$vmm" = microvm ]; then
                 machine=microvm,acpi=on,rtc=on blk=virtio-blk-device net=virtio-net-device
@@ -160,7 +166,9 @@ for vmm in $VMMS; do
 done
 
 echo "bench: live migration with an echo client connected"
-for vmm in $VMMS; do
+# migrate_once VMM [SUFFIX]: one live migration of the echo guest; its figures end in SUFFIX.
+migrate_once() {
+    vmm=$1 suffix=${2:-}
     truncate -s 128M /tmp/src.img /tmp/dst.img
     : >/tmp/src.out
     sh /payload/run.sh __vmm "$vmm" src tap0 /tmp/src.img "ftvmm.test=echo ftvmm.ip=$GUEST_IP/24" >/tmp/src.out 2>&1 &
@@ -179,6 +187,12 @@ for vmm in $VMMS; do
         ftvmm vm --api-socket /tmp/src.sock migrate --to 127.0.0.1:7100 --downtime-ms 50 >/tmp/mig.json \
             || fail "ftvmm: migrate"
         downtime=$(sed -n 's/.*"downtime_ms": *\([0-9.]*\).*/\1/p' /tmp/mig.json)
+        # Where the downtime went: the source's hand-over timeline (ms since the stop began).
+        timeline=$(tr -d '\033\r' </tmp/src.out | sed 's/\[[0-9;]*m//g' | grep 'hand-over timeline' | tail -n 1)
+        for part in paused collected pages_sent state_captured applied; do
+            bench ftvmm "migration_${part}_at_ms$suffix" "$(field "$timeline" "${part}_ms")"
+        done
+        bench ftvmm "migration_final_pages$suffix" "$(field "$timeline" pages)"
     else
         hmp src "migrate_set_parameter downtime-limit 50" >/dev/null
         hmp src "migrate -d tcp:127.0.0.1:7100" >/dev/null
@@ -192,11 +206,17 @@ for vmm in $VMMS; do
         hmp src quit >/dev/null
     fi
     wait $client || fail "$vmm: the client: $(cat /tmp/echo.out)"
-    bench "$vmm" migration_downtime_ms "$downtime"
-    bench "$vmm" migration_client_max_gap_ms "$(field "$(cat /tmp/echo.out)" max_gap_ms)"
+    bench "$vmm" "migration_downtime_ms$suffix" "$downtime"
+    bench "$vmm" "migration_client_max_gap_ms$suffix" "$(field "$(cat /tmp/echo.out)" max_gap_ms)"
     nc "$GUEST_IP" 9 </dev/null || true
     wait $dst
     kill -9 $src 2>/dev/null
     wait $src 2>/dev/null
+}
+export FTVMM_LOG=replication=info # the hand-over timeline
+for vmm in $VMMS; do
+    migrate_once "$vmm"
 done
+# ftvmm once more over plain TCP, as QEMU's migration runs: what TLS costs the downtime.
+case " $VMMS " in *" ftvmm "*) export PLAIN_TCP=1 && migrate_once ftvmm _plain_tcp ;; esac
 echo "RESULT: bench done"
