@@ -103,13 +103,24 @@ pub fn receive_stream<S: Read + Write>(
                     pages += (run.data.len() / vmm::memory::PAGE_SIZE) as u64;
                 }
             }
+            Message::RoundEnd { round } => {
+                write_frame(stream, &Message::RoundReceived { round }).map_err(wire)?;
+            }
             Message::State { snapshot } => {
+                let t0 = std::time::Instant::now();
                 let state: VmSnapshot =
                     vmm::snapshot::decode(&snapshot).map_err(|e| machine_err(e.to_string()))?;
+                let decoded = t0.elapsed();
                 machine
                     .apply_state(&state)
                     .map_err(|e| machine_err(e.to_string()))?;
                 write_frame(stream, &Message::Applied).map_err(wire)?;
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                tracing::info!(
+                    decoded_ms = ms(decoded),
+                    applied_ms = ms(t0.elapsed()),
+                    "state applied"
+                );
                 break;
             }
             Message::Cancel => return Err(ReceiveError::Cancelled { peer }),

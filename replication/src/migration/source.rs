@@ -294,7 +294,7 @@ fn stop_and_copy(
         let set = tracker.take();
         update(status, |s| s.dirty_pages = set.count());
         let collected = t0.elapsed();
-        send_set(&mut stream, &memory, &set, u32::MAX, false, status)?;
+        send_set(&mut stream, &memory, &set, FINAL_ROUND, false, status)?;
         let pages_sent = t0.elapsed();
         let state = machine
             .capture_state()
@@ -344,7 +344,13 @@ fn expect(stream: &mut Link, ok: impl Fn(&Message) -> bool, what: &str) -> Resul
     }
 }
 
-/// Sends the pages of `set`; with `skip_zero`, all-zero pages are left out.
+/// The round number of the stop-and-copy's pages.
+const FINAL_ROUND: u32 = u32::MAX;
+
+/// Sends the pages of `set`; with `skip_zero`, all-zero pages are left out. A pre-copy round ends
+/// with `RoundEnd` and waits for the destination's `RoundReceived`: the bandwidth measured is what
+/// reached the destination's memory, not what filled the socket buffers, and nothing is left in
+/// flight when the source stops (pages queued there would all be downtime).
 fn send_set(
     stream: &mut Link,
     mem: &GuestMemory,
@@ -411,6 +417,14 @@ fn send_set(
         }
     }
     flush(&mut runs, &mut batch, stream)?;
+    if round != FINAL_ROUND {
+        write_frame(stream, &Message::RoundEnd { round })?;
+        expect(
+            stream,
+            |m| matches!(m, Message::RoundReceived { round: r } if *r == round),
+            "RoundReceived",
+        )?;
+    }
     let secs = started.elapsed().as_secs_f64();
     update(status, |s| {
         s.bytes_sent += bytes;

@@ -86,6 +86,11 @@ pub enum Message {
     Ready,
     /// Source → destination: guest memory contents.
     Pages { round: u32, runs: Vec<PageRun> },
+    /// Source → destination: every page of pre-copy round `round` has been sent.
+    RoundEnd { round: u32 },
+    /// Destination → source: every page of round `round` is in guest memory (nothing of it is left
+    /// in flight, so the source's next estimate of the downtime is true).
+    RoundReceived { round: u32 },
     /// Source → destination, last: vCPU, VM and device state (an encoded `VmSnapshot`), sent
     /// with the vCPUs stopped.
     State {
@@ -166,6 +171,8 @@ impl Message {
             Message::Hello { .. } => "Hello",
             Message::Ready => "Ready",
             Message::Pages { .. } => "Pages",
+            Message::RoundEnd { .. } => "RoundEnd",
+            Message::RoundReceived { .. } => "RoundReceived",
             Message::State { .. } => "State",
             Message::Applied => "Applied",
             Message::Go => "Go",
