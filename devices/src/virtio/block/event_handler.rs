@@ -24,18 +24,7 @@ pub fn process_requests(
             return drained;
         };
         let head = chain.head_index();
-        let used = match (chain.clone().reader(mem), chain.writer(mem)) {
-            (Ok(reader), Ok(writer)) => execute(disk, reader, writer),
-            (r, w) => {
-                // Descriptors outside guest memory or overflowing: nothing can be written.
-                errors.report(format_args!(
-                    "unusable descriptor chain {head}: {:?} / {:?}",
-                    r.err(),
-                    w.err()
-                ));
-                0
-            }
-        };
+        let used = execute(disk, mem, chain);
         if let Err(e) = queue.add_used(mem, head, used) {
             errors.report(format_args!("cannot return descriptor {head}: {e}"));
             return drained;

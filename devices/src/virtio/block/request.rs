@@ -2,15 +2,22 @@
 //!
 //! Everything here is driven by guest-controlled data. A malformed chain fails that request with
 //! `VIRTIO_BLK_S_IOERR` (when there is somewhere to put a status) and never touches memory outside
-//! guest RAM: all access goes through virtio-queue's `Reader`/`Writer`, which only hand out slices
-//! of guest memory that the descriptors name and that exist.
+//! guest RAM: every access goes through vm-memory on the guest addresses the descriptors name,
+//! which refuses what is not guest memory. Data moves between the image and guest memory in place
+//! (`pread`/`pwrite` on the guest's pages, [`ImageAt`]); only a write that a standby must also
+//! receive is copied first (`WriteJournal`), so that the image and the journal get the same bytes
+//! even if the guest changes its buffer meanwhile.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use virtio_queue::{Reader, Writer};
+use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
+use vm_memory::volatile_memory::Error as VolatileMemoryError;
+use vm_memory::{Bytes, GuestAddress, ReadVolatile, VolatileSlice, WriteVolatile};
+
+use crate::virtio::GuestMemoryMmap;
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -84,36 +91,96 @@ pub struct Disk<'a> {
     pub journal: Option<&'a super::WriteJournal>,
 }
 
-/// Executes the request in `reader` (driver-to-device part) / `writer` (device-to-driver part), writes
-/// the status byte, and returns the number of bytes written to guest memory (the used length).
-pub fn execute<B: BitmapSlice>(
-    disk: &Disk,
-    mut reader: Reader<'_, B>,
-    mut writer: Writer<'_, B>,
-) -> u32 {
-    let writable = writer.available_bytes();
-    if writable == 0 {
+/// The guest memory a request's descriptor chain names, as the device uses it: what it reads (the
+/// header, then a write's data) and what it writes (a read's data, then the status byte). As in
+/// virtio-queue's `Reader`/`Writer`: readable descriptors up to the first writable one, then the
+/// writable ones.
+#[derive(Debug, Default)]
+struct Segments(Vec<(GuestAddress, usize)>);
+
+impl Segments {
+    fn len(&self) -> usize {
+        self.0.iter().map(|&(_, n)| n).sum()
+    }
+
+    /// Removes and returns the first `n` bytes (as many as there are).
+    fn take_front(&mut self, mut n: usize) -> Segments {
+        let mut front = Vec::new();
+        while n > 0 && !self.0.is_empty() {
+            let (addr, len) = self.0[0];
+            if len <= n {
+                front.push(self.0.remove(0));
+                n -= len;
+            } else {
+                front.push((addr, n));
+                self.0[0] = (GuestAddress(addr.0 + n as u64), len - n);
+                n = 0;
+            }
+        }
+        Segments(front)
+    }
+
+    /// Removes and returns the last byte's address.
+    fn take_last_byte(&mut self) -> Option<GuestAddress> {
+        let (addr, len) = self.0.pop()?;
+        if len > 1 {
+            self.0.push((addr, len - 1));
+        }
+        Some(GuestAddress(addr.0 + len as u64 - 1))
+    }
+
+    /// Copies the bytes out of guest memory.
+    fn read(&self, mem: &GuestMemoryMmap) -> Result<Vec<u8>, RequestError> {
+        let mut out = vec![0u8; self.len()];
+        let mut at = 0;
+        for &(addr, len) in &self.0 {
+            mem.read_slice(&mut out[at..at + len], addr)
+                .map_err(|e| RequestError::Memory(e.to_string()))?;
+            at += len;
+        }
+        Ok(out)
+    }
+}
+
+/// Splits `chain` into what the device reads and what it writes.
+fn segments(chain: DescriptorChain<&GuestMemoryMmap>) -> (Segments, Segments) {
+    let (mut readable, mut writable) = (Segments::default(), Segments::default());
+    for d in chain {
+        if d.len() == 0 {
+            continue;
+        }
+        let segment = (d.addr(), d.len() as usize);
+        if d.is_write_only() {
+            writable.0.push(segment);
+        } else if writable.0.is_empty() {
+            readable.0.push(segment);
+        }
+    }
+    (readable, writable)
+}
+
+/// Executes the request `chain` names, writes the status byte, and returns the number of bytes
+/// written to guest memory (the used length).
+pub fn execute(disk: &Disk, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    let (mut readable, mut writable) = segments(chain);
+    let Some(status_at) = writable.take_last_byte() else {
         tracing::debug!("virtio-blk: {}", RequestError::NoStatus);
         return 0;
-    }
-    let mut status_writer = match writer.split_at(writable - 1) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!("virtio-blk: cannot split writable descriptors: {e}");
-            return 0;
-        }
     };
-    let status = match run(disk, &mut reader, &mut writer) {
-        Ok(()) => VIRTIO_BLK_S_OK,
+    let (status, written) = match run(disk, mem, &mut readable, &writable) {
+        Ok(written) => (VIRTIO_BLK_S_OK, written),
         Err(e) => {
             tracing::debug!("virtio-blk request failed: {e}");
-            e.status()
+            (e.status(), 0)
         }
     };
-    if let Err(e) = status_writer.write_all(&[status]) {
-        tracing::debug!("virtio-blk: cannot write status: {e}");
+    match mem.write_obj(status, status_at) {
+        Ok(()) => written as u32 + 1,
+        Err(e) => {
+            tracing::debug!("virtio-blk: cannot write status: {e}");
+            written as u32
+        }
     }
-    (writer.bytes_written() + status_writer.bytes_written()) as u32
 }
 
 fn check_range(disk: &Disk, sector: u64, len: usize) -> Result<u64, RequestError> {
@@ -133,78 +200,152 @@ fn check_range(disk: &Disk, sector: u64, len: usize) -> Result<u64, RequestError
     Ok(offset)
 }
 
-/// Largest chunk moved through a bounce buffer at once.
-const CHUNK: usize = 128 * 1024;
-
-fn run<B: BitmapSlice>(
+/// Executes the request; returns the bytes it wrote to guest memory (before the status).
+fn run(
     disk: &Disk,
-    reader: &mut Reader<'_, B>,
-    writer: &mut Writer<'_, B>,
-) -> Result<(), RequestError> {
-    if reader.available_bytes() < std::mem::size_of::<RequestHeader>() {
-        return Err(RequestError::ShortHeader(reader.available_bytes()));
+    mem: &GuestMemoryMmap,
+    readable: &mut Segments,
+    writable: &Segments,
+) -> Result<usize, RequestError> {
+    let header_len = std::mem::size_of::<RequestHeader>();
+    if readable.len() < header_len {
+        return Err(RequestError::ShortHeader(readable.len()));
     }
-    let header: RequestHeader = reader
-        .read_obj()
-        .map_err(|e| RequestError::Memory(e.to_string()))?;
+    let bytes = readable.take_front(header_len).read(mem)?;
+    let header = RequestHeader {
+        request_type: u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")),
+        reserved: 0,
+        sector: u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")),
+    };
     match header.request_type {
         VIRTIO_BLK_T_IN => {
-            let len = writer.available_bytes();
-            let mut offset = check_range(disk, header.sector, len)?;
-            let mut buf = vec![0u8; len.min(CHUNK)];
-            let mut left = len;
-            while left > 0 {
-                let n = left.min(CHUNK);
-                disk.file
-                    .read_exact_at(&mut buf[..n], offset)
+            let len = writable.len();
+            let mut image = ImageAt::new(disk.file, check_range(disk, header.sector, len)?);
+            for &(addr, n) in &writable.0 {
+                mem.read_exact_volatile_from(addr, &mut image, n)
                     .map_err(|e| RequestError::Io(e.to_string()))?;
-                writer
-                    .write_all(&buf[..n])
-                    .map_err(|e| RequestError::Memory(e.to_string()))?;
-                offset += n as u64;
-                left -= n;
             }
-            Ok(())
+            Ok(len)
         }
         VIRTIO_BLK_T_OUT => {
             if disk.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            let len = reader.available_bytes();
-            let mut offset = check_range(disk, header.sector, len)?;
-            let mut buf = vec![0u8; len.min(CHUNK)];
-            let mut left = len;
-            while left > 0 {
-                let n = left.min(CHUNK);
-                reader
-                    .read_exact(&mut buf[..n])
-                    .map_err(|e| RequestError::Memory(e.to_string()))?;
-                disk.file
-                    .write_all_at(&buf[..n], offset)
-                    .map_err(|e| RequestError::Io(e.to_string()))?;
-                if let Some(journal) = disk.journal {
-                    journal.record(offset, &buf[..n]);
+            let len = readable.len();
+            let offset = check_range(disk, header.sector, len)?;
+            match disk.journal.filter(|j| j.is_active()) {
+                // A standby gets the very bytes the image gets: one copy, written and recorded.
+                Some(journal) => {
+                    let data = readable.read(mem)?;
+                    disk.file
+                        .write_all_at(&data, offset)
+                        .map_err(|e| RequestError::Io(e.to_string()))?;
+                    journal.record(offset, data);
                 }
-                offset += n as u64;
-                left -= n;
+                None => {
+                    let mut image = ImageAt::new(disk.file, offset);
+                    for &(addr, n) in &readable.0 {
+                        mem.write_all_volatile_to(addr, &mut image, n)
+                            .map_err(|e| RequestError::Io(e.to_string()))?;
+                    }
+                    // Recording started meanwhile (protection's first copy of the image may have
+                    // read this range before the write landed): record what the image now holds.
+                    if let Some(journal) = disk.journal.filter(|j| j.is_active()) {
+                        let mut data = vec![0u8; len];
+                        disk.file
+                            .read_exact_at(&mut data, offset)
+                            .map_err(|e| RequestError::Io(e.to_string()))?;
+                        journal.record(offset, data);
+                    }
+                }
             }
-            Ok(())
+            Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
-            if disk.read_only {
-                return Ok(());
+            if !disk.read_only {
+                disk.file
+                    .sync_data()
+                    .map_err(|e| RequestError::Io(e.to_string()))?;
             }
-            disk.file
-                .sync_data()
-                .map_err(|e| RequestError::Io(e.to_string()))
+            Ok(0)
         }
         VIRTIO_BLK_T_GET_ID => {
-            let n = writer.available_bytes().min(ID_BYTES);
-            writer
-                .write_all(&disk.id[..n])
-                .map_err(|e| RequestError::Memory(e.to_string()))
+            let mut left = ID_BYTES.min(writable.len());
+            let mut id = &disk.id[..];
+            for &(addr, n) in &writable.0 {
+                let n = n.min(left);
+                mem.write_slice(&id[..n], addr)
+                    .map_err(|e| RequestError::Memory(e.to_string()))?;
+                (id, left) = (&id[n..], left - n);
+            }
+            Ok(ID_BYTES.min(writable.len()))
         }
         other => Err(RequestError::Unsupported(other)),
+    }
+}
+
+/// The disk image at an advancing offset, read into and written from guest memory in place.
+struct ImageAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl<'a> ImageAt<'a> {
+    fn new(file: &'a File, offset: u64) -> Self {
+        Self { file, offset }
+    }
+}
+
+impl ReadVolatile for ImageAt<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard_mut();
+        // SAFETY: `guard` points at `buf.len()` bytes of guest memory that stay mapped while the
+        // guard lives (VolatileSlice's invariant); pread writes at most that many; the file is open.
+        let n = unsafe {
+            libc::pread(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast(),
+                buf.len(),
+                self.offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            // A partial read may have happened: count it all as written.
+            buf.bitmap().mark_dirty(0, buf.len());
+            return Err(VolatileMemoryError::IOError(std::io::Error::last_os_error()));
+        }
+        let n = n as usize;
+        // The device wrote these guest pages: dirty tracking must see them.
+        buf.bitmap().mark_dirty(0, n);
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+impl WriteVolatile for ImageAt<'_> {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard();
+        // SAFETY: `guard` points at `buf.len()` readable bytes of guest memory that stay mapped
+        // while the guard lives; pwrite only reads them; the file is open.
+        let n = unsafe {
+            libc::pwrite(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast(),
+                buf.len(),
+                self.offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(VolatileMemoryError::IOError(std::io::Error::last_os_error()));
+        }
+        self.offset += n as u64;
+        Ok(n as usize)
     }
 }
 
@@ -261,9 +402,7 @@ mod tests {
         q.build_desc_chain(&raw).unwrap();
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
         let chain = queue.iter(mem).unwrap().next().unwrap();
-        let reader = chain.clone().reader(mem).unwrap();
-        let writer = chain.writer(mem).unwrap();
-        let used = execute(disk, reader, writer);
+        let used = execute(disk, mem, chain);
         let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap_or(0xee);
         let _ = queue.next_avail();
         (used, status)
@@ -379,21 +518,85 @@ mod tests {
         m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
         let (used, st) = run_chain(&m, &d, &[(HDR, 16, false), (DATA, 512, false)]);
         assert_eq!((used, st), (0, 0xee));
-        // Descriptor pointing outside guest memory: the chain is refused before execution.
-        let q = MockSplitQueue::new(&m, 16);
-        q.build_desc_chain(&[
-            RawDescriptor::from(SplitDescriptor::new(HDR, 16, 0, 0)),
-            RawDescriptor::from(SplitDescriptor::new(
-                0xffff_ffff_0000,
-                512,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            )),
-        ])
-        .unwrap();
-        let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
-        let chain = queue.iter(&m).unwrap().next().unwrap();
-        assert!(chain.writer(&m).is_err());
+        // Data outside guest memory: the request fails, its status says so.
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let (used, st) = run_chain(
+            &m,
+            &d,
+            &[
+                (HDR, 16, false),
+                (0xffff_ffff_0000, 512, true),
+                (STATUS, 1, true),
+            ],
+        );
+        assert_eq!((used, st), (1, VIRTIO_BLK_S_IOERR));
+    }
+
+    /// Which pages of `m` the device marked dirty (vm-memory's bitmap), at `addr`.
+    fn dirty_at(m: &GuestMemoryMmap, addr: u64) -> bool {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::GuestMemoryBackend;
+        let region = m.find_region(GuestAddress(addr)).unwrap();
+        let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+        mapping.bitmap().dirty_at(addr as usize)
+    }
+
+    #[test]
+    fn a_read_marks_the_pages_it_fills_dirty_and_headers_may_be_split() {
+        let m = mem();
+        let f = disk_file(8192);
+        f.write_all_at(&[0x5a; 4096], 4096).unwrap();
+        let id = [0; ID_BYTES];
+        let d = disk(&f, false, &id);
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        assert!(!dirty_at(&m, DATA + 4096));
+        // The header in two descriptors, the data in two.
+        let (used, st) = run_chain(
+            &m,
+            &d,
+            &[
+                (HDR, 8, false),
+                (HDR + 8, 8, false),
+                (DATA, 1024, true),
+                (DATA + 4096, 3072, true),
+                (STATUS, 1, true),
+            ],
+        );
+        assert_eq!((used, st), (4097, VIRTIO_BLK_S_OK));
+        assert!(dirty_at(&m, DATA) && dirty_at(&m, DATA + 4096));
+        let mut back = [0u8; 3072];
+        m.read_slice(&mut back, GuestAddress(DATA + 4096)).unwrap();
+        assert_eq!(back, [0x5a; 3072]);
+    }
+
+    #[test]
+    fn a_recording_journal_gets_exactly_what_the_image_got() {
+        let m = mem();
+        let f = disk_file(8192);
+        let id = [0; ID_BYTES];
+        let journal = crate::virtio::block::WriteJournal::with_cap(1 << 20);
+        journal.start();
+        let d = Disk {
+            journal: Some(&journal),
+            ..disk(&f, false, &id)
+        };
+        // Header and the first data bytes share a descriptor.
+        header(&m, VIRTIO_BLK_T_OUT, 1);
+        m.write_slice(&[7u8; 512], GuestAddress(HDR + 16)).unwrap();
+        m.write_slice(&[9u8; 512], GuestAddress(DATA)).unwrap();
+        let (used, st) = run_chain(
+            &m,
+            &d,
+            &[(HDR, 16 + 512, false), (DATA, 512, false), (STATUS, 1, true)],
+        );
+        assert_eq!((used, st), (1, VIRTIO_BLK_S_OK));
+        let mut on_disk = [0u8; 1024];
+        f.read_exact_at(&mut on_disk, 512).unwrap();
+        assert_eq!(&on_disk[..512], &[7u8; 512]);
+        assert_eq!(&on_disk[512..], &[9u8; 512]);
+        let writes = journal.take().unwrap();
+        assert_eq!(writes.len(), 1);
+        assert_eq!((writes[0].offset, &writes[0].data[..]), (512, &on_disk[..]));
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl WriteJournal {
     }
 
     /// Records a completed write (nothing when inactive).
-    pub fn record(&self, offset: u64, data: &[u8]) {
+    pub fn record(&self, offset: u64, data: Vec<u8>) {
         let cap = self.cap_bytes;
         if let Some(r) = self.lock().as_mut() {
             if r.overflowed {
@@ -73,10 +73,7 @@ impl WriteJournal {
                 r.writes = Vec::new();
                 return;
             }
-            r.writes.push(DiskWrite {
-                offset,
-                data: data.to_vec(),
-            });
+            r.writes.push(DiskWrite { offset, data });
         }
     }
 
@@ -106,13 +103,13 @@ mod tests {
     #[test]
     fn records_only_while_started_and_in_order() {
         let j = WriteJournal::with_cap(1024);
-        j.record(0, b"ignored");
+        j.record(0, b"ignored".to_vec());
         assert!(!j.is_active());
         j.start();
-        j.record(512, b"a");
-        j.record(0, b"b");
+        j.record(512, b"a".to_vec());
+        j.record(0, b"b".to_vec());
         let shared = j.clone();
-        shared.record(512, b"c");
+        shared.record(512, b"c".to_vec());
         let taken = j.take().unwrap();
         assert_eq!(
             taken
@@ -127,7 +124,7 @@ mod tests {
         );
         assert!(j.take().unwrap().is_empty(), "a take empties the journal");
         j.stop();
-        j.record(0, b"x");
+        j.record(0, b"x".to_vec());
         assert!(j.take().unwrap().is_empty());
     }
 
@@ -135,10 +132,10 @@ mod tests {
     fn more_than_the_cap_in_one_epoch_is_an_error_not_a_partial_epoch() {
         let j = WriteJournal::with_cap(8);
         j.start();
-        j.record(0, &[1; 6]);
-        j.record(8, &[2; 6]);
+        j.record(0, [1; 6].to_vec());
+        j.record(8, [2; 6].to_vec());
         assert_eq!(j.take(), Err(JournalOverflow { cap_bytes: 8 }));
-        j.record(0, &[3; 4]);
+        j.record(0, [3; 4].to_vec());
         assert_eq!(j.take().unwrap().len(), 1, "the next epoch starts afresh");
     }
 }
