@@ -4,7 +4,7 @@
 # printed as a line
 #   BENCH vmm=<ftvmm|microvm|q35> figure=<name> value=<number>
 # which scripts/bench-nested turns into medians and ratios. RUNS (default 3) boots per VMM for the
-# boot figures; one guest per VMM for I/O; one migration per VMM.
+# boot figures and guests per VMM for the disk and network figures; one migration per VMM.
 NO_KVM_TRACE=1 # tracing every exit would skew the figures
 . /payload/lib.sh
 RUNS=${RUNS:-3}
@@ -135,8 +135,10 @@ for run in $(seq 1 "$RUNS"); do
     done
 done
 
-echo "bench: virtio-blk, 64 MiB O_DIRECT write + fsync, then read"
-for vmm in $VMMS; do
+echo "bench: virtio-blk, 64 MiB O_DIRECT write + fsync, then read ($RUNS guests per VMM)"
+for vmm in $(for v in $VMMS; do seq "$RUNS" | sed "s/.*/$v/"; done); do
+    # A new sparse image for every guest: writing into pages an earlier guest allocated is cheaper.
+    rm -f /tmp/disk.img
     truncate -s 128M /tmp/disk.img
     timeout 600 sh /payload/run.sh __vmm "$vmm" blk tap0 /tmp/disk.img "ftvmm.test=blkbench" >/tmp/blk.out 2>&1
     line=$(tr -d '\r' </tmp/blk.out | grep 'ftvmm-linux-blkbench: bytes=')
@@ -146,8 +148,8 @@ for vmm in $VMMS; do
     bench "$vmm" blk_read_mb_s "$(awk -v b="$bytes" -v t="$rcs" 'BEGIN { printf "%.1f", b / 1e6 / (t / 100) }')"
 done
 
-echo "bench: virtio-net, TCP round trip (5 s of echoes) and 32 MiB to / 8 MiB from the guest"
-for vmm in $VMMS; do
+echo "bench: virtio-net, TCP round trip (5 s of echoes) and 32 MiB to / 8 MiB from the guest ($RUNS guests per VMM)"
+for vmm in $(for v in $VMMS; do seq "$RUNS" | sed "s/.*/$v/"; done); do
     truncate -s 128M /tmp/disk.img
     : >/tmp/net.out
     sh /payload/run.sh __vmm "$vmm" net tap0 /tmp/disk.img "ftvmm.test=net ftvmm.ip=$GUEST_IP/24" >/tmp/net.out 2>&1 &
