@@ -161,7 +161,11 @@ fn segments(chain: DescriptorChain<&GuestMemoryMmap>) -> (Segments, Segments) {
 
 /// Executes the request `chain` names, writes the status byte, and returns the number of bytes
 /// written to guest memory (the used length).
-pub fn execute(disk: &Disk, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+pub fn execute(
+    disk: &Disk,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
     let (mut readable, mut writable) = segments(chain);
     let Some(status_at) = writable.take_last_byte() else {
         tracing::debug!("virtio-blk: {}", RequestError::NoStatus);
@@ -174,11 +178,12 @@ pub fn execute(disk: &Disk, mem: &GuestMemoryMmap, chain: DescriptorChain<&Guest
             (e.status(), 0)
         }
     };
+    let written = u32::try_from(written).unwrap_or(u32::MAX);
     match mem.write_obj(status, status_at) {
-        Ok(()) => written as u32 + 1,
+        Ok(()) => written.saturating_add(1),
         Err(e) => {
             tracing::debug!("virtio-blk: cannot write status: {e}");
-            written as u32
+            written
         }
     }
 }
@@ -587,7 +592,11 @@ mod tests {
         let (used, st) = run_chain(
             &m,
             &d,
-            &[(HDR, 16 + 512, false), (DATA, 512, false), (STATUS, 1, true)],
+            &[
+                (HDR, 16 + 512, false),
+                (DATA, 512, false),
+                (STATUS, 1, true),
+            ],
         );
         assert_eq!((used, st), (1, VIRTIO_BLK_S_OK));
         let mut on_disk = [0u8; 1024];

@@ -369,10 +369,16 @@ mod tests {
     #[test]
     fn tap_offloads_follow_what_the_driver_accepts() {
         assert_eq!(tap_offload(0), 0);
-        assert_eq!(tap_offload(VIRTIO_NET_F_GUEST_TSO4), 0, "TSO needs GUEST_CSUM");
+        assert_eq!(
+            tap_offload(VIRTIO_NET_F_GUEST_TSO4),
+            0,
+            "TSO needs GUEST_CSUM"
+        );
         assert_eq!(tap_offload(VIRTIO_NET_F_GUEST_CSUM), TUN_F_CSUM);
         assert_eq!(
-            tap_offload(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6),
+            tap_offload(
+                VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6
+            ),
             TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
         );
     }

@@ -454,7 +454,14 @@ mod tests {
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
         // No more buffers: the frame is kept by the caller.
         assert_eq!(
-            deliver_frame(&mut q, &m, &from_tap(b"next"), true, &mut counters, &mut errors),
+            deliver_frame(
+                &mut q,
+                &m,
+                &from_tap(b"next"),
+                true,
+                &mut counters,
+                &mut errors
+            ),
             None
         );
         // A buffer too small for header + frame: returned empty, frame dropped.

@@ -28,7 +28,6 @@ pub const TUN_F_CSUM: u32 = 0x01;
 pub const TUN_F_TSO4: u32 = 0x02;
 pub const TUN_F_TSO6: u32 = 0x04;
 
-
 #[repr(C)]
 struct IfReq {
     name: [u8; IFNAMSIZ],
@@ -110,7 +109,14 @@ impl Tap {
     /// What the TAP may deliver unfinished (`TUN_F_*`): only what the guest's driver accepted.
     pub fn set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its flags by value; `file` is an open TAP.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD as _, flags as libc::c_ulong) } < 0 {
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD as _,
+                flags as libc::c_ulong,
+            )
+        } < 0
+        {
             return Err(io::Error::last_os_error());
         }
         Ok(())
