@@ -60,11 +60,11 @@ pub(super) enum PageContents {
     Protected(ProtectedPages),
 }
 
-impl PageContents {
-    /// The pages, copying those still protected (the guest runs meanwhile), and how many writes
-    /// had to wait for their copy.
-    pub(super) fn copy(self, mem: &GuestMemory) -> Result<CopiedPages, String> {
-        match self {
+impl Checkpoint {
+    /// Moves the checkpoint's pages out, copying those still protected (the guest runs meanwhile),
+    /// with how many writes had to wait for their copy.
+    pub(super) fn take_pages(&mut self, mem: &GuestMemory) -> Result<CopiedPages, String> {
+        match std::mem::replace(&mut self.contents, PageContents::Copied(Vec::new())) {
             PageContents::Copied(runs) => Ok(CopiedPages {
                 runs,
                 write_faults: 0,

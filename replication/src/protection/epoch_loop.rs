@@ -19,7 +19,7 @@ use vmm::userfault::WriteProtector;
 use vmm::Machine;
 
 use super::checkpoint::{
-    send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint, PageContents,
+    send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint,
 };
 use super::epoch_length::{EpochClock, EpochLength};
 use super::heartbeat::{self, StandbyWatch};
@@ -596,12 +596,13 @@ impl EpochLoop {
                 let _guard = span.enter();
                 let mut cp = self.checkpoint(epoch)?;
                 let taken_at = Instant::now();
-                let copied = std::mem::replace(&mut cp.contents, PageContents::Copied(Vec::new()))
-                    .copy(&self.memory);
-                let sent = copied.map_err(LoopError::Vm).and_then(|copied| {
-                    send_checkpoint(stream, epoch, copied.runs, &mut cp, &mut sent_pages)
-                        .map(|bytes| (bytes, copied.write_faults))
-                });
+                let sent = cp
+                    .take_pages(&self.memory)
+                    .map_err(LoopError::Vm)
+                    .and_then(|copied| {
+                        send_checkpoint(stream, epoch, copied.runs, &mut cp, &mut sent_pages)
+                            .map(|bytes| (bytes, copied.write_faults))
+                    });
                 let (page_bytes, write_faults) = *sent.as_ref().unwrap_or(&(0, 0));
                 in_flight.push(SentCheckpoint {
                     epoch,
