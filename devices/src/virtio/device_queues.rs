@@ -35,6 +35,19 @@ pub struct ActiveQueues {
     pub interrupt: Arc<VirtioInterrupt>,
 }
 
+impl ActiveQueues {
+    /// Interrupts the driver for the buffers just used on queue `index`, unless it said it needs
+    /// no interrupt yet (`used_event` with EVENT_IDX, `VRING_AVAIL_F_NO_INTERRUPT` without).
+    pub fn signal_used(&mut self, index: usize) {
+        if self.queues[index]
+            .needs_notification(&self.memory)
+            .unwrap_or(true)
+        {
+            self.interrupt.signal_used_queue();
+        }
+    }
+}
+
 /// What one pass over a queue did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Drained {
@@ -107,7 +120,9 @@ impl GuestErrorLog {
 }
 
 /// Takes the next descriptor chain the driver made available on `queue`, or `None` if there is none,
-/// the queue is stopped, or its rings are broken (reported through `errors`).
+/// the queue is stopped, or its rings are broken (reported through `errors`). Finding the queue
+/// empty re-arms the driver's notification (with EVENT_IDX: publishes the index of the next buffer
+/// as `avail_event`) and looks once more, for a buffer added meanwhile.
 pub fn pop_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
@@ -116,13 +131,28 @@ pub fn pop_chain<'m>(
     if !queue.ready() {
         return None;
     }
-    match queue.iter(mem) {
-        Ok(mut chains) => chains.next(),
-        Err(e) => {
-            errors.report(format_args!("queue unusable: {e}"));
-            None
+    for _ in 0..2 {
+        match queue.iter(mem) {
+            Ok(mut chains) => {
+                if let Some(chain) = chains.next() {
+                    return Some(chain);
+                }
+            }
+            Err(e) => {
+                errors.report(format_args!("queue unusable: {e}"));
+                return None;
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => return None,
+            Err(e) => {
+                errors.report(format_args!("cannot re-arm queue notifications: {e}"));
+                return None;
+            }
         }
     }
+    None
 }
 
 /// The event-loop side of a device's queues.

@@ -275,10 +275,16 @@ impl MmioTransport {
                 return;
             }
         };
+        let event_idx = self.driver_features & super::VIRTIO_RING_F_EVENT_IDX != 0;
         let queues: Result<Vec<Queue>, _> = self
             .queues
             .iter()
-            .map(|q| Queue::try_from(q.state()))
+            .map(|q| {
+                Queue::try_from(q.state()).map(|mut q| {
+                    q.set_event_idx(event_idx);
+                    q
+                })
+            })
             .collect();
         let queues = match queues {
             Ok(q) => q,

@@ -36,6 +36,9 @@ pub mod status {
 
 /// `VIRTIO_F_VERSION_1`: the device is virtio 1.x (no legacy interface).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_EVENT_IDX`: each side says up to which ring index it needs no notification
+/// (`used_event`, `avail_event`), so a busy queue kicks and interrupts far less.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Interrupt status bit: a used ring was updated.
 pub const INT_VRING: u32 = 1;

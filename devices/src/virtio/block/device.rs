@@ -5,6 +5,7 @@ use crate::persist::VirtioDeviceState;
 use crate::virtio::device_queues::DeviceQueues;
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -191,6 +192,7 @@ impl VirtioDevice for VirtioBlock {
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_SIZE_MAX
             | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_RING_F_EVENT_IDX
             | ro
     }
 

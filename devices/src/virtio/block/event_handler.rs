@@ -57,7 +57,7 @@ impl VirtioBlock {
             QUEUE_BUDGET,
         );
         if drained.used {
-            active.interrupt.signal_used_queue();
+            active.signal_used(0);
         }
         if drained.budget_exhausted {
             self.queues.requeue(0);

@@ -8,6 +8,7 @@ use crate::persist::VirtioDeviceState;
 use crate::virtio::device_queues::DeviceQueues;
 use crate::virtio::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// virtio device ID of a network card.
@@ -270,6 +271,7 @@ impl VirtioDevice for VirtioNet {
             | VIRTIO_NET_F_GUEST_TSO6
             | VIRTIO_NET_F_HOST_TSO4
             | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn set_acked_features(&mut self, features: u64) {

@@ -133,7 +133,7 @@ impl VirtioNet {
             delivered = true;
         }
         if delivered {
-            active.interrupt.signal_used_queue();
+            active.signal_used(RX_QUEUE);
         }
         // The TAP is edge-triggered: frames left behind need the loop to come back by itself.
         if budget_exhausted {
@@ -155,7 +155,7 @@ impl VirtioNet {
         };
         let drained = tx.drain(&mut active.queues[TX_QUEUE], &active.memory, QUEUE_BUDGET);
         if drained.used {
-            active.interrupt.signal_used_queue();
+            active.signal_used(TX_QUEUE);
         }
         if drained.budget_exhausted {
             self.queues.requeue(TX_QUEUE);
