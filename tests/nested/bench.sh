@@ -68,7 +68,6 @@ if [ "${1:-}" = __vmm ]; then
     vmm_exec "$@"
 fi
 
-bench() { echo "BENCH vmm=$1 figure=$2 value=$3"; }
 
 mkdir -p /dev/shm
 bridge_with br0 tap0 tap1

@@ -26,6 +26,9 @@ if [ -z "${NO_KVM_TRACE:-}" ] && mount -t tracefs nodev "$KVM_TRACE" 2>/dev/null
     done
 fi
 
+# bench VMM FIGURE VALUE: one benchmark figure, as scripts/bench-nested* read them.
+bench() { echo "BENCH vmm=$1 figure=$2 value=$3"; }
+
 # vm_start NAME ARGS...: runs ftvmm ARGS in the background.
 vm_start() {
     name=$1

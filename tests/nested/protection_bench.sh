@@ -29,7 +29,6 @@ tap_up tap9
 # The L1's CPUs are emulated: heartbeats get a failure timeout to match.
 export FTVMM_LOG=replication=info
 
-bench() { echo "BENCH vmm=$1 figure=$2 value=$3"; }
 now_ms() { read -r up _ </proc/uptime; echo $((${up%.*}${up#*.} * 10)); }
 units() { line_of "$1" '^ftvmm-linux-work: units=' | sed 's/.*units=//'; }
 ratio_per_s() { awk -v n="$1" -v ms="$2" 'BEGIN { printf "%.3f", n * 1000 / ms }'; }

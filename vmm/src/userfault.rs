@@ -273,15 +273,22 @@ mod tests {
         assert_eq!(UFFDIO_API_IOCTL(), 0xc018_aa3f);
     }
 
+    /// Guest memory whose (populated) page at `gpa` is write-protected: the memory, the protector,
+    /// and the page's host address.
+    fn protected_page(gpa: u64) -> (GuestMemory, WriteProtector, u64) {
+        let mem = crate::memory::create_guest_memory(16).unwrap();
+        mem.write_obj(1u64, GuestAddress(gpa)).unwrap();
+        let wp = WriteProtector::new(&mem).unwrap();
+        let host = mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        wp.protect(host, PAGE_SIZE as u64).unwrap();
+        (mem, wp, host)
+    }
+
     /// A write to a protected page waits, is reported as a fault at that page, and goes through once
     /// the page is unprotected.
     #[test]
     fn a_write_to_a_protected_page_waits_until_it_is_unprotected() {
-        let mem = crate::memory::create_guest_memory(16).unwrap();
-        mem.write_obj(1u64, GuestAddress(0x3000)).unwrap();
-        let wp = WriteProtector::new(&mem).unwrap();
-        let host = mem.get_host_address(GuestAddress(0x3000)).unwrap() as u64;
-        wp.protect(host, PAGE_SIZE as u64).unwrap();
+        let (mem, wp, host) = protected_page(0x3000);
         let written = Arc::new(AtomicBool::new(false));
         let writer = {
             let (mem, written) = (mem.clone(), written.clone());
@@ -311,11 +318,7 @@ mod tests {
     /// Dropping the protector lets a stopped writer through.
     #[test]
     fn dropping_the_protector_releases_stopped_writers() {
-        let mem = crate::memory::create_guest_memory(16).unwrap();
-        mem.write_obj(1u64, GuestAddress(0x5000)).unwrap();
-        let wp = WriteProtector::new(&mem).unwrap();
-        let host = mem.get_host_address(GuestAddress(0x5000)).unwrap() as u64;
-        wp.protect(host, PAGE_SIZE as u64).unwrap();
+        let (mem, wp, _) = protected_page(0x5000);
         let writer = {
             let mem = mem.clone();
             std::thread::spawn(move || mem.write_obj(3u64, GuestAddress(0x5000)).unwrap())

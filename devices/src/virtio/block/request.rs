@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::volatile_memory::Error as VolatileMemoryError;
-use vm_memory::{Bytes, GuestAddress, ReadVolatile, VolatileSlice, WriteVolatile};
+use vm_memory::{ByteValued, Bytes, GuestAddress, ReadVolatile, VolatileSlice, WriteVolatile};
 
 use crate::virtio::GuestMemoryMmap;
 
@@ -216,12 +216,10 @@ fn run(
     if readable.len() < header_len {
         return Err(RequestError::ShortHeader(readable.len()));
     }
-    let bytes = readable.take_front(header_len).read(mem)?;
-    let header = RequestHeader {
-        request_type: u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes")),
-        reserved: 0,
-        sector: u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")),
-    };
+    let mut header = RequestHeader::default();
+    header
+        .as_mut_slice()
+        .copy_from_slice(&readable.take_front(header_len).read(mem)?);
     match header.request_type {
         VIRTIO_BLK_T_IN => {
             let len = writable.len();

@@ -43,15 +43,15 @@ pub fn deliver_frame(
 ) -> Option<bool> {
     let chain = pop_chain(queue, mem, errors)?;
     let head = chain.head_index();
-    let Some((tap_header, frame)) = packet.split_at_checked(NET_HDR_LEN) else {
-        counters.rx_dropped += 1;
-        return match queue.add_used(mem, head, 0) {
-            Ok(()) => Some(true),
-            Err(_) => Some(false),
-        };
-    };
-    let written = match chain.writer(mem) {
-        Ok(mut w) if w.available_bytes() >= NET_HDR_LEN + frame.len() => {
+    let written = match (packet.split_at_checked(NET_HDR_LEN), chain.writer(mem)) {
+        // Shorter than its header: nothing to deliver.
+        (None, _) => {
+            counters.rx_dropped += 1;
+            0
+        }
+        (Some((tap_header, frame)), Ok(mut w))
+            if w.available_bytes() >= NET_HDR_LEN + frame.len() =>
+        {
             let header = rx_header(tap_header, guest_csum);
             match w.write_all(&header).and_then(|_| w.write_all(frame)) {
                 Ok(()) => {
@@ -65,7 +65,7 @@ pub fn deliver_frame(
                 }
             }
         }
-        Ok(_) | Err(_) => {
+        (Some((_, frame)), _) => {
             errors.report(format_args!(
                 "receive buffer {head} unusable; frame of {} bytes dropped",
                 frame.len()
