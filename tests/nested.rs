@@ -144,6 +144,11 @@ fn small_kernel_live_migrates_with_a_client_connected() {
     run_case("migrate", Kernel::Small);
 }
 
+#[test]
+fn debian_kernel_protected_guest_fails_over_with_a_client_connected() {
+    run_case("protect", Kernel::DebianBzImage);
+}
+
 /// The harness itself: bad input is a clear error, a hanging script a bounded run.
 #[test]
 fn the_harness_refuses_bad_input_and_bounds_a_hanging_script() {

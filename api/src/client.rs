@@ -62,6 +62,38 @@ pub fn request(
     })
 }
 
+/// Opens a long-lived `GET path` (an event stream) and returns its body to read as it comes. The
+/// request is HTTP/1.0, so the body arrives as is (no chunked framing) until the server closes it.
+pub fn stream(socket: &Path, path: &str) -> Result<std::io::BufReader<UnixStream>, ClientError> {
+    use std::io::BufRead;
+    let io = |source| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .map_err(io)?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).map_err(io)?;
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        return Err(ClientError::Response {
+            path: socket.to_path_buf(),
+            reason: format!("{path}: {}", status_line.trim()),
+        });
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(io)? == 0 || line.trim().is_empty() {
+            return Ok(reader);
+        }
+    }
+}
+
 fn parse_response(raw: &[u8]) -> Result<ApiResponse, String> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);

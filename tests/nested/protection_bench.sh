@@ -156,6 +156,7 @@ sample_ftvmm() {
     bench ftvmm pause_ms "$(json "$s" last_pause_ms)"
     bench ftvmm commit_ms "$(json "$s" last_commit_ms)"
     bench ftvmm pages "$(json "$s" last_pages)"
+    bench ftvmm write_faults_between_copies "$(json "$s" write_faults_between_copies)"
 }
 # Where the L1's CPUs go while protected: CPU seconds of each thread of the primary and the standby
 # over the window (utime + stime from /proc, in ticks of 1/100 s), as

@@ -203,6 +203,26 @@ impl WriteProtector {
         Ok(())
     }
 
+    /// Waits up to `timeout` for a write fault to read; whether one is there.
+    pub fn wait_for_faults(&self, timeout: std::time::Duration) -> Result<bool, UserfaultError> {
+        let mut poll = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: polls one descriptor we own through a pollfd we own, for the call's duration.
+        let n = unsafe { libc::poll(&mut poll, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(UserfaultError::Read(e)),
+            };
+        }
+        Ok(n > 0 && poll.revents & libc::POLLIN != 0)
+    }
+
     /// The host addresses (page-aligned) of the write faults waiting now, without blocking; at most
     /// `out`'s capacity is added.
     pub fn pending_faults(&self, out: &mut Vec<u64>) -> Result<(), UserfaultError> {

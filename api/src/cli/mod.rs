@@ -6,6 +6,7 @@ mod link;
 mod receive;
 mod restore;
 mod run;
+mod serve;
 mod standby;
 mod tls_certs;
 mod vm;
@@ -39,6 +40,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Run(Box<run::RunArgs>),
+    Serve(serve::ServeArgs),
     Restore(restore::RestoreArgs),
     Receive(receive::ReceiveArgs),
     Standby(standby::StandbyArgs),
@@ -55,6 +57,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     }
     match cli.command {
         Command::Run(args) => run::run(*args),
+        Command::Serve(args) => serve::serve(args),
         Command::Restore(args) => restore::restore(args),
         Command::Receive(args) => receive::receive(args),
         Command::Standby(args) => standby::standby(args),

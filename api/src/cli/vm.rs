@@ -17,9 +17,14 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 Examples:\n  ftvmm vm --api-socket /run/vm1.sock info\n  ftvmm vm --api-socket /run/vm1.sock snapshot --dir /var/lib/ftvmm/snap1"
 )]
 pub struct VmArgs {
-    /// The VM's API socket.
+    /// The VM's own API socket (a VM started with `ftvmm run --api-socket`).
     #[arg(long, value_name = "PATH")]
-    api_socket: PathBuf,
+    api_socket: Option<PathBuf>,
+
+    /// The host daemon's socket (`ftvmm serve`), for the VMs it runs: create, boot, list, stop,
+    /// delete, and info, pause and resume of the VM named by its id or name.
+    #[arg(long, value_name = "PATH", default_value = "/run/ftvmm/ftvmm.sock")]
+    daemon: PathBuf,
 
     #[command(subcommand)]
     action: VmAction,
@@ -27,14 +32,26 @@ pub struct VmArgs {
 
 #[derive(Subcommand, Debug)]
 enum VmAction {
-    /// Show the VM's state, vCPUs, memory and devices.
-    Info,
+    /// Through the daemon: record a new VM (boot it with `boot`, or at once with --boot).
+    Create(CreateArgs),
+    /// Through the daemon: start a VM's process.
+    Boot { vm: String },
+    /// Through the daemon: end a VM's process (SIGTERM, then SIGKILL; the guest is not asked).
+    Stop { vm: String },
+    /// Through the daemon: remove a VM that does not run.
+    Delete { vm: String },
+    /// Through the daemon: every VM on the host.
+    List,
+    /// Through the daemon: follow its events (server-sent events, one JSON line each).
+    Events,
+    /// Show the VM's state, vCPUs, memory and devices (through the daemon: name the VM).
+    Info { vm: Option<String> },
     /// Show where every vCPU is (registers, MP state, instruction at RIP).
     Vcpus,
-    /// Pause every vCPU.
-    Pause,
-    /// Resume a paused VM.
-    Resume,
+    /// Pause every vCPU (through the daemon: name the VM).
+    Pause { vm: Option<String> },
+    /// Resume a paused VM (through the daemon: name the VM).
+    Resume { vm: Option<String> },
     /// Write a full snapshot (vCPUs, devices, memory) to a directory; restore it with `ftvmm restore`.
     Snapshot {
         /// Directory to write to (created if missing).
@@ -83,15 +100,97 @@ enum VmAction {
     CancelMigration,
 }
 
+/// A VM for the daemon to create (`POST /api/v1/vms`).
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// A name for the VM (unique on the host).
+    #[arg(long)]
+    name: Option<String>,
+    /// Guest kernel on the daemon's host (absolute path).
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 256)]
+    memory: u64,
+    /// A virtio-blk disk: path=IMG[,readonly]. Repeatable.
+    #[arg(long = "disk", value_name = "path=IMG[,readonly]")]
+    disks: Vec<String>,
+    /// A virtio-net interface: tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nics: Vec<String>,
+    /// Boot the VM once it is created.
+    #[arg(long)]
+    boot: bool,
+}
+
+impl CreateArgs {
+    fn body(&self) -> Result<serde_json::Value, String> {
+        let absolute = |p: &PathBuf| {
+            std::path::absolute(p).map_err(|e| format!("invalid path {}: {e}", p.display()))
+        };
+        let mut disks = Vec::new();
+        for spec in &self.disks {
+            let mut path = None;
+            let mut readonly = false;
+            for part in spec.split(',') {
+                match part.split_once('=') {
+                    Some(("path", p)) => path = Some(absolute(&PathBuf::from(p))?),
+                    None if part == "readonly" => readonly = true,
+                    _ => return Err(format!("--disk {spec:?}: expected path=IMG[,readonly]")),
+                }
+            }
+            let path = path.ok_or_else(|| format!("--disk {spec:?}: no path="))?;
+            disks.push(json!({ "path": path, "readonly": readonly }));
+        }
+        let mut nics = Vec::new();
+        for spec in &self.nics {
+            let mut tap = None;
+            let mut mac = None;
+            for part in spec.split(',') {
+                match part.split_once('=') {
+                    Some(("tap", t)) => tap = Some(t.to_string()),
+                    Some(("mac", m)) => mac = Some(m.to_string()),
+                    _ => return Err(format!("--net {spec:?}: expected tap=NAME[,mac=MAC]")),
+                }
+            }
+            let tap = tap.ok_or_else(|| format!("--net {spec:?}: no tap="))?;
+            nics.push(json!({ "tap": tap, "mac": mac }));
+        }
+        Ok(json!({
+            "name": self.name,
+            "kernel": absolute(&self.kernel)?,
+            "initrd": self.initrd.as_ref().map(absolute).transpose()?,
+            "cmdline": self.cmdline,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory,
+            "disks": disks,
+            "nics": nics,
+        }))
+    }
+}
+
 pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    let Some(api_socket) = args.api_socket.clone() else {
+        return through_daemon(&args.daemon, &args.action);
+    };
+    let api_socket = &api_socket;
     if let VmAction::Migrate { to, downtime_ms } = &args.action {
-        return migrate(&args.api_socket, to, *downtime_ms);
+        return migrate(api_socket, to, *downtime_ms);
     }
     let (method, path, body) = match &args.action {
-        VmAction::Info => ("GET", "/api/v1/vm", None),
+        VmAction::Info { vm: None } => ("GET", "/api/v1/vm", None),
         VmAction::Vcpus => ("GET", "/api/v1/vm/vcpus", None),
-        VmAction::Pause => ("PUT", "/api/v1/vm/pause", None),
-        VmAction::Resume => ("PUT", "/api/v1/vm/resume", None),
+        VmAction::Pause { vm: None } => ("PUT", "/api/v1/vm/pause", None),
+        VmAction::Resume { vm: None } => ("PUT", "/api/v1/vm/resume", None),
         VmAction::Snapshot { dir, diff } => {
             let dir = std::path::absolute(dir)
                 .map_err(|e| format!("invalid --dir {}: {e}", dir.display()))?;
@@ -113,8 +212,20 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         ),
         VmAction::CancelMigration => ("PUT", "/api/v1/vm/migration/cancel", None),
         VmAction::Migrate { .. } => unreachable!("handled above"),
+        _ => {
+            return Err(
+                "this action is the host daemon's: leave out --api-socket (and name the \
+                        VM for info, pause and resume)"
+                    .into(),
+            )
+        }
     };
-    let resp = client::request(&args.api_socket, method, path, body.as_ref(), TIMEOUT)?;
+    let resp = client::request(api_socket, method, path, body.as_ref(), TIMEOUT)?;
+    print_answer(&resp)
+}
+
+/// Prints a 2xx answer's JSON (exit 0), or fails with the API's error.
+fn print_answer(resp: &client::ApiResponse) -> Result<u8, Box<dyn std::error::Error>> {
     if (200..300).contains(&resp.status) {
         use std::io::Write;
         // A closed stdout (e.g. piped into `head`) is not an error of the command.
@@ -131,6 +242,59 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
             .unwrap_or_else(|| resp.body.to_string());
         Err(format!("{msg} (HTTP {})", resp.status).into())
     }
+}
+
+/// An action for the host daemon on `socket`.
+fn through_daemon(
+    socket: &std::path::Path,
+    action: &VmAction,
+) -> Result<u8, Box<dyn std::error::Error>> {
+    let vm_path = |vm: &str, what: &str| format!("/api/v1/vms/{vm}{what}");
+    let (method, path, body) = match action {
+        VmAction::Create(create) => {
+            let body = create.body()?;
+            let resp = client::request(socket, "POST", "/api/v1/vms", Some(&body), TIMEOUT)?;
+            if resp.status != 201 || !create.boot {
+                return print_answer(&resp);
+            }
+            let id = resp.body["id"].as_str().unwrap_or_default().to_string();
+            ("PUT", vm_path(&id, "/boot"), None)
+        }
+        VmAction::Boot { vm } => ("PUT", vm_path(vm, "/boot"), None),
+        VmAction::Stop { vm } => ("PUT", vm_path(vm, "/stop"), None),
+        VmAction::Delete { vm } => ("DELETE", vm_path(vm, ""), None),
+        VmAction::List => ("GET", "/api/v1/vms".to_string(), None),
+        VmAction::Info { vm: Some(vm) } => ("GET", vm_path(vm, ""), None),
+        VmAction::Pause { vm: Some(vm) } => ("PUT", vm_path(vm, "/pause"), None),
+        VmAction::Resume { vm: Some(vm) } => ("PUT", vm_path(vm, "/resume"), None),
+        VmAction::Events => return follow_events(socket),
+        _ => {
+            return Err(
+                "name the VM (through the daemon), or give the VM's own --api-socket".into(),
+            )
+        }
+    };
+    let resp = client::request(socket, method, &path, body.as_ref(), TIMEOUT)?;
+    if resp.status == 204 {
+        return Ok(0);
+    }
+    print_answer(&resp)
+}
+
+/// Prints the daemon's events, one JSON object per line, until the daemon ends the stream.
+fn follow_events(socket: &std::path::Path) -> Result<u8, Box<dyn std::error::Error>> {
+    use std::io::{BufRead, Write};
+    let stream = client::stream(socket, "/api/v1/events")?;
+    for line in stream.lines() {
+        let line = line?;
+        if let Some(data) = line.strip_prefix("data: ") {
+            let mut out = std::io::stdout().lock();
+            if writeln!(out, "{data}").and_then(|()| out.flush()).is_err() {
+                break;
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn api_error(resp: &client::ApiResponse) -> String {

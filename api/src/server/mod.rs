@@ -5,7 +5,7 @@
 //! Requests are handed to the VM's event-loop thread through a [`ControlHandle`]; the server itself
 //! runs on its own thread with a small tokio runtime.
 
-mod routes;
+pub(crate) mod routes;
 mod standby_routes;
 
 use std::path::{Path, PathBuf};
@@ -164,7 +164,7 @@ fn file_identity(path: &Path) -> Option<(u64, u64)> {
 /// the same directory, given its group and mode, then hard-linked to its path (which fails if the
 /// path appeared meanwhile), so no client can reach it with other permissions and no other socket
 /// is clobbered.
-fn bind_private(
+pub(crate) fn bind_private(
     socket: &ApiSocket,
 ) -> Result<(std::os::unix::net::UnixListener, (u64, u64)), ServerError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};

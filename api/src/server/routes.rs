@@ -170,7 +170,7 @@ pub struct SnapshotSchema {
 )]
 pub struct ApiDoc;
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (
         status,
         Json(ErrorBody {
@@ -260,7 +260,7 @@ async fn vm_snapshot(
 }
 
 /// 400 for a body that is not the request's JSON (unknown fields included).
-fn invalid_body(e: JsonRejection) -> Response {
+pub(crate) fn invalid_body(e: JsonRejection) -> Response {
     error(
         StatusCode::BAD_REQUEST,
         format!("invalid request body: {}", e.body_text()),

@@ -3,7 +3,7 @@
 //! the standby; and the first copy of the disk images, sent while the guest runs.
 
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::{DiskWrite, WriteJournal};
@@ -11,10 +11,9 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::dirty::{DirtySet, DirtyTracker};
 use vmm::machine::DiskAccess;
 use vmm::memory::{GuestMemory, PAGE_SIZE};
-use vmm::userfault::WriteProtector;
 use vmm::Machine;
 
-use super::copy_on_write::{self, read_run, CopiedPages, ProtectedPages};
+use super::copy_on_write::{read_run, CopiedPages, CopyOnWrite, ProtectedPages};
 use super::epoch_loop::LoopError;
 use super::page_delta::{encoded_bytes, is_zero, SentPages};
 use crate::link::Link;
@@ -75,13 +74,13 @@ impl Checkpoint {
 }
 
 /// With the vCPUs paused: the pages dirtied since the last checkpoint, the state, and the start of
-/// output epoch `epoch + 1`. With a `protector` the pages are only write-protected here and copied
+/// output epoch `epoch + 1`. With `copy_on_write` the pages are only write-protected here and copied
 /// once the guest runs again; without, they are copied now.
 pub(super) fn take_checkpoint(
     m: &mut Machine,
     tracker: &Mutex<DirtyTracker>,
     journals: &[WriteJournal],
-    protector: Option<&Arc<WriteProtector>>,
+    copy_on_write: Option<&CopyOnWrite>,
     epoch: u64,
 ) -> Result<Checkpoint, String> {
     let t0 = Instant::now();
@@ -110,8 +109,8 @@ pub(super) fn take_checkpoint(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
             // Last: from here a write to a dirty page on this thread would wait for the copy.
-            let contents = match protector {
-                Some(p) => PageContents::Protected(copy_on_write::protect(p, m.memory(), &set)?),
+            let contents = match copy_on_write {
+                Some(c) => PageContents::Protected(c.protect(m.memory(), &set)?),
                 None => PageContents::Copied(copy_pages(m.memory(), &set)?),
             };
             Ok::<_, CheckpointError>((contents, state, set, disk_writes, stopping))

@@ -15,12 +15,12 @@ use devices::virtio::block::WriteJournal;
 use vmm::control::{ControlHandle, VmCommand, VmReply};
 use vmm::dirty::DirtyTracker;
 use vmm::machine::DiskAccess;
-use vmm::userfault::WriteProtector;
 use vmm::Machine;
 
 use super::checkpoint::{
     send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint,
 };
+use super::copy_on_write::CopyOnWrite;
 use super::epoch_length::{EpochClock, EpochLength};
 use super::heartbeat::{self, StandbyWatch};
 use super::in_flight::{InFlight, SentCheckpoint};
@@ -215,6 +215,7 @@ pub fn start_protection(
         last_pause_stopping_ms: 0.0,
         last_pages: 0,
         last_write_faults: 0,
+        write_faults_between_copies: 0,
         last_page_bytes: 0,
         last_commit_ms: 0.0,
         heartbeat_age_ms: None,
@@ -251,9 +252,9 @@ pub fn start_protection(
     let claim = Arc::new(Mutex::new(claim));
     let watch = StandbyWatch::spawn()?;
     let disks = machine.disk_access()?;
-    let protector = match params.checkpoint_copy {
-        CheckpointCopy::OnWrite => match WriteProtector::new(machine.memory()) {
-            Ok(p) => Some(Arc::new(p)),
+    let copy_on_write = match params.checkpoint_copy {
+        CheckpointCopy::OnWrite => match CopyOnWrite::new(machine.memory()) {
+            Ok(c) => Some(Arc::new(c)),
             Err(e) => {
                 tracing::warn!("{e}; checkpoints copy their pages with the vCPUs paused");
                 None
@@ -262,7 +263,7 @@ pub fn start_protection(
         CheckpointCopy::Paused => None,
     };
     let job = EpochLoop {
-        protector,
+        copy_on_write,
         watch,
         disks,
         memory: machine.memory().clone(),
@@ -302,7 +303,7 @@ struct EpochLoop {
     /// The guest's disks: their images are copied first, their writes journalled per epoch.
     disks: Vec<DiskAccess>,
     /// Guest memory registered for write protection: checkpoints copy their pages after the pause.
-    protector: Option<Arc<WriteProtector>>,
+    copy_on_write: Option<Arc<CopyOnWrite>>,
     /// This primary's session at the witness.
     session: u64,
     /// The witness's claim as this primary last wrote it.
@@ -684,6 +685,10 @@ impl EpochLoop {
             .as_ref()
             .map(|h| h.claim.generation);
         let heartbeat_age = self.watch.ping_age();
+        let between_copies = self
+            .copy_on_write
+            .as_ref()
+            .map_or(0, |c| c.faults_between_copies());
         update(&self.status, |s| {
             s.state = ProtectionState::Protected;
             s.committed_epoch = epoch;
@@ -691,6 +696,7 @@ impl EpochLoop {
             s.last_pause_stopping_ms = cp.stopping.as_secs_f64() * 1e3;
             s.last_pages = cp.pages;
             s.last_write_faults = cp.write_faults;
+            s.write_faults_between_copies = between_copies;
             s.last_page_bytes = cp.page_bytes;
             s.last_commit_ms = commit.as_secs_f64() * 1e3;
             s.heartbeat_age_ms = heartbeat_age.map(|a| a.as_secs_f64() * 1e3);
@@ -725,9 +731,9 @@ impl EpochLoop {
         let out = slot.clone();
         let tracker = self.tracker.clone();
         let journals: Vec<WriteJournal> = self.disks.iter().map(|d| d.journal.clone()).collect();
-        let protector = self.protector.clone();
+        let copy_on_write = self.copy_on_write.clone();
         self.run_job(move |m| {
-            let result = take_checkpoint(m, &tracker, &journals, protector.as_ref(), epoch);
+            let result = take_checkpoint(m, &tracker, &journals, copy_on_write.as_deref(), epoch);
             let reply = match &result {
                 Ok(_) => VmReply::Done(m.info()),
                 Err(e) => VmReply::Error(e.clone()),

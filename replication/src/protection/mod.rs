@@ -64,6 +64,9 @@ pub struct ProtectionStatus {
     /// Guest writes (vCPUs or devices) that waited, after the last checkpoint's pause, for the copy
     /// of the page they wrote (`copy_on_write.rs`).
     pub last_write_faults: u64,
+    /// Guest writes stopped on a page when no copy was waiting for it (a writer that went to sleep
+    /// just after its chunk's copy), answered at once; since protection began (`copy_on_write.rs`).
+    pub write_faults_between_copies: u64,
     /// Bytes of page data the last checkpoint took on the link (zero pages as marks, deltas
     /// against the standby's copy; before frame compression), against `last_pages` × 4 KiB raw.
     pub last_page_bytes: u64,

@@ -1,0 +1,280 @@
+//! The host daemon's REST API and its OpenAPI description (`GET /openapi.json`). Errors are
+//! `{"error": "..."}` with a 4xx for what the request got wrong, as in the per-VM API
+//! (`server/routes.rs`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use utoipa::OpenApi;
+
+use super::events::DaemonEvent;
+use super::metrics::{self, ProtectionFigures};
+use super::store::{ExitRecord, Lifecycle, ProcessRecord, VmRecord};
+use super::vm_config::{DiskConfig, NicConfig, VmConfig};
+use super::{Daemon, DaemonError};
+use crate::server::routes::{error, invalid_body, ErrorBody};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "ftvmm host daemon",
+        description = "Create, run and watch VMs on this host."
+    ),
+    paths(
+        list_vms,
+        create_vm,
+        vm_info,
+        delete_vm,
+        boot_vm,
+        stop_vm,
+        pause_vm,
+        resume_vm,
+        events,
+        metrics_page
+    ),
+    components(schemas(
+        VmConfig,
+        DiskConfig,
+        NicConfig,
+        VmRecord,
+        Lifecycle,
+        ProcessRecord,
+        ExitRecord,
+        VmView,
+        DaemonEvent,
+        ErrorBody
+    ))
+)]
+struct ApiDoc;
+
+/// A VM as the API shows it: the daemon's record, and the VM's own answer while it runs.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct VmView {
+    #[serde(flatten)]
+    pub record: VmRecord,
+    /// The running VM's own `GET /api/v1/vm` (state, vCPUs, devices); absent when it does not run.
+    #[schema(value_type = Option<Object>)]
+    pub vm: Option<serde_json::Value>,
+}
+
+impl DaemonError {
+    fn status(&self) -> StatusCode {
+        match self {
+            DaemonError::NoSuchVm(_) => StatusCode::NOT_FOUND,
+            DaemonError::Config(_) => StatusCode::BAD_REQUEST,
+            DaemonError::NameTaken(_) | DaemonError::WrongState { .. } => StatusCode::CONFLICT,
+            DaemonError::Process { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            DaemonError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            DaemonError::VmApi { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+impl IntoResponse for DaemonError {
+    fn into_response(self) -> Response {
+        error(self.status(), self.to_string())
+    }
+}
+
+type Shared = State<Arc<Daemon>>;
+
+/// Runs `f` (which may block: process starts, store writes, the VM's API) off the event loop.
+async fn blocking<T: Send + 'static>(
+    daemon: Arc<Daemon>,
+    f: impl FnOnce(&Arc<Daemon>) -> Result<T, DaemonError> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(move || f(&daemon)).await {
+        Ok(result) => result.map_err(IntoResponse::into_response),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request handler failed: {e}"),
+        )),
+    }
+}
+
+fn view(daemon: &Daemon, record: VmRecord) -> VmView {
+    let vm = (record.lifecycle == Lifecycle::Running)
+        .then(|| {
+            daemon
+                .vm_request(&record.id, "GET", "/api/v1/vm", None)
+                .ok()
+        })
+        .flatten()
+        .and_then(|(status, body)| (status == 200).then_some(body));
+    VmView { record, vm }
+}
+
+#[utoipa::path(get, path = "/api/v1/vms", responses((status = 200, body = [VmRecord])))]
+async fn list_vms(State(d): Shared) -> Response {
+    Json(d.list()).into_response()
+}
+
+#[utoipa::path(post, path = "/api/v1/vms", request_body = VmConfig, responses(
+    (status = 201, body = VmRecord), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_vm(State(d): Shared, body: Result<Json<VmConfig>, JsonRejection>) -> Response {
+    let Json(config) = match body {
+        Ok(b) => b,
+        Err(e) => return invalid_body(e),
+    };
+    match blocking(d, move |d| d.create(config)).await {
+        Ok(record) => (StatusCode::CREATED, Json(record)).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{id}", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
+async fn vm_info(State(d): Shared, Path(id): Path<String>) -> Response {
+    match blocking(d, move |d| d.get(&id).map(|r| view(d, r))).await {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{id}", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_vm(State(d): Shared, Path(id): Path<String>) -> Response {
+    match blocking(d, move |d| d.delete(&id)).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/boot", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, body = VmRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+    (status = 422, body = ErrorBody, description = "the VM's process did not start")))]
+async fn boot_vm(State(d): Shared, Path(id): Path<String>) -> Response {
+    match blocking(d, move |d| d.boot(&id)).await {
+        Ok(record) => Json(record).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/stop", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 204, description = "the VM's process ended (SIGTERM, then SIGKILL)"),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn stop_vm(State(d): Shared, Path(id): Path<String>) -> Response {
+    match blocking(d, move |d| d.stop(&id)).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Passes a pause or resume to the VM's own API and reports its answer as the daemon's.
+async fn forward(d: Arc<Daemon>, id: String, path: &'static str, kind: &'static str) -> Response {
+    let result = blocking(d, move |d| {
+        let record = d.get(&id)?;
+        let answer = d.vm_request(&record.id, "PUT", path, None)?;
+        if answer.0 == 200 {
+            d.events.send(DaemonEvent::new(&record.id, kind, ""));
+        }
+        Ok(answer)
+    })
+    .await;
+    match result {
+        Ok((status, body)) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            Json(body),
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/pause", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, description = "the VM's own info"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn pause_vm(State(d): Shared, Path(id): Path<String>) -> Response {
+    forward(d, id, "/api/v1/vm/pause", "paused").await
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/resume", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, description = "the VM's own info"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn resume_vm(State(d): Shared, Path(id): Path<String>) -> Response {
+    forward(d, id, "/api/v1/vm/resume", "resumed").await
+}
+
+#[utoipa::path(get, path = "/api/v1/events", responses((status = 200, content_type = "text/event-stream",
+    description = "server-sent events, one DaemonEvent (JSON) each, named by its kind")))]
+async fn events(State(d): Shared) -> Response {
+    let receiver = d.events.subscribe();
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let event = match receiver.recv().await {
+            Ok(e) => Event::default()
+                .event(e.kind.clone())
+                .json_data(&e)
+                .unwrap_or_default(),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Event::default()
+                .event("lagged")
+                .data(format!("{n} events were missed")),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, Infallible>(event), receiver))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain",
+    description = "Prometheus text format")))]
+async fn metrics_page(State(d): Shared) -> Response {
+    let result = blocking(d, |d| {
+        Ok(d.list()
+            .into_iter()
+            .map(|r| {
+                let protection = (r.lifecycle == Lifecycle::Running)
+                    .then(|| {
+                        d.vm_request(&r.id, "GET", "/api/v1/vm/protection", None)
+                            .ok()
+                    })
+                    .flatten()
+                    .filter(|(status, _)| *status == 200)
+                    .map(|(_, status)| ProtectionFigures { status });
+                (r, protection)
+            })
+            .collect::<Vec<_>>())
+    })
+    .await;
+    match result {
+        Ok(vms) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            metrics::render(&vms),
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn openapi() -> Response {
+    Json(ApiDoc::openapi()).into_response()
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see GET /openapi.json",
+    )
+}
+
+/// The daemon's router.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/api/v1/vms", get(list_vms).post(create_vm))
+        .route("/api/v1/vms/{id}", get(vm_info).delete(delete_vm))
+        .route("/api/v1/vms/{id}/boot", put(boot_vm))
+        .route("/api/v1/vms/{id}/stop", put(stop_vm))
+        .route("/api/v1/vms/{id}/pause", put(pause_vm))
+        .route("/api/v1/vms/{id}/resume", put(resume_vm))
+        .route("/api/v1/events", get(events))
+        .route("/metrics", get(metrics_page))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(daemon)
+}

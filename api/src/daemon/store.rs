@@ -1,0 +1,200 @@
+//! The host daemon's store: every VM it created, its configuration and the process that runs it,
+//! kept so that a restarted daemon finds its VMs again. The default store needs no setup: one
+//! directory per VM under the daemon's state directory, each record a JSON file replaced atomically
+//! (written aside, synced, renamed), so a crash never leaves half a record.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::vm_config::VmConfig;
+
+/// Errors reading or writing the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("VM record {path}: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Where a VM is in its life, as the daemon sees it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    /// Configured, never booted (or booted and ended: see `exit`).
+    Created,
+    /// Its ftvmm process runs.
+    Running,
+    /// Its process ended: see `exit`.
+    Exited,
+}
+
+/// The ftvmm process that runs a VM: its pid and its start time (`/proc/PID/stat`'s starttime, in
+/// clock ticks since boot), which tells the process from a later one given the same pid.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    pub start_ticks: u64,
+}
+
+/// How a VM's process ended.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+pub struct ExitRecord {
+    /// The exit status, when the daemon saw it (not for a process it re-adopted).
+    pub code: Option<i32>,
+    /// What it means: `ftvmm run`'s statuses (0: the guest powered off), or how it was seen.
+    pub reason: String,
+    /// Seconds since the epoch.
+    pub at: u64,
+}
+
+/// One VM as the daemon keeps it.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema, PartialEq)]
+pub struct VmRecord {
+    pub id: String,
+    pub config: VmConfig,
+    pub lifecycle: Lifecycle,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+    #[serde(default)]
+    pub process: Option<ProcessRecord>,
+    #[serde(default)]
+    pub exit: Option<ExitRecord>,
+}
+
+/// The directory store: `ROOT/vms/ID/vm.json`, with the VM's console, log and API socket beside.
+pub struct DirStore {
+    root: PathBuf,
+}
+
+impl DirStore {
+    /// Opens (creating if needed, owner-only) the store at `root`.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let vms = root.join("vms");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&vms)
+            .map_err(|source| StoreError::Io { path: vms, source })?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The directory of VM `id` (its record, console, log and API socket).
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.root.join("vms").join(id)
+    }
+
+    /// Every VM recorded, by id.
+    pub fn load(&self) -> Result<BTreeMap<String, VmRecord>, StoreError> {
+        let vms = self.root.join("vms");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        let mut records = BTreeMap::new();
+        for entry in std::fs::read_dir(&vms).map_err(io(&vms))? {
+            let entry = entry.map_err(io(&vms))?;
+            let path = entry.path().join("vm.json");
+            let text = match std::fs::read(&path) {
+                Ok(t) => t,
+                // A directory whose record was never written: a create that did not finish.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(StoreError::Io { path, source }),
+            };
+            let record: VmRecord = serde_json::from_slice(&text)
+                .map_err(|source| StoreError::Corrupt { path, source })?;
+            records.insert(record.id.clone(), record);
+        }
+        Ok(records)
+    }
+
+    /// Writes `record`, replacing the previous one whole.
+    pub fn save(&self, record: &VmRecord) -> Result<(), StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.vm_dir(&record.id);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| StoreError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        let path = dir.join("vm.json");
+        let tmp = dir.join(".vm.json.new");
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// Removes VM `id` and everything in its directory.
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        let dir = self.vm_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Io { path: dir, source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            config: serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap(),
+            lifecycle: Lifecycle::Created,
+            created_at: 1,
+            process: None,
+            exit: None,
+        }
+    }
+
+    #[test]
+    fn records_survive_a_reopen_and_removal_is_whole() {
+        let root = std::env::temp_dir().join(format!("ftvmm-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let store = DirStore::open(&root).unwrap();
+        let mut a = record("vm-a");
+        store.save(&a).unwrap();
+        store.save(&record("vm-b")).unwrap();
+        a.lifecycle = Lifecycle::Running;
+        a.process = Some(ProcessRecord {
+            pid: 42,
+            start_ticks: 7,
+        });
+        store.save(&a).unwrap();
+        // A create interrupted before its record: ignored.
+        std::fs::create_dir_all(root.join("vms/vm-c")).unwrap();
+        let loaded = DirStore::open(&root).unwrap().load().unwrap();
+        assert_eq!(loaded.len(), 2);
+        assert_eq!(loaded["vm-a"], a);
+        store.remove("vm-b").unwrap();
+        assert!(!root.join("vms/vm-b").exists());
+        store.remove("vm-b").unwrap();
+        std::fs::write(root.join("vms/vm-a/vm.json"), b"{").unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("vm-a/vm.json"), "{err}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}

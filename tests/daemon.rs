@@ -1,0 +1,320 @@
+//! The host daemon (`ftvmm serve`) end to end with the test guest: VMs created, booted, paused,
+//! stopped and deleted through its REST API and the CLI, its events and metrics, re-adoption by a
+//! restarted daemon, and a 4xx naming what was wrong for every bad request.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{ftvmm_bin, testguest};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("ftvmm.sock");
+        let child = Command::new(ftvmm_bin())
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ftvmm serve");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket }
+    }
+
+    /// One request: status and body (JSON, or text).
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    fn json(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let (status, text) = self.request(method, path, body);
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(ftvmm_bin())
+            .arg("vm")
+            .arg("--daemon")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ftvmm-daemon-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_guest_runs_through_the_daemon_and_a_restarted_daemon_re_adopts_it() {
+    let dir = scratch("life");
+    let mut daemon = Daemon::start(&dir);
+    let guest = testguest();
+    let (ok, out) = daemon.cli(&[
+        "create",
+        "--name",
+        "g1",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "mode=spin",
+        "--memory",
+        "64",
+        "--boot",
+    ]);
+    assert!(ok, "{out}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = record["id"].as_str().unwrap().to_string();
+    assert_eq!(record["lifecycle"], "running");
+    let pid = record["process"]["pid"].as_u64().unwrap();
+    let console = dir.join("state/vms").join(&id).join("console.log");
+    wait_until("the guest's first line", || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains("testguest: spinning"))
+    });
+
+    // Events: a subscriber sees the pause.
+    let mut events = Command::new(ftvmm_bin())
+        .args(["vm", "--daemon"])
+        .arg(&daemon.socket)
+        .arg("events")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = daemon.cli(&["pause", "g1"]);
+    assert!(ok, "{out}");
+    let (_, info) = daemon.json("GET", &format!("/api/v1/vms/{id}"), "");
+    assert_eq!(info["vm"]["state"], "paused", "{info}");
+    let (status, _) = daemon.json("PUT", "/api/v1/vms/g1/resume", "");
+    assert_eq!(status, 200);
+    let (_, metrics) = daemon.request("GET", "/metrics", "");
+    assert!(
+        metrics.contains(&format!("ftvmm_vm_running{{vm=\"{id}\",name=\"g1\"}} 1")),
+        "{metrics}"
+    );
+
+    // The daemon dies; the VM does not. A new daemon finds it.
+    daemon.kill();
+    let _ = events.kill();
+    let mut seen = String::new();
+    events
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut seen)
+        .unwrap();
+    let _ = events.wait();
+    assert!(seen.contains("\"kind\":\"paused\""), "events: {seen}");
+    assert!(alive(pid), "the VM ended with its daemon");
+    let daemon = Daemon::start(&dir);
+    let (status, info) = daemon.json("GET", "/api/v1/vms/g1", "");
+    assert_eq!(status, 200);
+    assert_eq!(info["lifecycle"], "running", "{info}");
+    assert_eq!(info["vm"]["state"], "running", "{info}");
+    let (status, err) = daemon.json("DELETE", &format!("/api/v1/vms/{id}"), "");
+    assert_eq!(status, 409, "a running VM was deleted: {err}");
+
+    let (ok, out) = daemon.cli(&["stop", "g1"]);
+    assert!(ok, "{out}");
+    wait_until("the re-adopted VM's end", || {
+        daemon.json("GET", "/api/v1/vms/g1", "").1["lifecycle"] == "exited"
+    });
+    assert!(!alive(pid));
+    let (ok, out) = daemon.cli(&["delete", "g1"]);
+    assert!(ok, "{out}");
+    assert_eq!(daemon.json("GET", "/api/v1/vms/g1", "").0, 404);
+    assert!(!dir.join("state/vms").join(&id).exists());
+    let (_, list) = daemon.json("GET", "/api/v1/vms", "");
+    assert_eq!(list, serde_json::json!([]));
+    drop(daemon);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_requests_get_a_4xx_that_names_what_was_wrong_and_create_nothing() {
+    let dir = scratch("bad");
+    let daemon = Daemon::start(&dir);
+    let guest = testguest();
+    let kernel = guest.to_str().unwrap();
+    let cases: Vec<(&str, String, String, u16, &str)> = vec![
+        (
+            "POST",
+            "/api/v1/vms".into(),
+            "{".into(),
+            400,
+            "invalid request body",
+        ),
+        (
+            "POST",
+            "/api/v1/vms".into(),
+            format!(r#"{{"kernel":"{kernel}","cpus":2}}"#),
+            400,
+            "unknown field `cpus`",
+        ),
+        (
+            "POST",
+            "/api/v1/vms".into(),
+            format!(r#"{{"kernel":"{kernel}","memory_mib":1099511627776}}"#),
+            400,
+            "must be 16 to",
+        ),
+        (
+            "POST",
+            "/api/v1/vms".into(),
+            format!(r#"{{"kernel":"{kernel}","vcpus":0}}"#),
+            400,
+            "must be 1 to 254, got 0",
+        ),
+        (
+            "POST",
+            "/api/v1/vms".into(),
+            format!(r#"{{"kernel":"{kernel}","vcpus":300}}"#),
+            400,
+            "invalid request body",
+        ),
+        (
+            "POST",
+            "/api/v1/vms".into(),
+            r#"{"kernel":"/no/such/kernel"}"#.into(),
+            400,
+            "/no/such/kernel",
+        ),
+        (
+            "GET",
+            "/api/v1/vms/vm-nope".into(),
+            String::new(),
+            404,
+            "vm-nope",
+        ),
+        (
+            "PUT",
+            "/api/v1/vms/vm-nope/boot".into(),
+            String::new(),
+            404,
+            "no VM",
+        ),
+        (
+            "PUT",
+            "/api/v1/nothing".into(),
+            String::new(),
+            404,
+            "no such endpoint",
+        ),
+    ];
+    for (method, path, body, status, says) in &cases {
+        let (got, text) = daemon.request(method, path, body);
+        assert_eq!(got, *status, "{method} {path} {body}: {text}");
+        assert!(text.contains(says), "{method} {path} {body}: {text}");
+    }
+    assert_eq!(
+        daemon.json("GET", "/api/v1/vms", "").1,
+        serde_json::json!([])
+    );
+
+    // Operations in the wrong state, and a name taken twice.
+    let body =
+        format!(r#"{{"kernel":"{kernel}","name":"x","cmdline":"mode=spin","memory_mib":64}}"#);
+    let (status, _) = daemon.json("POST", "/api/v1/vms", &body);
+    assert_eq!(status, 201);
+    let (status, err) = daemon.json("POST", "/api/v1/vms", &body);
+    assert_eq!((status, err["error"].is_string()), (409, true), "{err}");
+    for (method, path) in [
+        ("PUT", "/api/v1/vms/x/pause"),
+        ("PUT", "/api/v1/vms/x/stop"),
+    ] {
+        let (status, err) = daemon.json(method, path, "");
+        assert_eq!(status, 409, "{path}: {err}");
+        assert!(
+            err["error"].as_str().unwrap().contains("does not run"),
+            "{err}"
+        );
+    }
+    // A kernel the VM process cannot boot: the boot fails with its log, and the VM is not running.
+    let bad_kernel = dir.join("not-a-kernel");
+    std::fs::write(&bad_kernel, b"nothing bootable").unwrap();
+    let (status, rec) = daemon.json(
+        "POST",
+        "/api/v1/vms",
+        &format!(r#"{{"kernel":"{}","name":"y"}}"#, bad_kernel.display()),
+    );
+    assert_eq!(status, 201, "{rec}");
+    let (status, err) = daemon.json("PUT", "/api/v1/vms/y/boot", "");
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(
+        daemon.json("GET", "/api/v1/vms/y", "").1["lifecycle"],
+        "created"
+    );
+
+    let (status, doc) = daemon.json("GET", "/openapi.json", "");
+    assert_eq!(status, 200);
+    assert!(
+        doc["paths"]["/api/v1/vms/{id}/boot"]["put"].is_object(),
+        "{doc}"
+    );
+    drop(daemon);
+    std::fs::remove_dir_all(dir).unwrap();
+}
