@@ -50,7 +50,7 @@ pub(super) const CHUNK: u64 = 2 << 20;
 const FAULT_BATCH: usize = 16;
 
 /// How long the fault server waits for a fault before it looks whether it should stop.
-const FAULT_POLL: Duration = Duration::from_millis(100);
+const FAULT_POLL: Duration = Duration::from_millis(20);
 
 /// Write protection of guest memory for checkpoints, and the fault server that answers every write
 /// fault. Dropping it stops the server; the protection itself is lifted when the last checkpoint

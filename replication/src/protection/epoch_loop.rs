@@ -318,7 +318,7 @@ struct EpochLoop {
 }
 
 impl EpochLoop {
-    fn run(self) {
+    fn run(mut self) {
         let span = tracing::info_span!("epoch_loop", standby = %self.params.standby);
         let _guard = span.enter();
         let result = self.protect();
@@ -338,6 +338,9 @@ impl EpochLoop {
             })),
             JOB_TIMEOUT,
         );
+        // Write protection ends (its fault server stopped, guest memory unregistered) before the
+        // status says protection ended: a re-protection may follow at once.
+        drop(self.copy_on_write.take());
         update(&self.status, |s| match result {
             Ok(()) => s.state = ProtectionState::Unprotected,
             Err(e) => {
