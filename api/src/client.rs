@@ -42,10 +42,7 @@ pub fn request(
         path: socket.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    })?;
+    let mut stream = connect(socket)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let head = format!(
@@ -62,6 +59,14 @@ pub fn request(
     })
 }
 
+/// A new connection to the API socket.
+fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })
+}
+
 /// Opens a long-lived `GET path` (an event stream) and returns its body to read as it comes. The
 /// request is HTTP/1.0, so the body arrives as is (no chunked framing) until the server closes it.
 pub fn stream(socket: &Path, path: &str) -> Result<std::io::BufReader<UnixStream>, ClientError> {
@@ -70,10 +75,7 @@ pub fn stream(socket: &Path, path: &str) -> Result<std::io::BufReader<UnixStream
         path: socket.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    })?;
+    let mut stream = connect(socket)?;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
         .map_err(io)?;

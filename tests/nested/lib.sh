@@ -59,6 +59,14 @@ wait_for() {
     done
 }
 
+# wait_err NAME PATTERN SECONDS: waits until NAME's ftvmm messages (stderr) have a line matching PATTERN.
+wait_err() {
+    i=0
+    until grep -q "$2" "/tmp/$1.err"; do
+        i=$((i + 1)); [ $i -le $(($3 * 10)) ] || fail "$1: no '$2' within $3 s"; sleep 0.1
+    done
+}
+
 # line_of NAME PATTERN: the last line of NAME's console matching PATTERN.
 line_of() { console "$1" | grep -E "$2" | tail -n 1; }
 

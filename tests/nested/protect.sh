@@ -19,18 +19,12 @@ show_threads() {
 }
 vm_start standby standby --listen 127.0.0.1:7100 --tls /tmp/pki/b --failure-timeout-ms 2000 \
     --net tap=tap1 --api-socket /tmp/standby.sock
-i=0
-until grep -q "standing by on" /tmp/standby.err; do
-    i=$((i + 1)); [ $i -le 300 ] || fail "the standby did not listen within 30 s"; sleep 0.1
-done
+wait_err standby "standing by on" 30
 guest_start primary "ftvmm.test=echo ftvmm.ip=$GUEST_IP/24" --net tap=tap0 \
     --api-socket /tmp/primary.sock --standby 127.0.0.1:7100 --tls /tmp/pki/a --epoch-ms 25 \
     --checkpoint-copy on-write
 wait_for primary 'ftvmm-linux-net: up' 300
-i=0
-until grep -q "guest protected by" /tmp/primary.err; do
-    i=$((i + 1)); [ $i -le 3000 ] || fail "the guest was not protected within 300 s"; sleep 0.1
-done
+wait_err primary "guest protected by" 300
 nettest echo "$GUEST_IP:7" 30 >/tmp/echo.out 2>&1 &
 client=$!
 sleep 15

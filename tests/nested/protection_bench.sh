@@ -32,12 +32,6 @@ export FTVMM_LOG=replication=info
 now_ms() { read -r up _ </proc/uptime; echo $((${up%.*}${up#*.} * 10)); }
 units() { line_of "$1" '^ftvmm-linux-work: units=' | sed 's/.*units=//'; }
 ratio_per_s() { awk -v n="$1" -v ms="$2" 'BEGIN { printf "%.3f", n * 1000 / ms }'; }
-wait_err() { # NAME PATTERN SECONDS: waits for a line of NAME's stderr
-    i=0
-    until grep -q "$2" "/tmp/$1.err"; do
-        i=$((i + 1)); [ $i -le $(($3 * 10)) ] || fail "$1: no '$2' within $3 s"; sleep 0.1
-    done
-}
 
 # ---- starting the guest: NAME WORKLOAD (the kernel command line's ftvmm.test=... part)
 ftvmm_plain() {

@@ -5,6 +5,7 @@
 use std::fmt::Write;
 
 use super::store::{Lifecycle, VmRecord};
+use super::vm_config::host_meminfo_bytes;
 
 /// One VM's protection figures, from its `GET /api/v1/vm/protection`.
 pub struct ProtectionFigures {
@@ -28,7 +29,8 @@ pub fn render(vms: &[(VmRecord, Option<ProtectionFigures>)]) -> String {
     ] {
         let _ = writeln!(out, "ftvmm_host_vms{{lifecycle=\"{label}\"}} {}", count(l));
     }
-    let (total, available) = host_memory_bytes();
+    let total = host_meminfo_bytes("MemTotal:");
+    let available = host_meminfo_bytes("MemAvailable:");
     family(
         &mut out,
         "ftvmm_host_memory_bytes",
@@ -119,19 +121,6 @@ fn labels(r: &VmRecord) -> String {
     let name = r.config.name.as_deref().unwrap_or("");
     // Names and ids are [A-Za-z0-9._-] (`vm_config.rs`): nothing to escape.
     format!("{{vm=\"{}\",name=\"{name}\"}}", r.id)
-}
-
-/// MemTotal and MemAvailable, in bytes.
-fn host_memory_bytes() -> (u64, u64) {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |key: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use super::metrics::{self, ProtectionFigures};
 use super::store::{ExitRecord, Lifecycle, ProcessRecord, VmRecord};
 use super::vm_config::{DiskConfig, NicConfig, VmConfig};
 use super::{Daemon, DaemonError};
-use crate::server::routes::{error, invalid_body, ErrorBody};
+use crate::server::routes::{error, invalid_body, no_such_endpoint, ErrorBody};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -257,10 +257,7 @@ async fn openapi() -> Response {
 }
 
 async fn not_found() -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        "no such endpoint; see GET /openapi.json",
-    )
+    no_such_endpoint("/openapi.json")
 }
 
 /// The daemon's router.

@@ -220,14 +220,19 @@ fn regular_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
 
 /// This host's RAM in MiB (`/proc/meminfo`'s MemTotal).
 pub fn host_memory_mib() -> u64 {
+    host_meminfo_bytes("MemTotal:") >> 20
+}
+
+/// A field of `/proc/meminfo` (`key` with its colon, e.g. `MemAvailable:`), in bytes; 0 if missing.
+pub fn host_meminfo_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .map_or(0, |kb| kb / 1024)
+        .map_or(0, |kb| kb * 1024)
 }
 
 #[cfg(test)]

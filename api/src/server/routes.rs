@@ -556,9 +556,14 @@ async fn openapi() -> Response {
 }
 
 async fn not_found() -> Response {
+    no_such_endpoint("/api/v1/openapi.json")
+}
+
+/// The 404 for a path no route serves, pointing at the API's description.
+pub(crate) fn no_such_endpoint(openapi_path: &str) -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint; see GET /api/v1/openapi.json",
+        format!("no such endpoint; see GET {openapi_path}"),
     )
 }
 
