@@ -2,92 +2,13 @@
 //! stopped and deleted through its REST API and the CLI, its events and metrics, re-adoption by a
 //! restarted daemon, and a 4xx naming what was wrong for every bad request.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use integration_tests::daemon::Daemon;
 use integration_tests::{ftvmm_bin, testguest};
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Self {
-        let socket = dir.join("ftvmm.sock");
-        let child = Command::new(ftvmm_bin())
-            .arg("serve")
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ftvmm serve");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the daemon did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, socket }
-    }
-
-    /// One request: status and body (JSON, or text).
-    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
-    }
-
-    fn json(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-        let (status, text) = self.request(method, path, body);
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    fn cli(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(ftvmm_bin())
-            .arg("vm")
-            .arg("--daemon")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ftvmm-daemon-{name}-{}", std::process::id()));

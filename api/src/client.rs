@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 client for the control API's Unix socket (one request per connection).
+//! A minimal HTTP/1.1 client for the control API's Unix socket (one request per connection); its
+//! request and response handling ([`exchange`]) also serves the daemon's TLS peer client.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -44,19 +45,54 @@ pub fn request(
     };
     let mut stream = connect(socket)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    exchange(&mut stream, method, path, body, &[]).map_err(|e| match e {
+        ExchangeError::Io(source) => io(source),
+        ExchangeError::Response(reason) => ClientError::Response {
+            path: socket.to_path_buf(),
+            reason,
+        },
+    })
+}
+
+/// What went wrong in one HTTP exchange.
+#[derive(Debug)]
+pub enum ExchangeError {
+    Io(std::io::Error),
+    Response(String),
+}
+
+/// Writes one HTTP/1.1 request (`Connection: close`, JSON body, any `headers`) to `stream` and reads
+/// the whole response: the request and response plumbing that the Unix-socket client and the
+/// daemon's TLS peer client share.
+pub fn exchange(
+    stream: &mut (impl Read + Write),
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    headers: &[(&str, &str)],
+) -> Result<ApiResponse, ExchangeError> {
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         payload.len()
     );
-    stream.write_all(head.as_bytes()).map_err(io)?;
-    stream.write_all(payload.as_bytes()).map_err(io)?;
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(payload.as_bytes()))
+        .and_then(|()| stream.flush())
+        .map_err(ExchangeError::Io)?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io)?;
-    parse_response(&raw).map_err(|reason| ClientError::Response {
-        path: socket.to_path_buf(),
-        reason,
-    })
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        // A TLS peer may close without close_notify once its response is complete.
+        if e.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
+            return Err(ExchangeError::Io(e));
+        }
+    }
+    parse_response(&raw).map_err(ExchangeError::Response)
 }
 
 /// A new connection to the API socket.

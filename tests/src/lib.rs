@@ -2,6 +2,7 @@
 //! with a deadline so that no test can hang.
 
 pub mod clients;
+pub mod daemon;
 pub mod nested;
 pub mod netns;
 pub mod witness;

@@ -1,10 +1,13 @@
 //! `ftvmm serve`: the host daemon (`daemon/`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
 
-use crate::daemon::{routes, Daemon};
+use crate::daemon::peer_client::PeerClient;
+use crate::daemon::tcp_api::{require_token, BearerToken, TlsListener};
+use crate::daemon::{routes, Daemon, Peering};
 use crate::server::{self, ApiSocket};
 
 /// Run the host daemon: a REST API (OpenAPI at /openapi.json) that creates, boots, stops and
@@ -25,12 +28,58 @@ pub struct ServeArgs {
     /// Also let this group's members use the socket (0660).
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Also serve the API on TCP at HOST:PORT, for peer daemons (protection, migration) and remote
+    /// operators: mutual TLS (--tls) and the bearer token (--token-file) on every request. HOST is
+    /// this host's address as peers dial it (it must be in the --tls certificate); this host's
+    /// standbys and migration destinations listen there too.
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["tls", "token_file"])]
+    listen: Option<String>,
+    /// This host's TLS identity (`ftvmm tls-certs`): the TCP API's, and every VM process's links.
+    #[arg(long, value_name = "DIR")]
+    tls: Option<PathBuf>,
+    /// A file holding the cluster's bearer token (at least 32 characters; the same on every host).
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    token_file: Option<PathBuf>,
+}
+
+/// The daemon's TCP API and its peering, when `--listen` is given.
+fn peering(
+    args: &ServeArgs,
+) -> Result<Option<(Peering, Arc<rustls::ServerConfig>, BearerToken)>, Box<dyn std::error::Error>> {
+    let (Some(listen), Some(tls), Some(token_file)) = (&args.listen, &args.tls, &args.token_file)
+    else {
+        return Ok(None);
+    };
+    let identity = replication::link::TlsIdentity::load(tls)?;
+    let token = BearerToken::read(token_file)?;
+    let link_host = replication::link::host_of(listen).to_string();
+    match link_host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => {
+            return Err(format!(
+                "--listen {listen}: give this host's address as peers dial it, not {ip}"
+            )
+            .into())
+        }
+        _ => {}
+    }
+    let peering = Peering {
+        client: PeerClient::new(identity.client_config(), token.clone()),
+        address: listen.clone(),
+        link_host,
+        tls_dir: tls.clone(),
+    };
+    Ok(Some((peering, identity.server_config(), token)))
 }
 
 pub fn serve(args: ServeArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find ftvmm's own executable: {e}"))?;
-    let daemon = Daemon::open(&args.state_dir, exe)?;
+    let peering = peering(&args)?;
+    let (peering, tcp) = match peering {
+        Some((peering, tls, token)) => (Some(peering), Some((tls, token))),
+        None => (None, None),
+    };
+    let daemon = Daemon::open(&args.state_dir, exe, peering)?;
     if let Some(parent) = args.socket.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
@@ -54,9 +103,25 @@ pub fn serve(args: ServeArgs) -> Result<u8, Box<dyn std::error::Error>> {
         args.socket.display(),
         args.state_dir.display()
     );
+    let listen = args.listen.clone();
     runtime.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(listener)?;
-        axum::serve(listener, routes::router(daemon)).await
+        let local = axum::serve(listener, routes::router(daemon.clone()));
+        let Some((tls, token)) = tcp else {
+            return local.await;
+        };
+        let listen = listen.unwrap_or_default();
+        let tcp = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}"))
+        })?;
+        eprintln!("ftvmm: host daemon serving {listen} (mutual TLS and bearer token)");
+        let router = routes::router(daemon)
+            .layer(axum::middleware::from_fn_with_state(token, require_token));
+        let remote = axum::serve(TlsListener::new(tcp, tls)?, router);
+        tokio::select! {
+            r = local => r,
+            r = remote => r,
+        }
     })?;
     Ok(0)
 }

@@ -62,42 +62,56 @@ enum VmAction {
         #[arg(long)]
         diff: bool,
     },
-    /// Live-migrate the VM to a host where `ftvmm receive --listen HOST:PORT` waits; prints progress
-    /// until it completes (exit 0) or fails or is cancelled (exit 1; the guest keeps running here).
+    /// Live-migrate the VM: to a host where `ftvmm receive --listen HOST:PORT` waits (--to), or
+    /// through the daemon to a peer daemon, which starts the destination (name the VM, --peer).
+    /// Shows progress until it completes (exit 0) or fails or is cancelled (exit 1; the guest keeps
+    /// running here).
     Migrate {
-        /// The destination's HOST:PORT.
+        /// Through the daemon: the VM's id or name.
+        vm: Option<String>,
+        /// The destination's HOST:PORT (with --api-socket).
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "peer")]
+        to: Option<String>,
+        /// The peer daemon's HOST:PORT (its `ftvmm serve --listen`).
         #[arg(long, value_name = "HOST:PORT")]
-        to: String,
+        peer: Option<String>,
         /// Stop-and-copy once the estimated downtime is below this many milliseconds.
         #[arg(long, value_name = "N", default_value_t = 50)]
         downtime_ms: u64,
     },
     /// Show the current (or last) migration's progress.
-    Migration,
-    /// Show protection by a hot standby (state, committed epoch, pause and commit figures).
-    Protection,
+    Migration { vm: Option<String> },
+    /// Show protection by a hot standby (state, committed epoch, pause and commit figures); through
+    /// the daemon, for a standby: its state.
+    Protection { vm: Option<String> },
     /// Stop protection: the standby ends without resuming the guest, which goes on here unprotected.
-    Unprotect,
+    Unprotect { vm: Option<String> },
     /// On a standby (`ftvmm standby --api-socket`): its primary, the checkpoint it would resume from,
     /// and whether the primary answers heartbeats.
     Standby,
-    /// On a standby: take over now, from the last committed checkpoint. Only for a primary known to
-    /// be dead (without a witness, a silent primary is never taken over on its own); with a witness,
-    /// it must agree.
-    Failover,
+    /// On a standby (its own socket, or through the daemon naming it): take over now, from the last
+    /// committed checkpoint. Only for a primary known to be dead (without a witness, a silent
+    /// primary is never taken over on its own); with a witness, it must agree.
+    Failover { vm: Option<String> },
     /// Protect the running guest with a hot standby (again): a guest never protected, one that lost
-    /// its standby, or a standby that took over. Uses this VM's --tls and --witness.
+    /// its standby, or a standby that took over. With --api-socket, to an `ftvmm standby` at
+    /// --standby; through the daemon, to a standby that the peer daemon at --peer starts.
     Protect {
-        /// The standby's HOST:PORT (where `ftvmm standby` listens).
+        /// Through the daemon: the VM's id or name.
+        vm: Option<String>,
+        /// The standby's HOST:PORT (where `ftvmm standby` listens; with --api-socket).
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "peer")]
+        standby: Option<String>,
+        /// The peer daemon's HOST:PORT (its `ftvmm serve --listen`).
         #[arg(long, value_name = "HOST:PORT")]
-        standby: String,
+        peer: Option<String>,
         /// Time between checkpoints, in milliseconds; or `auto` or `auto:MIN-MAX`, as for
         /// `ftvmm run --epoch-ms`.
         #[arg(long, value_name = "MS|auto[:MIN-MAX]", default_value = "50")]
         epoch_ms: replication::protection::EpochLength,
     },
     /// Cancel a migration before its hand-over; the guest keeps running here.
-    CancelMigration,
+    CancelMigration { vm: Option<String> },
 }
 
 /// A VM for the daemon to create (`POST /api/v1/vms`).
@@ -183,8 +197,20 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         return through_daemon(&args.daemon, &args.action);
     };
     let api_socket = &api_socket;
-    if let VmAction::Migrate { to, downtime_ms } = &args.action {
-        return migrate(api_socket, to, *downtime_ms);
+    if let VmAction::Migrate {
+        vm: None,
+        to: Some(to),
+        peer: None,
+        downtime_ms,
+    } = &args.action
+    {
+        let body = json!({ "to": to, "downtime_ms": downtime_ms });
+        return migrate(
+            api_socket,
+            "/api/v1/vm/migrate",
+            &body,
+            "/api/v1/vm/migration",
+        );
     }
     let (method, path, body) = match &args.action {
         VmAction::Info { vm: None } => ("GET", "/api/v1/vm", None),
@@ -200,23 +226,33 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
                 Some(json!({ "dir": dir, "diff": diff })),
             )
         }
-        VmAction::Migration => ("GET", "/api/v1/vm/migration", None),
-        VmAction::Protection => ("GET", "/api/v1/vm/protection", None),
-        VmAction::Unprotect => ("PUT", "/api/v1/vm/unprotect", None),
+        VmAction::Migration { vm: None } => ("GET", "/api/v1/vm/migration", None),
+        VmAction::Protection { vm: None } => ("GET", "/api/v1/vm/protection", None),
+        VmAction::Unprotect { vm: None } => ("PUT", "/api/v1/vm/unprotect", None),
         VmAction::Standby => ("GET", "/api/v1/standby", None),
-        VmAction::Failover => ("PUT", "/api/v1/standby/failover", None),
-        VmAction::Protect { standby, epoch_ms } => (
+        VmAction::Failover { vm: None } => ("PUT", "/api/v1/standby/failover", None),
+        VmAction::Protect {
+            vm: None,
+            standby: Some(standby),
+            peer: None,
+            epoch_ms,
+        } => (
             "PUT",
             "/api/v1/vm/protect",
             Some(json!({ "standby": standby, "epoch": epoch_ms.to_string() })),
         ),
-        VmAction::CancelMigration => ("PUT", "/api/v1/vm/migration/cancel", None),
-        VmAction::Migrate { .. } => unreachable!("handled above"),
+        VmAction::CancelMigration { vm: None } => ("PUT", "/api/v1/vm/migration/cancel", None),
+        VmAction::Protect { .. } => {
+            return Err("with --api-socket, give the standby's address: --standby HOST:PORT".into())
+        }
+        VmAction::Migrate { .. } => {
+            return Err("with --api-socket, give the destination's address: --to HOST:PORT".into())
+        }
         _ => {
             return Err(
                 "this action is the host daemon's: leave out --api-socket (and name the \
-                        VM for info, pause and resume)"
-                    .into(),
+                        VM)"
+                .into(),
             )
         }
     };
@@ -268,6 +304,42 @@ fn through_daemon(
         VmAction::Pause { vm: Some(vm) } => ("PUT", vm_path(vm, "/pause"), None),
         VmAction::Resume { vm: Some(vm) } => ("PUT", vm_path(vm, "/resume"), None),
         VmAction::Events => return follow_events(socket),
+        VmAction::Protect {
+            vm: Some(vm),
+            peer: Some(peer),
+            standby: None,
+            epoch_ms,
+        } => (
+            "PUT",
+            vm_path(vm, "/protect"),
+            Some(json!({ "peer": peer, "epoch": epoch_ms.to_string() })),
+        ),
+        VmAction::Unprotect { vm: Some(vm) } => ("PUT", vm_path(vm, "/unprotect"), None),
+        VmAction::Protection { vm: Some(vm) } => ("GET", vm_path(vm, "/protection"), None),
+        VmAction::Failover { vm: Some(vm) } => ("PUT", vm_path(vm, "/failover"), None),
+        VmAction::Migration { vm: Some(vm) } => ("GET", vm_path(vm, "/migration"), None),
+        VmAction::CancelMigration { vm: Some(vm) } => {
+            ("PUT", vm_path(vm, "/migration/cancel"), None)
+        }
+        VmAction::Migrate {
+            vm: Some(vm),
+            peer: Some(peer),
+            to: None,
+            downtime_ms,
+        } => {
+            let body = json!({ "peer": peer, "downtime_ms": downtime_ms });
+            return migrate(
+                socket,
+                &vm_path(vm, "/migrate"),
+                &body,
+                &vm_path(vm, "/migration"),
+            );
+        }
+        VmAction::Protect { .. } | VmAction::Migrate { .. } => {
+            return Err(
+                "through the daemon, name the VM and the peer daemon: VM --peer HOST:PORT".into(),
+            )
+        }
         _ => {
             return Err(
                 "name the VM (through the daemon), or give the VM's own --api-socket".into(),
@@ -305,29 +377,39 @@ fn api_error(resp: &client::ApiResponse) -> String {
     format!("{msg} (HTTP {})", resp.status)
 }
 
-/// Starts a migration and follows it to the end, printing a progress line per change.
+/// Starts a migration (`PUT start` with `body`) and follows it (`GET status`) to the end: a
+/// progress bar on a terminal, else a line per change on stderr.
 fn migrate(
     socket: &std::path::Path,
-    to: &str,
-    downtime_ms: u64,
+    start: &str,
+    body: &serde_json::Value,
+    status: &str,
 ) -> Result<u8, Box<dyn std::error::Error>> {
-    use std::io::Write;
-    let body = json!({ "to": to, "downtime_ms": downtime_ms });
-    let resp = client::request(socket, "PUT", "/api/v1/vm/migrate", Some(&body), TIMEOUT)?;
+    use std::io::{IsTerminal, Write};
+    let resp = client::request(socket, "PUT", start, Some(body), TIMEOUT)?;
     if resp.status != 202 {
         return Err(api_error(&resp).into());
     }
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed} migration {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    });
     let mut last = String::new();
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let resp = client::request(socket, "GET", "/api/v1/vm/migration", None, TIMEOUT)?;
+        let resp = client::request(socket, "GET", status, None, TIMEOUT)?;
         if resp.status != 200 {
             return Err(api_error(&resp).into());
         }
         let s = &resp.body;
         let state = s["state"].as_str().unwrap_or("unknown").to_string();
         let line = format!(
-            "migration: {state} round={} sent={:.1} MiB dirty={} pages rate={:.0} pages/s est_downtime={:.1} ms",
+            "{state} round={} sent={:.1} MiB dirty={} pages rate={:.0} pages/s est_downtime={:.1} ms",
             s["round"],
             s["bytes_sent"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
             s["dirty_pages"],
@@ -335,8 +417,19 @@ fn migrate(
             s["estimated_downtime_ms"].as_f64().unwrap_or(0.0),
         );
         if line != last {
-            let _ = writeln!(std::io::stderr(), "{line}");
+            match &bar {
+                Some(bar) => bar.set_message(line.clone()),
+                None => {
+                    let _ = writeln!(std::io::stderr(), "migration: {line}");
+                }
+            }
             last = line;
+        }
+        let finished = matches!(state.as_str(), "completed" | "failed" | "cancelled");
+        if finished {
+            if let Some(bar) = &bar {
+                bar.finish();
+            }
         }
         match state.as_str() {
             "completed" => {

@@ -1,5 +1,5 @@
-//! The daemon's events — VMs created, booted, paused, resumed, ended, deleted — sent to every
-//! subscriber of `GET /api/v1/events` as server-sent events.
+//! The daemon's events — VMs created, booted, paused, resumed, ended, deleted; protected, failed
+//! over, migrated — sent to every subscriber of `GET /api/v1/events` as server-sent events.
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -13,7 +13,10 @@ const BACKLOG: usize = 256;
 pub struct DaemonEvent {
     /// The VM's id.
     pub vm: String,
-    /// `created`, `booted`, `paused`, `resumed`, `exited`, `deleted`.
+    /// `created`, `booted`, `paused`, `resumed`, `exited`, `deleted`; `protected`, `unprotected`,
+    /// `failover_requested`, `failed_over` (a standby here took over), `standby_ready`,
+    /// `standby_ended`; `migration_started`, `migration_progress`, `migrated`,
+    /// `migration_failed`, `migration_cancelled`, `incoming_ready`, `migrated_in`, `incoming_ended`.
     pub kind: String,
     /// What happened, for people (the exit reason, a pid).
     pub detail: String,

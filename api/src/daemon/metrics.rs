@@ -137,6 +137,8 @@ mod tests {
             created_at: 0,
             process: None,
             exit: None,
+            role: Default::default(),
+            peer: None,
         };
         let page = render(&[
             (

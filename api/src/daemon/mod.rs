@@ -8,20 +8,27 @@
 
 pub mod events;
 pub mod metrics;
+pub mod migration;
+pub mod peer_client;
+pub mod peer_hosting;
+pub mod protection;
 pub mod routes;
 pub mod store;
+pub mod tcp_api;
 pub mod vm_config;
 pub mod vm_process;
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use events::{DaemonEvent, Events};
-use store::{DirStore, Lifecycle, StoreError, VmRecord};
+use peer_client::{PeerClient, PeerError};
+use store::{DirStore, Lifecycle, Relation, Role, StoreError, VmRecord};
 use vm_config::{ConfigError, VmConfig};
-use vm_process::{ProcessError, VmFiles, Watched};
+use vm_process::{ProcessError, Readiness, VmFiles, Watched};
 
 /// How long a stopped VM's process has after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -47,6 +54,37 @@ pub enum DaemonError {
     Process { id: String, source: ProcessError },
     #[error("VM {id}'s API: {message}")]
     VmApi { id: String, message: String },
+    #[error("VM {id}: {message}")]
+    VmRefused {
+        id: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{0}")]
+    NoPeering(&'static str),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("peer daemon {peer} refused: {message} (HTTP {status})")]
+    PeerRefused {
+        peer: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Missing(String),
+}
+
+/// What a daemon needs to pair VMs with peer daemons (`ftvmm serve --listen --tls --token-file`).
+pub struct Peering {
+    pub client: PeerClient,
+    /// This daemon's `HOST:PORT`, as its peers dial it.
+    pub address: String,
+    /// The host part of `address`: where this host's standbys and migration destinations listen.
+    pub link_host: String,
+    /// The TLS identity directory, given to every VM process (`--tls`).
+    pub tls_dir: PathBuf,
 }
 
 /// The daemon: its store, the VMs it knows, and its event stream.
@@ -57,12 +95,19 @@ pub struct Daemon {
     /// The ftvmm executable that VM processes run.
     exe: PathBuf,
     host_memory_mib: u64,
+    peering: Option<Peering>,
+    /// The latest status of each VM's migration, as followed by `migration.rs`.
+    migrations: Mutex<BTreeMap<String, serde_json::Value>>,
 }
 
 impl Daemon {
     /// Opens the store at `state_dir` and re-adopts the VMs whose processes still run; the others
     /// are recorded as ended.
-    pub fn open(state_dir: &Path, exe: PathBuf) -> Result<Arc<Self>, DaemonError> {
+    pub fn open(
+        state_dir: &Path,
+        exe: PathBuf,
+        peering: Option<Peering>,
+    ) -> Result<Arc<Self>, DaemonError> {
         let store = DirStore::open(state_dir)?;
         let mut vms = store.load()?;
         let mut adopted = Vec::new();
@@ -93,15 +138,55 @@ impl Daemon {
             events: Events::new(),
             exe,
             host_memory_mib: vm_config::host_memory_mib(),
+            peering,
+            migrations: Mutex::new(BTreeMap::new()),
         });
         for (id, watched) in adopted {
-            daemon.watch(id, watched);
+            let role = daemon.get(&id).map(|r| r.role);
+            daemon.watch(id.clone(), watched);
+            if matches!(role, Ok(Role::Standby | Role::Incoming)) {
+                daemon.watch_for_promotion(id);
+            }
         }
         Ok(daemon)
     }
 
     fn vms(&self) -> MutexGuard<'_, BTreeMap<String, VmRecord>> {
         self.vms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes VM `id`'s record with `change` (which may refuse) and stores it; the new record.
+    fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut VmRecord) -> Result<(), DaemonError>,
+    ) -> Result<VmRecord, DaemonError> {
+        let mut vms = self.vms();
+        let record = vms
+            .get_mut(id)
+            .ok_or_else(|| DaemonError::NoSuchVm(id.to_string()))?;
+        let mut changed = record.clone();
+        change(&mut changed)?;
+        if changed.lifecycle != Lifecycle::Booting {
+            self.store.save(&changed)?;
+        }
+        *record = changed.clone();
+        Ok(changed)
+    }
+
+    /// How this daemon pairs VMs with peers, or why it cannot.
+    fn peering(&self) -> Result<&Peering, DaemonError> {
+        self.peering.as_ref().ok_or(DaemonError::NoPeering(
+            "this daemon has no peers: start it with --listen, --tls and --token-file",
+        ))
+    }
+
+    /// The arguments every VM process gets for its links (`--tls DIR` when the daemon has one).
+    fn link_args(&self) -> Vec<OsString> {
+        match &self.peering {
+            Some(p) => vec!["--tls".into(), p.tls_dir.clone().into()],
+            None => Vec::new(),
+        }
     }
 
     /// Every VM, by id.
@@ -145,6 +230,8 @@ impl Daemon {
             created_at: vm_process::now(),
             process: None,
             exit: None,
+            role: Role::Primary,
+            peer: None,
         };
         self.store.save(&record)?;
         vms.insert(id.clone(), record.clone());
@@ -153,31 +240,57 @@ impl Daemon {
         Ok(record)
     }
 
-    /// Starts VM `id`'s process; returns once its API answers.
+    /// Starts VM `id`'s process; returns once its API answers. The VM is `booting` meanwhile, so a
+    /// second boot (or a delete) of it is refused.
     pub fn boot(self: &Arc<Self>, id: &str) -> Result<VmRecord, DaemonError> {
-        let mut record = self.get(id)?;
-        if record.lifecycle == Lifecycle::Running {
-            return Err(wrong_state(&record, "it runs already"));
-        }
-        let id = record.id.clone();
+        let id = self.get(id)?.id;
+        let mut before = None;
+        let record = self.update(&id, |r| {
+            if matches!(r.lifecycle, Lifecycle::Running | Lifecycle::Booting) {
+                return Err(wrong_state(r, "it runs already"));
+            }
+            if r.role != Role::Primary {
+                return Err(wrong_state(r, "only a primary boots"));
+            }
+            before = Some(r.lifecycle);
+            r.lifecycle = Lifecycle::Booting;
+            Ok(())
+        })?;
         let files = self.files(&id);
-        let child = vm_process::start(&self.exe, &record.config, &files).map_err(|source| {
-            DaemonError::Process {
+        let mut args = record.config.run_args(&files.console, &files.api_socket);
+        args.extend(self.link_args());
+        let started = vm_process::start(&self.exe, &args, &files, Readiness::ApiSocket);
+        let restore = |e: DaemonError| {
+            let _ = self.update(&id, |r| {
+                r.lifecycle = before.unwrap_or(Lifecycle::Created);
+                Ok(())
+            });
+            e
+        };
+        let (child, _) = started.map_err(|source| {
+            restore(DaemonError::Process {
                 id: id.clone(),
                 source,
-            }
+            })
         })?;
-        record.lifecycle = Lifecycle::Running;
-        record.process = Some(vm_process::record_of(&child));
-        record.exit = None;
-        if let Err(e) = self.store.save(&record) {
-            // A VM the store does not know would be lost to a restarted daemon: not started.
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e.into());
-        }
-        self.vms().insert(id.clone(), record.clone());
+        let process = vm_process::record_of(&child);
+        let record = self.update(&id, |r| {
+            r.lifecycle = Lifecycle::Running;
+            r.process = Some(process);
+            r.exit = None;
+            r.peer = None;
+            Ok(())
+        });
+        let record = match record {
+            Ok(record) => record,
+            Err(e) => {
+                // A VM the store does not know would be lost to a restarted daemon: not started.
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(restore(e));
+            }
+        };
         self.events.send(DaemonEvent::new(
             &id,
             "booted",
@@ -201,11 +314,42 @@ impl Daemon {
         }
     }
 
-    fn ended(&self, id: &str, exit: store::ExitRecord) {
-        let mut vms = self.vms();
-        let Some(record) = vms.get_mut(id) else {
+    fn ended(&self, id: &str, mut exit: store::ExitRecord) {
+        let Ok(role) = self.get(id).map(|r| r.role) else {
             return; // deleted
         };
+        let never_ran_the_guest = role != Role::Primary && !self.promoted_in_log(id, role);
+        let mut vms = self.vms();
+        let Some(record) = vms.get_mut(id) else {
+            return;
+        };
+        if never_ran_the_guest {
+            // A standby or destination that never ran the guest holds nothing worth keeping.
+            let log = vm_process::log_tail(&self.files(id).log);
+            vms.remove(id);
+            drop(vms);
+            if let Err(e) = self.store.remove(id) {
+                tracing::error!(vm = %id, "{e}");
+            }
+            let kind = if role == Role::Standby {
+                "standby_ended"
+            } else {
+                "incoming_ended"
+            };
+            tracing::info!(vm = %id, reason = %exit.reason, "{kind}");
+            self.events.send(DaemonEvent::new(
+                id,
+                kind,
+                &format!("{}: {log}", exit.reason),
+            ));
+            return;
+        }
+        if let Some(peer) = &record.peer {
+            if peer.relation == Relation::MigratedTo && exit.code == Some(0) {
+                exit.reason = format!("the VM migrated to {}", peer.daemon);
+            }
+        }
+        record.role = Role::Primary;
         record.lifecycle = Lifecycle::Exited;
         record.process = None;
         record.exit = Some(exit.clone());
@@ -233,7 +377,7 @@ impl Daemon {
     /// Removes VM `id`, which must not run.
     pub fn delete(&self, id: &str) -> Result<(), DaemonError> {
         let record = self.get(id)?;
-        if record.lifecycle == Lifecycle::Running {
+        if matches!(record.lifecycle, Lifecycle::Running | Lifecycle::Booting) {
             return Err(wrong_state(&record, "stop it first"));
         }
         self.store.remove(&record.id)?;
@@ -263,6 +407,86 @@ impl Daemon {
                 message: e.to_string(),
             })
     }
+}
+
+impl Daemon {
+    /// Sends a request to running VM `id`'s own API and returns its answer if its status is
+    /// `expect`; any other answer becomes [`DaemonError::VmRefused`] with the VM's message.
+    pub(crate) fn vm_call(
+        &self,
+        id: &str,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        expect: u16,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let (status, answer) = self.vm_request(id, method, path, body)?;
+        if status == expect {
+            return Ok(answer);
+        }
+        Err(DaemonError::VmRefused {
+            id: id.to_string(),
+            status,
+            message: error_message(&answer),
+        })
+    }
+
+    /// Sends a request to the peer daemon at `peer` and returns its answer if its status is
+    /// `expect`; any other answer becomes [`DaemonError::PeerRefused`].
+    pub(crate) fn peer_call(
+        &self,
+        peer: &str,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        expect: u16,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let answer = self
+            .peering()?
+            .client
+            .request(peer, method, path, body, PEER_TIMEOUT)?;
+        if answer.status == expect {
+            return Ok(answer.body);
+        }
+        Err(DaemonError::PeerRefused {
+            peer: peer.to_string(),
+            status: answer.status,
+            message: error_message(&answer.body),
+        })
+    }
+
+    /// Checks that `peer` is another daemon than this one.
+    fn other_daemon(&self, peer: &str) -> Result<(), DaemonError> {
+        if self.peering()?.address == peer {
+            return Err(DaemonError::Invalid(format!(
+                "\"peer\" {peer:?} is this daemon: name another host's"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The sizes of VM `config`'s disks, for the peer that makes or checks its own.
+    fn disk_sizes(config: &VmConfig) -> Result<Vec<u64>, DaemonError> {
+        config
+            .disks
+            .iter()
+            .map(|d| {
+                std::fs::metadata(&d.path)
+                    .map(|m| m.len())
+                    .map_err(|e| DaemonError::Invalid(format!("disk {}: {e}", d.path.display())))
+            })
+            .collect()
+    }
+}
+
+/// How long a peer daemon may take to answer (it starts a process and waits for it to listen).
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The message of an API's `{"error": ...}` answer, or the whole answer.
+fn error_message(answer: &serde_json::Value) -> String {
+    answer["error"]
+        .as_str()
+        .map_or_else(|| answer.to_string(), str::to_string)
 }
 
 fn wrong_state(record: &VmRecord, wanted: &'static str) -> DaemonError {

@@ -10,13 +10,16 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use utoipa::OpenApi;
 
 use super::events::DaemonEvent;
 use super::metrics::{self, ProtectionFigures};
-use super::store::{ExitRecord, Lifecycle, ProcessRecord, VmRecord};
+use super::migration::MigrateVm;
+use super::peer_hosting::{PeerVmAnswer, PeerVmRequest};
+use super::protection::ProtectVm;
+use super::store::{ExitRecord, Lifecycle, PeerRecord, ProcessRecord, Relation, Role, VmRecord};
 use super::vm_config::{DiskConfig, NicConfig, VmConfig};
 use super::{Daemon, DaemonError};
 use crate::server::routes::{error, invalid_body, no_such_endpoint, ErrorBody};
@@ -37,7 +40,17 @@ use crate::server::routes::{error, invalid_body, no_such_endpoint, ErrorBody};
         pause_vm,
         resume_vm,
         events,
-        metrics_page
+        metrics_page,
+        protect_vm,
+        unprotect_vm,
+        vm_protection,
+        failover_vm,
+        migrate_vm,
+        vm_migration,
+        cancel_migration,
+        host_standby,
+        host_incoming,
+        drop_peer_copy
     ),
     components(schemas(
         VmConfig,
@@ -47,6 +60,13 @@ use crate::server::routes::{error, invalid_body, no_such_endpoint, ErrorBody};
         Lifecycle,
         ProcessRecord,
         ExitRecord,
+        Role,
+        Relation,
+        PeerRecord,
+        ProtectVm,
+        MigrateVm,
+        PeerVmRequest,
+        PeerVmAnswer,
         VmView,
         DaemonEvent,
         ErrorBody
@@ -72,7 +92,16 @@ impl DaemonError {
             DaemonError::NameTaken(_) | DaemonError::WrongState { .. } => StatusCode::CONFLICT,
             DaemonError::Process { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             DaemonError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            DaemonError::VmApi { .. } => StatusCode::BAD_GATEWAY,
+            DaemonError::VmApi { .. } | DaemonError::Peer(_) => StatusCode::BAD_GATEWAY,
+            DaemonError::VmRefused { status, .. } | DaemonError::PeerRefused { status, .. } => {
+                match StatusCode::from_u16(*status) {
+                    Ok(s) if s.is_client_error() => s,
+                    _ => StatusCode::BAD_GATEWAY,
+                }
+            }
+            DaemonError::NoPeering(_) => StatusCode::CONFLICT,
+            DaemonError::Invalid(_) => StatusCode::BAD_REQUEST,
+            DaemonError::Missing(_) => StatusCode::NOT_FOUND,
         }
     }
 }
@@ -252,6 +281,152 @@ async fn metrics_page(State(d): Shared) -> Response {
     }
 }
 
+/// A JSON answer with `status`, or the error.
+fn answer(status: StatusCode, result: Result<serde_json::Value, Response>) -> Response {
+    match result {
+        Ok(body) => (status, Json(body)).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// A VM's own answer passed on with its own status.
+fn passed_on(result: Result<(u16, serde_json::Value), Response>) -> Response {
+    match result {
+        Ok((status, body)) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            Json(body),
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/protect", request_body = ProtectVm,
+    params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 202, description = "protection started; body is the VM's protection status"),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+    (status = 502, body = ErrorBody, description = "the peer daemon or the VM failed")))]
+async fn protect_vm(
+    State(d): Shared,
+    Path(id): Path<String>,
+    body: Result<Json<ProtectVm>, JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return invalid_body(e),
+    };
+    answer(
+        StatusCode::ACCEPTED,
+        blocking(d, move |d| d.protect(&id, request)).await,
+    )
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/unprotect", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, description = "the final protection status"), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody)))]
+async fn unprotect_vm(State(d): Shared, Path(id): Path<String>) -> Response {
+    answer(StatusCode::OK, blocking(d, move |d| d.unprotect(&id)).await)
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{id}/protection", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, description = "a primary's protection status, or a standby's state"),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn vm_protection(State(d): Shared, Path(id): Path<String>) -> Response {
+    passed_on(blocking(d, move |d| d.protection(&id)).await)
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/failover", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 202, description = "the standby takes over"), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody)))]
+async fn failover_vm(State(d): Shared, Path(id): Path<String>) -> Response {
+    answer(
+        StatusCode::ACCEPTED,
+        blocking(d, move |d| d.failover(&id)).await,
+    )
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/migrate", request_body = MigrateVm,
+    params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 202, description = "started; body is the migration status"),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+    (status = 502, body = ErrorBody)))]
+async fn migrate_vm(
+    State(d): Shared,
+    Path(id): Path<String>,
+    body: Result<Json<MigrateVm>, JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return invalid_body(e),
+    };
+    answer(
+        StatusCode::ACCEPTED,
+        blocking(d, move |d| d.migrate(&id, request)).await,
+    )
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{id}/migration", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, description = "the current or last migration's status"), (status = 404, body = ErrorBody)))]
+async fn vm_migration(State(d): Shared, Path(id): Path<String>) -> Response {
+    answer(StatusCode::OK, blocking(d, move |d| d.migration(&id)).await)
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/migration/cancel", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, description = "cancellation requested"), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody)))]
+async fn cancel_migration(State(d): Shared, Path(id): Path<String>) -> Response {
+    answer(
+        StatusCode::OK,
+        blocking(d, move |d| d.cancel_migration(&id)).await,
+    )
+}
+
+/// A peer daemon's request to host a copy of one of its VMs here.
+async fn host_for_peer(
+    d: Arc<Daemon>,
+    role: Role,
+    body: Result<Json<PeerVmRequest>, JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return invalid_body(e),
+    };
+    match blocking(d, move |d| d.host_for_peer(role, request)).await {
+        Ok(answer) => (StatusCode::CREATED, Json(answer)).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/peer/standbys", request_body = PeerVmRequest,
+    responses((status = 201, body = PeerVmAnswer, description = "the standby listens"),
+    (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn host_standby(
+    State(d): Shared,
+    body: Result<Json<PeerVmRequest>, JsonRejection>,
+) -> Response {
+    host_for_peer(d, Role::Standby, body).await
+}
+
+#[utoipa::path(post, path = "/api/v1/peer/incoming", request_body = PeerVmRequest,
+    responses((status = 201, body = PeerVmAnswer, description = "the destination listens"),
+    (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn host_incoming(
+    State(d): Shared,
+    body: Result<Json<PeerVmRequest>, JsonRejection>,
+) -> Response {
+    host_for_peer(d, Role::Incoming, body).await
+}
+
+#[utoipa::path(delete, path = "/api/v1/peer/vms/{id}", params(("id" = String, Path, description = "VM id")),
+    responses((status = 204, description = "the copy's process was ended; its end removes it"),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn drop_peer_copy(State(d): Shared, Path(id): Path<String>) -> Response {
+    match blocking(d, move |d| d.drop_for_peer(&id)).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r,
+    }
+}
+
 async fn openapi() -> Response {
     Json(ApiDoc::openapi()).into_response()
 }
@@ -269,6 +444,16 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/vms/{id}/stop", put(stop_vm))
         .route("/api/v1/vms/{id}/pause", put(pause_vm))
         .route("/api/v1/vms/{id}/resume", put(resume_vm))
+        .route("/api/v1/vms/{id}/protect", put(protect_vm))
+        .route("/api/v1/vms/{id}/unprotect", put(unprotect_vm))
+        .route("/api/v1/vms/{id}/protection", get(vm_protection))
+        .route("/api/v1/vms/{id}/failover", put(failover_vm))
+        .route("/api/v1/vms/{id}/migrate", put(migrate_vm))
+        .route("/api/v1/vms/{id}/migration", get(vm_migration))
+        .route("/api/v1/vms/{id}/migration/cancel", put(cancel_migration))
+        .route("/api/v1/peer/standbys", post(host_standby))
+        .route("/api/v1/peer/incoming", post(host_incoming))
+        .route("/api/v1/peer/vms/{id}", delete(drop_peer_copy))
         .route("/api/v1/events", get(events))
         .route("/metrics", get(metrics_page))
         .route("/openapi.json", get(openapi))

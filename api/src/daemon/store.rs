@@ -33,6 +33,8 @@ pub enum StoreError {
 pub enum Lifecycle {
     /// Configured, never booted (or booted and ended: see `exit`).
     Created,
+    /// Its process is being started (never stored: a boot holds it while it waits for the API).
+    Booting,
     /// Its ftvmm process runs.
     Running,
     /// Its process ended: see `exit`.
@@ -58,6 +60,45 @@ pub struct ExitRecord {
     pub at: u64,
 }
 
+/// What this host's copy of a VM is.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The VM itself: booted here, or a standby that took over, or a migration that arrived.
+    #[default]
+    Primary,
+    /// The hot standby of a VM whose primary runs on a peer host (`ftvmm standby`).
+    Standby,
+    /// The destination of a migration from a peer host, not yet handed over (`ftvmm receive`).
+    Incoming,
+}
+
+/// How this host's copy of a VM is paired with a copy on a peer host.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Relation {
+    /// This primary is protected by a standby on the peer.
+    ProtectedBy,
+    /// This is the standby of the primary on the peer.
+    StandbyOf,
+    /// This VM is migrating to the peer.
+    MigratingTo,
+    /// This VM migrated to the peer: it runs there now.
+    MigratedTo,
+    /// This is the destination of a migration from the peer.
+    MigratingFrom,
+}
+
+/// The peer host a VM is paired with.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+pub struct PeerRecord {
+    pub relation: Relation,
+    /// The peer daemon's `HOST:PORT`.
+    pub daemon: String,
+    /// Where the standby or destination process listens for the VM link, `HOST:PORT`.
+    pub link: String,
+}
+
 /// One VM as the daemon keeps it.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema, PartialEq)]
 pub struct VmRecord {
@@ -70,6 +111,12 @@ pub struct VmRecord {
     pub process: Option<ProcessRecord>,
     #[serde(default)]
     pub exit: Option<ExitRecord>,
+    /// What this copy is; VMs paired across hosts have the same id on both.
+    #[serde(default)]
+    pub role: Role,
+    /// The peer host this copy is paired with, if any.
+    #[serde(default)]
+    pub peer: Option<PeerRecord>,
 }
 
 /// The directory store: `ROOT/vms/ID/vm.json`, with the VM's console, log and API socket beside.
@@ -121,10 +168,10 @@ impl DirStore {
         Ok(records)
     }
 
-    /// Writes `record`, replacing the previous one whole.
-    pub fn save(&self, record: &VmRecord) -> Result<(), StoreError> {
+    /// Creates VM `id`'s directory (owner-only) if it does not exist; its path.
+    pub fn make_vm_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
         use std::os::unix::fs::DirBuilderExt;
-        let dir = self.vm_dir(&record.id);
+        let dir = self.vm_dir(id);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -133,6 +180,12 @@ impl DirStore {
                 path: dir.clone(),
                 source,
             })?;
+        Ok(dir)
+    }
+
+    /// Writes `record`, replacing the previous one whole.
+    pub fn save(&self, record: &VmRecord) -> Result<(), StoreError> {
+        let dir = self.make_vm_dir(&record.id)?;
         let path = dir.join("vm.json");
         let tmp = dir.join(".vm.json.new");
         let write = || -> std::io::Result<()> {
@@ -167,6 +220,8 @@ mod tests {
             created_at: 1,
             process: None,
             exit: None,
+            role: Role::Primary,
+            peer: None,
         }
     }
 

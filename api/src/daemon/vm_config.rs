@@ -101,6 +101,20 @@ impl VmConfig {
     /// Checks every field against what `ftvmm run` accepts and this host has; `host_memory_mib`
     /// bounds the memory.
     pub fn validate(&self, host_memory_mib: u64) -> Result<(), ConfigError> {
+        self.validate_hardware(host_memory_mib)?;
+        regular_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            regular_file("initrd", initrd)?;
+        }
+        for disk in &self.disks {
+            regular_file("disks", &disk.path)?;
+        }
+        Ok(())
+    }
+
+    /// Checks every field but the files: what a copy of a VM that arrives from a peer (a standby,
+    /// a migration's destination) needs, whose kernel and disk paths are its first host's.
+    pub fn validate_hardware(&self, host_memory_mib: u64) -> Result<(), ConfigError> {
         if let Some(name) = &self.name {
             let ok = (1..=64).contains(&name.len())
                 && name
@@ -119,10 +133,6 @@ impl VmConfig {
                 max: host_memory_mib,
             });
         }
-        regular_file("kernel", &self.kernel)?;
-        if let Some(initrd) = &self.initrd {
-            regular_file("initrd", initrd)?;
-        }
         if let Some(cmdline) = &self.cmdline {
             if cmdline.len() > MAX_CMDLINE {
                 return Err(ConfigError::Cmdline(cmdline.len()));
@@ -130,9 +140,6 @@ impl VmConfig {
             if cmdline.contains(['\0', '\n']) {
                 return Err(ConfigError::CmdlineBytes);
             }
-        }
-        for disk in &self.disks {
-            regular_file("disks", &disk.path)?;
         }
         for (index, nic) in self.nics.iter().enumerate() {
             let ok = (1..=15).contains(&nic.tap.len())
@@ -179,6 +186,19 @@ impl VmConfig {
             "--memory".into(),
             self.memory_mib.to_string().into(),
         ]);
+        args.extend(self.device_args(console, api_socket, true));
+        args
+    }
+
+    /// This host's backends for the devices of a copy of the VM that arrives from a peer (`ftvmm
+    /// standby`, `ftvmm receive`): the guest keeps its MAC addresses.
+    pub fn backend_args(&self, console: &Path, api_socket: &Path) -> Vec<OsString> {
+        self.device_args(console, api_socket, false)
+    }
+
+    /// The disks, NICs (with their MACs if `macs`), console and API socket arguments.
+    fn device_args(&self, console: &Path, api_socket: &Path, macs: bool) -> Vec<OsString> {
+        let mut args = Vec::new();
         for disk in &self.disks {
             let mut spec = OsString::from("path=");
             spec.push(&disk.path);
@@ -188,9 +208,9 @@ impl VmConfig {
             args.extend(["--disk".into(), spec]);
         }
         for nic in &self.nics {
-            let spec = match &nic.mac {
-                Some(mac) => format!("tap={},mac={mac}", nic.tap),
-                None => format!("tap={}", nic.tap),
+            let spec = match (&nic.mac, macs) {
+                (Some(mac), true) => format!("tap={},mac={mac}", nic.tap),
+                _ => format!("tap={}", nic.tap),
             };
             args.extend(["--net".into(), spec.into()]);
         }

@@ -2,6 +2,7 @@
 //! the daemon's end, or a signal to it, never takes a VM with it), recognised again by a restarted
 //! daemon (pid and start time), and watched until it ends.
 
+use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::store::{ExitRecord, ProcessRecord};
-use super::vm_config::VmConfig;
 
 /// How long a booting VM has to serve its API before the boot counts as failed.
 const API_READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -29,8 +29,8 @@ pub enum ProcessError {
     },
     #[error("the VM's process ended while starting ({status}): {log}")]
     EndedAtStart { status: String, log: String },
-    #[error("the VM's API socket did not answer within {0:?}")]
-    NoApi(Duration),
+    #[error("the VM's process was not ready within {0:?}")]
+    NotReady(Duration),
 }
 
 /// The files of a VM's directory.
@@ -50,23 +50,38 @@ impl VmFiles {
     }
 }
 
-/// Starts `exe run ...` for `config`, and waits until its API socket answers.
-pub fn start(exe: &Path, config: &VmConfig, files: &VmFiles) -> Result<Child, ProcessError> {
+/// When a started process counts as ready.
+#[derive(Clone, Copy, Debug)]
+pub enum Readiness {
+    /// Its API socket answers (`ftvmm run`).
+    ApiSocket,
+    /// Its log has a line starting with this text since it started (`ftvmm standby` and
+    /// `receive` say where they listen); the rest of the line is returned.
+    LogLine(&'static str),
+}
+
+/// Starts `exe ARGS` for a VM whose files are `files` and waits until it is `ready`; returns the
+/// child and, for [`Readiness::LogLine`], the rest of that line.
+pub fn start(
+    exe: &Path,
+    args: &[OsString],
+    files: &VmFiles,
+    ready: Readiness,
+) -> Result<(Child, String), ProcessError> {
+    let log_error = |source| ProcessError::Log {
+        path: files.log.clone(),
+        source,
+    };
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&files.log)
-        .map_err(|source| ProcessError::Log {
-            path: files.log.clone(),
-            source,
-        })?;
-    let log_err = log.try_clone().map_err(|source| ProcessError::Log {
-        path: files.log.clone(),
-        source,
-    })?;
+        .map_err(log_error)?;
+    let log_start = log.metadata().map_err(log_error)?.len();
+    let log_err = log.try_clone().map_err(log_error)?;
     let _ = std::fs::remove_file(&files.api_socket);
     let mut child = Command::new(exe)
-        .args(config.run_args(&files.console, &files.api_socket))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -84,16 +99,31 @@ pub fn start(exe: &Path, config: &VmConfig, files: &VmFiles) -> Result<Child, Pr
                 log: log_tail(&files.log),
             });
         }
-        if std::os::unix::net::UnixStream::connect(&files.api_socket).is_ok() {
-            return Ok(child);
+        let detail = match ready {
+            Readiness::ApiSocket => std::os::unix::net::UnixStream::connect(&files.api_socket)
+                .ok()
+                .map(|_| String::new()),
+            Readiness::LogLine(marker) => log_line_after(&files.log, log_start, marker),
+        };
+        if let Some(detail) = detail {
+            return Ok((child, detail));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(ProcessError::NoApi(API_READY_TIMEOUT));
+            return Err(ProcessError::NotReady(API_READY_TIMEOUT));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The rest of the first line of `log`, after byte `from`, that starts with `marker`.
+pub fn log_line_after(log: &Path, from: u64, marker: &str) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(text.get(from as usize..)?).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(marker))
+        .map(str::to_string)
 }
 
 /// The last lines of a VM's log, for an error message.

@@ -350,6 +350,9 @@ async fn vm_migrate(
     }
     let slot = st.migration.clone();
     let control = st.handle.clone();
+    // This migration's outcome has not been read yet (an earlier one's may have been).
+    st.outcome_reported
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let job =
         move |machine: &mut vmm::Machine| {
             if let Some(holder) = machine.dirty_tracking_holder() {

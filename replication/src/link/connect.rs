@@ -110,7 +110,7 @@ pub fn connect(
 }
 
 /// The host part of `HOST:PORT` (`[v6]:port` too): the name the peer's certificate must carry.
-fn host_of(to: &str) -> &str {
+pub fn host_of(to: &str) -> &str {
     let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
     host.strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
@@ -119,7 +119,7 @@ fn host_of(to: &str) -> &str {
 
 /// Makes a failed handshake's error readable: rustls puts the alert or the certificate problem in
 /// the inner error.
-pub(super) fn handshake_reason(e: &std::io::Error) -> String {
+pub fn handshake_reason(e: &std::io::Error) -> String {
     match e.get_ref() {
         Some(inner) => inner.to_string(),
         None if e.kind() == std::io::ErrorKind::UnexpectedEof => {

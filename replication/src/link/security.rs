@@ -137,6 +137,17 @@ impl TlsIdentity {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// The client side (this node's certificate, the CA's roots), for other TLS services between
+    /// ftvmm hosts (the host daemons' API).
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.client.clone()
+    }
+
+    /// The server side: peers must present a certificate from the same CA.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, SecurityError> {

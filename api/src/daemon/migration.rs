@@ -1,0 +1,176 @@
+//! Live migration through the daemons: the peer daemon starts the destination (`ftvmm receive`,
+//! `peer_hosting.rs`), this daemon tells the VM's process to migrate to it (its own
+//! `PUT /api/v1/vm/migrate`) and follows the migration in the background, keeping its latest
+//! status for `GET /api/v1/vms/{id}/migration` (the VM's process ends once it has handed over) and
+//! sending an event at each change of state or round.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+use super::events::DaemonEvent;
+use super::peer_hosting::{PeerVmAnswer, PeerVmRequest};
+use super::store::{PeerRecord, Relation};
+use super::{Daemon, DaemonError};
+
+/// How often a migration's progress is read.
+const FOLLOW_EVERY: Duration = Duration::from_millis(100);
+
+/// Body of `PUT /api/v1/vms/{id}/migrate`.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVm {
+    /// The peer daemon to migrate to, `HOST:PORT` (its `ftvmm serve --listen`).
+    pub peer: String,
+    /// Stop and copy once the estimated downtime is below this many milliseconds (default 50).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+}
+
+impl Daemon {
+    /// Starts migrating running VM `id` to `request.peer`; the migration's first status.
+    pub fn migrate(
+        self: &Arc<Self>,
+        id: &str,
+        request: MigrateVm,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let record = self.running_primary(id)?;
+        self.other_daemon(&request.peer)?;
+        let id = record.id.clone();
+        let ask = PeerVmRequest {
+            id: id.clone(),
+            config: record.config.clone(),
+            disk_sizes: Self::disk_sizes(&record.config)?,
+            from: self.peering()?.address.clone(),
+        };
+        let answer = self.peer_call(
+            &request.peer,
+            "POST",
+            "/api/v1/peer/incoming",
+            Some(&json!(ask)),
+            201,
+        )?;
+        let PeerVmAnswer { link } = serde_json::from_value(answer).map_err(|e| {
+            DaemonError::Invalid(format!("peer {} answered oddly: {e}", request.peer))
+        })?;
+        let body = json!({ "to": link, "downtime_ms": request.downtime_ms.unwrap_or(50) });
+        let status = match self.vm_call(&id, "PUT", "/api/v1/vm/migrate", Some(&body), 202) {
+            Ok(status) => status,
+            Err(e) => {
+                self.drop_peer_copy(&request.peer, &id);
+                return Err(e);
+            }
+        };
+        self.update(&id, |r| {
+            r.peer = Some(PeerRecord {
+                relation: Relation::MigratingTo,
+                daemon: request.peer.clone(),
+                link: link.clone(),
+            });
+            Ok(())
+        })?;
+        self.set_migration(&id, status.clone());
+        self.events.send(DaemonEvent::new(
+            &id,
+            "migration_started",
+            &format!("to {} ({link})", request.peer),
+        ));
+        self.follow_migration(id, request.peer);
+        Ok(status)
+    }
+
+    /// VM `id`'s current (or last) migration status, as last read from its process.
+    pub fn migration(&self, id: &str) -> Result<serde_json::Value, DaemonError> {
+        let record = self.get(id)?;
+        self.migrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&record.id)
+            .cloned()
+            .ok_or_else(|| DaemonError::Missing(format!("VM {} has not migrated", record.id)))
+    }
+
+    /// Cancels VM `id`'s migration before its hand-over; the VM keeps running here.
+    pub fn cancel_migration(&self, id: &str) -> Result<serde_json::Value, DaemonError> {
+        let record = self.running_primary(id)?;
+        self.vm_call(&record.id, "PUT", "/api/v1/vm/migration/cancel", None, 200)
+    }
+
+    fn set_migration(&self, id: &str, status: serde_json::Value) {
+        self.migrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), status);
+    }
+
+    /// Follows VM `id`'s migration to `peer` on a thread of its own until it ends.
+    fn follow_migration(self: &Arc<Self>, id: String, peer: String) {
+        let daemon = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("migrate-{id}"))
+            .spawn(move || {
+                let _span = tracing::info_span!("daemon_migration", vm = %id, %peer).entered();
+                daemon.follow(&id, &peer);
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot follow a migration: {e}");
+        }
+    }
+
+    fn follow(&self, id: &str, peer: &str) {
+        let mut last = (String::new(), 0u64);
+        loop {
+            std::thread::sleep(FOLLOW_EVERY);
+            let status = match self.vm_request(id, "GET", "/api/v1/vm/migration", None) {
+                Ok((200, status)) => status,
+                Ok((_, answer)) => failed(&answer.to_string()),
+                Err(e) => failed(&format!("the VM's process ended mid-way ({e})")),
+            };
+            self.set_migration(id, status.clone());
+            let state = status["state"].as_str().unwrap_or("unknown").to_string();
+            let round = status["round"].as_u64().unwrap_or(0);
+            if (state.clone(), round) != last {
+                let detail = format!(
+                    "{state}: round {round}, {:.1} MiB sent",
+                    status["bytes_sent"].as_f64().unwrap_or(0.0) / f64::from(1 << 20)
+                );
+                self.events
+                    .send(DaemonEvent::new(id, "migration_progress", &detail));
+                last = (state.clone(), round);
+            }
+            match state.as_str() {
+                "completed" => {
+                    let _ = self.update(id, |r| {
+                        if let Some(p) = &mut r.peer {
+                            p.relation = Relation::MigratedTo;
+                        }
+                        Ok(())
+                    });
+                    self.events
+                        .send(DaemonEvent::new(id, "migrated", &format!("to {peer}")));
+                    return;
+                }
+                "failed" | "cancelled" => {
+                    let why = status["error"].as_str().unwrap_or(&state).to_string();
+                    self.events
+                        .send(DaemonEvent::new(id, &format!("migration_{state}"), &why));
+                    let _ = self.update(id, |r| {
+                        r.peer = None;
+                        Ok(())
+                    });
+                    self.drop_peer_copy(peer, id);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A migration status that says it failed, for `why`.
+fn failed(why: &str) -> serde_json::Value {
+    json!({ "state": "failed", "error": why })
+}

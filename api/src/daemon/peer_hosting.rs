@@ -1,0 +1,386 @@
+//! Copies of a VM that this daemon hosts for a peer daemon: the hot standby of a primary running on
+//! the peer (`ftvmm standby`), or the destination of a migration from it (`ftvmm receive`). The
+//! copy has the VM's id, its hardware, and this host's own backends: disk images in the VM's
+//! directory for a standby (its primary sends their first copy), the same disk paths for a
+//! migration (the disks must be on storage both hosts see), and TAPs of the same names.
+//!
+//! The copy becomes this host's primary when its process runs the guest: a standby that took over,
+//! a migration that arrived. A copy whose process ends without that (the primary said goodbye, the
+//! migration failed or was cancelled) is removed: it holds nothing worth keeping.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::events::DaemonEvent;
+use super::store::{Lifecycle, PeerRecord, Relation, Role, VmRecord};
+use super::vm_config::{DiskConfig, VmConfig};
+use super::vm_process::{self, Readiness, Watched};
+use super::{wrong_state, Daemon, DaemonError};
+
+/// What `ftvmm standby` prints once it listens, before its address.
+const STANDBY_LISTENING: &str = "ftvmm: standing by on ";
+/// What `ftvmm receive` prints once it listens, before its address.
+const RECEIVE_LISTENING: &str = "ftvmm: waiting for a migration on ";
+/// What the processes print when they start running the guest.
+const STANDBY_TOOK_OVER: &str = "ftvmm: primary lost (";
+const RECEIVE_ARRIVED: &str = "ftvmm: guest received from ";
+/// How often a hosted copy is asked whether it runs the guest yet.
+const PROMOTION_POLL: Duration = Duration::from_millis(100);
+
+/// A peer daemon's request to host a copy of one of its VMs (`POST /api/v1/peer/standbys`,
+/// `POST /api/v1/peer/incoming`).
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PeerVmRequest {
+    /// The VM's id on the peer; the copy here has the same.
+    pub id: String,
+    /// The VM's configuration on the peer (its paths are the peer's).
+    pub config: VmConfig,
+    /// The size in bytes of each of the VM's disks, in order.
+    #[serde(default)]
+    pub disk_sizes: Vec<u64>,
+    /// The asking daemon's `HOST:PORT`.
+    pub from: String,
+}
+
+/// Where the hosted copy listens for the VM link.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+pub struct PeerVmAnswer {
+    /// `HOST:PORT` for the primary's `protect` or the source's `migrate`.
+    pub link: String,
+}
+
+impl Role {
+    fn process(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Role::Standby => ("standby", STANDBY_LISTENING, STANDBY_TOOK_OVER),
+            _ => ("receive", RECEIVE_LISTENING, RECEIVE_ARRIVED),
+        }
+    }
+}
+
+/// An id that is safe as a directory name: 1 to 64 letters, digits, '-', '_' or '.', not only dots.
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && id.chars().any(|c| c != '.')
+}
+
+impl Daemon {
+    /// Hosts a copy of the peer's VM as `role` (standby or incoming): records it, starts its
+    /// process and answers where it listens.
+    pub fn host_for_peer(
+        self: &Arc<Self>,
+        role: Role,
+        request: PeerVmRequest,
+    ) -> Result<PeerVmAnswer, DaemonError> {
+        let link_host = self.peering()?.link_host.clone();
+        let PeerVmRequest {
+            id,
+            mut config,
+            disk_sizes,
+            from,
+        } = request;
+        if !valid_id(&id) {
+            return Err(DaemonError::Invalid(format!(
+                "\"id\" {id:?}: 1 to 64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        config.validate_hardware(self.host_memory_mib)?;
+        if disk_sizes.len() != config.disks.len() {
+            return Err(DaemonError::Invalid(format!(
+                "\"disk_sizes\" has {} sizes for {} disks",
+                disk_sizes.len(),
+                config.disks.len()
+            )));
+        }
+        let dir = self.store.make_vm_dir(&id)?;
+        config.disks = match role {
+            Role::Standby => standby_images(&dir, &config.disks, &disk_sizes)?,
+            _ => {
+                shared_disks(&config.disks, &disk_sizes)?;
+                config.disks
+            }
+        };
+        let relation = match role {
+            Role::Standby => Relation::StandbyOf,
+            _ => Relation::MigratingFrom,
+        };
+        let previous = self.take_for_peer(&id, role, config, relation, &from)?;
+        let (command, listening, _) = role.process();
+        let files = self.files(&id);
+        let record = self.get(&id)?;
+        let mut args = vec![
+            command.into(),
+            "--listen".into(),
+            format!("{}:0", bracketed(&link_host)).into(),
+        ];
+        args.extend(self.link_args());
+        args.extend(
+            record
+                .config
+                .backend_args(&files.console, &files.api_socket),
+        );
+        let started = vm_process::start(&self.exe, &args, &files, Readiness::LogLine(listening));
+        let (child, line) = match started {
+            Ok(started) => started,
+            Err(source) => {
+                self.give_back(&id, previous);
+                return Err(DaemonError::Process { id, source });
+            }
+        };
+        let link = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let process = vm_process::record_of(&child);
+        let saved = self.update(&id, |r| {
+            r.lifecycle = Lifecycle::Running;
+            r.process = Some(process);
+            if let Some(peer) = &mut r.peer {
+                peer.link = link.clone();
+            }
+            Ok(())
+        });
+        if let Err(e) = saved {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            self.give_back(&id, previous);
+            return Err(e);
+        }
+        let kind = match role {
+            Role::Standby => "standby_ready",
+            _ => "incoming_ready",
+        };
+        self.events.send(DaemonEvent::new(
+            &id,
+            kind,
+            &format!("for {from}, listening on {link}"),
+        ));
+        self.watch(id.clone(), Watched::Child(child));
+        self.watch_for_promotion(id);
+        Ok(PeerVmAnswer { link })
+    }
+
+    /// Records VM `id` as a copy hosted for `from`, `booting` while its process starts; a record
+    /// of the same id that does not run is taken over. Returns that previous record.
+    fn take_for_peer(
+        &self,
+        id: &str,
+        role: Role,
+        config: VmConfig,
+        relation: Relation,
+        from: &str,
+    ) -> Result<Option<VmRecord>, DaemonError> {
+        let mut vms = self.vms();
+        let previous = vms.get(id).cloned();
+        if let Some(p) = &previous {
+            if matches!(p.lifecycle, Lifecycle::Running | Lifecycle::Booting) {
+                return Err(wrong_state(p, "this host runs a copy of it already"));
+            }
+        }
+        if let Some(name) = &config.name {
+            if vms
+                .values()
+                .any(|r| r.id != id && r.config.name.as_ref() == Some(name))
+            {
+                return Err(DaemonError::NameTaken(name.clone()));
+            }
+        }
+        let record = VmRecord {
+            id: id.to_string(),
+            config,
+            lifecycle: Lifecycle::Booting,
+            created_at: previous
+                .as_ref()
+                .map_or_else(vm_process::now, |p| p.created_at),
+            process: None,
+            exit: None,
+            role,
+            peer: Some(PeerRecord {
+                relation,
+                daemon: from.to_string(),
+                link: String::new(),
+            }),
+        };
+        vms.insert(id.to_string(), record);
+        Ok(previous)
+    }
+
+    /// Undoes [`Self::take_for_peer`] after the process did not start.
+    fn give_back(&self, id: &str, previous: Option<VmRecord>) {
+        let mut vms = self.vms();
+        match previous {
+            Some(p) => {
+                vms.insert(id.to_string(), p);
+            }
+            None => {
+                vms.remove(id);
+                drop(vms);
+                if let Err(e) = self.store.remove(id) {
+                    tracing::error!(vm = %id, "{e}");
+                }
+            }
+        }
+    }
+
+    /// The peer no longer needs the copy of VM `id` it asked for (its protection or migration did
+    /// not start): its process is ended, and its end removes it.
+    pub fn drop_for_peer(&self, id: &str) -> Result<(), DaemonError> {
+        let record = self.get(id)?;
+        if record.role == Role::Primary {
+            return Err(wrong_state(
+                &record,
+                "it runs the guest here: only a standby or a migration's destination is dropped",
+            ));
+        }
+        self.stop(id)
+    }
+
+    /// Watches hosted copy `id` until its process runs the guest (its API answers as a VM's), and
+    /// then records it as this host's primary.
+    pub(super) fn watch_for_promotion(self: &Arc<Self>, id: String) {
+        let daemon = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("promote-{id}"))
+            .spawn(move || loop {
+                std::thread::sleep(PROMOTION_POLL);
+                let Ok(record) = daemon.get(&id) else { return };
+                if record.lifecycle != Lifecycle::Running || record.role == Role::Primary {
+                    return;
+                }
+                let socket = daemon.files(&id).api_socket;
+                let answer = crate::client::request(
+                    &socket,
+                    "GET",
+                    "/api/v1/vm",
+                    None,
+                    Duration::from_secs(2),
+                );
+                if answer.is_ok_and(|a| a.status == 200) {
+                    daemon.promote(&id, record.role);
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot watch a hosted VM copy: {e}");
+        }
+    }
+
+    fn promote(&self, id: &str, role: Role) {
+        let mut from = String::new();
+        let promoted = self.update(id, |r| {
+            from = r.peer.take().map(|p| p.daemon).unwrap_or_default();
+            r.role = Role::Primary;
+            Ok(())
+        });
+        if let Err(e) = promoted {
+            tracing::error!(vm = %id, "cannot record the VM's promotion: {e}");
+            return;
+        }
+        let (kind, detail) = match role {
+            Role::Standby => (
+                "failed_over",
+                format!("the standby took over from its primary on {from}"),
+            ),
+            _ => ("migrated_in", format!("the VM arrived from {from}")),
+        };
+        tracing::info!(vm = %id, "{detail}");
+        self.events.send(DaemonEvent::new(id, kind, &detail));
+    }
+
+    /// Whether hosted copy `id`'s process said it started running the guest (a copy that ends
+    /// before the promotion watcher saw it answer as a VM: a guest that powered off at once).
+    pub(super) fn promoted_in_log(&self, id: &str, role: Role) -> bool {
+        let (_, listening, promoted) = role.process();
+        let text = std::fs::read_to_string(self.files(id).log).unwrap_or_default();
+        let since_start = text.rfind(listening).map_or("", |at| &text[at..]);
+        since_start.contains(promoted)
+    }
+}
+
+/// `host` as the host part of `HOST:PORT` (IPv6 addresses in brackets).
+fn bracketed(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// A standby's own disk images, in its directory, of the primary's sizes (sparse: the primary
+/// sends their first copy).
+fn standby_images(
+    dir: &std::path::Path,
+    disks: &[DiskConfig],
+    sizes: &[u64],
+) -> Result<Vec<DiskConfig>, DaemonError> {
+    disks
+        .iter()
+        .zip(sizes)
+        .enumerate()
+        .map(|(i, (disk, &size))| {
+            let path: PathBuf = dir.join(format!("disk{i}.img"));
+            let file = std::fs::File::create(&path).and_then(|f| f.set_len(size).map(|()| f));
+            file.map_err(|e| {
+                DaemonError::Invalid(format!(
+                    "cannot make a {size}-byte standby image {}: {e}",
+                    path.display()
+                ))
+            })?;
+            Ok(DiskConfig {
+                path,
+                readonly: disk.readonly,
+            })
+        })
+        .collect()
+}
+
+/// A migration's destination uses the source's disk paths: they must exist here with the sizes
+/// the source has (shared storage).
+fn shared_disks(disks: &[DiskConfig], sizes: &[u64]) -> Result<(), DaemonError> {
+    for (disk, &size) in disks.iter().zip(sizes) {
+        let here = std::fs::metadata(&disk.path).map(|m| m.len());
+        if here.as_ref().ok() != Some(&size) {
+            return Err(DaemonError::Invalid(format!(
+                "disk {} is {} here and {size} bytes on the source: a migration through the \
+                 daemons needs the disks on storage both hosts see (or protect the VM to this \
+                 host and fail over, which copies them)",
+                disk.path.display(),
+                match here {
+                    Ok(n) => format!("{n} bytes"),
+                    Err(e) => format!("not readable ({e})"),
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_from_peers_are_safe_directory_names() {
+        assert!(valid_id("vm-0a1b2c3d"));
+        assert!(valid_id("web.1"));
+        for bad in ["", ".", "..", "../x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_bracketed_when_they_are_v6() {
+        assert_eq!(bracketed("10.0.0.1"), "10.0.0.1");
+        assert_eq!(bracketed("fd00::1"), "[fd00::1]");
+    }
+}

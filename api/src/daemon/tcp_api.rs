@@ -1,0 +1,210 @@
+//! The daemon's API over TCP, for peer daemons and remote operators: mutual TLS with the host's
+//! identity (`--tls DIR`, the same one its VM links use: the client must hold a certificate from the
+//! same CA) and, on every request, the cluster's bearer token (`--token-file`). The Unix socket
+//! needs neither: its file permissions are its access control.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::server::routes::error;
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest token accepted: 128 bits as hex.
+const MIN_TOKEN_LEN: usize = 32;
+
+/// Errors reading the bearer token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read the token file {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "the token in {path} is {len} characters; at least {MIN_TOKEN_LEN} are needed (e.g. \
+         `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > FILE`)"
+    )]
+    TooShort { path: PathBuf, len: usize },
+    #[error("the token in {path} must be printable ASCII without spaces")]
+    NotPrintable { path: PathBuf },
+}
+
+/// The shared secret every request over TCP must carry as `Authorization: Bearer TOKEN`.
+#[derive(Clone)]
+pub struct BearerToken(Arc<str>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(..)")
+    }
+}
+
+impl BearerToken {
+    /// Reads the token from `path` (surrounding whitespace is dropped).
+    pub fn read(path: &Path) -> Result<Self, TokenError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(text.trim()).map_err(|e| match e {
+            TokenParse::TooShort(len) => TokenError::TooShort {
+                path: path.to_path_buf(),
+                len,
+            },
+            TokenParse::NotPrintable => TokenError::NotPrintable {
+                path: path.to_path_buf(),
+            },
+        })
+    }
+
+    fn parse(token: &str) -> Result<Self, TokenParse> {
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenParse::NotPrintable);
+        }
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(TokenParse::TooShort(token.len()));
+        }
+        Ok(Self(token.into()))
+    }
+
+    /// The token itself, to send.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `header` (an `Authorization` value) carries this token; compared in constant time.
+    fn admits(&self, header: &[u8]) -> bool {
+        let Some(given) = header.strip_prefix(b"Bearer ") else {
+            return false;
+        };
+        let want = self.0.as_bytes();
+        given.len() == want.len()
+            && given
+                .iter()
+                .zip(want)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+#[derive(Debug)]
+enum TokenParse {
+    TooShort(usize),
+    NotPrintable,
+}
+
+/// Middleware: a request without the token is refused with 401 before any handler sees it.
+pub async fn require_token(
+    State(token): State<BearerToken>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let admitted = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .is_some_and(|v| token.admits(v.as_bytes()));
+    if !admitted {
+        let mut response = error(
+            StatusCode::UNAUTHORIZED,
+            "this API needs the cluster's bearer token: Authorization: Bearer TOKEN",
+        );
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Bearer".parse().expect("valid header"),
+        );
+        return response;
+    }
+    next.run(request).await
+}
+
+/// A TCP listener whose connections are handed to the server only after their TLS handshake, each
+/// handshake on a task of its own (a slow or silent client holds up nobody else).
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Starts accepting on `listener`; must be called inside the runtime.
+    pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (send, ready) = mpsc::channel(64);
+        let acceptor = TlsAcceptor::from(tls);
+        tokio::spawn(async move {
+            loop {
+                let (socket, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!("daemon API: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let send = send.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = send.send((stream, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, "daemon API: TLS handshake refused: {e}")
+                        }
+                        Err(_) => tracing::warn!(%peer, "daemon API: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The accepting task never ends while the runtime runs.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked_whole_and_short_ones_refused() {
+        let token = BearerToken::parse(&"a".repeat(40)).unwrap();
+        assert!(token.admits(format!("Bearer {}", "a".repeat(40)).as_bytes()));
+        assert!(!token.admits(format!("Bearer {}", "a".repeat(39)).as_bytes()));
+        assert!(!token.admits(format!("Bearer {}b", "a".repeat(39)).as_bytes()));
+        assert!(!token.admits(format!("Basic {}", "a".repeat(40)).as_bytes()));
+        assert!(!token.admits(b""));
+        assert!(matches!(
+            BearerToken::parse("short"),
+            Err(TokenParse::TooShort(5))
+        ));
+        assert!(matches!(
+            BearerToken::parse(&format!("{} x", "a".repeat(40))),
+            Err(TokenParse::NotPrintable)
+        ));
+    }
+}

@@ -1,0 +1,341 @@
+//! Two host daemons in two network namespaces (`netns::TwoHosts`), each with its TCP API (mutual
+//! TLS and the bearer token): a test guest created and booted on one is protected to the other
+//! through the API; its VM process is killed and the guest goes on on the second, whose status and
+//! events say so; it is protected back through the CLI. Migration through the daemons: progress
+//! seen mid-way, a cancelled migration leaves the source running, a completed one moves the guest.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::daemon::{events_seen, Daemon, PeerApi};
+use integration_tests::netns::TwoHosts;
+use integration_tests::{testguest, tls_pki};
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Two daemons, one per host, and the guest's client on the LAN.
+struct TwoDaemons {
+    hosts: TwoHosts,
+    dir: std::path::PathBuf,
+    a: Daemon,
+    b: Daemon,
+    a_api: String,
+    b_api: String,
+}
+
+impl TwoDaemons {
+    fn start(name: &str) -> Self {
+        let hosts = TwoHosts::new().expect("two-host topology");
+        let dir = std::env::temp_dir().join(format!("ftvmm-peers-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a_ip, b_ip) = (hosts.a_ip(), hosts.b_ip());
+        let pki = tls_pki(&dir, &[("a", &[a_ip.as_str()]), ("b", &[b_ip.as_str()])]);
+        let token = dir.join("token");
+        std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let (a_api, b_api) = (format!("{a_ip}:7200"), format!("{b_ip}:7200"));
+        let start = |host: &str, ns, listen: &str| {
+            let home = dir.join(host);
+            std::fs::create_dir_all(&home).unwrap();
+            Daemon::start_in(
+                &home,
+                Some(ns),
+                Some(PeerApi {
+                    listen,
+                    tls: &pki.join(host),
+                    token_file: &token,
+                }),
+            )
+        };
+        let a = start("a", &hosts.a, &a_api);
+        let b = start("b", &hosts.b, &b_api);
+        Self {
+            hosts,
+            dir,
+            a,
+            b,
+            a_api,
+            b_api,
+        }
+    }
+
+    /// Creates and boots on host A the test guest's key-value service on the LAN, `dirty` pages
+    /// written per millisecond; returns its id once its network is up.
+    fn boot_guest(&self, name: &str, cmdline_extra: &str) -> String {
+        let config = json!({
+            "name": name,
+            "kernel": testguest(),
+            "cmdline": format!("mode=net ip={}/24 {cmdline_extra}", self.hosts.guest_ip()),
+            "memory_mib": 128,
+            "nics": [{ "tap": "tap0" }],
+        });
+        let (status, record) = self.a.json("POST", "/api/v1/vms", &config.to_string());
+        assert_eq!(status, 201, "{record}");
+        let id = record["id"].as_str().unwrap().to_string();
+        let (status, record) = self.a.json("PUT", &format!("/api/v1/vms/{id}/boot"), "");
+        assert_eq!(status, 200, "{record}");
+        let console = self.a.state.join("vms").join(&id).join("console.log");
+        wait_until("the guest's network", || {
+            std::fs::read_to_string(&console).is_ok_and(|c| c.contains("testguest: net up"))
+        });
+        id
+    }
+
+    /// A client on the LAN incrementing the guest's counter without pause; every reply must be
+    /// exactly one more than the last acknowledged.
+    fn client(&self) -> Client {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicU64::new(0));
+        let thread = integration_tests::clients::incrementer(
+            self.hosts.lan.name(),
+            format!("{}:4000", self.hosts.guest_ip()),
+            stop.clone(),
+            acknowledged.clone(),
+            Duration::from_secs(60),
+        );
+        Client {
+            stop,
+            acknowledged,
+            thread: Some(thread),
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for host in ["a", "b"] {
+            text += &format!(
+                "\n--- daemon {host}: {}",
+                std::fs::read_to_string(self.dir.join(host).join("serve.log")).unwrap_or_default()
+            );
+            for entry in std::fs::read_dir(self.dir.join(host).join("state/vms"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                text += &format!(
+                    "\n--- {host} {}: {}",
+                    entry.file_name().to_string_lossy(),
+                    std::fs::read_to_string(entry.path().join("ftvmm.log")).unwrap_or_default()
+                );
+            }
+        }
+        text
+    }
+}
+
+impl Drop for TwoDaemons {
+    fn drop(&mut self) {
+        // VM processes run in groups of their own: stop every one the daemons still run.
+        for daemon in [&self.a, &self.b] {
+            let (_, list) = daemon.json("GET", "/api/v1/vms", "");
+            for vm in list.as_array().into_iter().flatten() {
+                if vm["lifecycle"] == "running" {
+                    let id = vm["id"].as_str().unwrap_or_default();
+                    daemon.request("PUT", &format!("/api/v1/vms/{id}/stop"), "");
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Client {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl Client {
+    fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(Ordering::SeqCst)
+    }
+
+    /// Waits for `more` increments beyond the current count.
+    fn wait_more(&mut self, more: u64, what: &str) {
+        let target = self.acknowledged() + more;
+        let t0 = Instant::now();
+        while self.acknowledged() < target {
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                let result = self.thread.take().map(|t| t.join());
+                panic!("{what}: the client stopped: {result:?}");
+            }
+            assert!(
+                t0.elapsed() < DEADLINE,
+                "{what}: the client is stuck at {}",
+                self.acknowledged()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the client; its last value (every reply checked).
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .unwrap()
+            .expect("every acknowledged increment survived")
+    }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn record(daemon: &Daemon, id: &str) -> Value {
+    daemon.json("GET", &format!("/api/v1/vms/{id}"), "").1
+}
+
+#[test]
+fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back() {
+    let pair = TwoDaemons::start("protect");
+    let id = pair.boot_guest("web", "dirty=200 dirty_mb=8");
+    let events_b = pair.b.events();
+
+    // Protect through A's API: B's daemon starts the standby.
+    let body = json!({ "peer": pair.b_api, "epoch_ms": 50 }).to_string();
+    let (status, answer) = pair
+        .a
+        .json("PUT", &format!("/api/v1/vms/{id}/protect"), &body);
+    assert_eq!(status, 202, "{answer}{}", pair.logs());
+    wait_until("protection", || {
+        pair.a.json("GET", "/api/v1/vms/web/protection", "").1["state"] == "protected"
+    });
+    let standby = record(&pair.b, &id);
+    assert_eq!(standby["role"], "standby", "{standby}");
+    assert_eq!(standby["peer"]["relation"], "standby_of", "{standby}");
+    assert_eq!(standby["peer"]["daemon"], pair.a_api.as_str(), "{standby}");
+    let (status, state) = pair
+        .b
+        .json("GET", &format!("/api/v1/vms/{id}/protection"), "");
+    assert_eq!(status, 200, "{state}");
+    assert_eq!(record(&pair.a, &id)["peer"]["relation"], "protected_by");
+
+    // A second protection of a protected VM is refused, and B keeps one standby.
+    let (status, err) = pair
+        .a
+        .json("PUT", &format!("/api/v1/vms/{id}/protect"), &body);
+    assert_eq!(status, 409, "{err}");
+
+    let mut client = pair.client();
+    client.wait_more(20, "before the primary's end");
+
+    // Host A loses the VM's process.
+    let pid = record(&pair.a, &id)["process"]["pid"].as_u64().unwrap();
+    // SAFETY: kill sends a signal to the primary's process, whose pid the daemon reported.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    wait_until("B's standby to take over", || {
+        let r = record(&pair.b, &id);
+        r["role"] == "primary" && r["vm"]["state"] == "running"
+    });
+    client.wait_more(20, "after the failover");
+    wait_until("A to record its VM's end", || {
+        record(&pair.a, &id)["lifecycle"] == "exited"
+    });
+    let seen = events_seen(events_b);
+    assert!(
+        seen.contains("\"kind\":\"standby_ready\""),
+        "events: {seen}"
+    );
+    assert!(seen.contains("\"kind\":\"failed_over\""), "events: {seen}");
+
+    // Protected back through the CLI: A's daemon hosts the standby now, in A's old record.
+    let (ok, out) = pair.b.cli(&["protect", "web", "--peer", &pair.a_api]);
+    assert!(ok, "{out}{}", pair.logs());
+    wait_until("protection back to A", || {
+        pair.b.json("GET", "/api/v1/vms/web/protection", "").1["state"] == "protected"
+    });
+    let standby = record(&pair.a, &id);
+    assert_eq!(standby["role"], "standby", "{standby}");
+    assert_eq!(standby["lifecycle"], "running", "{standby}");
+    let (ok, out) = pair.b.cli(&["protection", "web"]);
+    assert!(ok && out.contains("\"protected\""), "{out}");
+    client.wait_more(20, "protected back");
+
+    // Unprotected through the CLI: A's standby ends and is removed.
+    let (ok, out) = pair.b.cli(&["unprotect", "web"]);
+    assert!(ok, "{out}");
+    wait_until("A's standby to be removed", || {
+        pair.a.json("GET", &format!("/api/v1/vms/{id}"), "").0 == 404
+    });
+    client.wait_more(20, "unprotected");
+    let last = client.finish();
+    assert!(last > 80, "{last} increments");
+}
+
+#[test]
+fn a_migration_through_two_daemons_reports_progress_and_can_be_cancelled() {
+    let pair = TwoDaemons::start("migrate");
+    // A fast-dirtying guest stays in pre-copy with a 1 ms downtime target.
+    let id = pair.boot_guest("mover", "dirty=20000 dirty_mb=64");
+    let events_a = pair.a.events();
+    let body = json!({ "peer": pair.b_api, "downtime_ms": 1 }).to_string();
+    let (status, answer) = pair
+        .a
+        .json("PUT", &format!("/api/v1/vms/{id}/migrate"), &body);
+    assert_eq!(status, 202, "{answer}{}", pair.logs());
+    let incoming = record(&pair.b, &id);
+    assert_eq!(incoming["role"], "incoming", "{incoming}");
+    wait_until("a pre-copy round with bytes sent", || {
+        let s = pair.a.json("GET", "/api/v1/vms/mover/migration", "").1;
+        s["state"] == "pre_copy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0
+    });
+    let (ok, out) = pair.a.cli(&["cancel-migration", "mover"]);
+    assert!(ok, "{out}");
+    wait_until("the cancellation", || {
+        pair.a.json("GET", "/api/v1/vms/mover/migration", "").1["state"] == "cancelled"
+    });
+    wait_until("B to drop the destination", || {
+        pair.b.json("GET", &format!("/api/v1/vms/{id}"), "").0 == 404
+    });
+    wait_until("A to forget the destination", || {
+        record(&pair.a, &id)["peer"].is_null()
+    });
+    let source = record(&pair.a, &id);
+    assert_eq!(source["lifecycle"], "running", "{source}");
+    assert_eq!(source["vm"]["state"], "running", "{source}");
+    let seen = events_seen(events_a);
+    assert!(
+        seen.contains("\"kind\":\"migration_progress\""),
+        "events: {seen}"
+    );
+    assert!(
+        seen.contains("\"kind\":\"migration_cancelled\""),
+        "events: {seen}"
+    );
+
+    // Through the CLI with a target it reaches: the guest moves, its client keeps its connection.
+    let mut client = pair.client();
+    client.wait_more(20, "before the migration");
+    let (ok, out) = pair.a.cli(&[
+        "migrate",
+        "mover",
+        "--peer",
+        &pair.b_api,
+        "--downtime-ms",
+        "5000",
+    ]);
+    assert!(ok, "{out}{}", pair.logs());
+    assert!(out.contains("\"completed\""), "{out}");
+    wait_until("B to run the guest", || {
+        let r = record(&pair.b, &id);
+        r["role"] == "primary" && r["vm"]["state"] == "running"
+    });
+    wait_until("A to record the move", || {
+        let r = record(&pair.a, &id);
+        r["lifecycle"] == "exited"
+            && r["exit"]["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("migrated to"))
+    });
+    client.wait_more(20, "after the migration");
+    client.finish();
+}
