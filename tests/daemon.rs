@@ -214,6 +214,76 @@ fn bad_requests_get_a_4xx_that_names_what_was_wrong_and_create_nothing() {
             "{err}"
         );
     }
+    // Protection and migration need peers; a standby's operations need a standby.
+    for (method, path, body, status, says) in [
+        (
+            "PUT",
+            "/api/v1/vms/x/protect",
+            r#"{"peer":"10.0.0.9:7200"}"#,
+            409,
+            "must run here",
+        ),
+        (
+            "PUT",
+            "/api/v1/vms/x/protect",
+            r#"{"peer":"h:1","standby":"h:2"}"#,
+            400,
+            "unknown field",
+        ),
+        (
+            "PUT",
+            "/api/v1/vms/x/failover",
+            "",
+            409,
+            "only a running standby",
+        ),
+        (
+            "PUT",
+            "/api/v1/vms/x/migrate",
+            r#"{"peer":"10.0.0.9:7200"}"#,
+            409,
+            "must run here",
+        ),
+        (
+            "GET",
+            "/api/v1/vms/x/migration",
+            "",
+            404,
+            "has not migrated",
+        ),
+        ("DELETE", "/api/v1/peer/vms/x", "", 409, "only a standby"),
+    ] {
+        let (got, text) = daemon.request(method, path, body);
+        assert_eq!(got, status, "{method} {path} {body}: {text}");
+        assert!(text.contains(says), "{method} {path} {body}: {text}");
+    }
+    let peer_request =
+        format!(r#"{{"id":"../x","config":{{"kernel":"{kernel}"}},"from":"10.0.0.9:7200"}}"#);
+    let (got, text) = daemon.request("POST", "/api/v1/peer/standbys", &peer_request);
+    assert_eq!(got, 409, "{text}");
+    assert!(text.contains("no peers"), "{text}");
+
+    // Two boots at once: one starts the VM, the other is refused; one process runs.
+    let socket = daemon.socket.clone();
+    let boots: Vec<_> = (0..2)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                integration_tests::daemon::request(&socket, "PUT", "/api/v1/vms/x/boot", "").0
+            })
+        })
+        .collect();
+    let mut statuses: Vec<u16> = boots.into_iter().map(|b| b.join().unwrap()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 409]);
+    let (_, record) = daemon.json("GET", "/api/v1/vms/x", "");
+    assert_eq!(record["lifecycle"], "running", "{record}");
+    let (status, _) = daemon.json("PUT", "/api/v1/vms/x/stop", "");
+    assert_eq!(status, 204);
+    wait_until("x's end", || {
+        daemon.json("GET", "/api/v1/vms/x", "").1["lifecycle"] == "exited"
+    });
+
     // A kernel the VM process cannot boot: the boot fails with its log, and the VM is not running.
     let bad_kernel = dir.join("not-a-kernel");
     std::fs::write(&bad_kernel, b"nothing bootable").unwrap();

@@ -77,21 +77,7 @@ impl Daemon {
 
     /// One request: status and body (JSON, or text).
     pub fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        request(&self.socket, method, path, body)
     }
 
     pub fn json(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
@@ -139,6 +125,25 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// One request to the daemon's socket: status and body (JSON, or text).
+pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Ends an event follower and returns what it printed.

@@ -189,6 +189,71 @@ impl axum::serve::Listener for TlsListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::peer_client::{PeerClient, PeerError};
+    use replication::link::TlsIdentity;
+
+    /// Serves a router answering `GET /ok` behind TLS and `token` on loopback; its address.
+    fn serve(identity: &TlsIdentity, token: BearerToken) -> SocketAddr {
+        let tls = identity.server_config();
+        let (send, addr) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                send.send(tcp.local_addr().unwrap()).unwrap();
+                let router = axum::Router::new()
+                    .route("/ok", axum::routing::get(|| async { "{\"ok\":true}" }))
+                    .layer(axum::middleware::from_fn_with_state(token, require_token));
+                let _ = axum::serve(TlsListener::new(tcp, tls).unwrap(), router).await;
+            });
+        });
+        addr.recv().unwrap()
+    }
+
+    #[test]
+    fn the_tcp_api_needs_a_certificate_from_the_ca_and_the_token() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-tcp-api-{}", std::process::id()));
+        let other = dir.join("other");
+        let _ = std::fs::remove_dir_all(&dir);
+        let nodes = [
+            ("server".to_string(), vec!["127.0.0.1".to_string()]),
+            ("client".to_string(), vec!["127.0.0.1".to_string()]),
+        ];
+        replication::link::certs::generate(&dir.join("pki"), &nodes).unwrap();
+        replication::link::certs::generate(&other, &nodes[1..]).unwrap();
+        let load = |p: std::path::PathBuf| TlsIdentity::load(&p).unwrap();
+        let token = BearerToken::parse(&"t".repeat(32)).unwrap();
+        let addr = serve(&load(dir.join("pki/server")), token.clone()).to_string();
+        let client = load(dir.join("pki/client")).client_config();
+        let timeout = Duration::from_secs(10);
+
+        let good = PeerClient::new(client.clone(), token);
+        let answer = good.request(&addr, "GET", "/ok", None, timeout).unwrap();
+        assert_eq!(
+            (answer.status, answer.body["ok"].clone()),
+            (200, true.into())
+        );
+
+        let wrong = PeerClient::new(client, BearerToken::parse(&"u".repeat(32)).unwrap());
+        let answer = wrong.request(&addr, "GET", "/ok", None, timeout).unwrap();
+        assert_eq!(answer.status, 401, "{}", answer.body);
+
+        // A client of another CA gets no answer: the handshake fails.
+        let stranger = PeerClient::new(
+            load(other.join("client")).client_config(),
+            BearerToken::parse(&"t".repeat(32)).unwrap(),
+        );
+        let refused = stranger.request(&addr, "GET", "/ok", None, timeout);
+        assert!(
+            matches!(refused, Err(PeerError::Exchange { .. })),
+            "{:?}",
+            refused.map(|a| a.status)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn tokens_are_checked_whole_and_short_ones_refused() {
