@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::daemon::{events_seen, Daemon, PeerApi};
 use integration_tests::netns::TwoHosts;
+use integration_tests::witness::TestEtcd;
 use integration_tests::{testguest, tls_pki};
 use serde_json::{json, Value};
 
@@ -18,6 +19,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 /// Two daemons, one per host, and the guest's client on the LAN.
 struct TwoDaemons {
     hosts: TwoHosts,
+    _etcd: Option<TestEtcd>,
     dir: std::path::PathBuf,
     a: Daemon,
     b: Daemon,
@@ -26,8 +28,11 @@ struct TwoDaemons {
 }
 
 impl TwoDaemons {
-    fn start(name: &str) -> Self {
+    /// With `cluster`, an etcd on the LAN and the daemons in cluster mode as hosts `a` and `b`.
+    fn start(name: &str, cluster: bool) -> Self {
         let hosts = TwoHosts::new().expect("two-host topology");
+        let etcd = cluster.then(|| TestEtcd::start(&hosts.lan, &hosts.lan_ip()));
+        let etcd_url = etcd.as_ref().map(|e| e.url().to_string());
         let dir = std::env::temp_dir().join(format!("ftvmm-peers-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -46,6 +51,7 @@ impl TwoDaemons {
                     listen,
                     tls: &pki.join(host),
                     token_file: &token,
+                    cluster: etcd_url.as_deref().map(|url| (url, host)),
                 }),
             )
         };
@@ -53,6 +59,7 @@ impl TwoDaemons {
         let b = start("b", &hosts.b, &b_api);
         Self {
             hosts,
+            _etcd: etcd,
             dir,
             a,
             b,
@@ -196,12 +203,15 @@ fn record(daemon: &Daemon, id: &str) -> Value {
 
 #[test]
 fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back() {
-    let pair = TwoDaemons::start("protect");
+    let pair = TwoDaemons::start("protect", true);
     let id = pair.boot_guest("web", "dirty=200 dirty_mb=8");
     let events_b = pair.b.events();
 
-    // Protect through A's API: B's daemon starts the standby.
-    let body = json!({ "peer": pair.b_api, "epoch_ms": 50 }).to_string();
+    // Protect through A's API, naming host B as the cluster knows it: B's daemon starts the standby.
+    let (status, hosts) = pair.a.json("GET", "/api/v1/cluster/hosts", "");
+    assert_eq!(status, 200, "{hosts}");
+    assert_eq!(hosts.as_array().map(Vec::len), Some(2), "{hosts}");
+    let body = json!({ "peer": "b", "epoch_ms": 50 }).to_string();
     let (status, answer) = pair
         .a
         .json("PUT", &format!("/api/v1/vms/{id}/protect"), &body);
@@ -218,6 +228,11 @@ fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back
         .json("GET", &format!("/api/v1/vms/{id}/protection"), "");
     assert_eq!(status, 200, "{state}");
     assert_eq!(record(&pair.a, &id)["peer"]["relation"], "protected_by");
+    // Either daemon says where the VM runs and where its standby is.
+    wait_until("the cluster to know the pair", || {
+        let p = pair.b.json("GET", "/api/v1/cluster/vms/web", "").1;
+        p["runs_on"] == "a" && p["standby_on"] == "b"
+    });
 
     // A second protection of a protected VM is refused, and B keeps one standby.
     let (status, err) = pair
@@ -273,7 +288,7 @@ fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back
 
 #[test]
 fn a_migration_through_two_daemons_reports_progress_and_can_be_cancelled() {
-    let pair = TwoDaemons::start("migrate");
+    let pair = TwoDaemons::start("migrate", false);
     // A fast-dirtying guest stays in pre-copy with a 1 ms downtime target.
     let id = pair.boot_guest("mover", "dirty=20000 dirty_mb=64");
     let events_a = pair.a.events();

@@ -15,6 +15,8 @@ pub struct PeerApi<'a> {
     pub listen: &'a str,
     pub tls: &'a Path,
     pub token_file: &'a Path,
+    /// Cluster mode: the etcd's URL and this host's name.
+    pub cluster: Option<(&'a str, &'a str)>,
 }
 
 pub struct Daemon {
@@ -51,6 +53,9 @@ impl Daemon {
                 .arg(p.tls)
                 .arg("--token-file")
                 .arg(p.token_file);
+            if let Some((url, name)) = p.cluster {
+                command.args(["--cluster", url, "--host-name", name]);
+            }
         }
         let log = std::fs::File::create(dir.join("serve.log")).expect("daemon log");
         let child = command

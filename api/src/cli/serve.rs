@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::daemon::peer_client::PeerClient;
 use crate::daemon::tcp_api::{require_token, BearerToken, TlsListener};
-use crate::daemon::{routes, Daemon, Peering};
+use crate::daemon::{routes, ClusterMembership, Daemon, Peering};
 use crate::server::{self, ApiSocket};
 
 /// Run the host daemon: a REST API (OpenAPI at /openapi.json) that creates, boots, stops and
@@ -40,6 +40,21 @@ pub struct ServeArgs {
     /// A file holding the cluster's bearer token (at least 32 characters; the same on every host).
     #[arg(long, value_name = "FILE", requires = "listen")]
     token_file: Option<PathBuf>,
+    /// Cluster mode: the etcd (http://HOST:PORT, e.g. the witness's) where hosts register and
+    /// every VM's placement is recorded, so that any daemon can say where a VM runs and who its
+    /// standby is, and peers can be named by host name. Needs --listen.
+    #[arg(long, value_name = "URL", requires = "listen")]
+    cluster: Option<String>,
+    /// This host's name in the cluster (default: the system's host name).
+    #[arg(long, value_name = "NAME", requires = "cluster")]
+    host_name: Option<String>,
+}
+
+/// The system's host name.
+fn system_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// The daemon's TCP API and its peering, when `--listen` is given.
@@ -79,7 +94,11 @@ pub fn serve(args: ServeArgs) -> Result<u8, Box<dyn std::error::Error>> {
         Some((peering, tls, token)) => (Some(peering), Some((tls, token))),
         None => (None, None),
     };
-    let daemon = Daemon::open(&args.state_dir, exe, peering)?;
+    let cluster = args.cluster.as_ref().map(|url| ClusterMembership {
+        etcd_url: url.clone(),
+        host_name: args.host_name.clone().unwrap_or_else(system_host_name),
+    });
+    let daemon = Daemon::open(&args.state_dir, exe, peering, cluster)?;
     if let Some(parent) = args.socket.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;

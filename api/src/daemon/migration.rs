@@ -38,7 +38,7 @@ impl Daemon {
         request: MigrateVm,
     ) -> Result<serde_json::Value, DaemonError> {
         let record = self.running_primary(id)?;
-        self.other_daemon(&request.peer)?;
+        let peer = self.peer_address(&request.peer)?;
         let id = record.id.clone();
         let ask = PeerVmRequest {
             id: id.clone(),
@@ -47,27 +47,26 @@ impl Daemon {
             from: self.peering()?.address.clone(),
         };
         let answer = self.peer_call(
-            &request.peer,
+            &peer,
             "POST",
             "/api/v1/peer/incoming",
             Some(&json!(ask)),
             201,
         )?;
-        let PeerVmAnswer { link } = serde_json::from_value(answer).map_err(|e| {
-            DaemonError::Invalid(format!("peer {} answered oddly: {e}", request.peer))
-        })?;
+        let PeerVmAnswer { link } = serde_json::from_value(answer)
+            .map_err(|e| DaemonError::Invalid(format!("peer {} answered oddly: {e}", peer)))?;
         let body = json!({ "to": link, "downtime_ms": request.downtime_ms.unwrap_or(50) });
         let status = match self.vm_call(&id, "PUT", "/api/v1/vm/migrate", Some(&body), 202) {
             Ok(status) => status,
             Err(e) => {
-                self.drop_peer_copy(&request.peer, &id);
+                self.drop_peer_copy(&peer, &id);
                 return Err(e);
             }
         };
         self.update(&id, |r| {
             r.peer = Some(PeerRecord {
                 relation: Relation::MigratingTo,
-                daemon: request.peer.clone(),
+                daemon: peer.clone(),
                 link: link.clone(),
             });
             Ok(())
@@ -76,9 +75,9 @@ impl Daemon {
         self.events.send(DaemonEvent::new(
             &id,
             "migration_started",
-            &format!("to {} ({link})", request.peer),
+            &format!("to {} ({link})", peer),
         ));
-        self.follow_migration(id, request.peer);
+        self.follow_migration(id, peer);
         Ok(status)
     }
 

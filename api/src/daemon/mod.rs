@@ -6,6 +6,7 @@
 //! The daemon runs no guest itself and holds no guest memory; it forks VM processes, so it runs
 //! without the per-thread seccomp filters of a VM process (`vmm/src/seccomp.rs`).
 
+pub mod cluster;
 pub mod events;
 pub mod metrics;
 pub mod migration;
@@ -74,6 +75,14 @@ pub enum DaemonError {
     Invalid(String),
     #[error("{0}")]
     Missing(String),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+}
+
+/// The cluster to join: its etcd and this host's name there.
+pub struct ClusterMembership {
+    pub etcd_url: String,
+    pub host_name: String,
 }
 
 /// What a daemon needs to pair VMs with peer daemons (`ftvmm serve --listen --tls --token-file`).
@@ -96,6 +105,8 @@ pub struct Daemon {
     exe: PathBuf,
     host_memory_mib: u64,
     peering: Option<Peering>,
+    /// The cluster this host belongs to (`--cluster`), if any.
+    cluster: Option<cluster::Cluster>,
     /// The latest status of each VM's migration, as followed by `migration.rs`.
     migrations: Mutex<BTreeMap<String, serde_json::Value>>,
 }
@@ -107,6 +118,7 @@ impl Daemon {
         state_dir: &Path,
         exe: PathBuf,
         peering: Option<Peering>,
+        cluster: Option<ClusterMembership>,
     ) -> Result<Arc<Self>, DaemonError> {
         let store = DirStore::open(state_dir)?;
         let mut vms = store.load()?;
@@ -132,6 +144,23 @@ impl Daemon {
                 }
             }
         }
+        let cluster = match (cluster, &peering) {
+            (Some(m), Some(p)) => {
+                let records: Vec<VmRecord> = vms.values().cloned().collect();
+                Some(cluster::Cluster::join(
+                    &m.etcd_url,
+                    &m.host_name,
+                    &p.address,
+                    &records,
+                )?)
+            }
+            (Some(_), None) => {
+                return Err(DaemonError::NoPeering(
+                    "cluster mode needs the TCP API: give --listen, --tls and --token-file",
+                ))
+            }
+            (None, _) => None,
+        };
         let daemon = Arc::new(Self {
             store,
             vms: Mutex::new(vms),
@@ -139,6 +168,7 @@ impl Daemon {
             exe,
             host_memory_mib: vm_config::host_memory_mib(),
             peering,
+            cluster,
             migrations: Mutex::new(BTreeMap::new()),
         });
         for (id, watched) in adopted {
@@ -168,10 +198,57 @@ impl Daemon {
         let mut changed = record.clone();
         change(&mut changed)?;
         if changed.lifecycle != Lifecycle::Booting {
-            self.store.save(&changed)?;
+            self.save(&changed)?;
         }
         *record = changed.clone();
         Ok(changed)
+    }
+
+    /// Stores `record`, and publishes it to the cluster.
+    fn save(&self, record: &VmRecord) -> Result<(), DaemonError> {
+        self.store.save(record)?;
+        if let Some(cluster) = &self.cluster {
+            cluster.published(record);
+        }
+        Ok(())
+    }
+
+    /// Removes VM `id` from the store and the cluster.
+    fn forget(&self, id: &str) -> Result<(), DaemonError> {
+        self.store.remove(id)?;
+        if let Some(cluster) = &self.cluster {
+            cluster.removed(id);
+        }
+        Ok(())
+    }
+
+    /// The cluster, or why there is none.
+    pub fn cluster(&self) -> Result<&cluster::Cluster, DaemonError> {
+        self.cluster.as_ref().ok_or(DaemonError::NoPeering(
+            "this daemon is not in a cluster: start it with --cluster URL --host-name NAME",
+        ))
+    }
+
+    /// The daemon address of `peer`: `HOST:PORT` as given, or a host name the cluster knows.
+    fn peer_address(&self, peer: &str) -> Result<String, DaemonError> {
+        let address = if peer.contains(':') {
+            peer.to_string()
+        } else {
+            self.cluster()
+                .map_err(|_| {
+                    DaemonError::Invalid(format!(
+                        "\"peer\" {peer:?} is not HOST:PORT, and this daemon has no cluster to \
+                         look a host name up in"
+                    ))
+                })?
+                .host_api(peer)?
+        };
+        if self.peering()?.address == address {
+            return Err(DaemonError::Invalid(format!(
+                "\"peer\" {peer:?} is this daemon: name another host's"
+            )));
+        }
+        Ok(address)
     }
 
     /// How this daemon pairs VMs with peers, or why it cannot.
@@ -233,7 +310,7 @@ impl Daemon {
             role: Role::Primary,
             peer: None,
         };
-        self.store.save(&record)?;
+        self.save(&record)?;
         vms.insert(id.clone(), record.clone());
         drop(vms);
         self.events.send(DaemonEvent::new(&id, "created", ""));
@@ -328,7 +405,7 @@ impl Daemon {
             let log = vm_process::log_tail(&self.files(id).log);
             vms.remove(id);
             drop(vms);
-            if let Err(e) = self.store.remove(id) {
+            if let Err(e) = self.forget(id) {
                 tracing::error!(vm = %id, "{e}");
             }
             let kind = if role == Role::Standby {
@@ -353,7 +430,7 @@ impl Daemon {
         record.lifecycle = Lifecycle::Exited;
         record.process = None;
         record.exit = Some(exit.clone());
-        if let Err(e) = self.store.save(record) {
+        if let Err(e) = self.save(record) {
             tracing::error!(vm = %id, "{e}");
         }
         drop(vms);
@@ -380,7 +457,7 @@ impl Daemon {
         if matches!(record.lifecycle, Lifecycle::Running | Lifecycle::Booting) {
             return Err(wrong_state(&record, "stop it first"));
         }
-        self.store.remove(&record.id)?;
+        self.forget(&record.id)?;
         self.vms().remove(&record.id);
         self.events
             .send(DaemonEvent::new(&record.id, "deleted", ""));
@@ -453,16 +530,6 @@ impl Daemon {
             status: answer.status,
             message: error_message(&answer.body),
         })
-    }
-
-    /// Checks that `peer` is another daemon than this one.
-    fn other_daemon(&self, peer: &str) -> Result<(), DaemonError> {
-        if self.peering()?.address == peer {
-            return Err(DaemonError::Invalid(format!(
-                "\"peer\" {peer:?} is this daemon: name another host's"
-            )));
-        }
-        Ok(())
     }
 
     /// The sizes of VM `config`'s disks, for the peer that makes or checks its own.

@@ -225,7 +225,7 @@ impl Daemon {
             None => {
                 vms.remove(id);
                 drop(vms);
-                if let Err(e) = self.store.remove(id) {
+                if let Err(e) = self.forget(id) {
                     tracing::error!(vm = %id, "{e}");
                 }
             }

@@ -38,7 +38,7 @@ impl Daemon {
         request: ProtectVm,
     ) -> Result<serde_json::Value, DaemonError> {
         let record = self.running_primary(id)?;
-        self.other_daemon(&request.peer)?;
+        let peer = self.peer_address(&request.peer)?;
         let id = record.id.clone();
         if let Ok((200, status)) = self.vm_request(&id, "GET", "/api/v1/vm/protection", None) {
             let state = status["state"].as_str().unwrap_or_default();
@@ -53,27 +53,26 @@ impl Daemon {
             from: self.peering()?.address.clone(),
         };
         let answer = self.peer_call(
-            &request.peer,
+            &peer,
             "POST",
             "/api/v1/peer/standbys",
             Some(&json!(ask)),
             201,
         )?;
-        let PeerVmAnswer { link } = serde_json::from_value(answer).map_err(|e| {
-            DaemonError::Invalid(format!("peer {} answered oddly: {e}", request.peer))
-        })?;
+        let PeerVmAnswer { link } = serde_json::from_value(answer)
+            .map_err(|e| DaemonError::Invalid(format!("peer {} answered oddly: {e}", peer)))?;
         let body = json!({ "standby": link, "epoch_ms": request.epoch_ms, "epoch": request.epoch });
         let status = match self.vm_call(&id, "PUT", "/api/v1/vm/protect", Some(&body), 202) {
             Ok(status) => status,
             Err(e) => {
-                self.drop_peer_copy(&request.peer, &id);
+                self.drop_peer_copy(&peer, &id);
                 return Err(e);
             }
         };
         self.update(&id, |r| {
             r.peer = Some(PeerRecord {
                 relation: Relation::ProtectedBy,
-                daemon: request.peer.clone(),
+                daemon: peer.clone(),
                 link: link.clone(),
             });
             Ok(())
@@ -81,7 +80,7 @@ impl Daemon {
         self.events.send(DaemonEvent::new(
             &id,
             "protected",
-            &format!("standby on {} ({link})", request.peer),
+            &format!("standby on {} ({link})", peer),
         ));
         Ok(status)
     }

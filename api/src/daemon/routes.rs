@@ -14,6 +14,7 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use utoipa::OpenApi;
 
+use super::cluster::{ClusterError, ClusterHost, Placement, VmCopy};
 use super::events::DaemonEvent;
 use super::metrics::{self, ProtectionFigures};
 use super::migration::MigrateVm;
@@ -50,7 +51,10 @@ use crate::server::routes::{error, invalid_body, no_such_endpoint, ErrorBody};
         cancel_migration,
         host_standby,
         host_incoming,
-        drop_peer_copy
+        drop_peer_copy,
+        cluster_hosts,
+        cluster_vms,
+        cluster_vm
     ),
     components(schemas(
         VmConfig,
@@ -67,6 +71,9 @@ use crate::server::routes::{error, invalid_body, no_such_endpoint, ErrorBody};
         MigrateVm,
         PeerVmRequest,
         PeerVmAnswer,
+        ClusterHost,
+        VmCopy,
+        Placement,
         VmView,
         DaemonEvent,
         ErrorBody
@@ -102,6 +109,8 @@ impl DaemonError {
             DaemonError::NoPeering(_) => StatusCode::CONFLICT,
             DaemonError::Invalid(_) => StatusCode::BAD_REQUEST,
             DaemonError::Missing(_) => StatusCode::NOT_FOUND,
+            DaemonError::Cluster(ClusterError::NoSuchHost(_)) => StatusCode::BAD_REQUEST,
+            DaemonError::Cluster(_) => StatusCode::BAD_GATEWAY,
         }
     }
 }
@@ -427,6 +436,40 @@ async fn drop_peer_copy(State(d): Shared, Path(id): Path<String>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/cluster/hosts", responses((status = 200, body = [ClusterHost]),
+    (status = 409, body = ErrorBody, description = "not in a cluster"), (status = 502, body = ErrorBody)))]
+async fn cluster_hosts(State(d): Shared) -> Response {
+    match blocking(d, |d| Ok(d.cluster()?.hosts()?)).await {
+        Ok(hosts) => Json(hosts).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/cluster/vms", responses((status = 200, body = [Placement]),
+    (status = 409, body = ErrorBody, description = "not in a cluster"), (status = 502, body = ErrorBody)))]
+async fn cluster_vms(State(d): Shared) -> Response {
+    match blocking(d, |d| Ok(d.cluster()?.placements_all()?)).await {
+        Ok(all) => Json(all).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/cluster/vms/{id}", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, body = Placement, description = "the host that runs it, its standby, every copy"),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
+async fn cluster_vm(State(d): Shared, Path(id): Path<String>) -> Response {
+    let found = blocking(d, move |d| {
+        d.cluster()?
+            .placement(&id)?
+            .ok_or_else(|| DaemonError::Missing(format!("no VM {id:?} in the cluster")))
+    })
+    .await;
+    match found {
+        Ok(p) => Json(p).into_response(),
+        Err(r) => r,
+    }
+}
+
 async fn openapi() -> Response {
     Json(ApiDoc::openapi()).into_response()
 }
@@ -454,6 +497,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/peer/standbys", post(host_standby))
         .route("/api/v1/peer/incoming", post(host_incoming))
         .route("/api/v1/peer/vms/{id}", delete(drop_peer_copy))
+        .route("/api/v1/cluster/hosts", get(cluster_hosts))
+        .route("/api/v1/cluster/vms", get(cluster_vms))
+        .route("/api/v1/cluster/vms/{id}", get(cluster_vm))
         .route("/api/v1/events", get(events))
         .route("/metrics", get(metrics_page))
         .route("/openapi.json", get(openapi))

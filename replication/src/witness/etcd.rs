@@ -1,6 +1,7 @@
-//! A minimal etcd v3 client over etcd's JSON gateway (`/v3/kv/...`, served by every etcd ≥ 3.3 on
-//! its client URL): read a key, create it if absent, and replace or delete it only if it is unchanged
-//! since a given revision. That compare-and-swap is all the witness needs.
+//! A minimal etcd v3 client over etcd's JSON gateway (`/v3/kv/...`, `/v3/lease/...`, served by every
+//! etcd ≥ 3.3 on its client URL). The witness needs only its compare-and-swap: read a key, create it
+//! if absent, and replace or delete it only if it is unchanged since a given revision. The host
+//! daemon's cluster store (api/src/daemon/cluster.rs) uses its plain puts, prefix reads and leases.
 
 use std::time::Duration;
 
@@ -37,6 +38,36 @@ struct KeyValue {
     #[serde(default)]
     value: String,
     mod_revision: String,
+}
+
+#[derive(Deserialize)]
+struct PrefixReply {
+    #[serde(default)]
+    kvs: Vec<PrefixKeyValue>,
+}
+
+#[derive(Deserialize)]
+struct PrefixKeyValue {
+    key: String,
+    #[serde(default)]
+    value: String,
+}
+
+#[derive(Deserialize)]
+struct LeaseGrantReply {
+    #[serde(rename = "ID")]
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct KeepAliveReply {
+    result: Option<KeepAliveResult>,
+}
+
+#[derive(Deserialize)]
+struct KeepAliveResult {
+    #[serde(rename = "TTL", default)]
+    ttl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +170,77 @@ impl Etcd {
                 json!({ "requestDeleteRange": { "key": key } }),
             )?
             .is_some())
+    }
+
+    /// Sets `key` = `value`, bound to `lease` if given (it goes when the lease expires).
+    pub fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> Result<(), EtcdError> {
+        let mut body = json!({ "key": B64.encode(key), "value": B64.encode(value) });
+        if let Some(lease) = lease {
+            body["lease"] = lease.to_string().into();
+        }
+        self.call::<serde_json::Value>("/v3/kv/put", body).map(drop)
+    }
+
+    /// Deletes `key`, whatever its revision.
+    pub fn remove(&self, key: &str) -> Result<(), EtcdError> {
+        self.call::<serde_json::Value>("/v3/kv/deleterange", json!({ "key": B64.encode(key) }))
+            .map(drop)
+    }
+
+    /// Every key starting with `prefix`, with its value, in key order.
+    pub fn prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, EtcdError> {
+        let mut end = prefix.as_bytes().to_vec();
+        // The range end is the prefix with its last byte incremented (no prefix ends in 0xff here).
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let reply: PrefixReply = self.call(
+            "/v3/kv/range",
+            json!({ "key": B64.encode(prefix), "range_end": B64.encode(end) }),
+        )?;
+        let decode = |text: String, what: &str| {
+            B64.decode(text).map_err(|e| EtcdError::Reply {
+                url: self.base.clone(),
+                reason: format!("{what}: {e}"),
+            })
+        };
+        reply
+            .kvs
+            .into_iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(&decode(kv.key, "key")?).into_owned();
+                Ok((key, decode(kv.value, "value")?))
+            })
+            .collect()
+    }
+
+    /// A new lease of `ttl`; its id.
+    pub fn grant_lease(&self, ttl: Duration) -> Result<i64, EtcdError> {
+        let reply: LeaseGrantReply = self.call(
+            "/v3/lease/grant",
+            json!({ "TTL": ttl.as_secs().max(1).to_string() }),
+        )?;
+        reply.id.parse().map_err(|_| EtcdError::Reply {
+            url: self.base.clone(),
+            reason: format!("lease id {:?}", reply.id),
+        })
+    }
+
+    /// Renews `lease`; `false` if it has expired (its keys are gone).
+    pub fn keep_alive(&self, lease: i64) -> Result<bool, EtcdError> {
+        let reply: KeepAliveReply =
+            self.call("/v3/lease/keepalive", json!({ "ID": lease.to_string() }))?;
+        Ok(reply
+            .result
+            .and_then(|r| r.ttl)
+            .and_then(|ttl| ttl.parse::<i64>().ok())
+            .is_some_and(|ttl| ttl > 0))
+    }
+
+    /// Ends `lease` now, removing its keys.
+    pub fn revoke_lease(&self, lease: i64) -> Result<(), EtcdError> {
+        self.call::<serde_json::Value>("/v3/lease/revoke", json!({ "ID": lease.to_string() }))
+            .map(drop)
     }
 
     fn txn(
