@@ -135,3 +135,16 @@ fn help_documents_every_option() {
         assert!(out.stdout.contains(opt), "help lacks {opt}");
     }
 }
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_ftvmm(&["completions", shell], Duration::from_secs(30));
+        assert_eq!(out.code(), Some(0), "{shell}: {}", out.stderr);
+        for word in ["serve", "standby", "migrate"] {
+            assert!(out.stdout.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let out = run_ftvmm(&["completions", "tcsh"], Duration::from_secs(30));
+    assert_eq!(out.code(), Some(2), "{out:?}");
+}

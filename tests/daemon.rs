@@ -66,6 +66,11 @@ fn a_guest_runs_through_the_daemon_and_a_restarted_daemon_re_adopts_it() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = daemon.cli(&["--output", "human", "list"]);
+    assert!(ok, "{out}");
+    let row = out.lines().find(|l| l.starts_with(&id)).unwrap_or_default();
+    assert!(out.starts_with("ID "), "{out}");
+    assert!(row.contains("g1") && row.contains("running"), "{out}");
     let (ok, out) = daemon.cli(&["pause", "g1"]);
     assert!(ok, "{out}");
     let (_, info) = daemon.json("GET", &format!("/api/v1/vms/{id}"), "");

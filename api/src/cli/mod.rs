@@ -3,6 +3,7 @@
 mod api_socket;
 mod backends;
 mod link;
+mod output;
 mod receive;
 mod restore;
 mod run;
@@ -46,6 +47,12 @@ enum Command {
     Standby(standby::StandbyArgs),
     TlsCerts(tls_certs::TlsCertsArgs),
     Vm(vm::VmArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) for ftvmm, e.g.
+    /// `ftvmm completions bash > /etc/bash_completion.d/ftvmm`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs the chosen subcommand and returns the process exit status.
@@ -63,5 +70,10 @@ pub fn dispatch(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         Command::Standby(args) => standby::standby(args),
         Command::TlsCerts(args) => tls_certs::tls_certs(args),
         Command::Vm(args) => vm::vm(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ftvmm", &mut std::io::stdout());
+            Ok(0)
+        }
     }
 }

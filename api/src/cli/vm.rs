@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use super::output::{self, OutputFormat};
 use crate::client;
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -25,6 +26,11 @@ pub struct VmArgs {
     /// delete, and info, pause and resume of the VM named by its id or name.
     #[arg(long, value_name = "PATH", default_value = "/run/ftvmm/ftvmm.sock")]
     daemon: PathBuf,
+
+    /// How answers are printed: `human` (tables, `key: value` lines), `json` (the API's JSON), or
+    /// `auto`: human on a terminal, JSON when piped.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
+    output: OutputFormat,
 
     #[command(subcommand)]
     action: VmAction,
@@ -194,7 +200,7 @@ impl CreateArgs {
 
 pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let Some(api_socket) = args.api_socket.clone() else {
-        return through_daemon(&args.daemon, &args.action);
+        return through_daemon(&args.daemon, &args.action, args.output);
     };
     let api_socket = &api_socket;
     if let VmAction::Migrate {
@@ -210,6 +216,7 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
             "/api/v1/vm/migrate",
             &body,
             "/api/v1/vm/migration",
+            args.output,
         );
     }
     let (method, path, body) = match &args.action {
@@ -257,19 +264,16 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
     };
     let resp = client::request(api_socket, method, path, body.as_ref(), TIMEOUT)?;
-    print_answer(&resp)
+    print_answer(&resp, args.output)
 }
 
-/// Prints a 2xx answer's JSON (exit 0), or fails with the API's error.
-fn print_answer(resp: &client::ApiResponse) -> Result<u8, Box<dyn std::error::Error>> {
+/// Prints a 2xx answer (exit 0), or fails with the API's error.
+fn print_answer(
+    resp: &client::ApiResponse,
+    format: OutputFormat,
+) -> Result<u8, Box<dyn std::error::Error>> {
     if (200..300).contains(&resp.status) {
-        use std::io::Write;
-        // A closed stdout (e.g. piped into `head`) is not an error of the command.
-        let _ = writeln!(
-            std::io::stdout().lock(),
-            "{}",
-            serde_json::to_string_pretty(&resp.body)?
-        );
+        output::print(&resp.body, format);
         Ok(0)
     } else {
         let msg = resp.body["error"]
@@ -284,6 +288,7 @@ fn print_answer(resp: &client::ApiResponse) -> Result<u8, Box<dyn std::error::Er
 fn through_daemon(
     socket: &std::path::Path,
     action: &VmAction,
+    format: OutputFormat,
 ) -> Result<u8, Box<dyn std::error::Error>> {
     let vm_path = |vm: &str, what: &str| format!("/api/v1/vms/{vm}{what}");
     let (method, path, body) = match action {
@@ -291,7 +296,7 @@ fn through_daemon(
             let body = create.body()?;
             let resp = client::request(socket, "POST", "/api/v1/vms", Some(&body), TIMEOUT)?;
             if resp.status != 201 || !create.boot {
-                return print_answer(&resp);
+                return print_answer(&resp, format);
             }
             let id = resp.body["id"].as_str().unwrap_or_default().to_string();
             ("PUT", vm_path(&id, "/boot"), None)
@@ -303,7 +308,7 @@ fn through_daemon(
         VmAction::Info { vm: Some(vm) } => ("GET", vm_path(vm, ""), None),
         VmAction::Pause { vm: Some(vm) } => ("PUT", vm_path(vm, "/pause"), None),
         VmAction::Resume { vm: Some(vm) } => ("PUT", vm_path(vm, "/resume"), None),
-        VmAction::Events => return follow_events(socket),
+        VmAction::Events => return follow_events(socket, format),
         VmAction::Protect {
             vm: Some(vm),
             peer: Some(peer),
@@ -333,6 +338,7 @@ fn through_daemon(
                 &vm_path(vm, "/migrate"),
                 &body,
                 &vm_path(vm, "/migration"),
+                format,
             );
         }
         VmAction::Protect { .. } | VmAction::Migrate { .. } => {
@@ -350,18 +356,25 @@ fn through_daemon(
     if resp.status == 204 {
         return Ok(0);
     }
-    print_answer(&resp)
+    print_answer(&resp, format)
 }
 
 /// Prints the daemon's events, one JSON object per line, until the daemon ends the stream.
-fn follow_events(socket: &std::path::Path) -> Result<u8, Box<dyn std::error::Error>> {
+fn follow_events(
+    socket: &std::path::Path,
+    format: OutputFormat,
+) -> Result<u8, Box<dyn std::error::Error>> {
     use std::io::{BufRead, Write};
     let stream = client::stream(socket, "/api/v1/events")?;
     for line in stream.lines() {
         let line = line?;
         if let Some(data) = line.strip_prefix("data: ") {
+            let text = match serde_json::from_str::<serde_json::Value>(data) {
+                Ok(event) if format.is_human() => output::event_line(&event),
+                _ => data.to_string(),
+            };
             let mut out = std::io::stdout().lock();
-            if writeln!(out, "{data}").and_then(|()| out.flush()).is_err() {
+            if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
                 break;
             }
         }
@@ -384,6 +397,7 @@ fn migrate(
     start: &str,
     body: &serde_json::Value,
     status: &str,
+    format: OutputFormat,
 ) -> Result<u8, Box<dyn std::error::Error>> {
     use std::io::{IsTerminal, Write};
     let resp = client::request(socket, "PUT", start, Some(body), TIMEOUT)?;
@@ -433,11 +447,7 @@ fn migrate(
         }
         match state.as_str() {
             "completed" => {
-                let _ = writeln!(
-                    std::io::stdout().lock(),
-                    "{}",
-                    serde_json::to_string_pretty(s)?
-                );
+                output::print(s, format);
                 return Ok(0);
             }
             "failed" | "cancelled" => {
