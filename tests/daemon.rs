@@ -77,6 +77,12 @@ fn a_guest_runs_through_the_daemon_and_a_restarted_daemon_re_adopts_it() {
     assert_eq!(info["vm"]["state"], "paused", "{info}");
     let (status, _) = daemon.json("PUT", "/api/v1/vms/g1/resume", "");
     assert_eq!(status, 200);
+    let (ok, out) = daemon.cli(&["snapshot", "g1", "--name", "s1"]);
+    assert!(ok, "{out}");
+    let (status, err) = daemon.json("PUT", "/api/v1/vms/g1/snapshot", r#"{"name":"s1"}"#);
+    assert_eq!(status, 409, "a snapshot name was taken twice: {err}");
+    let (status, err) = daemon.json("PUT", "/api/v1/vms/g1/snapshot", r#"{"name":"../up"}"#);
+    assert_eq!(status, 400, "{err}");
     let (_, metrics) = daemon.request("GET", "/metrics", "");
     assert!(
         metrics.contains(&format!("ftvmm_vm_running{{vm=\"{id}\",name=\"g1\"}} 1")),
@@ -110,6 +116,22 @@ fn a_guest_runs_through_the_daemon_and_a_restarted_daemon_re_adopts_it() {
         daemon.json("GET", "/api/v1/vms/g1", "").1["lifecycle"] == "exited"
     });
     assert!(!alive(pid));
+    // Restored from its snapshot in a new process, and stopped again.
+    let (status, err) = daemon.json("PUT", "/api/v1/vms/g1/restore", r#"{"snapshot":"nope"}"#);
+    assert_eq!(status, 404, "{err}");
+    let (ok, out) = daemon.cli(&["restore", "g1", "--snapshot", "s1"]);
+    assert!(ok, "{out}");
+    let (_, info) = daemon.json("GET", "/api/v1/vms/g1", "");
+    assert_eq!(info["lifecycle"], "running", "{info}");
+    assert_eq!(info["vm"]["state"], "running", "{info}");
+    let (_, snapshots) = daemon.json("GET", "/api/v1/vms/g1/snapshots", "");
+    assert_eq!(snapshots[0]["name"], "s1", "{snapshots}");
+    assert!(snapshots[0]["bytes"].as_u64().unwrap() > 0, "{snapshots}");
+    let (ok, out) = daemon.cli(&["stop", "g1"]);
+    assert!(ok, "{out}");
+    wait_until("the restored VM's end", || {
+        daemon.json("GET", "/api/v1/vms/g1", "").1["lifecycle"] == "exited"
+    });
     let (ok, out) = daemon.cli(&["delete", "g1"]);
     assert!(ok, "{out}");
     assert_eq!(daemon.json("GET", "/api/v1/vms/g1", "").0, 404);

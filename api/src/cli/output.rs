@@ -47,11 +47,7 @@ pub fn human(value: &Value) -> String {
         Value::Array(items) if items.iter().all(is_vm_record) && !items.is_empty() => {
             vm_table(items)
         }
-        Value::Array(items) => items
-            .iter()
-            .map(human)
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Value::Array(items) => items.iter().map(human).collect::<Vec<_>>().join("\n"),
         Value::Object(_) => {
             let mut lines = Vec::new();
             flatten("", value, &mut lines);
@@ -171,7 +167,10 @@ mod tests {
         let table = human(&list);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "ID     NAME  ROLE     STATE    PID  PEER");
-        assert_eq!(lines[1], "vm-1   web   primary  running  42   protected_by b:7200");
+        assert_eq!(
+            lines[1],
+            "vm-1   web   primary  running  42   protected_by b:7200"
+        );
         assert_eq!(lines[2], "vm-22  -     standby  exited   -    -");
 
         let info = json!({ "state": "protected", "standby": "10.0.0.2:7100",

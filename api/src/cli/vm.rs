@@ -58,11 +58,17 @@ enum VmAction {
     Pause { vm: Option<String> },
     /// Resume a paused VM (through the daemon: name the VM).
     Resume { vm: Option<String> },
-    /// Write a full snapshot (vCPUs, devices, memory) to a directory; restore it with `ftvmm restore`.
+    /// Write a full snapshot (vCPUs, devices, memory): with --api-socket to a directory (restore
+    /// it with `ftvmm restore`), through the daemon under a name (restore it with `vm restore`).
     Snapshot {
-        /// Directory to write to (created if missing).
-        #[arg(long, value_name = "DIR")]
-        dir: PathBuf,
+        /// Through the daemon: the VM's id or name.
+        vm: Option<String>,
+        /// Directory to write to (created if missing; with --api-socket).
+        #[arg(long, value_name = "DIR", conflicts_with = "name")]
+        dir: Option<PathBuf>,
+        /// The snapshot's name (through the daemon).
+        #[arg(long)]
+        name: Option<String>,
         /// Write only the pages changed since this VM's previous snapshot (full or diff), which the
         /// new one names as its base; restoring it needs the base directories too.
         #[arg(long)]
@@ -118,6 +124,15 @@ enum VmAction {
     },
     /// Cancel a migration before its hand-over; the guest keeps running here.
     CancelMigration { vm: Option<String> },
+    /// Through the daemon: a VM's snapshots.
+    Snapshots { vm: String },
+    /// Through the daemon: run a VM that does not run from one of its snapshots.
+    Restore {
+        vm: String,
+        /// The snapshot's name.
+        #[arg(long)]
+        snapshot: String,
+    },
 }
 
 /// A VM for the daemon to create (`POST /api/v1/vms`).
@@ -224,7 +239,12 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         VmAction::Vcpus => ("GET", "/api/v1/vm/vcpus", None),
         VmAction::Pause { vm: None } => ("PUT", "/api/v1/vm/pause", None),
         VmAction::Resume { vm: None } => ("PUT", "/api/v1/vm/resume", None),
-        VmAction::Snapshot { dir, diff } => {
+        VmAction::Snapshot {
+            vm: None,
+            dir: Some(dir),
+            name: None,
+            diff,
+        } => {
             let dir = std::path::absolute(dir)
                 .map_err(|e| format!("invalid --dir {}: {e}", dir.display()))?;
             (
@@ -251,6 +271,9 @@ pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         VmAction::CancelMigration { vm: None } => ("PUT", "/api/v1/vm/migration/cancel", None),
         VmAction::Protect { .. } => {
             return Err("with --api-socket, give the standby's address: --standby HOST:PORT".into())
+        }
+        VmAction::Snapshot { .. } => {
+            return Err("with --api-socket, give the directory to write to: --dir DIR".into())
         }
         VmAction::Migrate { .. } => {
             return Err("with --api-socket, give the destination's address: --to HOST:PORT".into())
@@ -320,6 +343,22 @@ fn through_daemon(
             Some(json!({ "peer": peer, "epoch": epoch_ms.to_string() })),
         ),
         VmAction::Unprotect { vm: Some(vm) } => ("PUT", vm_path(vm, "/unprotect"), None),
+        VmAction::Snapshot {
+            vm: Some(vm),
+            name: Some(name),
+            dir: None,
+            diff,
+        } => (
+            "PUT",
+            vm_path(vm, "/snapshot"),
+            Some(json!({ "name": name, "diff": diff })),
+        ),
+        VmAction::Snapshots { vm } => ("GET", vm_path(vm, "/snapshots"), None),
+        VmAction::Restore { vm, snapshot } => (
+            "PUT",
+            vm_path(vm, "/restore"),
+            Some(json!({ "snapshot": snapshot })),
+        ),
         VmAction::Protection { vm: Some(vm) } => ("GET", vm_path(vm, "/protection"), None),
         VmAction::Failover { vm: Some(vm) } => ("PUT", vm_path(vm, "/failover"), None),
         VmAction::Migration { vm: Some(vm) } => ("GET", vm_path(vm, "/migration"), None),
@@ -340,6 +379,9 @@ fn through_daemon(
                 &vm_path(vm, "/migration"),
                 format,
             );
+        }
+        VmAction::Snapshot { .. } => {
+            return Err("through the daemon, name the VM and the snapshot: VM --name NAME".into())
         }
         VmAction::Protect { .. } | VmAction::Migrate { .. } => {
             return Err(

@@ -14,6 +14,7 @@ pub mod peer_client;
 pub mod peer_hosting;
 pub mod protection;
 pub mod routes;
+pub mod snapshots;
 pub mod store;
 pub mod tcp_api;
 pub mod vm_config;
@@ -320,6 +321,19 @@ impl Daemon {
     /// Starts VM `id`'s process; returns once its API answers. The VM is `booting` meanwhile, so a
     /// second boot (or a delete) of it is refused.
     pub fn boot(self: &Arc<Self>, id: &str) -> Result<VmRecord, DaemonError> {
+        self.launch(id, "booted", |record, files| {
+            record.config.run_args(&files.console, &files.api_socket)
+        })
+    }
+
+    /// Starts the process `args_for` describes for VM `id` (a primary that does not run), as
+    /// [`Self::boot`] does; `kind` names the event.
+    pub(super) fn launch(
+        self: &Arc<Self>,
+        id: &str,
+        kind: &str,
+        args_for: impl FnOnce(&VmRecord, &VmFiles) -> Vec<OsString>,
+    ) -> Result<VmRecord, DaemonError> {
         let id = self.get(id)?.id;
         let mut before = None;
         let record = self.update(&id, |r| {
@@ -334,7 +348,7 @@ impl Daemon {
             Ok(())
         })?;
         let files = self.files(&id);
-        let mut args = record.config.run_args(&files.console, &files.api_socket);
+        let mut args = args_for(&record, &files);
         args.extend(self.link_args());
         let started = vm_process::start(&self.exe, &args, &files, Readiness::ApiSocket);
         let restore = |e: DaemonError| {
@@ -368,11 +382,8 @@ impl Daemon {
                 return Err(restore(e));
             }
         };
-        self.events.send(DaemonEvent::new(
-            &id,
-            "booted",
-            &format!("pid {}", child.id()),
-        ));
+        self.events
+            .send(DaemonEvent::new(&id, kind, &format!("pid {}", child.id())));
         self.watch(id, Watched::Child(child));
         Ok(record)
     }

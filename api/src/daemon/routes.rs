@@ -20,6 +20,7 @@ use super::metrics::{self, ProtectionFigures};
 use super::migration::MigrateVm;
 use super::peer_hosting::{PeerVmAnswer, PeerVmRequest};
 use super::protection::ProtectVm;
+use super::snapshots::{RestoreVm, SnapshotInfo, SnapshotVm};
 use super::store::{ExitRecord, Lifecycle, PeerRecord, ProcessRecord, Relation, Role, VmRecord};
 use super::vm_config::{DiskConfig, NicConfig, VmConfig};
 use super::{Daemon, DaemonError};
@@ -54,7 +55,11 @@ use crate::server::routes::{error, invalid_body, no_such_endpoint, ErrorBody};
         drop_peer_copy,
         cluster_hosts,
         cluster_vms,
-        cluster_vm
+        cluster_vm,
+        snapshot_vm,
+        list_snapshots,
+        delete_snapshot,
+        restore_vm
     ),
     components(schemas(
         VmConfig,
@@ -72,6 +77,9 @@ use crate::server::routes::{error, invalid_body, no_such_endpoint, ErrorBody};
         PeerVmRequest,
         PeerVmAnswer,
         ClusterHost,
+        SnapshotVm,
+        RestoreVm,
+        SnapshotInfo,
         VmCopy,
         Placement,
         VmView,
@@ -470,6 +478,63 @@ async fn cluster_vm(State(d): Shared, Path(id): Path<String>) -> Response {
     }
 }
 
+#[utoipa::path(put, path = "/api/v1/vms/{id}/snapshot", request_body = SnapshotVm,
+    params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 201, body = SnapshotInfo), (status = 400, body = ErrorBody),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn snapshot_vm(
+    State(d): Shared,
+    Path(id): Path<String>,
+    body: Result<Json<SnapshotVm>, JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return invalid_body(e),
+    };
+    match blocking(d, move |d| d.snapshot(&id, request)).await {
+        Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{id}/snapshots", params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, body = [SnapshotInfo]), (status = 404, body = ErrorBody)))]
+async fn list_snapshots(State(d): Shared, Path(id): Path<String>) -> Response {
+    match blocking(d, move |d| d.snapshots(&id)).await {
+        Ok(all) => Json(all).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{id}/snapshots/{name}", params(
+    ("id" = String, Path, description = "VM id or name"), ("name" = String, Path, description = "snapshot name")),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn delete_snapshot(State(d): Shared, Path((id, name)): Path<(String, String)>) -> Response {
+    match blocking(d, move |d| d.delete_snapshot(&id, &name)).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r,
+    }
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/restore", request_body = RestoreVm,
+    params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, body = VmRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody), (status = 422, body = ErrorBody, description = "the restored process did not start")))]
+async fn restore_vm(
+    State(d): Shared,
+    Path(id): Path<String>,
+    body: Result<Json<RestoreVm>, JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return invalid_body(e),
+    };
+    match blocking(d, move |d| d.restore(&id, request)).await {
+        Ok(record) => Json(record).into_response(),
+        Err(r) => r,
+    }
+}
+
 async fn openapi() -> Response {
     Json(ApiDoc::openapi()).into_response()
 }
@@ -497,6 +562,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/peer/standbys", post(host_standby))
         .route("/api/v1/peer/incoming", post(host_incoming))
         .route("/api/v1/peer/vms/{id}", delete(drop_peer_copy))
+        .route("/api/v1/vms/{id}/snapshot", put(snapshot_vm))
+        .route("/api/v1/vms/{id}/snapshots", get(list_snapshots))
+        .route("/api/v1/vms/{id}/snapshots/{name}", delete(delete_snapshot))
+        .route("/api/v1/vms/{id}/restore", put(restore_vm))
         .route("/api/v1/cluster/hosts", get(cluster_hosts))
         .route("/api/v1/cluster/vms", get(cluster_vms))
         .route("/api/v1/cluster/vms/{id}", get(cluster_vm))

@@ -119,6 +119,15 @@ pub struct VmRecord {
     pub peer: Option<PeerRecord>,
 }
 
+/// Whether `id` (a VM id from a peer, a snapshot name) is safe as a directory name: 1 to 64 letters, digits, '-', '_' or '.', not only dots.
+pub fn safe_dir_name(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && id.chars().any(|c| c != '.')
+}
+
 /// The directory store: `ROOT/vms/ID/vm.json`, with the VM's console, log and API socket beside.
 pub struct DirStore {
     root: PathBuf,
@@ -222,6 +231,15 @@ mod tests {
             exit: None,
             role: Role::Primary,
             peer: None,
+        }
+    }
+
+    #[test]
+    fn ids_from_peers_are_safe_directory_names() {
+        assert!(safe_dir_name("vm-0a1b2c3d"));
+        assert!(safe_dir_name("web.1"));
+        for bad in ["", ".", "..", "../x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!safe_dir_name(bad), "{bad:?}");
         }
     }
 
