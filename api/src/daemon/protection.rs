@@ -23,6 +23,7 @@ pub struct ProtectVm {
     pub peer: String,
     /// Time between checkpoints in milliseconds (default 50).
     #[serde(default)]
+    #[schema(minimum = 5, maximum = 10000)]
     pub epoch_ms: Option<u64>,
     /// Time between checkpoints as `ftvmm run --epoch-ms` takes it (`auto`, `auto:MIN-MAX`),
     /// instead of `epoch_ms`.

@@ -16,6 +16,7 @@ use utoipa::OpenApi;
 
 use super::cluster::{ClusterError, ClusterHost, Placement, VmCopy};
 use super::events::DaemonEvent;
+use super::peer_client::PeerError;
 use super::metrics::{self, ProtectionFigures};
 use super::migration::MigrateVm;
 use super::peer_hosting::{PeerVmAnswer, PeerVmRequest};
@@ -107,6 +108,9 @@ impl DaemonError {
             DaemonError::NameTaken(_) | DaemonError::WrongState { .. } => StatusCode::CONFLICT,
             DaemonError::Process { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             DaemonError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // A peer address that names no host is the request's fault; one that does not answer
+            // is the peer's.
+            DaemonError::Peer(PeerError::Resolve { .. }) => StatusCode::BAD_REQUEST,
             DaemonError::VmApi { .. } | DaemonError::Peer(_) => StatusCode::BAD_GATEWAY,
             DaemonError::VmRefused { status, .. } | DaemonError::PeerRefused { status, .. } => {
                 match StatusCode::from_u16(*status) {

@@ -58,9 +58,11 @@ pub struct VmConfig {
     pub cmdline: Option<String>,
     /// Number of vCPUs (1 to 254).
     #[serde(default = "default_vcpus")]
+    #[schema(minimum = 1, maximum = 254)]
     pub vcpus: u8,
     /// Guest memory in MiB (16 to the host's RAM).
     #[serde(default = "default_memory_mib")]
+    #[schema(minimum = 16)]
     pub memory_mib: u64,
     /// virtio-blk disks, in the order the guest sees them.
     #[serde(default)]
