@@ -230,16 +230,13 @@ fn bad_requests_get_a_4xx_that_names_what_was_wrong_and_create_nothing() {
     assert_eq!(status, 201);
     let (status, err) = daemon.json("POST", "/api/v1/vms", &body);
     assert_eq!((status, err["error"].is_string()), (409, true), "{err}");
-    for (method, path) in [
-        ("PUT", "/api/v1/vms/x/pause"),
-        ("PUT", "/api/v1/vms/x/stop"),
+    for (method, path, says) in [
+        ("PUT", "/api/v1/vms/x/pause", "must run here"),
+        ("PUT", "/api/v1/vms/x/stop", "does not run"),
     ] {
         let (status, err) = daemon.json(method, path, "");
         assert_eq!(status, 409, "{path}: {err}");
-        assert!(
-            err["error"].as_str().unwrap().contains("does not run"),
-            "{err}"
-        );
+        assert!(err["error"].as_str().unwrap().contains(says), "{err}");
     }
     // Protection and migration need peers; a standby's operations need a standby.
     for (method, path, body, status, says) in [

@@ -255,6 +255,17 @@ fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back
     wait_until("A to record its VM's end", || {
         record(&pair.a, &id)["lifecycle"] == "exited"
     });
+    wait_until("the cluster to know the failover", || {
+        let p = pair
+            .a
+            .json("GET", &format!("/api/v1/cluster/vms/{id}"), "")
+            .1;
+        p["runs_on"] == "b" && p["standby_on"].is_null()
+    });
+    let (ok, out) = pair.a.cli(&["--output", "human", "where", "web"]);
+    assert!(ok && out.contains("runs_on: b"), "{out}");
+    let (ok, out) = pair.b.cli(&["--output", "json", "hosts"]);
+    assert!(ok && out.contains(&pair.a_api), "{out}");
     let seen = events_seen(events_b);
     assert!(
         seen.contains("\"kind\":\"standby_ready\""),
@@ -289,6 +300,39 @@ fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back
 #[test]
 fn a_migration_through_two_daemons_reports_progress_and_can_be_cancelled() {
     let pair = TwoDaemons::start("migrate", false);
+
+    // A standby that no primary has joined yet: its operations are refused, and a drop removes it.
+    let ask = json!({ "id": "lonely", "config": { "kernel": testguest() }, "from": pair.a_api });
+    let (status, answer) = pair
+        .b
+        .json("POST", "/api/v1/peer/standbys", &ask.to_string());
+    assert_eq!(status, 201, "{answer}");
+    assert!(
+        answer["link"]
+            .as_str()
+            .unwrap()
+            .starts_with(&pair.hosts.b_ip()),
+        "{answer}"
+    );
+    for (method, path) in [
+        ("PUT", "/api/v1/vms/lonely/pause"),
+        ("PUT", "/api/v1/vms/lonely/failover"),
+        ("GET", "/api/v1/vms/lonely/protection"),
+        ("PUT", "/api/v1/vms/lonely/protect"),
+    ] {
+        let (status, err) = pair.b.json(method, path, r#"{"peer":"x:1"}"#);
+        assert_eq!(status, 409, "{method} {path}: {err}");
+    }
+    let (status, err) = pair
+        .b
+        .json("POST", "/api/v1/peer/standbys", &ask.to_string());
+    assert_eq!(status, 409, "a second copy of one VM: {err}");
+    let (status, err) = pair.b.json("DELETE", "/api/v1/peer/vms/lonely", "");
+    assert_eq!(status, 204, "{err}");
+    wait_until("the dropped standby's removal", || {
+        pair.b.json("GET", "/api/v1/vms/lonely", "").0 == 404
+    });
+
     // A fast-dirtying guest stays in pre-copy with a 1 ms downtime target.
     let id = pair.boot_guest("mover", "dirty=20000 dirty_mb=64");
     let events_a = pair.a.events();

@@ -126,6 +126,11 @@ enum VmAction {
     CancelMigration { vm: Option<String> },
     /// Through the daemon: a VM's snapshots.
     Snapshots { vm: String },
+    /// Through a daemon in cluster mode: where the VM runs, where its standby is, and every
+    /// host's copy of it.
+    Where { vm: String },
+    /// Through a daemon in cluster mode: the live hosts and their daemons' addresses.
+    Hosts,
     /// Through the daemon: run a VM that does not run from one of its snapshots.
     Restore {
         vm: String,
@@ -354,6 +359,8 @@ fn through_daemon(
             Some(json!({ "name": name, "diff": diff })),
         ),
         VmAction::Snapshots { vm } => ("GET", vm_path(vm, "/snapshots"), None),
+        VmAction::Where { vm } => ("GET", format!("/api/v1/cluster/vms/{vm}"), None),
+        VmAction::Hosts => ("GET", "/api/v1/cluster/hosts".to_string(), None),
         VmAction::Restore { vm, snapshot } => (
             "PUT",
             vm_path(vm, "/restore"),

@@ -488,6 +488,12 @@ impl Daemon {
             return Err(wrong_state(&record, "it does not run"));
         }
         let socket = self.files(&record.id).api_socket;
+        if !socket.exists() {
+            return Err(wrong_state(
+                &record,
+                "its API is not up (a standby's comes up once its primary connects)",
+            ));
+        }
         crate::client::request(&socket, method, path, body, Duration::from_secs(60))
             .map(|r| (r.status, r.body))
             .map_err(|e| DaemonError::VmApi {

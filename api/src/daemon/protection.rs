@@ -124,7 +124,7 @@ impl Daemon {
     }
 
     /// VM `id`'s record, if it runs here as the primary.
-    pub(super) fn running_primary(&self, id: &str) -> Result<super::store::VmRecord, DaemonError> {
+    pub(crate) fn running_primary(&self, id: &str) -> Result<super::store::VmRecord, DaemonError> {
         let record = self.get(id)?;
         if record.lifecycle != Lifecycle::Running || record.role != Role::Primary {
             return Err(wrong_state(&record, "it must run here as the primary"));

@@ -16,9 +16,9 @@ use utoipa::OpenApi;
 
 use super::cluster::{ClusterError, ClusterHost, Placement, VmCopy};
 use super::events::DaemonEvent;
-use super::peer_client::PeerError;
 use super::metrics::{self, ProtectionFigures};
 use super::migration::MigrateVm;
+use super::peer_client::PeerError;
 use super::peer_hosting::{PeerVmAnswer, PeerVmRequest};
 use super::protection::ProtectVm;
 use super::snapshots::{RestoreVm, SnapshotInfo, SnapshotVm};
@@ -220,7 +220,7 @@ async fn stop_vm(State(d): Shared, Path(id): Path<String>) -> Response {
 /// Passes a pause or resume to the VM's own API and reports its answer as the daemon's.
 async fn forward(d: Arc<Daemon>, id: String, path: &'static str, kind: &'static str) -> Response {
     let result = blocking(d, move |d| {
-        let record = d.get(&id)?;
+        let record = d.running_primary(&id)?;
         let answer = d.vm_request(&record.id, "PUT", path, None)?;
         if answer.0 == 200 {
             d.events.send(DaemonEvent::new(&record.id, kind, ""));
