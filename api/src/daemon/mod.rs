@@ -108,6 +108,8 @@ pub struct Daemon {
     peering: Option<Peering>,
     /// The cluster this host belongs to (`--cluster`), if any.
     cluster: Option<cluster::Cluster>,
+    /// The cluster's etcd, which is also the witness of the VMs protected through the daemons.
+    witness_url: Option<String>,
     /// The latest status of each VM's migration, as followed by `migration.rs`.
     migrations: Mutex<BTreeMap<String, serde_json::Value>>,
 }
@@ -145,6 +147,7 @@ impl Daemon {
                 }
             }
         }
+        let witness_url = cluster.as_ref().map(|m| m.etcd_url.clone());
         let cluster = match (cluster, &peering) {
             (Some(m), Some(p)) => {
                 let records: Vec<VmRecord> = vms.values().cloned().collect();
@@ -170,6 +173,7 @@ impl Daemon {
             host_memory_mib: vm_config::host_memory_mib(),
             peering,
             cluster,
+            witness_url,
             migrations: Mutex::new(BTreeMap::new()),
         });
         for (id, watched) in adopted {
@@ -259,6 +263,20 @@ impl Daemon {
         ))
     }
 
+    /// The witness arguments of VM `id`'s primary and standby processes: in cluster mode the
+    /// cluster's etcd decides which copy may act, the guest named by its id (the same on both).
+    fn witness_args(&self, id: &str) -> Vec<OsString> {
+        match &self.witness_url {
+            Some(url) => vec![
+                "--witness".into(),
+                url.into(),
+                "--guest-name".into(),
+                id.into(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
     /// The arguments every VM process gets for its links (`--tls DIR` when the daemon has one).
     fn link_args(&self) -> Vec<OsString> {
         match &self.peering {
@@ -322,7 +340,9 @@ impl Daemon {
     /// second boot (or a delete) of it is refused.
     pub fn boot(self: &Arc<Self>, id: &str) -> Result<VmRecord, DaemonError> {
         self.launch(id, "booted", |record, files| {
-            record.config.run_args(&files.console, &files.api_socket)
+            let mut args = record.config.run_args(&files.console, &files.api_socket);
+            args.extend(self.witness_args(&record.id));
+            args
         })
     }
 

@@ -113,6 +113,9 @@ impl Daemon {
             format!("{}:0", bracketed(&link_host)).into(),
         ];
         args.extend(self.link_args());
+        if role == Role::Standby {
+            args.extend(self.witness_args(&id));
+        }
         args.extend(
             record
                 .config
