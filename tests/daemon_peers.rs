@@ -262,6 +262,15 @@ fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back
             .1;
         p["runs_on"] == "b" && p["standby_on"].is_null()
     });
+    let (_, metrics) = pair.b.request("GET", "/metrics", "");
+    for line in [
+        format!("ftvmm_vm_failovers_total{{vm=\"{id}\",name=\"web\"}} 1"),
+        format!(
+            "ftvmm_vm_info{{vm=\"{id}\",name=\"web\",role=\"primary\",lifecycle=\"running\"}} 1"
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line} not in {metrics}");
+    }
     let (ok, out) = pair.a.cli(&["--output", "human", "where", "web"]);
     assert!(ok && out.contains("runs_on: b"), "{out}");
     let (ok, out) = pair.b.cli(&["--output", "json", "hosts"]);

@@ -24,6 +24,7 @@ pub fn render(vms: &[(VmRecord, Option<ProtectionFigures>)]) -> String {
     );
     for (label, l) in [
         ("created", Lifecycle::Created),
+        ("booting", Lifecycle::Booting),
         ("running", Lifecycle::Running),
         ("exited", Lifecycle::Exited),
     ] {
@@ -55,6 +56,31 @@ pub fn render(vms: &[(VmRecord, Option<ProtectionFigures>)]) -> String {
     for (r, _) in vms {
         let running = u8::from(r.lifecycle == Lifecycle::Running);
         let _ = writeln!(out, "ftvmm_vm_running{} {running}", labels(r));
+    }
+    family(
+        &mut out,
+        "ftvmm_vm_info",
+        "gauge",
+        "Always 1; the VM's role and lifecycle as labels.",
+    );
+    for (r, _) in vms {
+        let mut labels = labels(r);
+        labels.pop();
+        let role = format!("{:?}", r.role).to_lowercase();
+        let lifecycle = format!("{:?}", r.lifecycle).to_lowercase();
+        let _ = writeln!(
+            out,
+            "ftvmm_vm_info{labels},role=\"{role}\",lifecycle=\"{lifecycle}\"}} 1"
+        );
+    }
+    family(
+        &mut out,
+        "ftvmm_vm_failovers_total",
+        "counter",
+        "Times this host's copy of the VM took over as its standby.",
+    );
+    for (r, _) in vms {
+        let _ = writeln!(out, "ftvmm_vm_failovers_total{} {}", labels(r), r.failovers);
     }
     family(&mut out, "ftvmm_vm_memory_bytes", "gauge", "Guest memory.");
     for (r, _) in vms {
@@ -139,6 +165,7 @@ mod tests {
             exit: None,
             role: Default::default(),
             peer: None,
+            failovers: 0,
         };
         let page = render(&[
             (

@@ -328,6 +328,7 @@ impl Daemon {
             exit: None,
             role: Role::Primary,
             peer: None,
+            failovers: 0,
         };
         self.save(&record)?;
         vms.insert(id.clone(), record.clone());

@@ -198,6 +198,7 @@ impl Daemon {
                 .map_or_else(vm_process::now, |p| p.created_at),
             process: None,
             exit: None,
+            failovers: previous.as_ref().map_or(0, |p| p.failovers),
             role,
             peer: Some(PeerRecord {
                 relation,
@@ -273,6 +274,9 @@ impl Daemon {
         let mut from = String::new();
         let promoted = self.update(id, |r| {
             from = r.peer.take().map(|p| p.daemon).unwrap_or_default();
+            if r.role == Role::Standby {
+                r.failovers += 1;
+            }
             r.role = Role::Primary;
             Ok(())
         });

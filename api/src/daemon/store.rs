@@ -117,6 +117,9 @@ pub struct VmRecord {
     /// The peer host this copy is paired with, if any.
     #[serde(default)]
     pub peer: Option<PeerRecord>,
+    /// Times this copy took over as the VM's standby.
+    #[serde(default)]
+    pub failovers: u32,
 }
 
 /// Whether `id` (a VM id from a peer, a snapshot name) is safe as a directory name: 1 to 64 letters, digits, '-', '_' or '.', not only dots.
@@ -231,6 +234,7 @@ mod tests {
             exit: None,
             role: Role::Primary,
             peer: None,
+            failovers: 0,
         }
     }
 
