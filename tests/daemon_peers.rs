@@ -407,3 +407,73 @@ fn a_migration_through_two_daemons_reports_progress_and_can_be_cancelled() {
     client.wait_more(20, "after the migration");
     client.finish();
 }
+
+#[test]
+fn the_same_protection_through_the_cli() {
+    let pair = TwoDaemons::start("cli", false);
+    let (ok, out) = pair.a.cli(&[
+        "--json",
+        "create",
+        "--name",
+        "cli",
+        "--kernel",
+        testguest().to_str().unwrap(),
+        "--cmdline",
+        &format!("mode=net ip={}/24", pair.hosts.guest_ip()),
+        "--memory",
+        "128",
+        "--net",
+        "tap=tap0",
+        "--boot",
+    ]);
+    assert!(ok, "{out}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    let console = pair.a.state.join("vms").join(&id).join("console.log");
+    wait_until("the guest's network", || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains("testguest: net up"))
+    });
+    let events_b = pair.b.events();
+    let (ok, out) = pair.a.cli(&[
+        "protect",
+        "cli",
+        "--peer",
+        &pair.b_api,
+        "--epoch-ms",
+        "auto",
+    ]);
+    assert!(ok, "{out}{}", pair.logs());
+    wait_until("protection", || {
+        pair.a
+            .cli(&["--json", "protection", "cli"])
+            .1
+            .contains("\"protected\"")
+    });
+    let (ok, out) = pair.b.cli(&["--output", "human", "protection", "cli"]);
+    assert!(ok && out.contains("primary:"), "the standby's state: {out}");
+    let mut client = pair.client();
+    client.wait_more(20, "before the primary's end");
+    let (_, info) = pair.a.cli(&["--json", "info", "cli"]);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    let pid = info["process"]["pid"].as_u64().unwrap();
+    // SAFETY: kill sends a signal to the primary's process, whose pid the daemon reported.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    wait_until("B to run the guest", || {
+        let (_, list) = pair.b.cli(&["--output", "human", "list"]);
+        list.lines()
+            .any(|l| l.starts_with(&id) && l.contains("primary") && l.contains("running"))
+    });
+    client.wait_more(20, "after the failover");
+    let seen = events_seen(events_b);
+    assert!(seen.contains("\"kind\":\"failed_over\""), "events: {seen}");
+    let (ok, out) = pair.b.cli(&["protect", "cli", "--peer", &pair.a_api]);
+    assert!(ok, "{out}{}", pair.logs());
+    wait_until("protection back to A", || {
+        pair.b
+            .cli(&["--json", "protection", "cli"])
+            .1
+            .contains("\"protected\"")
+    });
+    client.wait_more(20, "protected back");
+    client.finish();
+}

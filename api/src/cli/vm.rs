@@ -32,6 +32,10 @@ pub struct VmArgs {
     #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
     output: OutputFormat,
 
+    /// Print the API's JSON (as `--output json`).
+    #[arg(long, conflicts_with = "output")]
+    json: bool,
+
     #[command(subcommand)]
     action: VmAction,
 }
@@ -218,7 +222,10 @@ impl CreateArgs {
     }
 }
 
-pub fn vm(args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
+pub fn vm(mut args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
+    if args.json {
+        args.output = OutputFormat::Json;
+    }
     let Some(api_socket) = args.api_socket.clone() else {
         return through_daemon(&args.daemon, &args.action, args.output);
     };
