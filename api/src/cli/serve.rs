@@ -57,10 +57,15 @@ fn system_host_name() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// What serving the API on TCP takes: the peering, the TLS server side and the token.
+struct TcpApi {
+    peering: Peering,
+    tls: Arc<rustls::ServerConfig>,
+    token: BearerToken,
+}
+
 /// The daemon's TCP API and its peering, when `--listen` is given.
-fn peering(
-    args: &ServeArgs,
-) -> Result<Option<(Peering, Arc<rustls::ServerConfig>, BearerToken)>, Box<dyn std::error::Error>> {
+fn tcp_api(args: &ServeArgs) -> Result<Option<TcpApi>, Box<dyn std::error::Error>> {
     let (Some(listen), Some(tls), Some(token_file)) = (&args.listen, &args.tls, &args.token_file)
     else {
         return Ok(None);
@@ -83,15 +88,18 @@ fn peering(
         link_host,
         tls_dir: tls.clone(),
     };
-    Ok(Some((peering, identity.server_config(), token)))
+    Ok(Some(TcpApi {
+        peering,
+        tls: identity.server_config(),
+        token,
+    }))
 }
 
 pub fn serve(args: ServeArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find ftvmm's own executable: {e}"))?;
-    let peering = peering(&args)?;
-    let (peering, tcp) = match peering {
-        Some((peering, tls, token)) => (Some(peering), Some((tls, token))),
+    let (peering, tcp) = match tcp_api(&args)? {
+        Some(api) => (Some(api.peering), Some((api.tls, api.token))),
         None => (None, None),
     };
     let cluster = args.cluster.as_ref().map(|url| ClusterMembership {
