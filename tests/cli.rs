@@ -148,3 +148,57 @@ fn completions_are_printed_for_each_shell() {
     let out = run_ftvmm(&["completions", "tcsh"], Duration::from_secs(30));
     assert_eq!(out.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn hyperv_enlightenments_are_offered_or_refused_clearly() {
+    let guest = integration_tests::testguest();
+    let guest = guest.to_str().unwrap();
+    let plain = run_ftvmm(
+        &[
+            "run",
+            "--kernel",
+            guest,
+            "--cmdline",
+            "mode=info",
+            "--serial",
+            "stdout",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(plain.code(), Some(0), "{plain:?}");
+    assert!(
+        plain
+            .stdout
+            .contains("hypervisor leaf=0x40000000 signature=\"KVMKVMKVM\""),
+        "{}",
+        plain.stdout
+    );
+    let bad = run_ftvmm(&["run", "--hyperv", "yes", "--kernel", guest], DEADLINE);
+    assert_eq!(bad.code(), Some(2), "{bad:?}");
+    let on = run_ftvmm(
+        &[
+            "run",
+            "--hyperv",
+            "on",
+            "--kernel",
+            guest,
+            "--cmdline",
+            "mode=info",
+        ],
+        DEADLINE,
+    );
+    if on.code() == Some(1) {
+        // Hosts whose KVM is built without Hyper-V emulation (CONFIG_KVM_HYPERV=n) say so; the
+        // nested tier (tests/nested/hyperv.sh) runs Linux on the enlightenments.
+        assert_clean_error(&on, 1, "does not offer Hyper-V enlightenments");
+        return;
+    }
+    assert_eq!(on.code(), Some(0), "{on:?}");
+    for line in [
+        "hypervisor leaf=0x40000000 signature=\"Microsoft Hv\"",
+        "hypervisor leaf=0x40000100 signature=\"KVMKVMKVM\"",
+        "testguest: hyperv privileges=",
+    ] {
+        assert!(on.stdout.contains(line), "{line} not in {}", on.stdout);
+    }
+}

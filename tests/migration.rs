@@ -274,6 +274,7 @@ fn a_destination_refuses_corrupted_or_truncated_streams() {
             memory_mib: 32,
             disks: vec![],
             nets: vec![],
+            hyperv: Default::default(),
         };
         write_frame(&mut s, &Message::Hello { description }).unwrap();
         assert_eq!(
@@ -473,6 +474,7 @@ fn a_receiver_refuses_unauthenticated_peers_and_waits_for_the_right_one() {
         memory_mib: 32,
         disks: vec![],
         nets: vec![],
+        hyperv: Default::default(),
     };
     let _ = write_frame(&mut plain, &Message::Hello { description });
     assert!(read_frame::<_, Message>(&mut plain).is_err());
@@ -541,6 +543,7 @@ fn a_peer_naming_a_disk_path_gets_nothing_opened() {
             read_only: false,
         }],
         nets: vec![],
+        hyperv: Default::default(),
     };
     let err = link::open(&listen, &description, &security, DEADLINE, DEADLINE).unwrap_err();
     let err = err.to_string();

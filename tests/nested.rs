@@ -149,6 +149,11 @@ fn debian_kernel_protected_guest_fails_over_with_a_client_connected() {
     run_case("protect", Kernel::DebianBzImage);
 }
 
+#[test]
+fn debian_kernel_runs_on_hyper_v_enlightenments() {
+    run_case("hyperv", Kernel::DebianBzImage);
+}
+
 /// The harness itself: bad input is a clear error, a hanging script a bounded run.
 #[test]
 fn the_harness_refuses_bad_input_and_bounds_a_hanging_script() {

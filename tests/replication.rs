@@ -386,6 +386,7 @@ fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
         memory_mib: 32,
         disks: vec![],
         nets: vec![],
+        hyperv: Default::default(),
     };
     let page = |gpa: u64, encoding: PageEncoding| EncodedPage { gpa, encoding };
     let cases: [(&str, Message, &str); 4] = [
@@ -465,6 +466,7 @@ fn a_standby_follows_only_the_primary_whose_claim_the_witness_holds() {
         memory_mib: 32,
         disks: vec![],
         nets: vec![],
+        hyperv: Default::default(),
     };
     let with_witness = ["--witness", etcd.url(), "--guest-name", "claim-check"];
     let cases: [(&str, &[&str], Message, &str); 4] = [

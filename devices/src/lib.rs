@@ -5,10 +5,12 @@
 //! eventfds ([`interrupt`]), and ask the VMM to stop the machine through [`guest_exit`].
 
 pub mod bus;
+pub mod fw_cfg;
 pub mod guest_exit;
 pub mod interrupt;
 pub mod legacy;
 pub mod output_gate;
+pub mod pci;
 pub mod persist;
 pub mod virtio;
 

@@ -40,6 +40,7 @@ fn destination() -> Destination {
             read_only: false,
         }],
         nets: vec![],
+        hyperv: Default::default(),
     };
     let options = RestoreOptions {
         serial: Some(SerialOutput::Null),

@@ -64,6 +64,7 @@ fn config(cmdline: &str, vcpus: u8, serial: SerialOutput) -> VmConfig {
         disks: Vec::new(),
         nets: Vec::new(),
         dirty_ring: None,
+        hyperv: Default::default(),
     }
 }
 

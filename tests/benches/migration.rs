@@ -134,6 +134,7 @@ fn dirty_round_cost(pages_per_s: u32, dirty_ring: Option<u32>) {
         disks: Vec::new(),
         nets: Vec::new(),
         dirty_ring,
+        hyperv: Default::default(),
     };
     let mut machine = Machine::build(&config).expect("build");
     machine.start().expect("start");

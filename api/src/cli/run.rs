@@ -92,6 +92,14 @@ pub struct RunArgs {
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<NetConfig>,
 
+    /// Offer the guest Hyper-V enlightenments, which KVM implements: the hypercall page, VP index,
+    /// reference counter and reference TSC page, SynIC and synthetic timers, APIC access MSRs and
+    /// relaxed timing (what Windows guests expect). `on`: at CPUID 0x40000000, with KVM's own leaves
+    /// moved to 0x40000100 (Linux keeps using KVM's); `only`: without KVM's (Linux runs as a
+    /// Hyper-V guest).
+    #[arg(long, value_name = "on|only|off", default_value = "off")]
+    hyperv: vmm::arch::hyperv::HypervMode,
+
     /// Track dirty pages (for migration and diff snapshots) with KVM's dirty ring of ENTRIES entries
     /// per vCPU (a power of two, e.g. 4096) instead of KVM's dirty log.
     #[arg(long, value_name = "ENTRIES")]
@@ -144,6 +152,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         disks: args.disks,
         nets: args.nets,
         dirty_ring: args.dirty_ring,
+        hyperv: args.hyperv,
     };
     let security = match args.standby {
         Some(_) => Some(args.link.required("--standby")?),

@@ -255,6 +255,7 @@ mod tests {
                 tap: "peer-tap".into(),
                 mac: [2, 0, 0, 0, 0, 7],
             }],
+            hyperv: Default::default(),
         }
     }
 

@@ -20,6 +20,7 @@ use crate::arch::acpi::{write_acpi_tables, Com1, DsdtDevice};
 use crate::arch::boot::{load_kernel, KernelSpec};
 use crate::arch::cpuid::{apply_features, CpuFeatures};
 use crate::arch::emulate::EmulationCounters;
+use crate::arch::hyperv::{self, HypervMode};
 use crate::device_manager::{DeviceManager, Subscriber, VirtioSubscriber};
 use crate::memory::{create_guest_memory, GuestMemory};
 use crate::vcpu::state::saveable_msrs;
@@ -35,6 +36,7 @@ pub(super) struct Hardware<'a> {
     pub disks: &'a [BlockConfig],
     pub nets: &'a [NetConfig],
     pub dirty_ring: Option<u32>,
+    pub hyperv: HypervMode,
 }
 
 impl Machine {
@@ -55,6 +57,7 @@ impl Machine {
             disks: &config.disks,
             nets: &config.nets,
             dirty_ring: config.dirty_ring,
+            hyperv: config.hyperv,
         })?;
         let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1];
         dsdt_devices.extend(slots.slots().iter().map(|s| s as &dyn DsdtDevice));
@@ -117,6 +120,7 @@ impl Machine {
             memory_mib: hw.memory_mib,
             disks: Vec::new(),
             nets: Vec::new(),
+            hyperv: hw.hyperv,
         };
         let mut add = |device: Arc<Mutex<dyn VirtioSubscriber>>| {
             device_manager.add_virtio_device(
@@ -175,6 +179,15 @@ impl Machine {
         let mut unstarted = Vec::with_capacity(hw.vcpus.into());
         for id in 0..hw.vcpus {
             unstarted.push(Vcpu::new(vm.fd(), id, shared.clone())?);
+        }
+        if hw.hyperv != HypervMode::Off {
+            let leaves = hyperv::supported_leaves(vm.kvm(), unstarted[0].fd())?;
+            if hyperv::install(&mut cpuid, &leaves, hw.hyperv)? {
+                for vcpu in &unstarted {
+                    hyperv::enable_synic(vcpu.fd(), vcpu.id())?;
+                }
+            }
+            tracing::info!(mode = ?hw.hyperv, "Hyper-V enlightenments offered");
         }
         let dirty_rings = match hw.dirty_ring {
             Some(entries) => {

@@ -29,6 +29,7 @@ use crate::arch::acpi::AcpiError;
 use crate::arch::boot::BootError;
 use crate::arch::cpuid::{CpuFeatures, CpuidError};
 use crate::arch::emulate::EmulationCounters;
+use crate::arch::hyperv::HypervMode;
 use crate::control::{
     control_channel, ControlHandle, ControlInbox, RunState, SnapshotReport, VcpuSummary, VmCommand,
     VmInfo, VmReply,
@@ -62,6 +63,8 @@ pub struct VmConfig {
     /// Track dirty pages with KVM's dirty ring of this many entries per vCPU instead of its dirty
     /// log.
     pub dirty_ring: Option<u32>,
+    /// Hyper-V enlightenments offered to the guest (`arch/hyperv.rs`).
+    pub hyperv: HypervMode,
 }
 
 /// The virtual hardware of a VM: what a restore must recreate (backends may be renamed).
@@ -71,6 +74,10 @@ pub struct MachineDescription {
     pub memory_mib: u64,
     pub disks: Vec<DiskDescription>,
     pub nets: Vec<NetDescription>,
+    /// Hyper-V enlightenments: a restored vCPU's CPUID carries the leaves, but its SynIC must be
+    /// turned on again before its MSRs are set.
+    #[serde(default)]
+    pub hyperv: HypervMode,
 }
 
 /// A virtio-blk disk of a [`MachineDescription`].
@@ -130,6 +137,8 @@ pub enum MachineError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
+    #[error(transparent)]
+    Hyperv(#[from] crate::arch::hyperv::HypervError),
     #[error(transparent)]
     Acpi(#[from] AcpiError),
     #[error(transparent)]

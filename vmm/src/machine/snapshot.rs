@@ -405,6 +405,7 @@ impl Machine {
             disks: &disks,
             nets: &nets,
             dirty_ring: None,
+            hyperv: d.hyperv,
         })?;
         Ok(machine)
     }

@@ -81,6 +81,30 @@ fn run(cmdline: &Cmdline<'_>) {
             slot.index, slot.addr, slot.device_id, slot.version
         );
     }
+    // Hypervisor leaves: KVM's, and Hyper-V's when ftvmm offers them (`--hyperv`).
+    for base in [0x4000_0000u32, 0x4000_0100] {
+        let (max, b, c, d) = cpu::cpuid(base, 0);
+        let mut sig = [0u8; 12];
+        sig[0..4].copy_from_slice(&b.to_le_bytes());
+        sig[4..8].copy_from_slice(&c.to_le_bytes());
+        sig[8..12].copy_from_slice(&d.to_le_bytes());
+        let sig = core::str::from_utf8(&sig).unwrap_or("?").trim_end_matches('\0');
+        if sig.is_empty() || max < base {
+            continue;
+        }
+        println!(
+            "testguest: hypervisor leaf={:#x} signature=\"{}\" max={:#x}",
+            base, sig, max
+        );
+        if sig == "Microsoft Hv" {
+            let (privileges, flags, _, features) = cpu::cpuid(base + 3, 0);
+            let (recommendations, _, _, _) = cpu::cpuid(base + 4, 0);
+            println!(
+                "testguest: hyperv privileges={:#x} flags={:#x} features={:#x} recommendations={:#x}",
+                privileges, flags, features, recommendations
+            );
+        }
+    }
     let (hz, src) = time::tsc_hz();
     println!("testguest: tsc_hz={} source={}", hz, src.name());
     println!("testguest: heap used={}", crate::heap::ALLOCATOR.used());

@@ -1,0 +1,22 @@
+# Hyper-V enlightenments (`--hyperv`, vmm/src/arch/hyperv.rs). With `only`, the guest's hypervisor
+# leaves are Hyper-V's alone: Linux detects Microsoft Hyper-V and prints the privileges, hints and
+# features it was given, and runs on them (hypercall page, VP index, reference TSC page, SynIC
+# timers, APIC access MSRs) to /init with 2 vCPUs. With `on`, KVM's leaves are at 0x40000100 too and
+# Linux prefers KVM, as on QEMU. Both power off through ACPI: ftvmm exits 0.
+. /payload/lib.sh
+guest_start hvonly "" --hyperv only
+vm_exit hvonly 300
+[ "$EXIT_STATUS" = 0 ] || fail "--hyperv only: ftvmm exited $EXIT_STATUS"
+console hvonly | grep -q 'Hypervisor detected: Microsoft Hyper-V' ||
+    fail "--hyperv only: Linux did not detect Hyper-V"
+console hvonly | grep -q 'ftvmm-linux-init: cpus=2$' || fail "--hyperv only: no /init with 2 CPUs"
+privileges=$(line_of hvonly 'Hyper-V: privilege flags' | sed 's/.*Hyper-V: //')
+[ -n "$privileges" ] || fail "--hyperv only: no privilege flags line"
+clocksource=$(console hvonly | sed -n 's/.*clocksource: Switched to clocksource \([a-z_0-9]*\).*/\1/p' | tail -n 1)
+
+guest_start hvon "" --hyperv on
+vm_exit hvon 300
+[ "$EXIT_STATUS" = 0 ] || fail "--hyperv on: ftvmm exited $EXIT_STATUS"
+console hvon | grep -q 'Hypervisor detected: KVM' || fail "--hyperv on: Linux did not keep KVM"
+console hvon | grep -q 'ftvmm-linux-init: cpus=2$' || fail "--hyperv on: no /init with 2 CPUs"
+echo "RESULT: hyperv ok only: [$privileges] clocksource=$clocksource; on: KVM preferred"
