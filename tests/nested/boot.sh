@@ -9,4 +9,5 @@ console g | grep -q 'ftvmm-linux-init: cpus=2$' || fail "the guest did not repor
 devices=$(line_of g 'ftvmm-linux-init: disks=')
 [ "$devices" = "ftvmm-linux-init: disks=vda nics=eth0" ] || fail "devices: '$devices'"
 [ "$EXIT_STATUS" = 0 ] || fail "ftvmm exited $EXIT_STATUS after the guest's power-off"
-echo "RESULT: boot ok cpus=2 $devices uptime=$(console g | sed -n 's/^\[ *\([0-9.]*\)\] Run \/init.*/\1/p')"
+rtc=$(rtc_check g) || fail "$rtc"
+echo "RESULT: boot ok cpus=2 $devices $rtc uptime=$(console g | sed -n 's/^\[ *\([0-9.]*\)\] Run \/init.*/\1/p')"

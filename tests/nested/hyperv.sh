@@ -12,6 +12,9 @@ console hvonly | grep -q 'Hypervisor detected: Microsoft Hyper-V' ||
 console hvonly | grep -q 'ftvmm-linux-init: cpus=2$' || fail "--hyperv only: no /init with 2 CPUs"
 privileges=$(line_of hvonly 'Hyper-V: privilege flags' | sed 's/.*Hyper-V: //')
 [ -n "$privileges" ] || fail "--hyperv only: no privilege flags line"
+# The stock kernel has rtc_cmos: the wall clock comes from ftvmm's CMOS (no kvmclock here).
+console hvonly | grep -q 'rtc_cmos' || fail "--hyperv only: no rtc_cmos"
+rtc=$(rtc_check hvonly) || fail "$rtc"
 clocksource=$(console hvonly | sed -n 's/.*clocksource: Switched to clocksource \([a-z_0-9]*\).*/\1/p' | tail -n 1)
 
 guest_start hvon "" --hyperv on
@@ -19,4 +22,4 @@ vm_exit hvon 300
 [ "$EXIT_STATUS" = 0 ] || fail "--hyperv on: ftvmm exited $EXIT_STATUS"
 console hvon | grep -q 'Hypervisor detected: KVM' || fail "--hyperv on: Linux did not keep KVM"
 console hvon | grep -q 'ftvmm-linux-init: cpus=2$' || fail "--hyperv on: no /init with 2 CPUs"
-echo "RESULT: hyperv ok only: [$privileges] clocksource=$clocksource; on: KVM preferred"
+echo "RESULT: hyperv ok only: [$privileges] clocksource=$clocksource $rtc; on: KVM preferred"

@@ -145,3 +145,18 @@ show_vms() {
     fi
 }
 trap on_exit EXIT
+
+# rtc_check NAME: when NAME's kernel has rtc_cmos, it must have set the system clock from ftvmm's
+# CMOS clock (devices/src/legacy/cmos.rs) to within 5 minutes of the L1's; prints what it found.
+rtc_check() {
+    set_line=$(line_of "$1" 'rtc_cmos .*: setting system clock to')
+    if [ -z "$set_line" ]; then
+        console "$1" | grep -q 'rtc_cmos' && fail "$1: rtc_cmos did not set the clock"
+        echo "rtc=none"
+        return 0
+    fi
+    guest_s=$(echo "$set_line" | sed -n 's/.*(\([0-9]*\)).*/\1/p')
+    skew=$(( $(date +%s) - guest_s ))
+    [ "${skew#-}" -le 300 ] || fail "$1: the guest's clock is ${skew} s off the L1's"
+    echo "rtc=ok skew=${skew}s"
+}

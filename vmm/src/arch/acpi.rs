@@ -104,6 +104,33 @@ impl DsdtDevice for Com1 {
     }
 }
 
+/// The CMOS real-time clock as a PNP0B00 device (Linux's rtc_cmos binds to it).
+pub struct Rtc;
+
+impl DsdtDevice for Rtc {
+    fn append_aml(&self, sink: &mut dyn AmlSink) {
+        let base = devices::legacy::cmos::PORT_BASE as u16;
+        aml::Device::new(
+            "RTC_".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::IO::new(base, base, 1, devices::legacy::cmos::PORT_LEN as u8),
+                        &aml::Interrupt::new(true, true, false, false, RTC_IRQ),
+                    ]),
+                ),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+}
+
+/// The RTC's ISA interrupt (its alarm and periodic interrupts are not offered; see
+/// `devices/src/legacy/cmos.rs`).
+const RTC_IRQ: u32 = 8;
+
 fn dsdt(devices: &[&dyn DsdtDevice]) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();

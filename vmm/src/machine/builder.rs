@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use devices::legacy::{AcpiPmDevice, SerialDevice, SerialOutput, I8042};
+use devices::legacy::{AcpiPmDevice, Cmos, CmosMemory, SerialDevice, SerialOutput, I8042};
 use devices::virtio::block::{BlockConfig, VirtioBlock};
 use devices::virtio::net::{NetConfig, VirtioNet};
 use devices::{Bus, BusDevice, EventFdTrigger, GuestExitEvent};
@@ -16,7 +16,7 @@ use super::{
     DiskDescription, Machine, MachineDescription, MachineError, NetDescription, StopWatcher,
     VmConfig, MAX_VCPUS,
 };
-use crate::arch::acpi::{write_acpi_tables, Com1, DsdtDevice};
+use crate::arch::acpi::{write_acpi_tables, Com1, DsdtDevice, Rtc};
 use crate::arch::boot::{load_kernel, KernelSpec};
 use crate::arch::cpuid::{apply_features, CpuFeatures};
 use crate::arch::emulate::EmulationCounters;
@@ -59,7 +59,7 @@ impl Machine {
             dirty_ring: config.dirty_ring,
             hyperv: config.hyperv,
         })?;
-        let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1];
+        let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1, &Rtc];
         dsdt_devices.extend(slots.slots().iter().map(|s| s as &dyn DsdtDevice));
         let rsdp = write_acpi_tables(&machine.memory, config.vcpus.into(), &dsdt_devices)?;
         let entry = load_kernel(
@@ -112,6 +112,18 @@ impl Machine {
         let mut event_manager = EventManager::<Subscriber>::new()
             .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
         let (io_bus, serial) = build_io_bus(&vm, hw.serial, &guest_exit)?;
+        let mut io_bus = io_bus;
+        let cmos = Arc::new(Mutex::new(Cmos::new(cmos_memory(hw))));
+        io_bus
+            .insert(
+                cmos.clone(),
+                devices::legacy::cmos::PORT_BASE,
+                devices::legacy::cmos::PORT_LEN,
+            )
+            .map_err(|source| MachineError::Bus {
+                device: "CMOS",
+                source,
+            })?;
         let io_bus = Arc::new(io_bus);
         let mut mmio_bus = Bus::new();
         let mut device_manager = DeviceManager::new();
@@ -209,6 +221,7 @@ impl Machine {
         let machine = Self {
             description,
             serial,
+            cmos,
             transports: device_manager.transports().to_vec(),
             nics,
             disk_access,
@@ -255,6 +268,20 @@ impl Machine {
 }
 
 /// The port I/O bus: COM1 (fresh or restored), the i8042 and the ACPI PM registers.
+/// The RAM layout the CMOS memory-size bytes describe.
+fn cmos_memory(hw: &Hardware) -> CmosMemory {
+    let ram: Vec<(u64, u64)> = crate::memory::ram_ranges(hw.memory_mib << 20)
+        .into_iter()
+        .map(|(base, size)| (base.0, size as u64))
+        .collect();
+    let four_gib = crate::arch::layout::FOUR_GIB;
+    CmosMemory {
+        below_4g: ram.iter().filter(|r| r.0 < four_gib).map(|r| r.1).sum(),
+        above_4g: ram.iter().filter(|r| r.0 >= four_gib).map(|r| r.1).sum(),
+        vcpus: hw.vcpus,
+    }
+}
+
 fn build_io_bus(
     vm: &Vm,
     serial: &SerialOutput,

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use devices::legacy::{SerialDevice, SerialOutput};
+use devices::legacy::{Cmos, SerialDevice, SerialOutput};
 use devices::virtio::block::{BlockConfig, BlockError};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::net::{NetConfig, NetError, VirtioNet};
@@ -223,6 +223,7 @@ impl DiskAccess {
 pub struct Machine {
     description: MachineDescription,
     serial: Arc<Mutex<SerialDevice>>,
+    cmos: Arc<Mutex<Cmos>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     nics: Vec<Arc<Mutex<VirtioNet>>>,
     /// Per disk, what protection needs beside the device: its write journal and image.

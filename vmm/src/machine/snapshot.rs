@@ -5,6 +5,7 @@
 //! `memory` (guest RAM, zero pages as holes). Both are written to temporary names and renamed, so
 //! a crash mid-snapshot never leaves a directory that looks complete.
 
+use devices::legacy::CmosState;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -94,6 +95,8 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub serial: UartState,
     pub virtio: Vec<VirtioState>,
+    /// The CMOS RAM and the guest's clock offset.
+    pub cmos: CmosState,
 }
 
 /// Errors saving or restoring a snapshot.
@@ -208,6 +211,7 @@ impl Machine {
                 .iter()
                 .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save_state())
                 .collect(),
+            cmos: self.cmos.lock().unwrap_or_else(|e| e.into_inner()).state(),
         })
     }
 
@@ -438,6 +442,11 @@ impl Machine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .restore_state(&snap.serial)
+            .map_err(MachineError::DeviceState)?;
+        self.cmos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_state(&snap.cmos)
             .map_err(MachineError::DeviceState)?;
         for (index, (transport, state)) in self.transports.iter().zip(&snap.virtio).enumerate() {
             transport
