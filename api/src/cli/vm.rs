@@ -171,6 +171,9 @@ struct CreateArgs {
     /// A virtio-net interface: tap=NAME[,mac=MAC]. Repeatable.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nics: Vec<String>,
+    /// Hyper-V enlightenments, as `ftvmm run --hyperv`.
+    #[arg(long, value_name = "on|only|off", default_value = "off")]
+    hyperv: vmm::arch::hyperv::HypervMode,
     /// Boot the VM once it is created.
     #[arg(long)]
     boot: bool,
@@ -218,6 +221,7 @@ impl CreateArgs {
             "memory_mib": self.memory,
             "disks": disks,
             "nics": nics,
+            "hyperv": self.hyperv,
         }))
     }
 }

@@ -70,6 +70,10 @@ pub struct VmConfig {
     /// virtio-net interfaces on TAP devices (created if missing, removed when the VM ends).
     #[serde(default)]
     pub nics: Vec<NicConfig>,
+    /// Hyper-V enlightenments (`ftvmm run --hyperv`): `off`, `on` or `only`.
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub hyperv: vmm::arch::hyperv::HypervMode,
 }
 
 /// A virtio-blk disk backed by a raw image file.
@@ -188,6 +192,10 @@ impl VmConfig {
             "--memory".into(),
             self.memory_mib.to_string().into(),
         ]);
+        if self.hyperv != vmm::arch::hyperv::HypervMode::Off {
+            let mode = serde_json::to_value(self.hyperv).unwrap_or_default();
+            args.extend(["--hyperv".into(), mode.as_str().unwrap_or("on").into()]);
+        }
         args.extend(self.device_args(console, api_socket, true));
         args
     }
@@ -325,5 +333,14 @@ mod tests {
              --disk path=/d.img,readonly --net tap=tap3,mac=52:54:00:00:00:01 \
              --serial file:/v/console.log --api-socket /v/api.sock"
         );
+        c.hyperv = vmm::arch::hyperv::HypervMode::Only;
+        let args: Vec<String> = c
+            .run_args(Path::new("/c"), Path::new("/a"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert!(args.join(" ").contains("--memory 256 --hyperv only --disk"), "{args:?}");
+        let bad = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "hyperv": "yes"}"#);
+        assert!(bad.unwrap_err().to_string().contains("unknown variant `yes`"));
     }
 }
