@@ -339,8 +339,14 @@ mod tests {
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
-        assert!(args.join(" ").contains("--memory 256 --hyperv only --disk"), "{args:?}");
+        assert!(
+            args.join(" ").contains("--memory 256 --hyperv only --disk"),
+            "{args:?}"
+        );
         let bad = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "hyperv": "yes"}"#);
-        assert!(bad.unwrap_err().to_string().contains("unknown variant `yes`"));
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("unknown variant `yes`"));
     }
 }

@@ -75,7 +75,24 @@ fn msr_queries(indices: &[u32]) -> Vec<kvm_msr_entry> {
         .collect()
 }
 
-/// The MSRs worth saving: every index KVM lists that this vCPU can actually read.
+/// The Hyper-V SynIC and synthetic timer MSRs, in the order they must be restored (the controller,
+/// its pages and interrupt sources before the timers that deliver to them; a timer's config before
+/// its count). KVM's index list names only SCONTROL and STIMER0_CONFIG of them; a vCPU without
+/// Hyper-V enlightenments (`arch/hyperv.rs`) cannot read them, so they drop out.
+fn hyperv_synic_msrs() -> impl Iterator<Item = u32> {
+    const SCONTROL: u32 = 0x4000_0080;
+    const SIEFP: u32 = 0x4000_0082;
+    const SIMP: u32 = 0x4000_0083;
+    const SINT0: u32 = 0x4000_0090;
+    const STIMER0_CONFIG: u32 = 0x4000_00b0;
+    [SCONTROL, SIEFP, SIMP]
+        .into_iter()
+        .chain(SINT0..SINT0 + 16)
+        .chain(STIMER0_CONFIG..STIMER0_CONFIG + 8)
+}
+
+/// The MSRs worth saving: every index KVM lists that this vCPU can actually read, and the Hyper-V
+/// SynIC and timer MSRs it does not list.
 pub fn saveable_msrs(kvm: &Kvm, fd: &VcpuFd, id: u8) -> Result<Vec<u32>, VcpuStateError> {
     let list = kvm
         .get_msr_index_list()
@@ -85,7 +102,14 @@ pub fn saveable_msrs(kvm: &Kvm, fd: &VcpuFd, id: u8) -> Result<Vec<u32>, VcpuSta
             what: "MSR indices",
             source,
         })?;
-    let mut candidates: Vec<u32> = list.as_slice().to_vec();
+    let synic: Vec<u32> = hyperv_synic_msrs().collect();
+    let mut candidates: Vec<u32> = list
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|i| !synic.contains(i))
+        .chain(synic.iter().copied())
+        .collect();
     let mut readable = Vec::with_capacity(candidates.len());
     // KVM_GET_MSRS stops at the first MSR it cannot read: keep what was read, skip that one, go on.
     while !candidates.is_empty() {
