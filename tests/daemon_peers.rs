@@ -17,6 +17,28 @@ use serde_json::{json, Value};
 const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Two daemons, one per host, and the guest's client on the LAN.
+/// Starts host `host`'s daemon (state in `dir/host`, identity `dir/pki/host`) inside `ns`.
+fn start_daemon(
+    dir: &std::path::Path,
+    host: &str,
+    ns: &integration_tests::netns::NetNs,
+    listen: &str,
+    etcd_url: Option<&str>,
+) -> Daemon {
+    let home = dir.join(host);
+    std::fs::create_dir_all(&home).unwrap();
+    Daemon::start_in(
+        &home,
+        Some(ns),
+        Some(PeerApi {
+            listen,
+            tls: &dir.join("pki").join(host),
+            token_file: &dir.join("token"),
+            cluster: etcd_url.map(|url| (url, host)),
+        }),
+    )
+}
+
 struct TwoDaemons {
     hosts: TwoHosts,
     _etcd: Option<TestEtcd>,
@@ -25,6 +47,7 @@ struct TwoDaemons {
     b: Daemon,
     a_api: String,
     b_api: String,
+    etcd_url: Option<String>,
 }
 
 impl TwoDaemons {
@@ -37,26 +60,12 @@ impl TwoDaemons {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (a_ip, b_ip) = (hosts.a_ip(), hosts.b_ip());
-        let pki = tls_pki(&dir, &[("a", &[a_ip.as_str()]), ("b", &[b_ip.as_str()])]);
-        let token = dir.join("token");
-        std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+        // `start_daemon` finds the identities in dir/pki and the token in dir/token.
+        tls_pki(&dir, &[("a", &[a_ip.as_str()]), ("b", &[b_ip.as_str()])]);
+        std::fs::write(dir.join("token"), "0123456789abcdef0123456789abcdef\n").unwrap();
         let (a_api, b_api) = (format!("{a_ip}:7200"), format!("{b_ip}:7200"));
-        let start = |host: &str, ns, listen: &str| {
-            let home = dir.join(host);
-            std::fs::create_dir_all(&home).unwrap();
-            Daemon::start_in(
-                &home,
-                Some(ns),
-                Some(PeerApi {
-                    listen,
-                    tls: &pki.join(host),
-                    token_file: &token,
-                    cluster: etcd_url.as_deref().map(|url| (url, host)),
-                }),
-            )
-        };
-        let a = start("a", &hosts.a, &a_api);
-        let b = start("b", &hosts.b, &b_api);
+        let a = start_daemon(&dir, "a", &hosts.a, &a_api, etcd_url.as_deref());
+        let b = start_daemon(&dir, "b", &hosts.b, &b_api, etcd_url.as_deref());
         Self {
             hosts,
             _etcd: etcd,
@@ -65,7 +74,20 @@ impl TwoDaemons {
             b,
             a_api,
             b_api,
+            etcd_url,
         }
+    }
+
+    /// Kills host B's daemon (its VM processes run on) and starts a new one on the same store.
+    fn restart_b(&mut self) {
+        self.b.kill();
+        self.b = start_daemon(
+            &self.dir,
+            "b",
+            &self.hosts.b,
+            &self.b_api,
+            self.etcd_url.as_deref(),
+        );
     }
 
     /// Creates and boots on host A the test guest's key-value service on the LAN, `dirty` pages
@@ -203,9 +225,9 @@ fn record(daemon: &Daemon, id: &str) -> Value {
 
 #[test]
 fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back() {
-    let pair = TwoDaemons::start("protect", true);
+    let mut pair = TwoDaemons::start("protect", true);
     let id = pair.boot_guest("web", "dirty=200 dirty_mb=8");
-    let events_b = pair.b.events();
+    let first_events_b = pair.b.events();
 
     // Protect through A's API, naming host B as the cluster knows it: B's daemon starts the standby.
     let (status, hosts) = pair.a.json("GET", "/api/v1/cluster/hosts", "");
@@ -243,6 +265,22 @@ fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back
     let mut client = pair.client();
     client.wait_more(20, "before the primary's end");
 
+    // B's daemon restarts while its standby follows: the new one re-adopts the standby and still
+    // sees it take over.
+    let seen = events_seen(first_events_b);
+    assert!(
+        seen.contains("\"kind\":\"standby_ready\""),
+        "events: {seen}"
+    );
+    pair.restart_b();
+    let standby = record(&pair.b, &id);
+    assert_eq!(
+        (standby["role"].as_str(), standby["lifecycle"].as_str()),
+        (Some("standby"), Some("running")),
+        "{standby}"
+    );
+    let events_b = pair.b.events();
+
     // Host A loses the VM's process.
     let pid = record(&pair.a, &id)["process"]["pid"].as_u64().unwrap();
     // SAFETY: kill sends a signal to the primary's process, whose pid the daemon reported.
@@ -276,10 +314,6 @@ fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back
     let (ok, out) = pair.b.cli(&["--output", "json", "hosts"]);
     assert!(ok && out.contains(&pair.a_api), "{out}");
     let seen = events_seen(events_b);
-    assert!(
-        seen.contains("\"kind\":\"standby_ready\""),
-        "events: {seen}"
-    );
     assert!(seen.contains("\"kind\":\"failed_over\""), "events: {seen}");
 
     // Protected back through the CLI: A's daemon hosts the standby now, in A's old record.
