@@ -329,12 +329,17 @@ fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back
     assert!(ok && out.contains("\"protected\""), "{out}");
     client.wait_more(20, "protected back");
 
-    // Unprotected through the CLI: A's standby ends and is removed.
+    // Unprotected through the CLI: A's standby ends, and the record it took the place of (the
+    // killed primary's) comes back, which will not boot while the guest may run on B.
     let (ok, out) = pair.b.cli(&["unprotect", "web"]);
     assert!(ok, "{out}");
-    wait_until("A's standby to be removed", || {
-        pair.a.json("GET", &format!("/api/v1/vms/{id}"), "").0 == 404
+    wait_until("A's standby to end", || {
+        let r = record(&pair.a, &id);
+        r["role"] == "primary" && r["lifecycle"] == "exited"
     });
+    let (status, err) = pair.a.json("PUT", &format!("/api/v1/vms/{id}/boot"), "");
+    assert_eq!(status, 409, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("may run on"), "{err}");
     client.wait_more(20, "unprotected");
     let last = client.finish();
     assert!(last > 80, "{last} increments");

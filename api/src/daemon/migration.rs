@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use super::events::DaemonEvent;
 use super::peer_hosting::{PeerVmAnswer, PeerVmRequest};
-use super::store::{PeerRecord, Relation};
+use super::store::{Lifecycle, PeerRecord, Relation};
 use super::{Daemon, DaemonError};
 
 /// How often a migration's progress is read.
@@ -46,15 +46,27 @@ impl Daemon {
             disk_sizes: Self::disk_sizes(&record.config)?,
             from: self.peering()?.address.clone(),
         };
-        let answer = self.peer_call(
-            &peer,
-            "POST",
-            "/api/v1/peer/incoming",
-            Some(&json!(ask)),
-            201,
-        )?;
-        let PeerVmAnswer { link } = serde_json::from_value(answer)
-            .map_err(|e| DaemonError::Invalid(format!("peer {} answered oddly: {e}", peer)))?;
+        let answer = self
+            .peer_call(
+                &peer,
+                "POST",
+                "/api/v1/peer/incoming",
+                Some(&json!(ask)),
+                201,
+            )
+            .inspect_err(|e| {
+                // A peer that refused made nothing; one whose answer was lost may have.
+                if !matches!(e, DaemonError::PeerRefused { .. }) {
+                    self.drop_peer_copy(&peer, &id);
+                }
+            })?;
+        let PeerVmAnswer { link } = serde_json::from_value(answer).map_err(|e| {
+            self.drop_peer_copy(&peer, &id);
+            DaemonError::PeerAnswer {
+                peer: peer.clone(),
+                reason: e.to_string(),
+            }
+        })?;
         let body = json!({ "to": link, "downtime_ms": request.downtime_ms.unwrap_or(50) });
         let status = match self.vm_call(&id, "PUT", "/api/v1/vm/migrate", Some(&body), 202) {
             Ok(status) => status,
@@ -125,8 +137,24 @@ impl Daemon {
             std::thread::sleep(FOLLOW_EVERY);
             let status = match self.vm_request(id, "GET", "/api/v1/vm/migration", None) {
                 Ok((200, status)) => status,
+                // A busy or restarting API: the process's own end decides, not one poll.
+                Ok(_) | Err(_)
+                    if self
+                        .get(id)
+                        .is_ok_and(|r| r.lifecycle == Lifecycle::Running) =>
+                {
+                    continue
+                }
                 Ok((_, answer)) => failed(&answer.to_string()),
-                Err(e) => failed(&format!("the VM's process ended mid-way ({e})")),
+                Err(_) => match self.get(id).ok().and_then(|r| r.peer) {
+                    // The process ended 0 after the hand-over (`Daemon::ended`).
+                    Some(p) if p.relation == Relation::MigratedTo => {
+                        let mut done = self.migration(id).unwrap_or_else(|_| json!({}));
+                        done["state"] = "completed".into();
+                        done
+                    }
+                    _ => failed("the VM's process ended during the migration"),
+                },
             };
             self.set_migration(id, status.clone());
             let state = status["state"].as_str().unwrap_or("unknown").to_string();

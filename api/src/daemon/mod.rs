@@ -78,6 +78,18 @@ pub enum DaemonError {
     Missing(String),
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    #[error(
+        "VM {id}: its guest may run on {peer} now ({how}); delete this record to run it here again"
+    )]
+    Elsewhere {
+        id: String,
+        peer: String,
+        how: &'static str,
+    },
+    #[error("peer daemon {peer} answered what is not a peer's answer: {reason}")]
+    PeerAnswer { peer: String, reason: String },
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// The cluster to join: its etcd and this host's name there.
@@ -126,6 +138,7 @@ impl Daemon {
         let store = DirStore::open(state_dir)?;
         let mut vms = store.load()?;
         let mut adopted = Vec::new();
+        let mut gone_copies = Vec::new();
         for record in vms.values_mut() {
             if record.lifecycle != Lifecycle::Running {
                 continue;
@@ -135,6 +148,7 @@ impl Daemon {
                     tracing::info!(vm = %record.id, pid = p.pid, "re-adopted a running VM");
                     adopted.push((record.id.clone(), Watched::Adopted(p)));
                 }
+                _ if record.role != Role::Primary => gone_copies.push(record.id.clone()),
                 _ => {
                     record.lifecycle = Lifecycle::Exited;
                     record.process = None;
@@ -176,6 +190,17 @@ impl Daemon {
             witness_url,
             migrations: Mutex::new(BTreeMap::new()),
         });
+        // Copies hosted for a peer whose process ended while no daemon watched: as if watched.
+        for id in gone_copies {
+            daemon.ended(
+                &id,
+                store::ExitRecord {
+                    code: None,
+                    reason: "ended while the daemon was not running".into(),
+                    at: vm_process::now(),
+                },
+            );
+        }
         for (id, watched) in adopted {
             let role = daemon.get(&id).map(|r| r.role);
             daemon.watch(id.clone(), watched);
@@ -364,6 +389,20 @@ impl Daemon {
             if r.role != Role::Primary {
                 return Err(wrong_state(r, "only a primary boots"));
             }
+            if let Some(peer) = &r.peer {
+                let how = match peer.relation {
+                    Relation::MigratedTo | Relation::MigratingTo => "it migrated there",
+                    Relation::ProtectedBy => "its standby there may have taken over",
+                    _ => "",
+                };
+                if !how.is_empty() {
+                    return Err(DaemonError::Elsewhere {
+                        id: r.id.clone(),
+                        peer: peer.daemon.clone(),
+                        how,
+                    });
+                }
+            }
             before = Some(r.lifecycle);
             r.lifecycle = Lifecycle::Booting;
             Ok(())
@@ -435,11 +474,8 @@ impl Daemon {
         if never_ran_the_guest {
             // A standby or destination that never ran the guest holds nothing worth keeping.
             let log = vm_process::log_tail(&self.files(id).log);
-            vms.remove(id);
+            self.discard_copy(&mut vms, id);
             drop(vms);
-            if let Err(e) = self.forget(id) {
-                tracing::error!(vm = %id, "{e}");
-            }
             let kind = if role == Role::Standby {
                 "standby_ended"
             } else {
@@ -453,9 +489,19 @@ impl Daemon {
             ));
             return;
         }
-        if let Some(peer) = &record.peer {
-            if peer.relation == Relation::MigratedTo && exit.code == Some(0) {
-                exit.reason = format!("the VM migrated to {}", peer.daemon);
+        if let Some(peer) = record.peer.clone() {
+            match peer.relation {
+                Relation::MigratedTo | Relation::MigratingTo if exit.code == Some(0) => {
+                    // The process ends 0 after the hand-over (its follower may not have read the
+                    // last status yet).
+                    exit.reason = format!("the VM migrated to {}", peer.daemon);
+                    if let Some(p) = &mut record.peer {
+                        p.relation = Relation::MigratedTo;
+                    }
+                }
+                // The guest powered off: its standby heard the goodbye and ended.
+                Relation::ProtectedBy if exit.code == Some(0) => record.peer = None,
+                _ => {}
             }
         }
         record.role = Role::Primary;
@@ -486,11 +532,17 @@ impl Daemon {
     /// Removes VM `id`, which must not run.
     pub fn delete(&self, id: &str) -> Result<(), DaemonError> {
         let record = self.get(id)?;
-        if matches!(record.lifecycle, Lifecycle::Running | Lifecycle::Booting) {
-            return Err(wrong_state(&record, "stop it first"));
+        let mut vms = self.vms();
+        // Checked and removed under one lock: no boot or peer copy can start in between.
+        let current = vms
+            .get(&record.id)
+            .ok_or_else(|| DaemonError::NoSuchVm(id.to_string()))?;
+        if matches!(current.lifecycle, Lifecycle::Running | Lifecycle::Booting) {
+            return Err(wrong_state(current, "stop it first"));
         }
         self.forget(&record.id)?;
-        self.vms().remove(&record.id);
+        vms.remove(&record.id);
+        drop(vms);
         self.events
             .send(DaemonEvent::new(&record.id, "deleted", ""));
         Ok(())
@@ -578,7 +630,7 @@ impl Daemon {
             .map(|d| {
                 std::fs::metadata(&d.path)
                     .map(|m| m.len())
-                    .map_err(|e| DaemonError::Invalid(format!("disk {}: {e}", d.path.display())))
+                    .map_err(|e| DaemonError::Internal(format!("disk {}: {e}", d.path.display())))
             })
             .collect()
     }

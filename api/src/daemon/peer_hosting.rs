@@ -74,7 +74,7 @@ impl Daemon {
         let link_host = self.peering()?.link_host.clone();
         let PeerVmRequest {
             id,
-            mut config,
+            config,
             disk_sizes,
             from,
         } = request;
@@ -91,19 +91,36 @@ impl Daemon {
                 config.disks.len()
             )));
         }
-        let dir = self.store.make_vm_dir(&id)?;
-        config.disks = match role {
-            Role::Standby => standby_images(&dir, &config.disks, &disk_sizes)?,
-            _ => {
-                shared_disks(&config.disks, &disk_sizes)?;
-                config.disks
-            }
-        };
+        if role == Role::Incoming {
+            shared_disks(&config.disks, &disk_sizes)?;
+        }
         let relation = match role {
             Role::Standby => Relation::StandbyOf,
             _ => Relation::MigratingFrom,
         };
-        let previous = self.take_for_peer(&id, role, config, relation, &from)?;
+        // The id is reserved (`booting`) before anything is made in its directory: a copy that
+        // runs here already is refused before its images could be touched.
+        let previous = self.take_for_peer(&id, role, config.clone(), relation, &from)?;
+        let dir = match self.store.make_vm_dir(&id) {
+            Ok(dir) => dir,
+            Err(e) => {
+                self.give_back(&id, previous);
+                return Err(e.into());
+            }
+        };
+        if role == Role::Standby {
+            match standby_images(&dir, &config.disks, &disk_sizes) {
+                Ok(images) => {
+                    if let Some(r) = self.vms().get_mut(&id) {
+                        r.config.disks = images;
+                    }
+                }
+                Err(e) => {
+                    self.give_back(&id, previous);
+                    return Err(e);
+                }
+            }
+        }
         let (command, listening, _) = role.process();
         let files = self.files(&id);
         let record = self.get(&id)?;
@@ -180,6 +197,8 @@ impl Daemon {
             if matches!(p.lifecycle, Lifecycle::Running | Lifecycle::Booting) {
                 return Err(wrong_state(p, "this host runs a copy of it already"));
             }
+            // Kept, so that a copy that never runs the guest gives the record back.
+            self.store.save_previous(p)?;
         }
         if let Some(name) = &config.name {
             if vms
@@ -213,13 +232,45 @@ impl Daemon {
     /// Undoes [`Self::take_for_peer`] after the process did not start.
     fn give_back(&self, id: &str, previous: Option<VmRecord>) {
         let mut vms = self.vms();
+        let _ = self.store.take_previous(id);
         match previous {
             Some(p) => {
                 vms.insert(id.to_string(), p);
             }
             None => {
                 vms.remove(id);
-                drop(vms);
+                if let Err(e) = self.forget(id) {
+                    tracing::error!(vm = %id, "{e}");
+                }
+            }
+        }
+    }
+
+    /// A hosted copy of VM `id` ended without running the guest (the primary said goodbye, a
+    /// migration failed or was cancelled, the peer dropped it): the record it took the place of
+    /// comes back, or the VM is removed from this host. Called with the VM table locked.
+    pub(super) fn discard_copy(
+        &self,
+        vms: &mut std::collections::BTreeMap<String, VmRecord>,
+        id: &str,
+    ) {
+        let dir = self.store.vm_dir(id);
+        match self.store.take_previous(id) {
+            Some(previous) => {
+                // Only the copy's own images go; the record's snapshots and console stay.
+                for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("disk") && name.ends_with(".img") {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+                if let Err(e) = self.save(&previous) {
+                    tracing::error!(vm = %id, "{e}");
+                }
+                vms.insert(id.to_string(), previous);
+            }
+            None => {
+                vms.remove(id);
                 if let Err(e) = self.forget(id) {
                     tracing::error!(vm = %id, "{e}");
                 }
@@ -231,7 +282,8 @@ impl Daemon {
     /// not start): its process is ended, and its end removes it.
     pub fn drop_for_peer(&self, id: &str) -> Result<(), DaemonError> {
         let record = self.get(id)?;
-        if record.role == Role::Primary {
+        // The promotion watcher may be a poll behind: the process's own word counts too.
+        if record.role == Role::Primary || self.promoted_in_log(&record.id, record.role) {
             return Err(wrong_state(
                 &record,
                 "it runs the guest here: only a standby or a migration's destination is dropped",
@@ -246,23 +298,30 @@ impl Daemon {
         let daemon = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("promote-{id}"))
-            .spawn(move || loop {
-                std::thread::sleep(PROMOTION_POLL);
-                let Ok(record) = daemon.get(&id) else { return };
-                if record.lifecycle != Lifecycle::Running || record.role == Role::Primary {
-                    return;
-                }
-                let socket = daemon.files(&id).api_socket;
-                let answer = crate::client::request(
-                    &socket,
-                    "GET",
-                    "/api/v1/vm",
-                    None,
-                    Duration::from_secs(2),
-                );
-                if answer.is_ok_and(|a| a.status == 200) {
-                    daemon.promote(&id, record.role);
-                    return;
+            .spawn(move || {
+                let process = daemon.get(&id).ok().and_then(|r| r.process);
+                loop {
+                    std::thread::sleep(PROMOTION_POLL);
+                    let Ok(record) = daemon.get(&id) else { return };
+                    // Only the copy this watcher was started for (not a later one of the same id).
+                    if record.lifecycle != Lifecycle::Running
+                        || record.role == Role::Primary
+                        || record.process != process
+                    {
+                        return;
+                    }
+                    let socket = daemon.files(&id).api_socket;
+                    let answer = crate::client::request(
+                        &socket,
+                        "GET",
+                        "/api/v1/vm",
+                        None,
+                        Duration::from_secs(2),
+                    );
+                    if answer.is_ok_and(|a| a.status == 200) {
+                        daemon.promote(&id, record.role, process);
+                        return;
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -270,9 +329,12 @@ impl Daemon {
         }
     }
 
-    fn promote(&self, id: &str, role: Role) {
+    fn promote(&self, id: &str, role: Role, process: Option<super::store::ProcessRecord>) {
         let mut from = String::new();
         let promoted = self.update(id, |r| {
+            if r.role == Role::Primary || r.process != process {
+                return Err(wrong_state(r, "it was promoted already"));
+            }
             from = r.peer.take().map(|p| p.daemon).unwrap_or_default();
             if r.role == Role::Standby {
                 r.failovers += 1;
@@ -329,7 +391,7 @@ fn standby_images(
             let path: PathBuf = dir.join(format!("disk{i}.img"));
             let file = std::fs::File::create(&path).and_then(|f| f.set_len(size).map(|()| f));
             file.map_err(|e| {
-                DaemonError::Invalid(format!(
+                DaemonError::Internal(format!(
                     "cannot make a {size}-byte standby image {}: {e}",
                     path.display()
                 ))

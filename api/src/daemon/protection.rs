@@ -53,15 +53,27 @@ impl Daemon {
             disk_sizes: Self::disk_sizes(&record.config)?,
             from: self.peering()?.address.clone(),
         };
-        let answer = self.peer_call(
-            &peer,
-            "POST",
-            "/api/v1/peer/standbys",
-            Some(&json!(ask)),
-            201,
-        )?;
-        let PeerVmAnswer { link } = serde_json::from_value(answer)
-            .map_err(|e| DaemonError::Invalid(format!("peer {} answered oddly: {e}", peer)))?;
+        let answer = self
+            .peer_call(
+                &peer,
+                "POST",
+                "/api/v1/peer/standbys",
+                Some(&json!(ask)),
+                201,
+            )
+            .inspect_err(|e| {
+                // A peer that refused made nothing; one whose answer was lost may have.
+                if !matches!(e, DaemonError::PeerRefused { .. }) {
+                    self.drop_peer_copy(&peer, &id);
+                }
+            })?;
+        let PeerVmAnswer { link } = serde_json::from_value(answer).map_err(|e| {
+            self.drop_peer_copy(&peer, &id);
+            DaemonError::PeerAnswer {
+                peer: peer.clone(),
+                reason: e.to_string(),
+            }
+        })?;
         let body = json!({ "standby": link, "epoch_ms": request.epoch_ms, "epoch": request.epoch });
         let status = match self.vm_call(&id, "PUT", "/api/v1/vm/protect", Some(&body), 202) {
             Ok(status) => status,

@@ -120,6 +120,9 @@ impl DaemonError {
             }
             DaemonError::NoPeering(_) => StatusCode::CONFLICT,
             DaemonError::Invalid(_) => StatusCode::BAD_REQUEST,
+            DaemonError::Elsewhere { .. } => StatusCode::CONFLICT,
+            DaemonError::PeerAnswer { .. } => StatusCode::BAD_GATEWAY,
+            DaemonError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             DaemonError::Missing(_) => StatusCode::NOT_FOUND,
             DaemonError::Cluster(ClusterError::NoSuchHost(_)) => StatusCode::BAD_REQUEST,
             DaemonError::Cluster(_) => StatusCode::BAD_GATEWAY,

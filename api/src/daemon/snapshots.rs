@@ -78,6 +78,9 @@ impl Daemon {
         let root = self.store.vm_dir(&record.id).join("snapshots");
         let mut all = Vec::new();
         for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if !entry.path().is_dir() {
+                continue;
+            }
             let name = entry.file_name().to_string_lossy().into_owned();
             all.push(info(&name, &entry.path())?);
         }
@@ -132,7 +135,7 @@ impl Daemon {
             ));
         }
         std::fs::remove_dir_all(&dir)
-            .map_err(|e| DaemonError::Invalid(format!("cannot remove {}: {e}", dir.display())))
+            .map_err(|e| DaemonError::Internal(format!("cannot remove {}: {e}", dir.display())))
     }
 }
 
@@ -142,7 +145,7 @@ fn info(name: &str, dir: &std::path::Path) -> Result<SnapshotInfo, DaemonError> 
     let mut bytes = 0;
     let mut taken_at = 0;
     for entry in std::fs::read_dir(dir)
-        .map_err(|e| DaemonError::Invalid(format!("snapshot {}: {e}", dir.display())))?
+        .map_err(|e| DaemonError::Internal(format!("snapshot {}: {e}", dir.display())))?
         .flatten()
     {
         if let Ok(meta) = entry.metadata() {

@@ -209,6 +209,27 @@ impl DirStore {
         write().map_err(|source| StoreError::Io { path, source })
     }
 
+    /// Keeps `record` aside while a copy hosted for a peer takes its place (`previous.json`).
+    pub fn save_previous(&self, record: &VmRecord) -> Result<(), StoreError> {
+        let dir = self.make_vm_dir(&record.id)?;
+        let path = dir.join("previous.json");
+        let text = serde_json::to_vec_pretty(record).map_err(|source| StoreError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&path, text).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// The record kept aside for VM `id`, removed from the store, if there is one.
+    pub fn take_previous(&self, id: &str) -> Option<VmRecord> {
+        let path = self.vm_dir(id).join("previous.json");
+        let record = std::fs::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok());
+        let _ = std::fs::remove_file(&path);
+        record
+    }
+
     /// Removes VM `id` and everything in its directory.
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
         let dir = self.vm_dir(id);

@@ -247,7 +247,8 @@ impl Machine {
     /// Once vCPUs hold their CPUID, decides which MSRs snapshots capture.
     pub(super) fn finish_vcpu_setup(&mut self) -> Result<(), MachineError> {
         let first = self.unstarted.first().ok_or(MachineError::VcpuCount(0))?;
-        let msr_indices = saveable_msrs(self.vm.kvm(), first.fd(), 0)?;
+        let hyperv = self.description.hyperv != HypervMode::Off;
+        let msr_indices = saveable_msrs(self.vm.kvm(), first.fd(), 0, hyperv)?;
         self.set_msr_indices(msr_indices);
         Ok(())
     }

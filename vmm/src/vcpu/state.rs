@@ -78,7 +78,8 @@ fn msr_queries(indices: &[u32]) -> Vec<kvm_msr_entry> {
 /// The Hyper-V SynIC and synthetic timer MSRs, in the order they must be restored (the controller,
 /// its pages and interrupt sources before the timers that deliver to them; a timer's config before
 /// its count). KVM's index list names only SCONTROL and STIMER0_CONFIG of them; a vCPU without
-/// Hyper-V enlightenments (`arch/hyperv.rs`) cannot read them, so they drop out.
+/// Hyper-V enlightenments (`arch/hyperv.rs`) does not get them: a KVM built with Hyper-V emulation
+/// lets it read them but refuses to set them while its SynIC is off.
 fn hyperv_synic_msrs() -> impl Iterator<Item = u32> {
     const SCONTROL: u32 = 0x4000_0080;
     const SIEFP: u32 = 0x4000_0082;
@@ -91,9 +92,15 @@ fn hyperv_synic_msrs() -> impl Iterator<Item = u32> {
         .chain(STIMER0_CONFIG..STIMER0_CONFIG + 8)
 }
 
-/// The MSRs worth saving: every index KVM lists that this vCPU can actually read, and the Hyper-V
-/// SynIC and timer MSRs it does not list.
-pub fn saveable_msrs(kvm: &Kvm, fd: &VcpuFd, id: u8) -> Result<Vec<u32>, VcpuStateError> {
+/// The MSRs worth saving: every index KVM lists that this vCPU can actually read, and with
+/// `hyperv` (the vCPU has Hyper-V enlightenments and its SynIC on) the SynIC and timer MSRs KVM
+/// does not list.
+pub fn saveable_msrs(
+    kvm: &Kvm,
+    fd: &VcpuFd,
+    id: u8,
+    hyperv: bool,
+) -> Result<Vec<u32>, VcpuStateError> {
     let list = kvm
         .get_msr_index_list()
         .map_err(|source| VcpuStateError::Kvm {
@@ -103,13 +110,11 @@ pub fn saveable_msrs(kvm: &Kvm, fd: &VcpuFd, id: u8) -> Result<Vec<u32>, VcpuSta
             source,
         })?;
     let synic: Vec<u32> = hyperv_synic_msrs().collect();
-    let mut candidates: Vec<u32> = list
-        .as_slice()
-        .iter()
-        .copied()
-        .filter(|i| !synic.contains(i))
-        .chain(synic.iter().copied())
-        .collect();
+    let mut candidates: Vec<u32> = list.as_slice().to_vec();
+    if hyperv {
+        candidates.retain(|i| !synic.contains(i));
+        candidates.extend(&synic);
+    }
     let mut readable = Vec::with_capacity(candidates.len());
     // KVM_GET_MSRS stops at the first MSR it cannot read: keep what was read, skip that one, go on.
     while !candidates.is_empty() {
