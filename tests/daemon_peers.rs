@@ -339,7 +339,10 @@ fn a_guest_protected_through_two_daemons_survives_its_host_and_is_protected_back
     });
     let (status, err) = pair.a.json("PUT", &format!("/api/v1/vms/{id}/boot"), "");
     assert_eq!(status, 409, "{err}");
-    assert!(err["error"].as_str().unwrap().contains("may run on"), "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("may run on"),
+        "{err}"
+    );
     client.wait_more(20, "unprotected");
     let last = client.finish();
     assert!(last > 80, "{last} increments");
