@@ -31,6 +31,13 @@ pub struct ApiResponse {
     pub body: serde_json::Value,
 }
 
+/// The message of an API's `{"error": ...}` answer, or the whole answer when it has none.
+pub fn error_message(body: &serde_json::Value) -> String {
+    body["error"]
+        .as_str()
+        .map_or_else(|| body.to_string(), str::to_string)
+}
+
 /// Sends one request and reads the whole response.
 pub fn request(
     socket: &Path,

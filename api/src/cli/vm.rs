@@ -315,11 +315,7 @@ fn print_answer(
         output::print(&resp.body, format);
         Ok(0)
     } else {
-        let msg = resp.body["error"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| resp.body.to_string());
-        Err(format!("{msg} (HTTP {})", resp.status).into())
+        Err(api_error(resp).into())
     }
 }
 
@@ -442,12 +438,13 @@ fn follow_events(
     Ok(0)
 }
 
+/// An API's error answer for people: its message and status.
 fn api_error(resp: &client::ApiResponse) -> String {
-    let msg = resp.body["error"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| resp.body.to_string());
-    format!("{msg} (HTTP {})", resp.status)
+    format!(
+        "{} (HTTP {})",
+        client::error_message(&resp.body),
+        resp.status
+    )
 }
 
 /// Starts a migration (`PUT start` with `body`) and follows it (`GET status`) to the end: a

@@ -12,8 +12,8 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::events::DaemonEvent;
-use super::peer_hosting::{PeerVmAnswer, PeerVmRequest};
-use super::store::{Lifecycle, PeerRecord, Relation};
+use super::pairing::Paired;
+use super::store::{Lifecycle, Relation, Role};
 use super::{Daemon, DaemonError};
 
 /// How often a migration's progress is read.
@@ -40,49 +40,14 @@ impl Daemon {
         let record = self.running_primary(id)?;
         let peer = self.peer_address(&request.peer)?;
         let id = record.id.clone();
-        let ask = PeerVmRequest {
-            id: id.clone(),
-            config: record.config.clone(),
-            disk_sizes: Self::disk_sizes(&record.config)?,
-            from: self.peering()?.address.clone(),
-        };
-        let answer = self
-            .peer_call(
-                &peer,
-                "POST",
-                "/api/v1/peer/incoming",
-                Some(&json!(ask)),
-                201,
-            )
-            .inspect_err(|e| {
-                // A peer that refused made nothing; one whose answer was lost may have.
-                if !matches!(e, DaemonError::PeerRefused { .. }) {
-                    self.drop_peer_copy(&peer, &id);
-                }
-            })?;
-        let PeerVmAnswer { link } = serde_json::from_value(answer).map_err(|e| {
-            self.drop_peer_copy(&peer, &id);
-            DaemonError::PeerAnswer {
-                peer: peer.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        let body = json!({ "to": link, "downtime_ms": request.downtime_ms.unwrap_or(50) });
-        let status = match self.vm_call(&id, "PUT", "/api/v1/vm/migrate", Some(&body), 202) {
-            Ok(status) => status,
-            Err(e) => {
-                self.drop_peer_copy(&peer, &id);
-                return Err(e);
-            }
-        };
-        self.update(&id, |r| {
-            r.peer = Some(PeerRecord {
-                relation: Relation::MigratingTo,
-                daemon: peer.clone(),
-                link: link.clone(),
-            });
-            Ok(())
-        })?;
+        let Paired { link, status } = self.pair_with_peer(
+            &record,
+            &peer,
+            Role::Incoming,
+            "/api/v1/vm/migrate",
+            |link| json!({ "to": link, "downtime_ms": request.downtime_ms.unwrap_or(50) }),
+            Relation::MigratingTo,
+        )?;
         self.set_migration(&id, status.clone());
         self.events.send(DaemonEvent::new(
             &id,

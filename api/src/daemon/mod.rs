@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod events;
 pub mod metrics;
 pub mod migration;
+mod pairing;
 pub mod peer_client;
 pub mod peer_hosting;
 pub mod protection;
@@ -594,7 +595,7 @@ impl Daemon {
         Err(DaemonError::VmRefused {
             id: id.to_string(),
             status,
-            message: error_message(&answer),
+            message: crate::client::error_message(&answer),
         })
     }
 
@@ -618,7 +619,7 @@ impl Daemon {
         Err(DaemonError::PeerRefused {
             peer: peer.to_string(),
             status: answer.status,
-            message: error_message(&answer.body),
+            message: crate::client::error_message(&answer.body),
         })
     }
 
@@ -638,13 +639,6 @@ impl Daemon {
 
 /// How long a peer daemon may take to answer (it starts a process and waits for it to listen).
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The message of an API's `{"error": ...}` answer, or the whole answer.
-fn error_message(answer: &serde_json::Value) -> String {
-    answer["error"]
-        .as_str()
-        .map_or_else(|| answer.to_string(), str::to_string)
-}
 
 fn wrong_state(record: &VmRecord, wanted: &'static str) -> DaemonError {
     DaemonError::WrongState {

@@ -11,8 +11,8 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::events::DaemonEvent;
-use super::peer_hosting::{PeerVmAnswer, PeerVmRequest};
-use super::store::{Lifecycle, PeerRecord, Relation, Role};
+use super::pairing::Paired;
+use super::store::{Lifecycle, Relation, Role};
 use super::{wrong_state, Daemon, DaemonError};
 
 /// Body of `PUT /api/v1/vms/{id}/protect`.
@@ -47,49 +47,14 @@ impl Daemon {
                 return Err(wrong_state(&record, "it is protected already"));
             }
         }
-        let ask = PeerVmRequest {
-            id: id.clone(),
-            config: record.config.clone(),
-            disk_sizes: Self::disk_sizes(&record.config)?,
-            from: self.peering()?.address.clone(),
-        };
-        let answer = self
-            .peer_call(
-                &peer,
-                "POST",
-                "/api/v1/peer/standbys",
-                Some(&json!(ask)),
-                201,
-            )
-            .inspect_err(|e| {
-                // A peer that refused made nothing; one whose answer was lost may have.
-                if !matches!(e, DaemonError::PeerRefused { .. }) {
-                    self.drop_peer_copy(&peer, &id);
-                }
-            })?;
-        let PeerVmAnswer { link } = serde_json::from_value(answer).map_err(|e| {
-            self.drop_peer_copy(&peer, &id);
-            DaemonError::PeerAnswer {
-                peer: peer.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        let body = json!({ "standby": link, "epoch_ms": request.epoch_ms, "epoch": request.epoch });
-        let status = match self.vm_call(&id, "PUT", "/api/v1/vm/protect", Some(&body), 202) {
-            Ok(status) => status,
-            Err(e) => {
-                self.drop_peer_copy(&peer, &id);
-                return Err(e);
-            }
-        };
-        self.update(&id, |r| {
-            r.peer = Some(PeerRecord {
-                relation: Relation::ProtectedBy,
-                daemon: peer.clone(),
-                link: link.clone(),
-            });
-            Ok(())
-        })?;
+        let Paired { link, status } = self.pair_with_peer(
+            &record,
+            &peer,
+            Role::Standby,
+            "/api/v1/vm/protect",
+            |link| json!({ "standby": link, "epoch_ms": request.epoch_ms, "epoch": request.epoch }),
+            Relation::ProtectedBy,
+        )?;
         self.events.send(DaemonEvent::new(
             &id,
             "protected",
@@ -142,16 +107,5 @@ impl Daemon {
             return Err(wrong_state(&record, "it must run here as the primary"));
         }
         Ok(record)
-    }
-
-    /// Asks `peer` to drop the copy of VM `id` it started for a protection or migration that did
-    /// not start after all.
-    pub(super) fn drop_peer_copy(&self, peer: &str, id: &str) {
-        let path = format!("/api/v1/peer/vms/{id}");
-        match self.peer_call(peer, "DELETE", &path, None, 204) {
-            // Its process ended on its own (a cancelled migration's destination does).
-            Ok(_) | Err(DaemonError::PeerRefused { status: 404, .. }) => {}
-            Err(e) => tracing::warn!(vm = %id, "the peer keeps an unused copy of the VM: {e}"),
-        }
     }
 }
