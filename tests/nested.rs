@@ -154,6 +154,30 @@ fn debian_kernel_runs_on_hyper_v_enlightenments() {
     run_case("hyperv", Kernel::DebianBzImage);
 }
 
+/// Debian's UEFI firmware, from the `ovmf` package (scripts/setup installs it).
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+#[test]
+fn ovmf_boots_to_its_shell_on_the_serial_console() {
+    assert!(
+        std::path::Path::new(OVMF).exists(),
+        "{OVMF} is missing: install Debian's ovmf package (scripts/setup does)"
+    );
+    let run = Nested::script("tests/nested/firmware.sh")
+        .file("tests/nested/lib.sh", "lib.sh")
+        .file(OVMF, "OVMF.fd")
+        .env("FIRMWARE", "/payload/OVMF.fd")
+        .timeout(CASE_TIMEOUT)
+        .run();
+    let result = run.line("RESULT: ").map(str::to_owned);
+    assert_eq!(
+        run.status,
+        Some(0),
+        "firmware case failed; result: {result:?}"
+    );
+    eprintln!("firmware: {}", result.unwrap_or_default());
+}
+
 /// The harness itself: bad input is a clear error, a hanging script a bounded run.
 #[test]
 fn the_harness_refuses_bad_input_and_bounds_a_hanging_script() {

@@ -54,7 +54,8 @@ fn boot_to_marker(cmdline: &str, vcpus: u8, marker: &str) -> (Duration, Duration
 
 fn config(cmdline: &str, vcpus: u8, serial: SerialOutput) -> VmConfig {
     VmConfig {
-        kernel: testguest(),
+        kernel: Some(testguest()),
+        firmware: None,
         initrd: None,
         cmdline: cmdline.into(),
         vcpus,

@@ -124,7 +124,8 @@ fn report(name: &str, outcomes: &[Outcome]) {
 fn dirty_round_cost(pages_per_s: u32, dirty_ring: Option<u32>) {
     let log = std::env::temp_dir().join(format!("ftvmm-bench-dirty-{}.log", std::process::id()));
     let config = VmConfig {
-        kernel: testguest(),
+        kernel: Some(testguest()),
+        firmware: None,
         initrd: None,
         cmdline: format!("mode=spin dirty={pages_per_s}"),
         vcpus: 1,

@@ -26,16 +26,23 @@ Examples:
   ftvmm run --kernel vmlinux --initrd initramfs.gz --cmdline 'console=ttyS0' --vcpus 2 --memory 512
   ftvmm run --kernel vmlinux --cpu-features=-cx16,-pdpe1gb --serial file:/tmp/console.log
   ftvmm run --kernel images/out/testguest --cmdline mode=blk --disk path=/tmp/disk.img
-  ftvmm run --kernel images/out/testguest --cmdline 'mode=net ip=10.0.0.2/24' --net tap=tap0";
+  ftvmm run --kernel images/out/testguest --cmdline 'mode=net ip=10.0.0.2/24' --net tap=tap0
+  ftvmm run --firmware /usr/share/ovmf/OVMF.fd --vcpus 2 --memory 512";
 
 /// Boot a guest kernel and run it until it powers off, resets or crashes.
 #[derive(Args, Debug)]
 #[command(after_help = AFTER_HELP)]
 pub struct RunArgs {
     /// Guest kernel: an ELF (vmlinux, with or without a PVH note, or the ftvmm test guest) or a
-    /// bzImage.
+    /// bzImage. Needed unless --firmware is given.
+    #[arg(long, value_name = "PATH", required_unless_present = "firmware")]
+    kernel: Option<PathBuf>,
+
+    /// Boot through UEFI firmware (e.g. Debian's /usr/share/ovmf/OVMF.fd) on the q35 platform:
+    /// fw_cfg, a PCI root complex, the ICH9 LPC bridge and its ACPI PM timer. The firmware's
+    /// console is COM1 (--serial).
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    firmware: Option<PathBuf>,
 
     /// Initramfs to load for the kernel.
     #[arg(long, value_name = "PATH")]
@@ -143,6 +150,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     cpu_features.extend(&args.cpu_features);
     let config = VmConfig {
         kernel: args.kernel,
+        firmware: args.firmware,
         initrd: args.initrd,
         cmdline,
         vcpus: args.vcpus,

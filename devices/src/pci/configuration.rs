@@ -130,6 +130,9 @@ pub enum PciConfigurationError {
         body_len: usize,
         mask_len: usize,
     },
+    /// A device-specific register outside 0x40..0x1000, or a mask not as long as its value.
+    #[error("device register at {reg:#x} of {len} bytes: outside 0x40..0x1000 or its mask differs in length")]
+    DeviceRegister { reg: usize, len: usize },
     /// The state has the wrong number of bytes.
     #[error("PCI configuration state has {len} bytes, expected {expected}")]
     StateLength { len: usize, expected: usize },
@@ -373,6 +376,27 @@ impl PciConfiguration {
         let status = self.u16_at(STATUS) | STATUS_CAPABILITIES_LIST;
         self.set_u16(STATUS, status);
         Ok(offset)
+    }
+
+    /// Makes a device-specific register of `value.len()` bytes at `reg` (at or after the standard
+    /// header's end, 0x40) hold `value`, with the bits set in `writable_mask` (as long as `value`)
+    /// writable by the guest: the chipset registers of a host or LPC bridge, say.
+    pub fn set_device_register(
+        &mut self,
+        reg: usize,
+        value: &[u8],
+        writable_mask: &[u8],
+    ) -> Result<(), PciConfigurationError> {
+        let end = reg.checked_add(value.len()).unwrap_or(usize::MAX);
+        if reg < FIRST_CAPABILITY || end > CONFIG_SPACE_SIZE || writable_mask.len() != value.len() {
+            return Err(PciConfigurationError::DeviceRegister {
+                reg,
+                len: value.len(),
+            });
+        }
+        self.bytes[reg..end].copy_from_slice(value);
+        self.writable[reg..end].copy_from_slice(writable_mask);
+        Ok(())
     }
 
     /// Reads `data.len()` bytes from offset `reg`; bytes past the end read as `0xFF`.

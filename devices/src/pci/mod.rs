@@ -8,6 +8,7 @@
 //!   register and capabilities behave as they do on hardware. It records BARs the guest moves, for
 //!   the owner to drain with [`PciConfiguration::take_bar_reprogrammings`].
 //! - [`PciDevice`]: what a PCI function implements; usually just handing out its configuration.
+//! - [`q35`]: the chipset functions OVMF programs (the MCH host bridge and the ICH9 LPC bridge).
 //! - [`root`]: bus 0 of a root complex ([`root::PciRoot`], with a q35 host bridge at 00:00.0) and
 //!   the two ways a guest reaches it, both [`BusDevice`](crate::bus::BusDevice)s sharing one root:
 //!   the legacy `0xCF8`/`0xCFC` port pair ([`root::PciConfigIo`]) and the memory-mapped ECAM
@@ -17,6 +18,7 @@
 //! moving a device's MMIO or port range when its BAR changes is the VMM's business.
 
 pub mod configuration;
+pub mod q35;
 pub mod root;
 
 use std::fmt;
@@ -26,7 +28,8 @@ pub use configuration::{
     BarReprogrammed, PciBar, PciBarKind, PciConfiguration, PciConfigurationError,
     PciConfigurationState,
 };
-pub use root::{PciConfigIo, PciEcam, PciHostBridge, PciRoot, PciRootError, SharedPciDevice};
+pub use q35::{Ich9Lpc, PciHostBridge, Q35_ECAM_BASE};
+pub use root::{PciConfigIo, PciEcam, PciRoot, PciRootError, SharedPciDevice};
 
 /// Device numbers on a bus: `0..DEVICES_PER_BUS`.
 pub const DEVICES_PER_BUS: u8 = 32;

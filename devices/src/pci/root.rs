@@ -16,12 +16,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::configuration::{BarReprogrammed, PciConfiguration, CONFIG_SPACE_SIZE};
+use super::configuration::{BarReprogrammed, CONFIG_SPACE_SIZE};
+use super::q35::PciHostBridge;
 use super::{
-    is_config_access_len, lock, PciAddress, PciClassCode, PciDevice, PciIdentity, DEVICES_PER_BUS,
-    FUNCTIONS_PER_DEVICE,
+    is_config_access_len, lock, PciAddress, PciDevice, DEVICES_PER_BUS, FUNCTIONS_PER_DEVICE,
 };
 use crate::bus::BusDevice;
+use crate::guest_exit::{GuestExitEvent, GuestExitRequest};
 
 /// A PCI function shared between the root and its owner.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
@@ -35,50 +36,6 @@ pub enum PciRootError {
     /// Another function already has this address.
     #[error("PCI address {address} is already taken")]
     AddressInUse { address: PciAddress },
-}
-
-/// The q35 host bridge (Intel 82G33/P35 MCH, `8086:29c0`), as QEMU presents it.
-pub struct PciHostBridge {
-    configuration: PciConfiguration,
-}
-
-impl PciHostBridge {
-    /// Intel.
-    pub const VENDOR_ID: u16 = 0x8086;
-    /// The q35 MCH's device ID.
-    pub const DEVICE_ID: u16 = 0x29c0;
-    /// QEMU's subsystem vendor (Red Hat / Qumranet) and subsystem ID, as on QEMU's q35.
-    const SUBSYSTEM_VENDOR_ID: u16 = 0x1af4;
-    const SUBSYSTEM_ID: u16 = 0x1100;
-
-    /// The host bridge with its identity and no BARs or capabilities.
-    pub fn q35() -> Self {
-        let identity = PciIdentity {
-            vendor_id: Self::VENDOR_ID,
-            device_id: Self::DEVICE_ID,
-            revision: 0,
-            class_code: PciClassCode {
-                class: 0x06,
-                subclass: 0x00,
-                prog_if: 0x00,
-            },
-            subsystem_vendor_id: Self::SUBSYSTEM_VENDOR_ID,
-            subsystem_id: Self::SUBSYSTEM_ID,
-        };
-        Self {
-            configuration: PciConfiguration::new(&identity),
-        }
-    }
-}
-
-impl PciDevice for PciHostBridge {
-    fn configuration(&self) -> &PciConfiguration {
-        &self.configuration
-    }
-
-    fn configuration_mut(&mut self) -> &mut PciConfiguration {
-        &mut self.configuration
-    }
 }
 
 /// Bus 0 of the root complex: up to 32 devices of 8 functions each.
@@ -200,10 +157,13 @@ fn slot_index(address: PciAddress) -> usize {
 }
 
 /// The legacy configuration mechanism at I/O ports [`BASE`](Self::BASE)`..+`[`LEN`](Self::LEN):
-/// CONFIG_ADDRESS at offset 0 and the data window at offsets 4 to 8.
+/// CONFIG_ADDRESS at offset 0 and the data window at offsets 4 to 8. On q35 the byte at `0xCF9`
+/// inside CONFIG_ADDRESS is the chipset's reset control register instead (a byte write with
+/// `RST_CPU`, bit 2, resets the machine), which [`PciConfigIo::with_reset_control`] adds.
 pub struct PciConfigIo {
     root: Arc<Mutex<PciRoot>>,
     config_address: u32,
+    reset: Option<Arc<GuestExitEvent>>,
 }
 
 impl PciConfigIo {
@@ -215,12 +175,24 @@ impl PciConfigIo {
     const DATA_WINDOW: u64 = 4;
     const ENABLE: u32 = 1 << 31;
 
+    /// Offset of q35's reset control register (port `0xCF9`).
+    const RESET_CONTROL: u64 = 1;
+    /// RST_CPU in the reset control register.
+    const RST_CPU: u8 = 1 << 2;
+
     /// The mechanism over `root`, with CONFIG_ADDRESS clear.
     pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
         Self {
             root,
             config_address: 0,
+            reset: None,
         }
+    }
+
+    /// Adds q35's reset control register at `0xCF9`, sending resets to `exit`.
+    pub fn with_reset_control(mut self, exit: Arc<GuestExitEvent>) -> Self {
+        self.reset = Some(exit);
+        self
     }
 
     /// The function and register that data window offset `window_offset` (0..4) reaches, if
@@ -266,8 +238,12 @@ impl BusDevice for PciConfigIo {
                 lock(&self.root).config_write(address, reg, data);
             }
         }
-        // Narrower writes to CONFIG_ADDRESS (such as 0xCF9, the q35 reset control register, which
-        // is not this device's) are ignored.
+        if let (Self::RESET_CONTROL, [value], Some(exit)) = (offset, data, &self.reset) {
+            if value & Self::RST_CPU != 0 {
+                exit.request(GuestExitRequest::Reset);
+            }
+        }
+        // Other narrower writes to CONFIG_ADDRESS are ignored.
     }
 }
 
@@ -320,7 +296,8 @@ impl BusDevice for PciEcam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::configuration::{PciBarKind, PciConfigurationState};
+    use crate::pci::configuration::{PciBarKind, PciConfiguration, PciConfigurationState};
+    use crate::pci::{PciClassCode, PciHostBridge, PciIdentity};
 
     /// An endpoint with nothing but its configuration space.
     struct Endpoint(PciConfiguration);
@@ -470,6 +447,19 @@ mod tests {
         // A byte write to 0xCF9 leaves CONFIG_ADDRESS alone.
         io.write(1, &[0x06]);
         assert_eq!(cf8_read_u32(&mut io, config_address(0, 0, 0x3c)), 0);
+    }
+
+    #[test]
+    fn a_byte_write_to_0xcf9_with_rst_cpu_resets_only_with_reset_control() {
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let exit = Arc::new(GuestExitEvent::new().unwrap());
+        let mut plain = PciConfigIo::new(root.clone());
+        plain.write(1, &[0x06]);
+        let mut q35 = PciConfigIo::new(root).with_reset_control(exit.clone());
+        q35.write(1, &[0x02]);
+        assert_eq!(exit.requested(), None);
+        q35.write(1, &[0x06]);
+        assert_eq!(exit.requested(), Some(GuestExitRequest::Reset));
     }
 
     #[test]

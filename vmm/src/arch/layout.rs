@@ -38,6 +38,9 @@ pub const VIRTIO_MMIO_START: u64 = MMIO_HOLE_START;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APIC's MMIO base.
 pub const LAPIC_START: u64 = 0xfee0_0000;
-/// KVM's TSS (VMX only) and identity-map page sit just below the IOAPIC, inside the hole.
-pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
-pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// KVM's TSS (VMX only, three pages) and identity-map page sit just below 0xff00_0000, inside the
+/// hole and below the largest firmware ROM (which ends at 4 GiB), where QEMU puts them.
+pub const KVM_TSS_ADDRESS: u64 = 0xfeff_d000;
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
+/// The q35 platform's PCI Express configuration (ECAM) window, for firmware-booted guests.
+pub const PCI_ECAM_START: u64 = devices::pci::Q35_ECAM_BASE;

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod cpu_template;
 pub mod cpuid;
 pub mod emulate;
+pub mod firmware;
 pub mod hyperv;
 pub mod layout;
 pub mod paging;

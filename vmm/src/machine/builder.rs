@@ -1,10 +1,13 @@
 //! Building a machine: the virtual hardware shared by a fresh boot and a restore (`assemble`), and the
 //! boot path on top of it (ACPI tables, kernel, boot vCPU state).
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use devices::legacy::{AcpiPmDevice, Cmos, CmosMemory, SerialDevice, SerialOutput, I8042};
+use devices::legacy::{
+    AcpiPmDevice, Cmos, CmosMemory, Ich9PmBlock, SerialDevice, SerialOutput, I8042,
+};
 use devices::virtio::block::{BlockConfig, VirtioBlock};
 use devices::virtio::net::{NetConfig, VirtioNet};
 use devices::{Bus, BusDevice, EventFdTrigger, GuestExitEvent};
@@ -20,6 +23,7 @@ use crate::arch::acpi::{write_acpi_tables, Com1, DsdtDevice, Rtc};
 use crate::arch::boot::{load_kernel, KernelSpec};
 use crate::arch::cpuid::{apply_features, CpuFeatures};
 use crate::arch::emulate::EmulationCounters;
+use crate::arch::firmware::FirmwareRom;
 use crate::arch::hyperv::{self, HypervMode};
 use crate::device_manager::{DeviceManager, Subscriber, VirtioSubscriber};
 use crate::memory::{create_guest_memory, GuestMemory};
@@ -37,6 +41,8 @@ pub(super) struct Hardware<'a> {
     pub nets: &'a [NetConfig],
     pub dirty_ring: Option<u32>,
     pub hyperv: HypervMode,
+    /// UEFI firmware to map as ROM; the VM then gets the q35 chipset.
+    pub firmware: Option<&'a Path>,
 }
 
 impl Machine {
@@ -58,14 +64,32 @@ impl Machine {
             nets: &config.nets,
             dirty_ring: config.dirty_ring,
             hyperv: config.hyperv,
+            firmware: config.firmware.as_deref(),
         })?;
+        if config.firmware.is_some() {
+            // The boot vCPU starts at the reset vector in KVM's reset state; the firmware brings
+            // up the others with INIT/SIPI.
+            for vcpu in &machine.unstarted {
+                vcpu.set_cpuid(&cpuid, config.vcpus)?;
+            }
+            machine.finish_vcpu_setup()?;
+            tracing::info!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "VM built to boot through its firmware"
+            );
+            return Ok(machine);
+        }
+        let kernel = config
+            .kernel
+            .as_deref()
+            .ok_or(MachineError::NothingToBoot)?;
         let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1, &Rtc];
         dsdt_devices.extend(slots.slots().iter().map(|s| s as &dyn DsdtDevice));
         let rsdp = write_acpi_tables(&machine.memory, config.vcpus.into(), &dsdt_devices)?;
         let entry = load_kernel(
             &machine.memory,
             &KernelSpec {
-                kernel: &config.kernel,
+                kernel,
                 initrd: config.initrd.as_deref(),
                 cmdline: &config.cmdline,
                 rsdp,
@@ -89,8 +113,25 @@ impl Machine {
         if hw.vcpus == 0 || hw.vcpus > MAX_VCPUS {
             return Err(MachineError::VcpuCount(hw.vcpus));
         }
+        if hw.firmware.is_some() {
+            crate::arch::firmware::check_memory(hw.memory_mib)?;
+        }
         let memory = create_guest_memory(hw.memory_mib)?;
         let vm = Arc::new(Vm::new(&memory)?);
+        let firmware_rom = match hw.firmware {
+            Some(path) => {
+                let rom = FirmwareRom::load(path)?;
+                rom.map(vm.kvm(), vm.fd())?;
+                tracing::info!(
+                    path = %path.display(),
+                    base = format_args!("{:#x}", rom.base()),
+                    size = rom.size(),
+                    "firmware mapped"
+                );
+                Some(rom)
+            }
+            None => None,
+        };
         if usize::from(hw.vcpus) > vm.max_vcpus() {
             return Err(VmError::TooManyVcpus {
                 requested: hw.vcpus.into(),
@@ -111,9 +152,10 @@ impl Machine {
         })?);
         let mut event_manager = EventManager::<Subscriber>::new()
             .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
-        let (io_bus, serial) = build_io_bus(&vm, hw.serial, &guest_exit)?;
+        let (io_bus, serial) = build_io_bus(&vm, hw.serial, &guest_exit, hw.firmware.is_some())?;
         let mut io_bus = io_bus;
-        let cmos = Arc::new(Mutex::new(Cmos::new(cmos_memory(hw))));
+        let ram = ram_map(hw.memory_mib);
+        let cmos = Arc::new(Mutex::new(Cmos::new(cmos_memory(&ram, hw.vcpus))));
         io_bus
             .insert(
                 cmos.clone(),
@@ -124,8 +166,17 @@ impl Machine {
                 device: "CMOS",
                 source,
             })?;
-        let io_bus = Arc::new(io_bus);
         let mut mmio_bus = Bus::new();
+        if hw.firmware.is_some() {
+            super::q35::place_q35_chipset(
+                &mut io_bus,
+                &mut mmio_bus,
+                &memory,
+                &ram,
+                hw.vcpus,
+                &guest_exit,
+            )?;
+        }
         let mut device_manager = DeviceManager::new();
         let mut description = MachineDescription {
             vcpus: hw.vcpus,
@@ -133,6 +184,7 @@ impl Machine {
             disks: Vec::new(),
             nets: Vec::new(),
             hyperv: hw.hyperv,
+            firmware: hw.firmware.map(Path::to_path_buf),
         };
         let mut add = |device: Arc<Mutex<dyn VirtioSubscriber>>| {
             device_manager.add_virtio_device(
@@ -171,6 +223,7 @@ impl Machine {
             nics.push(nic.clone());
             add(nic)?;
         }
+        let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
 
         kick::install_kick_handler().map_err(MachineError::KickHandler)?;
@@ -231,6 +284,7 @@ impl Machine {
             stop,
             event_manager,
             vm,
+            firmware_rom,
             memory,
             vcpu_count: hw.vcpus,
             emulation,
@@ -268,25 +322,31 @@ impl Machine {
     }
 }
 
-/// The port I/O bus: COM1 (fresh or restored), the i8042 and the ACPI PM registers.
-/// The RAM layout the CMOS memory-size bytes describe.
-fn cmos_memory(hw: &Hardware) -> CmosMemory {
-    let ram: Vec<(u64, u64)> = crate::memory::ram_ranges(hw.memory_mib << 20)
+/// The guest's RAM ranges (base, size).
+fn ram_map(memory_mib: u64) -> Vec<(u64, u64)> {
+    crate::memory::ram_ranges(memory_mib << 20)
         .into_iter()
         .map(|(base, size)| (base.0, size as u64))
-        .collect();
+        .collect()
+}
+
+/// The RAM layout the CMOS memory-size bytes describe.
+fn cmos_memory(ram: &[(u64, u64)], vcpus: u8) -> CmosMemory {
     let four_gib = crate::arch::layout::FOUR_GIB;
     CmosMemory {
         below_4g: ram.iter().filter(|r| r.0 < four_gib).map(|r| r.1).sum(),
         above_4g: ram.iter().filter(|r| r.0 >= four_gib).map(|r| r.1).sum(),
-        vcpus: hw.vcpus,
+        vcpus,
     }
 }
 
+/// The port I/O bus: COM1 (fresh or restored), the i8042 and the ACPI PM registers (ICH9's block on
+/// the q35 platform of firmware-booted VMs).
 fn build_io_bus(
     vm: &Vm,
     serial: &SerialOutput,
     guest_exit: &Arc<GuestExitEvent>,
+    q35: bool,
 ) -> Result<(Bus, Arc<Mutex<SerialDevice>>), MachineError> {
     let mut bus = Bus::new();
     let place = |bus: &mut Bus, device: Arc<Mutex<dyn BusDevice>>, name, base, len| {
@@ -320,12 +380,22 @@ fn build_io_bus(
         I8042::BASE,
         I8042::LEN,
     )?;
-    place(
-        &mut bus,
-        Arc::new(Mutex::new(AcpiPmDevice::new(guest_exit.clone()))),
-        "ACPI PM",
-        AcpiPmDevice::BASE,
-        AcpiPmDevice::LEN,
-    )?;
+    if q35 {
+        place(
+            &mut bus,
+            Arc::new(Mutex::new(Ich9PmBlock::new(guest_exit.clone()))),
+            "ICH9 PM",
+            Ich9PmBlock::BASE,
+            Ich9PmBlock::LEN,
+        )?;
+    } else {
+        place(
+            &mut bus,
+            Arc::new(Mutex::new(AcpiPmDevice::new(guest_exit.clone()))),
+            "ACPI PM",
+            AcpiPmDevice::BASE,
+            AcpiPmDevice::LEN,
+        )?;
+    }
     Ok((bus, uart))
 }

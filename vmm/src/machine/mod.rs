@@ -3,6 +3,7 @@
 //! (`snapshot.rs`), tear down.
 
 mod builder;
+mod q35;
 mod snapshot;
 
 pub use snapshot::{
@@ -49,7 +50,10 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Everything needed to build a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
+    /// The kernel to load directly; a firmware-booted VM may have none (it boots from its disks).
+    pub kernel: Option<PathBuf>,
+    /// UEFI firmware (OVMF.fd) to boot through, on the q35 platform (`arch/firmware.rs`).
+    pub firmware: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub vcpus: u8,
@@ -78,6 +82,9 @@ pub struct MachineDescription {
     /// turned on again before its MSRs are set.
     #[serde(default)]
     pub hyperv: HypervMode,
+    /// The firmware image a firmware-booted VM started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
 }
 
 /// A virtio-blk disk of a [`MachineDescription`].
@@ -177,6 +184,17 @@ pub enum MachineError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot restore device state: {0}")]
     DeviceState(String),
+    #[error(transparent)]
+    Firmware(#[from] crate::arch::firmware::FirmwareError),
+    #[error(
+        "the VM boots through firmware ({0:?}): snapshots, migration and protection of \
+         firmware-booted VMs are not available yet (their q35 chipset state is not saved)"
+    )]
+    FirmwareStateNotSaved(PathBuf),
+    #[error("nothing to boot: give a kernel or firmware")]
+    NothingToBoot,
+    #[error(transparent)]
+    Pci(#[from] devices::pci::PciRootError),
 }
 
 /// Wakes the event loop when the guest or a vCPU asks the VM to stop.
@@ -234,6 +252,8 @@ pub struct Machine {
     stop: Arc<StopSignals>,
     event_manager: EventManager<Subscriber>,
     vm: Arc<Vm>,
+    /// The firmware ROM KVM maps (firmware-booted VMs): dropped after the VM.
+    firmware_rom: Option<crate::arch::firmware::FirmwareRom>,
     memory: GuestMemory,
     vcpu_count: u8,
     emulation: Arc<EmulationCounters>,

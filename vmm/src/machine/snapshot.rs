@@ -197,6 +197,11 @@ impl Machine {
     /// Captures everything but guest memory. The vCPUs must be paused (or not started) and the
     /// caller on the event-loop thread, so nothing moves underneath.
     pub fn capture_state(&self) -> Result<VmSnapshot, MachineError> {
+        if let Some(rom) = &self.firmware_rom {
+            return Err(MachineError::FirmwareStateNotSaved(
+                rom.path().to_path_buf(),
+            ));
+        }
         Ok(VmSnapshot {
             description: self.description.clone(),
             vm: self.vm.save_state().map_err(SnapshotError::from)?,
@@ -410,6 +415,7 @@ impl Machine {
             nets: &nets,
             dirty_ring: None,
             hyperv: d.hyperv,
+            firmware: d.firmware.as_deref(),
         })?;
         Ok(machine)
     }

@@ -114,11 +114,7 @@ impl Vcpu {
         entry: Option<EntryMode>,
     ) -> Result<(), VcpuError> {
         let id = self.id;
-        let mut cpuid = base_cpuid.clone();
-        normalize_for_vcpu(&mut cpuid, id, vcpu_count);
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(|source| VcpuError::Cpuid { id, source })?;
+        self.set_cpuid(base_cpuid, vcpu_count)?;
         let regs_err = |source| VcpuError::Regs { id, source };
         regs::setup_msrs(&self.fd).map_err(regs_err)?;
         regs::setup_fpu(&self.fd).map_err(regs_err)?;
@@ -128,6 +124,17 @@ impl Vcpu {
             regs::setup_regs(&self.fd, mode).map_err(regs_err)?;
         }
         Ok(())
+    }
+
+    /// Gives the vCPU `base_cpuid`, made its own (APIC ID, topology for `vcpu_count` vCPUs). All a
+    /// vCPU that starts in its reset state, as under firmware, needs.
+    pub fn set_cpuid(&self, base_cpuid: &CpuId, vcpu_count: u8) -> Result<(), VcpuError> {
+        let id = self.id;
+        let mut cpuid = base_cpuid.clone();
+        normalize_for_vcpu(&mut cpuid, id, vcpu_count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|source| VcpuError::Cpuid { id, source })
     }
 
     /// The vCPU file descriptor.

@@ -1,0 +1,230 @@
+//! UEFI firmware boot: the firmware volume mapped as ROM just below 4 GiB, and the fw_cfg items that
+//! QEMU's platform contract promises the firmware (OVMF): CPU counts, RAM size and the e820 map.
+//!
+//! The image (Debian's `/usr/share/ovmf/OVMF.fd`, a code and variable store volume in one file) is
+//! copied into an anonymous mapping that KVM maps read-only at `4 GiB - size`: reads come from
+//! memory, writes exit to the VMM and are dropped. OVMF probes its flash by writing to it, finds it
+//! behaves as ROM and keeps its variables in memory, as under QEMU's `-bios`. The boot vCPU starts
+//! at the reset vector (`F000:FFF0`, that is `0xFFFF_FFF0`) in KVM's reset state; the others wait
+//! for the firmware's INIT/SIPI. `docs/firmware.md` has the whole contract.
+
+use std::path::{Path, PathBuf};
+
+use devices::fw_cfg::items::{key, FwCfgItems, ItemError};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegion;
+
+use super::layout::FOUR_GIB;
+
+/// KVM memory slot of the firmware ROM (RAM takes slots from 0).
+pub const FIRMWARE_SLOT: u32 = 16;
+/// The smallest and largest firmware images accepted: OVMF builds are 1, 2 or 4 MiB; 16 MiB is the
+/// most that fits above the LAPIC and IOAPIC with the BIOS area QEMU reserves.
+pub const MIN_IMAGE_SIZE: u64 = 64 << 10;
+pub const MAX_IMAGE_SIZE: u64 = 16 << 20;
+/// The e820 type of usable RAM.
+const E820_RAM: u32 = 1;
+
+/// Errors loading or mapping the firmware.
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareError {
+    #[error("cannot read the firmware image {path:?}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the firmware image {path:?} is {size} bytes; it must be a multiple of 4 KiB from \
+         {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} bytes (OVMF.fd is 2 or 4 MiB)"
+    )]
+    Size { path: PathBuf, size: u64 },
+    #[error("cannot map memory for the firmware image: {0}")]
+    Map(vm_memory::mmap::MmapRegionError),
+    #[error("cannot map the firmware ROM ({size:#x} bytes at {addr:#x}) into the VM: {source}")]
+    Slot {
+        addr: u64,
+        size: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("this host's KVM cannot map read-only memory, which firmware ROM needs")]
+    NoReadOnlyMemory,
+    #[error("cannot describe the VM to the firmware: {0}")]
+    FwCfg(#[from] ItemError),
+    #[error(
+        "a firmware-booted guest has at most {max} MiB of RAM for now ({mib} MiB asked): its RAM \
+         must end below the PCI Express configuration window at 0xb0000000"
+    )]
+    TooMuchMemory { mib: u64, max: u64 },
+}
+
+/// The most RAM a firmware guest may have: all of it below the q35 ECAM window.
+pub const MAX_MEMORY_MIB: u64 = devices::pci::Q35_ECAM_BASE >> 20;
+
+/// Checks that `mib` MiB of RAM fits the firmware platform's memory map.
+pub fn check_memory(mib: u64) -> Result<(), FirmwareError> {
+    if mib > MAX_MEMORY_MIB {
+        return Err(FirmwareError::TooMuchMemory {
+            mib,
+            max: MAX_MEMORY_MIB,
+        });
+    }
+    Ok(())
+}
+
+/// A firmware image in memory of its own, for KVM to map as ROM.
+pub struct FirmwareRom {
+    path: PathBuf,
+    region: MmapRegion<()>,
+}
+
+impl FirmwareRom {
+    /// Reads the image at `path`.
+    pub fn load(path: &Path) -> Result<Self, FirmwareError> {
+        let bytes = std::fs::read(path).map_err(|source| FirmwareError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let size = bytes.len() as u64;
+        if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&size) || size % 4096 != 0 {
+            return Err(FirmwareError::Size {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+        let region = MmapRegion::<()>::new(bytes.len()).map_err(FirmwareError::Map)?;
+        // SAFETY: the region is a fresh private mapping of exactly `bytes.len()` bytes that nothing
+        // else refers to yet.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), region.as_ptr(), bytes.len()) };
+        Ok(Self {
+            path: path.to_path_buf(),
+            region,
+        })
+    }
+
+    /// Where the image was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The image's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.region.size() as u64
+    }
+
+    /// The guest address of its first byte: it ends at 4 GiB.
+    pub fn base(&self) -> u64 {
+        FOUR_GIB - self.size()
+    }
+
+    /// Maps the image read-only into `vm`. The VM must not outlive `self`.
+    pub fn map(&self, kvm: &kvm_ioctls::Kvm, vm: &VmFd) -> Result<(), FirmwareError> {
+        if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
+            return Err(FirmwareError::NoReadOnlyMemory);
+        }
+        let region = kvm_userspace_memory_region {
+            slot: FIRMWARE_SLOT,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: self.base(),
+            memory_size: self.size(),
+            userspace_addr: self.region.as_ptr() as u64,
+        };
+        // SAFETY: the mapping is owned by `self`, which the machine keeps for as long as the VM
+        // (it drops the VM first); KVM only reads it (KVM_MEM_READONLY).
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| FirmwareError::Slot {
+            addr: self.base(),
+            size: self.size(),
+            source,
+        })
+    }
+}
+
+/// What the firmware is told about the VM.
+pub struct FirmwarePlatform<'a> {
+    pub vcpus: u8,
+    /// The guest's RAM ranges: (base, size).
+    pub ram: &'a [(u64, u64)],
+}
+
+/// The fw_cfg items OVMF reads on QEMU's platform: the boot CPU count (it waits for that many
+/// processors to check in), RAM size and the e820 RAM map.
+pub fn fw_cfg_items(platform: &FirmwarePlatform) -> Result<FwCfgItems, FirmwareError> {
+    let mut items = FwCfgItems::new();
+    let cpus = u16::from(platform.vcpus).to_le_bytes();
+    items.add_item(key::NB_CPUS, cpus.to_vec())?;
+    items.add_item(key::MAX_CPUS, cpus.to_vec())?;
+    let total: u64 = platform.ram.iter().map(|r| r.1).sum();
+    items.add_item(key::RAM_SIZE, total.to_le_bytes().to_vec())?;
+    items.add_file("etc/e820", e820_table(platform.ram))?;
+    Ok(items)
+}
+
+/// QEMU's `etc/e820` format: packed little-endian `{u64 address, u64 length, u32 type}` entries.
+fn e820_table(ram: &[(u64, u64)]) -> Vec<u8> {
+    let mut table = Vec::with_capacity(20 * ram.len());
+    for &(base, size) in ram {
+        table.extend_from_slice(&base.to_le_bytes());
+        table.extend_from_slice(&size.to_le_bytes());
+        table.extend_from_slice(&E820_RAM.to_le_bytes());
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_of_odd_sizes_are_refused_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-fw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let odd = dir.join("odd.fd");
+        std::fs::write(&odd, vec![0u8; (2 << 20) + 1]).unwrap();
+        let err = FirmwareRom::load(&odd).err().unwrap().to_string();
+        assert!(
+            err.contains("odd.fd") && err.contains("multiple of 4 KiB"),
+            "{err}"
+        );
+        let tiny = dir.join("tiny.fd");
+        std::fs::write(&tiny, vec![0u8; 4096]).unwrap();
+        assert!(matches!(
+            FirmwareRom::load(&tiny),
+            Err(FirmwareError::Size { .. })
+        ));
+        assert!(matches!(
+            FirmwareRom::load(&dir.join("missing.fd")),
+            Err(FirmwareError::Read { .. })
+        ));
+        let good = dir.join("good.fd");
+        let mut image = vec![0u8; 2 << 20];
+        image[(2 << 20) - 16] = 0xe9; // a jump at the reset vector
+        std::fs::write(&good, &image).unwrap();
+        let rom = FirmwareRom::load(&good).unwrap();
+        assert_eq!(rom.base(), 0xffe0_0000);
+        assert_eq!(rom.size(), 2 << 20);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fw_cfg_describes_cpus_and_the_e820_ram_map() {
+        let ram = [(0, 0x8000_0000), (FOUR_GIB, 0x4000_0000)];
+        let items = fw_cfg_items(&FirmwarePlatform {
+            vcpus: 2,
+            ram: &ram,
+        })
+        .unwrap();
+        let all = items.selectors();
+        assert_eq!(&all[&key::NB_CPUS][..], &[2, 0]);
+        assert_eq!(
+            u64::from_le_bytes(all[&key::RAM_SIZE][..].try_into().unwrap()),
+            0xc000_0000
+        );
+        let e820 = &all[&key::FILE_FIRST][..];
+        assert_eq!(e820.len(), 40);
+        assert_eq!(
+            u64::from_le_bytes(e820[20..28].try_into().unwrap()),
+            FOUR_GIB
+        );
+        assert_eq!(u32::from_le_bytes(e820[36..40].try_into().unwrap()), 1);
+    }
+}
