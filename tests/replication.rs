@@ -387,6 +387,7 @@ fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
         disks: vec![],
         nets: vec![],
         hyperv: Default::default(),
+        firmware: None,
     };
     let page = |gpa: u64, encoding: PageEncoding| EncodedPage { gpa, encoding };
     let cases: [(&str, Message, &str); 4] = [
@@ -467,6 +468,7 @@ fn a_standby_follows_only_the_primary_whose_claim_the_witness_holds() {
         disks: vec![],
         nets: vec![],
         hyperv: Default::default(),
+        firmware: None,
     };
     let with_witness = ["--witness", etcd.url(), "--guest-name", "claim-check"];
     let cases: [(&str, &[&str], Message, &str); 4] = [

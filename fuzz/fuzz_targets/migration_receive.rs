@@ -41,6 +41,7 @@ fn destination() -> Destination {
         }],
         nets: vec![],
         hyperv: Default::default(),
+        firmware: None,
     };
     let options = RestoreOptions {
         serial: Some(SerialOutput::Null),

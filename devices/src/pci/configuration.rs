@@ -387,7 +387,7 @@ impl PciConfiguration {
         value: &[u8],
         writable_mask: &[u8],
     ) -> Result<(), PciConfigurationError> {
-        let end = reg.checked_add(value.len()).unwrap_or(usize::MAX);
+        let end = reg.saturating_add(value.len());
         if reg < FIRST_CAPABILITY || end > CONFIG_SPACE_SIZE || writable_mask.len() != value.len() {
             return Err(PciConfigurationError::DeviceRegister {
                 reg,

@@ -297,7 +297,7 @@ impl BusDevice for PciEcam {
 mod tests {
     use super::*;
     use crate::pci::configuration::{PciBarKind, PciConfiguration, PciConfigurationState};
-    use crate::pci::{PciClassCode, PciHostBridge, PciIdentity};
+    use crate::pci::{PciClassCode, PciIdentity};
 
     /// An endpoint with nothing but its configuration space.
     struct Endpoint(PciConfiguration);

@@ -256,6 +256,7 @@ mod tests {
                 mac: [2, 0, 0, 0, 0, 7],
             }],
             hyperv: Default::default(),
+            firmware: None,
         }
     }
 

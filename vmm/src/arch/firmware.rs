@@ -86,7 +86,7 @@ impl FirmwareRom {
             source,
         })?;
         let size = bytes.len() as u64;
-        if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&size) || size % 4096 != 0 {
+        if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&size) || !size.is_multiple_of(4096) {
             return Err(FirmwareError::Size {
                 path: path.to_path_buf(),
                 size,
