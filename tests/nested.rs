@@ -158,15 +158,20 @@ fn debian_kernel_runs_on_hyper_v_enlightenments() {
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 
 #[test]
-fn ovmf_boots_to_its_shell_on_the_serial_console() {
+fn ovmf_boots_to_its_shell_and_direct_boots_the_debian_kernel() {
     assert!(
         std::path::Path::new(OVMF).exists(),
         "{OVMF} is missing: install Debian's ovmf package (scripts/setup does)"
     );
+    let (kernel, initrd) = Kernel::DebianBzImage.files();
     let run = Nested::script("tests/nested/firmware.sh")
         .file("tests/nested/lib.sh", "lib.sh")
         .file(OVMF, "OVMF.fd")
+        .file(kernel, "guest/kernel")
+        .file(initrd, "guest/initramfs.cpio")
         .env("FIRMWARE", "/payload/OVMF.fd")
+        .env("KERNEL", "/payload/guest/kernel")
+        .env("INITRD", "/payload/guest/initramfs.cpio")
         .timeout(CASE_TIMEOUT)
         .run();
     let result = run.line("RESULT: ").map(str::to_owned);

@@ -19,6 +19,9 @@ pub const PORT_BASE: u64 = 0x70;
 /// Ports: index and data.
 pub const PORT_LEN: u64 = 2;
 
+/// The register holding the century, which the FADT names.
+pub const CENTURY_INDEX: u8 = reg::CENTURY;
+
 /// Register numbers.
 mod reg {
     pub const SECONDS: u8 = 0x00;

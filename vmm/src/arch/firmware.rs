@@ -1,5 +1,8 @@
 //! UEFI firmware boot: the firmware volume mapped as ROM just below 4 GiB, and the fw_cfg items that
-//! QEMU's platform contract promises the firmware (OVMF): CPU counts, RAM size and the e820 map.
+//! QEMU's platform contract promises the firmware (OVMF): CPU counts, RAM size, the e820 map, the
+//! ACPI tables with their loader script (`acpi/table_loader.rs`) and, for direct kernel boot, the
+//! kernel (split into its real-mode setup and the rest, as QEMU does), initrd and command line,
+//! which OVMF starts through the kernel's EFI stub.
 //!
 //! The image (Debian's `/usr/share/ovmf/OVMF.fd`, a code and variable store volume in one file) is
 //! copied into an anonymous mapping that KVM maps read-only at `4 GiB - size`: reads come from
@@ -51,6 +54,11 @@ pub enum FirmwareError {
     NoReadOnlyMemory,
     #[error("cannot describe the VM to the firmware: {0}")]
     FwCfg(#[from] ItemError),
+    #[error(
+        "{path:?} is not a bzImage: the firmware boots kernels through their EFI stub (give the \
+         bzImage, e.g. /boot/vmlinuz-*, not a vmlinux)"
+    )]
+    NotBzImage { path: PathBuf },
     #[error(
         "a firmware-booted guest has at most {max} MiB of RAM for now ({mib} MiB asked): its RAM \
          must end below the PCI Express configuration window at 0xb0000000"
@@ -139,16 +147,27 @@ impl FirmwareRom {
     }
 }
 
+/// A kernel for the firmware to boot directly (fw_cfg's kernel, initrd and command line items).
+pub struct FirmwareKernel<'a> {
+    /// A bzImage with an EFI stub (OVMF starts it as an EFI application).
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+}
+
 /// What the firmware is told about the VM.
 pub struct FirmwarePlatform<'a> {
     pub vcpus: u8,
     /// The guest's RAM ranges: (base, size).
     pub ram: &'a [(u64, u64)],
+    /// The ACPI tables and their loader script: (fw_cfg file name, contents).
+    pub acpi_files: Vec<(&'static str, Vec<u8>)>,
+    pub kernel: Option<FirmwareKernel<'a>>,
 }
 
 /// The fw_cfg items OVMF reads on QEMU's platform: the boot CPU count (it waits for that many
-/// processors to check in), RAM size and the e820 RAM map.
-pub fn fw_cfg_items(platform: &FirmwarePlatform) -> Result<FwCfgItems, FirmwareError> {
+/// processors to check in), RAM size, the e820 RAM map, the ACPI tables and a kernel to boot.
+pub fn fw_cfg_items(platform: FirmwarePlatform) -> Result<FwCfgItems, FirmwareError> {
     let mut items = FwCfgItems::new();
     let cpus = u16::from(platform.vcpus).to_le_bytes();
     items.add_item(key::NB_CPUS, cpus.to_vec())?;
@@ -156,7 +175,59 @@ pub fn fw_cfg_items(platform: &FirmwarePlatform) -> Result<FwCfgItems, FirmwareE
     let total: u64 = platform.ram.iter().map(|r| r.1).sum();
     items.add_item(key::RAM_SIZE, total.to_le_bytes().to_vec())?;
     items.add_file("etc/e820", e820_table(platform.ram))?;
+    for (name, contents) in platform.acpi_files {
+        items.add_file(name, contents)?;
+    }
+    if let Some(kernel) = &platform.kernel {
+        add_kernel(&mut items, kernel)?;
+    }
     Ok(items)
+}
+
+/// The kernel items: QEMU splits a bzImage into its real-mode setup (`setup_sects + 1` sectors)
+/// and the protected-mode rest; OVMF joins them again.
+fn add_kernel(items: &mut FwCfgItems, kernel: &FirmwareKernel) -> Result<(), FirmwareError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| FirmwareError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let image = read(kernel.kernel)?;
+    let setup_len = bzimage_setup_len(&image).ok_or_else(|| FirmwareError::NotBzImage {
+        path: kernel.kernel.to_path_buf(),
+    })?;
+    let (setup, rest) = image.split_at(setup_len);
+    let len_item = |len: usize| (len as u32).to_le_bytes().to_vec();
+    items.add_item(key::SETUP_SIZE, len_item(setup.len()))?;
+    items.add_item(key::SETUP_DATA, setup.to_vec())?;
+    items.add_item(key::KERNEL_SIZE, len_item(rest.len()))?;
+    items.add_item(key::KERNEL_DATA, rest.to_vec())?;
+    if let Some(initrd) = kernel.initrd {
+        let initrd = read(initrd)?;
+        items.add_item(key::INITRD_SIZE, len_item(initrd.len()))?;
+        items.add_item(key::INITRD_DATA, initrd)?;
+    }
+    let mut cmdline = kernel.cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+    items.add_item(key::CMDLINE_SIZE, len_item(cmdline.len()))?;
+    items.add_item(key::CMDLINE_DATA, cmdline)?;
+    Ok(())
+}
+
+/// The length of a bzImage's real-mode setup, or `None` if `image` is not a bzImage.
+fn bzimage_setup_len(image: &[u8]) -> Option<usize> {
+    const SETUP_SECTS: usize = 0x1f1;
+    const HEADER_MAGIC: std::ops::Range<usize> = 0x202..0x206;
+    if image.get(HEADER_MAGIC)? != b"HdrS" {
+        return None;
+    }
+    let sectors = match image[SETUP_SECTS] {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let len = (sectors + 1) * 512;
+    (len < image.len()).then_some(len)
 }
 
 /// QEMU's `etc/e820` format: packed little-endian `{u64 address, u64 length, u32 type}` entries.
@@ -226,5 +297,58 @@ mod tests {
             FOUR_GIB
         );
         assert_eq!(u32::from_le_bytes(e820[36..40].try_into().unwrap()), 1);
+    }
+
+    #[test]
+    fn a_bzimage_is_split_into_setup_and_kernel_and_anything_else_refused() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-fwk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut image = vec![0u8; 64 << 10];
+        image[0x1f1] = 27;
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        let kernel = dir.join("bzImage");
+        std::fs::write(&kernel, &image).unwrap();
+        let initrd = dir.join("initrd");
+        std::fs::write(&initrd, b"cpio").unwrap();
+        let items = fw_cfg_items(FirmwarePlatform {
+            vcpus: 1,
+            ram: &[(0, 1 << 30)],
+            acpi_files: vec![("etc/acpi/rsdp", vec![0; 36])],
+            kernel: Some(FirmwareKernel {
+                kernel: &kernel,
+                initrd: Some(&initrd),
+                cmdline: "console=ttyS0",
+            }),
+        })
+        .unwrap()
+        .selectors();
+        let u32_item = |k| u32::from_le_bytes(items[&k][..].try_into().unwrap());
+        assert_eq!(u32_item(key::SETUP_SIZE), 28 * 512);
+        assert_eq!(u32_item(key::KERNEL_SIZE), (64 << 10) - 28 * 512);
+        assert_eq!(items[&key::SETUP_DATA].len(), 28 * 512);
+        assert_eq!(&items[&key::INITRD_DATA][..], b"cpio");
+        assert_eq!(&items[&key::CMDLINE_DATA][..], b"console=ttyS0\0");
+        assert_eq!(u32_item(key::CMDLINE_SIZE), 14);
+
+        let elf = dir.join("vmlinux");
+        std::fs::write(&elf, b"\x7fELF and the rest").unwrap();
+        let err = fw_cfg_items(FirmwarePlatform {
+            vcpus: 1,
+            ram: &[(0, 1 << 30)],
+            acpi_files: vec![],
+            kernel: Some(FirmwareKernel {
+                kernel: &elf,
+                initrd: None,
+                cmdline: "",
+            }),
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("vmlinux") && err.contains("not a bzImage"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

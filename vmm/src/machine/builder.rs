@@ -19,11 +19,12 @@ use super::{
     DiskDescription, Machine, MachineDescription, MachineError, NetDescription, StopWatcher,
     VmConfig, MAX_VCPUS,
 };
+use crate::arch::acpi::table_loader::firmware_acpi_files;
 use crate::arch::acpi::{write_acpi_tables, Com1, DsdtDevice, Rtc};
 use crate::arch::boot::{load_kernel, KernelSpec};
 use crate::arch::cpuid::{apply_features, CpuFeatures};
 use crate::arch::emulate::EmulationCounters;
-use crate::arch::firmware::FirmwareRom;
+use crate::arch::firmware::{fw_cfg_items, FirmwareKernel, FirmwarePlatform, FirmwareRom};
 use crate::arch::hyperv::{self, HypervMode};
 use crate::device_manager::{DeviceManager, Subscriber, VirtioSubscriber};
 use crate::memory::{create_guest_memory, GuestMemory};
@@ -42,7 +43,13 @@ pub(super) struct Hardware<'a> {
     pub dirty_ring: Option<u32>,
     pub hyperv: HypervMode,
     /// UEFI firmware to map as ROM; the VM then gets the q35 chipset.
-    pub firmware: Option<&'a Path>,
+    pub firmware: Option<FirmwareBoot<'a>>,
+}
+
+/// A firmware boot: the image and what fw_cfg hands it to boot directly.
+pub(super) struct FirmwareBoot<'a> {
+    pub image: &'a Path,
+    pub kernel: Option<FirmwareKernel<'a>>,
 }
 
 impl Machine {
@@ -64,7 +71,14 @@ impl Machine {
             nets: &config.nets,
             dirty_ring: config.dirty_ring,
             hyperv: config.hyperv,
-            firmware: config.firmware.as_deref(),
+            firmware: config.firmware.as_deref().map(|image| FirmwareBoot {
+                image,
+                kernel: config.kernel.as_deref().map(|kernel| FirmwareKernel {
+                    kernel,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: &config.cmdline,
+                }),
+            }),
         })?;
         if config.firmware.is_some() {
             // The boot vCPU starts at the reset vector in KVM's reset state; the firmware brings
@@ -118,8 +132,8 @@ impl Machine {
         }
         let memory = create_guest_memory(hw.memory_mib)?;
         let vm = Arc::new(Vm::new(&memory)?);
-        let firmware_rom = match hw.firmware {
-            Some(path) => {
+        let firmware_rom = match &hw.firmware {
+            Some(FirmwareBoot { image: path, .. }) => {
                 let rom = FirmwareRom::load(path)?;
                 rom.map(vm.kvm(), vm.fd())?;
                 tracing::info!(
@@ -167,16 +181,6 @@ impl Machine {
                 source,
             })?;
         let mut mmio_bus = Bus::new();
-        if hw.firmware.is_some() {
-            super::q35::place_q35_chipset(
-                &mut io_bus,
-                &mut mmio_bus,
-                &memory,
-                &ram,
-                hw.vcpus,
-                &guest_exit,
-            )?;
-        }
         let mut device_manager = DeviceManager::new();
         let mut description = MachineDescription {
             vcpus: hw.vcpus,
@@ -184,7 +188,7 @@ impl Machine {
             disks: Vec::new(),
             nets: Vec::new(),
             hyperv: hw.hyperv,
-            firmware: hw.firmware.map(Path::to_path_buf),
+            firmware: hw.firmware.as_ref().map(|f| f.image.to_path_buf()),
         };
         let mut add = |device: Arc<Mutex<dyn VirtioSubscriber>>| {
             device_manager.add_virtio_device(
@@ -222,6 +226,24 @@ impl Machine {
             let nic = Arc::new(Mutex::new(nic));
             nics.push(nic.clone());
             add(nic)?;
+        }
+        if let Some(firmware) = &hw.firmware {
+            let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1, &Rtc];
+            dsdt_devices.extend(device_manager.slots().iter().map(|s| s as &dyn DsdtDevice));
+            let acpi = firmware_acpi_files(hw.vcpus.into(), &dsdt_devices)?;
+            let fw_cfg = fw_cfg_items(FirmwarePlatform {
+                vcpus: hw.vcpus,
+                ram: &ram,
+                acpi_files: acpi.files,
+                kernel: firmware.kernel.as_ref().map(|k| FirmwareKernel { ..*k }),
+            })?;
+            super::q35::place_q35_chipset(
+                &mut io_bus,
+                &mut mmio_bus,
+                &memory,
+                fw_cfg,
+                &guest_exit,
+            )?;
         }
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);

@@ -4,23 +4,21 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::fw_cfg::{self, FwCfg};
+use devices::fw_cfg::{self, FwCfg, FwCfgItems};
 use devices::pci::{Ich9Lpc, PciConfigIo, PciEcam, PciRoot};
 use devices::{Bus, GuestExitEvent};
 
 use super::MachineError;
-use crate::arch::firmware::{fw_cfg_items, FirmwarePlatform};
 use crate::arch::layout::PCI_ECAM_START;
 use crate::memory::GuestMemory;
 
-/// Places the q35 chipset (its reset control sending to `guest_exit`) on the buses of a VM with `vcpus` vCPUs, `memory` and the RAM ranges
-/// `ram` (base, size).
+/// Places the q35 chipset on the buses: its reset control sends to `guest_exit`, its fw_cfg serves
+/// `fw_cfg_items` and transfers to and from `memory`.
 pub(super) fn place_q35_chipset(
     io_bus: &mut Bus,
     mmio_bus: &mut Bus,
     memory: &GuestMemory,
-    ram: &[(u64, u64)],
-    vcpus: u8,
+    fw_cfg_items: FwCfgItems,
     guest_exit: &Arc<GuestExitEvent>,
 ) -> Result<(), MachineError> {
     let place_err = |device| move |source| MachineError::Bus { device, source };
@@ -44,8 +42,7 @@ pub(super) fn place_q35_chipset(
         )
         .map_err(place_err("PCI ECAM window"))?;
 
-    let items = fw_cfg_items(&FirmwarePlatform { vcpus, ram })?;
-    let fw_cfg = Arc::new(Mutex::new(FwCfg::new(&items, memory.clone())));
+    let fw_cfg = Arc::new(Mutex::new(FwCfg::new(&fw_cfg_items, memory.clone())));
     io_bus
         .insert(
             fw_cfg.clone(),

@@ -415,7 +415,13 @@ impl Machine {
             nets: &nets,
             dirty_ring: None,
             hyperv: d.hyperv,
-            firmware: d.firmware.as_deref(),
+            firmware: d
+                .firmware
+                .as_deref()
+                .map(|image| super::builder::FirmwareBoot {
+                    image,
+                    kernel: None,
+                }),
         })?;
         Ok(machine)
     }
