@@ -279,9 +279,11 @@ mod tests {
     #[test]
     fn fw_cfg_describes_cpus_and_the_e820_ram_map() {
         let ram = [(0, 0x8000_0000), (FOUR_GIB, 0x4000_0000)];
-        let items = fw_cfg_items(&FirmwarePlatform {
+        let items = fw_cfg_items(FirmwarePlatform {
             vcpus: 2,
             ram: &ram,
+            acpi_files: vec![],
+            kernel: None,
         })
         .unwrap();
         let all = items.selectors();
