@@ -103,9 +103,10 @@ impl From<VirtqueueState> for QueueState {
     }
 }
 
-/// The virtio-mmio transport's registers, and the queues as the device last left them.
+/// A virtio transport's registers (`virtio/transport.rs`, common to MMIO and PCI), and the queues
+/// as the device last left them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MmioTransportState {
+pub struct TransportState {
     pub device_status: u32,
     pub device_features_sel: u32,
     pub driver_features_sel: u32,
@@ -127,7 +128,7 @@ pub enum VirtioDeviceState {
 /// One virtio device: its transport and itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioState {
-    pub transport: MmioTransportState,
+    pub transport: TransportState,
     pub device: VirtioDeviceState,
 }
 

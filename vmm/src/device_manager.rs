@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use acpi_tables::{aml, Aml, AmlSink};
-use devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_OFFSET};
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_OFFSET};
+use devices::virtio::transport::TransportError;
 use devices::virtio::VirtioDevice;
 use devices::{Bus, BusError, EventFdTrigger};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -38,7 +39,10 @@ pub enum DeviceManagerError {
         source: std::io::Error,
     },
     #[error("cannot create the transport of virtio device {index}: {source}")]
-    Transport { index: usize, source: MmioError },
+    Transport {
+        index: usize,
+        source: TransportError,
+    },
     #[error("cannot register queue {queue} notification of virtio device {index}: {source}")]
     IoEvent {
         index: usize,

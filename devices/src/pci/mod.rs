@@ -8,6 +8,7 @@
 //!   register and capabilities behave as they do on hardware. It records BARs the guest moves, for
 //!   the owner to drain with [`PciConfiguration::take_bar_reprogrammings`].
 //! - [`PciDevice`]: what a PCI function implements; usually just handing out its configuration.
+//! - [`msix`]: MSI-X tables, pending bits and their delivery through eventfds.
 //! - [`q35`]: the chipset functions OVMF programs (the MCH host bridge and the ICH9 LPC bridge).
 //! - [`root`]: bus 0 of a root complex ([`root::PciRoot`], with a q35 host bridge at 00:00.0) and
 //!   the two ways a guest reaches it, both [`BusDevice`](crate::bus::BusDevice)s sharing one root:
@@ -18,6 +19,7 @@
 //! moving a device's MMIO or port range when its BAR changes is the VMM's business.
 
 pub mod configuration;
+pub mod msix;
 pub mod q35;
 pub mod root;
 
@@ -57,6 +59,15 @@ pub trait PciDevice: Send {
     fn config_write(&mut self, reg: usize, data: &[u8]) {
         self.configuration_mut().write(reg, data);
     }
+
+    /// Handles a guest read of `data.len()` bytes at `offset` into memory BAR `bar`. Functions
+    /// without BARs keep this default, which reads zeros.
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    /// Handles a guest write of `data` at `offset` into memory BAR `bar`.
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
 }
 
 /// The class code: base class, subclass and programming interface.

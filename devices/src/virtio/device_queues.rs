@@ -32,7 +32,7 @@ pub const QUEUE_BUDGET: usize = 256;
 pub struct ActiveQueues {
     pub memory: GuestMemoryMmap,
     pub queues: Vec<Queue>,
-    pub interrupt: Arc<VirtioInterrupt>,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 impl ActiveQueues {
@@ -43,7 +43,7 @@ impl ActiveQueues {
             .needs_notification(&self.memory)
             .unwrap_or(true)
         {
-            self.interrupt.signal_used_queue();
+            self.interrupt.signal_used_queue(index);
         }
     }
 }

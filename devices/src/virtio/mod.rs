@@ -1,14 +1,18 @@
-//! Virtio 1.x devices over the virtio-mmio transport.
+//! Virtio 1.x devices and their transports.
 //!
-//! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] exposes it to the guest as a
-//! virtio-mmio register window and, when the driver sets DRIVER_OK, activates it with its queues, the
-//! queue-notification eventfds (which the VMM wires to KVM ioeventfds) and an interrupt
-//! ([`VirtioInterrupt`], wired to a KVM irqfd).
+//! A device implements [`VirtioDevice`] and knows nothing of transports. A transport exposes it to
+//! the guest — [`mmio::MmioTransport`] as a virtio-mmio register window, [`pci`] as a virtio-pci
+//! function — over the shared [`transport::VirtioTransportCore`], which, when the driver sets
+//! DRIVER_OK, activates the device with its queues, the queue-notification eventfds (which the VMM
+//! wires to KVM ioeventfds) and a [`VirtioInterrupt`] (a line, or MSI-X vectors, wired to KVM
+//! irqfds).
 
 pub mod block;
 pub mod device_queues;
 pub mod mmio;
 pub mod net;
+pub mod pci;
+pub mod transport;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -45,29 +49,32 @@ pub const INT_VRING: u32 = 1;
 /// Interrupt status bit: the configuration changed.
 pub const INT_CONFIG: u32 = 2;
 
-/// The interrupt line of a virtio-mmio device and its interrupt status register.
-pub struct VirtioInterrupt {
+/// How a transport interrupts the driver, and the interrupt status (ISR) bits it keeps until the
+/// driver acknowledges them.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Tells the driver that queue `queue`'s used ring changed.
+    fn signal_used_queue(&self, queue: usize);
+    /// Tells the driver that the configuration space changed.
+    fn signal_config_change(&self);
+    /// The interrupt status bits ([`INT_VRING`], [`INT_CONFIG`]) not yet acknowledged.
+    fn status(&self) -> u32;
+    /// Clears acknowledged bits.
+    fn ack(&self, bits: u32);
+}
+
+/// One interrupt line for everything (virtio-mmio): a KVM irqfd and the interrupt status register.
+pub struct LineInterrupt {
     status: AtomicU32,
     trigger: EventFdTrigger,
 }
 
-impl VirtioInterrupt {
+impl LineInterrupt {
     /// An interrupt raised through `trigger`.
     pub fn new(trigger: EventFdTrigger) -> Self {
         Self {
             status: AtomicU32::new(0),
             trigger,
         }
-    }
-
-    /// Tells the driver that used rings changed.
-    pub fn signal_used_queue(&self) {
-        self.signal(INT_VRING);
-    }
-
-    /// Tells the driver that the configuration space changed.
-    pub fn signal_config_change(&self) {
-        self.signal(INT_CONFIG);
     }
 
     fn signal(&self, bit: u32) {
@@ -77,19 +84,27 @@ impl VirtioInterrupt {
         }
     }
 
-    /// The interrupt status register.
-    pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
-    }
-
-    /// Clears acknowledged bits.
-    pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
-    }
-
     /// The eventfd to register as the irqfd.
     pub fn eventfd(&self) -> &EventFd {
         self.trigger.eventfd()
+    }
+}
+
+impl VirtioInterrupt for LineInterrupt {
+    fn signal_used_queue(&self, _queue: usize) {
+        self.signal(INT_VRING);
+    }
+
+    fn signal_config_change(&self) {
+        self.signal(INT_CONFIG);
+    }
+
+    fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 }
 
@@ -110,7 +125,7 @@ pub struct ActivateContext {
     pub queues: Vec<Queue>,
     /// One eventfd per queue, signalled when the driver notifies that queue.
     pub queue_events: Vec<EventFd>,
-    pub interrupt: std::sync::Arc<VirtioInterrupt>,
+    pub interrupt: std::sync::Arc<dyn VirtioInterrupt>,
 }
 
 /// A virtio device model.
@@ -174,8 +189,8 @@ mod tests {
 
     #[test]
     fn interrupt_status_is_set_and_acked() {
-        let irq = VirtioInterrupt::new(EventFdTrigger::new().unwrap());
-        irq.signal_used_queue();
+        let irq = LineInterrupt::new(EventFdTrigger::new().unwrap());
+        irq.signal_used_queue(0);
         irq.signal_config_change();
         assert_eq!(irq.status(), INT_VRING | INT_CONFIG);
         irq.ack(INT_VRING);

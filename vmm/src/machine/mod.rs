@@ -83,7 +83,7 @@ pub struct MachineDescription {
     #[serde(default)]
     pub hyperv: HypervMode,
     /// The firmware image a firmware-booted VM started from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub firmware: Option<PathBuf>,
 }
 
