@@ -9,6 +9,7 @@ pub mod dirty;
 pub mod dirty_ring;
 pub mod machine;
 pub mod memory;
+pub mod pci_device_manager;
 pub mod seccomp;
 pub mod snapshot;
 pub mod userfault;

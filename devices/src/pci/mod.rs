@@ -31,7 +31,9 @@ pub use configuration::{
     PciConfigurationState,
 };
 pub use q35::{Ich9Lpc, PciHostBridge, Q35_ECAM_BASE};
-pub use root::{PciConfigIo, PciEcam, PciRoot, PciRootError, SharedPciDevice};
+pub use root::{
+    BarObserver, PciConfigIo, PciEcam, PciMmioWindow, PciRoot, PciRootError, SharedPciDevice,
+};
 
 /// Device numbers on a bus: `0..DEVICES_PER_BUS`.
 pub const DEVICES_PER_BUS: u8 = 32;

@@ -16,7 +16,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::configuration::{BarReprogrammed, CONFIG_SPACE_SIZE};
+use super::configuration::{
+    BarReprogrammed, PciBarKind, BAR_COUNT, COMMAND_MEMORY_SPACE, CONFIG_SPACE_SIZE,
+};
 use super::q35::PciHostBridge;
 use super::{
     is_config_access_len, lock, PciAddress, PciDevice, DEVICES_PER_BUS, FUNCTIONS_PER_DEVICE,
@@ -38,10 +40,18 @@ pub enum PciRootError {
     AddressInUse { address: PciAddress },
 }
 
+/// Told when the guest moves a BAR (the VMM moves what it placed at the old address, such as the
+/// ioeventfds of a virtio-pci function's queue notifications).
+pub trait BarObserver: Send + Sync {
+    /// BAR `moved.index` of the function at `address` now holds `moved.new`.
+    fn bar_moved(&self, address: PciAddress, moved: BarReprogrammed);
+}
+
 /// Bus 0 of the root complex: up to 32 devices of 8 functions each.
 pub struct PciRoot {
     /// The functions, indexed by `device * 8 + function`.
     functions: Vec<Option<SharedPciDevice>>,
+    bar_observer: Option<Arc<dyn BarObserver>>,
 }
 
 impl Default for PciRoot {
@@ -63,7 +73,40 @@ impl PciRoot {
         let slots = usize::from(DEVICES_PER_BUS) * usize::from(FUNCTIONS_PER_DEVICE);
         let mut functions: Vec<Option<SharedPciDevice>> = vec![None; slots];
         functions[0] = Some(Arc::new(Mutex::new(PciHostBridge::q35())));
-        Self { functions }
+        Self {
+            functions,
+            bar_observer: None,
+        }
+    }
+
+    /// Tells `observer` of every BAR the guest moves from now on.
+    pub fn set_bar_observer(&mut self, observer: Arc<dyn BarObserver>) {
+        self.bar_observer = Some(observer);
+    }
+
+    /// The function whose enabled memory BAR holds guest address `addr`: the function, the BAR's
+    /// index and the offset into it.
+    pub fn memory_bar_at(&self, addr: u64) -> Option<(SharedPciDevice, usize, u64)> {
+        for function in self.functions.iter().flatten() {
+            let device = lock(function);
+            let config = device.configuration();
+            if config.command() & COMMAND_MEMORY_SPACE == 0 {
+                continue;
+            }
+            for index in 0..BAR_COUNT {
+                let (Some(bar), Some(base)) = (config.bar(index), config.bar_address(index)) else {
+                    continue;
+                };
+                if matches!(bar.kind, PciBarKind::Io) {
+                    continue;
+                }
+                if (base..base.saturating_add(bar.size)).contains(&addr) {
+                    drop(device);
+                    return Some((function.clone(), index, addr - base));
+                }
+            }
+        }
+        None
     }
 
     /// Places `device` at `address` (on bus 0). Function 0 of a device with several functions gets
@@ -123,7 +166,13 @@ impl PciRoot {
         };
         let in_space = data.len().min(CONFIG_SPACE_SIZE.saturating_sub(reg));
         if in_space > 0 {
-            lock(function).config_write(reg, &data[..in_space]);
+            let mut device = lock(function);
+            device.config_write(reg, &data[..in_space]);
+            if let Some(observer) = &self.bar_observer {
+                for moved in device.configuration_mut().take_bar_reprogrammings() {
+                    observer.bar_moved(address, moved);
+                }
+            }
         }
     }
 
@@ -289,6 +338,39 @@ impl BusDevice for PciEcam {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some((address, reg)) = Self::decode(offset) {
             lock(&self.root).config_write(address, reg, data);
+        }
+    }
+}
+
+/// The window of guest addresses where the firmware places PCI memory BARs: an access lands in the
+/// BAR that holds it (of a function with memory decoding on), or reads all-ones.
+pub struct PciMmioWindow {
+    root: Arc<Mutex<PciRoot>>,
+    base: u64,
+}
+
+impl PciMmioWindow {
+    /// The window from guest address `base` over `root`'s functions.
+    pub fn new(root: Arc<Mutex<PciRoot>>, base: u64) -> Self {
+        Self { root, base }
+    }
+
+    fn target(&self, offset: u64) -> Option<(SharedPciDevice, usize, u64)> {
+        lock(&self.root).memory_bar_at(self.base.checked_add(offset)?)
+    }
+}
+
+impl BusDevice for PciMmioWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.target(offset) {
+            Some((device, bar, at)) => lock(&device).bar_read(bar, at, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some((device, bar, at)) = self.target(offset) {
+            lock(&device).bar_write(bar, at, data);
         }
     }
 }
@@ -542,5 +624,45 @@ mod tests {
         lock(&fresh).0.restore_state(&state).unwrap();
         assert_eq!(lock(&fresh).0.command(), 0x0006);
         assert_eq!(lock(&fresh).0.state(), state);
+    }
+    /// Records the BARs the root reports moved.
+    #[derive(Default)]
+    struct Moves(Mutex<Vec<(PciAddress, BarReprogrammed)>>);
+
+    impl BarObserver for Moves {
+        fn bar_moved(&self, address: PciAddress, moved: BarReprogrammed) {
+            self.0.lock().unwrap().push((address, moved));
+        }
+    }
+
+    #[test]
+    fn the_mmio_window_reaches_an_enabled_bar_and_the_observer_hears_it_move() {
+        let (root, _, mut ecam) = machine();
+        let moves = Arc::new(Moves::default());
+        root.lock().unwrap().set_bar_observer(moves.clone());
+        let mut window = PciMmioWindow::new(root.clone(), 0xc000_0000);
+        ecam.write(ecam_offset(0, 3, 0, 0x10), &0xc000_4000u32.to_le_bytes());
+        ecam.write(ecam_offset(0, 3, 0, 0x14), &0u32.to_le_bytes());
+        let moved = moves.0.lock().unwrap().clone();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].0, address(3, 0));
+        assert_eq!((moved[0].1.index, moved[0].1.new), (0, 0xc000_4000));
+        let mut data = [0u8; 4];
+        window.read(0x4000, &mut data);
+        assert_eq!(data, [0xff; 4], "memory decoding is off");
+        ecam.write(ecam_offset(0, 3, 0, 0x04), &[0x02, 0x00]);
+        window.read(0x4000, &mut data);
+        assert_eq!(
+            data, [0; 4],
+            "the endpoint's BAR answers (with the default zeros)"
+        );
+        window.read(0x8000, &mut data);
+        assert_eq!(data, [0xff; 4], "past the BAR");
+        let found = root
+            .lock()
+            .unwrap()
+            .memory_bar_at(0xc000_7ffc)
+            .map(|(_, b, o)| (b, o));
+        assert_eq!(found, Some((0, 0x3ffc)));
     }
 }

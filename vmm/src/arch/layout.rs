@@ -44,3 +44,6 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfeff_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfeff_c000;
 /// The q35 platform's PCI Express configuration (ECAM) window, for firmware-booted guests.
 pub const PCI_ECAM_START: u64 = devices::pci::Q35_ECAM_BASE;
+/// Where OVMF puts 32-bit PCI memory BARs on q35: from the end of the ECAM window to 0xfc00_0000.
+pub const PCI_MMIO_WINDOW_START: u64 = PCI_ECAM_START + (256 << 20);
+pub const PCI_MMIO_WINDOW_END: u64 = 0xfc00_0000;

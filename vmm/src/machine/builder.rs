@@ -26,8 +26,10 @@ use crate::arch::cpuid::{apply_features, CpuFeatures};
 use crate::arch::emulate::EmulationCounters;
 use crate::arch::firmware::{fw_cfg_items, FirmwareKernel, FirmwarePlatform, FirmwareRom};
 use crate::arch::hyperv::{self, HypervMode};
+use crate::arch::layout::{PCI_MMIO_WINDOW_END, PCI_MMIO_WINDOW_START};
 use crate::device_manager::{DeviceManager, Subscriber, VirtioSubscriber};
 use crate::memory::{create_guest_memory, GuestMemory};
+use crate::pci_device_manager::PciDeviceManager;
 use crate::vcpu::state::saveable_msrs;
 use crate::vcpu::{kick, StopSignals, Vcpu, VcpuControl, VcpuShared};
 use crate::vm::{Vm, VmError};
@@ -190,14 +192,34 @@ impl Machine {
             hyperv: hw.hyperv,
             firmware: hw.firmware.as_ref().map(|f| f.image.to_path_buf()),
         };
-        let mut add = |device: Arc<Mutex<dyn VirtioSubscriber>>| {
-            device_manager.add_virtio_device(
-                device,
-                &vm,
-                &memory,
-                &mut mmio_bus,
-                &mut event_manager,
+        // Firmware-booted (q35) VMs get their virtio devices on PCI, the others on virtio-mmio.
+        let pci_root = match hw.firmware {
+            Some(_) => Some(super::q35::q35_pci_root()?),
+            None => None,
+        };
+        let mut pci_devices = pci_root.as_ref().map(|root| {
+            PciDeviceManager::new(
+                vm.clone(),
+                root.clone(),
+                PCI_MMIO_WINDOW_START..PCI_MMIO_WINDOW_END,
             )
+        });
+        let mut add = |device: Arc<Mutex<dyn VirtioSubscriber>>| -> Result<(), MachineError> {
+            match &mut pci_devices {
+                Some(pci) => {
+                    pci.add_virtio_device(device, &vm, &memory, &mut event_manager)?;
+                }
+                None => {
+                    device_manager.add_virtio_device(
+                        device,
+                        &vm,
+                        &memory,
+                        &mut mmio_bus,
+                        &mut event_manager,
+                    )?;
+                }
+            }
+            Ok(())
         };
         let mut disk_access = Vec::with_capacity(hw.disks.len());
         for (index, disk) in hw.disks.iter().enumerate() {
@@ -237,14 +259,19 @@ impl Machine {
                 acpi_files: acpi.files,
                 kernel: firmware.kernel.as_ref().map(|k| FirmwareKernel { ..*k }),
             })?;
+            let root = pci_root.expect("firmware VMs have a PCI root");
             super::q35::place_q35_chipset(
                 &mut io_bus,
                 &mut mmio_bus,
                 &memory,
+                root,
                 fw_cfg,
                 &guest_exit,
             )?;
         }
+        let pci_functions = pci_devices
+            .map(|pci| pci.functions().to_vec())
+            .unwrap_or_default();
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
 
@@ -298,6 +325,7 @@ impl Machine {
             serial,
             cmos,
             transports: device_manager.transports().to_vec(),
+            pci_functions,
             nics,
             disk_access,
             vcpu_threads: Vec::new(),

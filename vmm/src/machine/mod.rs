@@ -195,6 +195,8 @@ pub enum MachineError {
     NothingToBoot,
     #[error(transparent)]
     Pci(#[from] devices::pci::PciRootError),
+    #[error(transparent)]
+    PciDevice(#[from] crate::pci_device_manager::PciDeviceError),
 }
 
 /// Wakes the event loop when the guest or a vCPU asks the VM to stop.
@@ -243,6 +245,8 @@ pub struct Machine {
     serial: Arc<Mutex<SerialDevice>>,
     cmos: Arc<Mutex<Cmos>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The virtio-pci functions of a firmware-booted (q35) VM, in address order.
+    pci_functions: Vec<Arc<Mutex<devices::virtio::pci::VirtioPciDevice>>>,
     nics: Vec<Arc<Mutex<VirtioNet>>>,
     /// Per disk, what protection needs beside the device: its write journal and image.
     disk_access: Vec<DiskAccess>,
