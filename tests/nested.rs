@@ -156,20 +156,28 @@ fn debian_kernel_runs_on_hyper_v_enlightenments() {
 
 /// Debian's UEFI firmware, from the `ovmf` package (scripts/setup installs it).
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// A GPT disk whose EFI system partition boots the Debian kernel through systemd-boot.
+const ESP_IMAGE: &str = "images/out/linux/debian/esp.img";
 
 #[test]
-fn ovmf_boots_to_its_shell_and_direct_boots_the_debian_kernel() {
+fn ovmf_boots_its_shell_the_debian_kernel_directly_and_from_an_esp_disk() {
     assert!(
         std::path::Path::new(OVMF).exists(),
         "{OVMF} is missing: install Debian's ovmf package (scripts/setup does)"
     );
     let (kernel, initrd) = Kernel::DebianBzImage.files();
+    assert!(
+        integration_tests::workspace_root().join(ESP_IMAGE).exists(),
+        "{ESP_IMAGE} is missing: run scripts/build-images linux-esp (scripts/test does)"
+    );
     let run = Nested::script("tests/nested/firmware.sh")
         .file("tests/nested/lib.sh", "lib.sh")
         .file(OVMF, "OVMF.fd")
         .file(kernel, "guest/kernel")
         .file(initrd, "guest/initramfs.cpio")
+        .file(ESP_IMAGE, "guest/esp.img")
         .env("FIRMWARE", "/payload/OVMF.fd")
+        .env("ESP_IMAGE", "/payload/guest/esp.img")
         .env("KERNEL", "/payload/guest/kernel")
         .env("INITRD", "/payload/guest/initramfs.cpio")
         .timeout(CASE_TIMEOUT)

@@ -6,7 +6,11 @@
 #   stub; Linux runs on the firmware's memory map and ftvmm's ACPI tables (installed by OVMF from
 #   etc/table-loader), finds its disk and NIC as virtio-pci functions (BARs placed by OVMF,
 #   interrupts through MSI-X), reaches /init with 2 CPUs, and powers off through the ICH9 PM1
-#   control register: ftvmm exits 0.
+#   control register: ftvmm exits 0;
+# - given only a GPT disk whose EFI system partition has systemd-boot as EFI/BOOT/BOOTX64.EFI and
+#   the same kernel (scripts/build-images linux-esp), OVMF's virtio-pci block driver reads it, the
+#   boot manager starts systemd-boot from it, and that the kernel, which finds the same disk as
+#   vda, reaches /init with 2 CPUs and powers off: ftvmm exits 0.
 . /payload/lib.sh
 start=$(date +%s)
 vm_start shell run --firmware "$FIRMWARE" --vcpus 2 --memory 256
@@ -35,4 +39,16 @@ devices=$(line_of direct 'ftvmm-linux-init: disks=')
 console direct | grep -q 'ACPI: PM: Preparing to enter system sleep state S5' ||
     fail "direct boot: no ACPI power-off"
 [ "$EXIT_STATUS" = 0 ] || fail "direct boot: ftvmm exited $EXIT_STATUS after the guest's power-off"
-echo "RESULT: firmware=$(basename "$FIRMWARE") shell_s=$shell_s direct_boot_to_poweroff_s=$direct_s"
+
+start=$(date +%s)
+vm_start esp run --firmware "$FIRMWARE" --vcpus 2 --memory 512 --disk "path=$ESP_IMAGE"
+vm_exit esp 300
+esp_s=$(($(date +%s) - start))
+console esp | grep -q 'BdsDxe: starting Boot[0-9A-F]* .*PciRoot(0x0)/Pci(0x2,0x0)' ||
+    fail "ESP boot: the boot manager did not boot from the virtio-pci disk"
+console esp | grep -q 'efi: EFI v2\.[0-9]* by EDK II' || fail "ESP boot: Linux did not start under EFI"
+console esp | grep -q 'ftvmm-linux-init: cpus=2$' || fail "ESP boot: no /init with 2 CPUs"
+devices=$(line_of esp 'ftvmm-linux-init: disks=')
+[ "$devices" = "ftvmm-linux-init: disks=vda nics=" ] || fail "ESP boot: devices '$devices'"
+[ "$EXIT_STATUS" = 0 ] || fail "ESP boot: ftvmm exited $EXIT_STATUS after the guest's power-off"
+echo "RESULT: firmware=$(basename "$FIRMWARE") shell_s=$shell_s direct_boot_to_poweroff_s=$direct_s esp_boot_to_poweroff_s=$esp_s"
