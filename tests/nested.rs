@@ -47,6 +47,20 @@ fn l2_reset_by_triple_fault(run: &NestedRun) -> bool {
 
 /// Runs `tests/nested/<case>.sh` against `kernel` and checks that it passed.
 fn run_case(case: &str, kernel: Kernel) -> NestedRun {
+    run_case_booted(case, kernel, Boot::Direct)
+}
+
+/// How the case's guests boot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Boot {
+    /// ftvmm loads the kernel (virtio-mmio devices).
+    Direct,
+    /// Debian's OVMF starts the kernel from fw_cfg (q35, virtio-pci devices).
+    Firmware,
+}
+
+/// Runs `tests/nested/<case>.sh` against `kernel` booted as `boot` says, and checks that it passed.
+fn run_case_booted(case: &str, kernel: Kernel, boot: Boot) -> NestedRun {
     let (image, initrd) = kernel.files();
     for f in [image, initrd] {
         assert!(
@@ -54,16 +68,28 @@ fn run_case(case: &str, kernel: Kernel) -> NestedRun {
             "{f} is missing: run scripts/build-images linux-debian linux-small (scripts/test does)"
         );
     }
+    if boot == Boot::Firmware {
+        assert!(
+            std::path::Path::new(OVMF).exists(),
+            "{OVMF} is missing: install Debian's ovmf package (scripts/setup does)"
+        );
+    }
     let attempt = || {
-        Nested::script(format!("tests/nested/{case}.sh"))
+        let nested = Nested::script(format!("tests/nested/{case}.sh"))
             .file("tests/nested/lib.sh", "lib.sh")
             .file(image, "guest/kernel")
             .file(initrd, "guest/initramfs.cpio")
             .bin(env!("CARGO_BIN_EXE_nettest"))
             .env("KERNEL", "/payload/guest/kernel")
             .env("INITRD", "/payload/guest/initramfs.cpio")
-            .timeout(CASE_TIMEOUT)
-            .run()
+            .timeout(CASE_TIMEOUT);
+        match boot {
+            Boot::Direct => nested,
+            Boot::Firmware => nested
+                .file(OVMF, "OVMF.fd")
+                .env("FIRMWARE", "/payload/OVMF.fd"),
+        }
+        .run()
     };
     let mut run = attempt();
     if run.status != Some(0) && l2_reset_by_triple_fault(&run) {
@@ -189,6 +215,16 @@ fn ovmf_boots_its_shell_the_debian_kernel_directly_and_from_an_esp_disk() {
         "firmware case failed; result: {result:?}"
     );
     eprintln!("firmware: {}", result.unwrap_or_default());
+}
+
+#[test]
+fn firmware_booted_debian_kernel_snapshot_restored_in_a_new_process_keeps_counting() {
+    run_case_booted("snapshot", Kernel::DebianBzImage, Boot::Firmware);
+}
+
+#[test]
+fn firmware_booted_debian_kernel_live_migrates_with_a_client_connected() {
+    run_case_booted("migrate", Kernel::DebianBzImage, Boot::Firmware);
 }
 
 /// The harness itself: bad input is a clear error, a hanging script a bounded run.

@@ -95,13 +95,14 @@ vm_kill() {
 
 # guest_start NAME CMDLINE ARGS...: `ftvmm run` of the Linux guest under test ($KERNEL, $INITRD)
 # with 2 vCPUs and 512 MiB, CMDLINE appended to its kernel command line, ARGS (devices, options)
-# added to ftvmm's.
+# added to ftvmm's. With $FIRMWARE set, the kernel boots through that UEFI firmware on the q35
+# platform, its devices on virtio-pci.
 guest_start() {
     name=$1
     extra=$2
     shift 2
     vm_start "$name" run --kernel "$KERNEL" --initrd "$INITRD" --vcpus 2 --memory 512 \
-        --cmdline "$GUEST_CMDLINE $extra" "$@"
+        ${FIRMWARE:+--firmware "$FIRMWARE"} --cmdline "$GUEST_CMDLINE $extra" "$@"
 }
 
 # tap_up NAME: the TAP device NAME, created (persistent) if missing and brought up.

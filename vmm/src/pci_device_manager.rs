@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::pci::msix::{MsiMessage, MsiRouting};
+use devices::pci::PciDevice;
 use devices::pci::{BarObserver, BarReprogrammed, PciAddress, PciRoot, PciRootError};
 use devices::virtio::pci::{
     VirtioPciDevice, VirtioPciError, MSIX_VECTORS, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER,
@@ -233,7 +234,7 @@ pub struct PciDeviceManager {
     root: Arc<Mutex<PciRoot>>,
     routes: Arc<MsiRouteTable>,
     notify: Arc<NotifyPlacement>,
-    functions: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    functions: Vec<(PciAddress, Arc<Mutex<VirtioPciDevice>>)>,
 }
 
 impl PciDeviceManager {
@@ -282,14 +283,37 @@ impl PciDeviceManager {
         self.notify.add(address, events);
         let function = Arc::new(Mutex::new(function));
         lock(&self.root).add_device(address, function.clone())?;
-        self.functions.push(function);
+        self.functions.push((address, function));
         event_manager.add_subscriber(device);
         tracing::info!(%address, gsis = ?gsis, "virtio-pci device added");
         Ok(address)
     }
 
     /// The functions placed so far, in address order.
-    pub fn functions(&self) -> &[Arc<Mutex<VirtioPciDevice>>] {
-        &self.functions
+    pub fn functions(&self) -> impl Iterator<Item = &Arc<Mutex<VirtioPciDevice>>> {
+        self.functions.iter().map(|(_, f)| f)
+    }
+
+    /// The PCI root the functions are on.
+    pub fn root(&self) -> &Arc<Mutex<PciRoot>> {
+        &self.root
+    }
+
+    /// After a restore loaded the functions' configuration spaces: puts the queue notifications'
+    /// ioeventfds where each BAR 0 now is (no BAR write told the placement).
+    pub fn place_restored_bars(&self) {
+        for (address, function) in &self.functions {
+            let bar = lock(function).configuration().bar_address(0);
+            if let Some(new) = bar.filter(|a| *a != 0) {
+                self.notify.bar_moved(
+                    *address,
+                    BarReprogrammed {
+                        index: 0,
+                        old: 0,
+                        new,
+                    },
+                );
+            }
+        }
     }
 }

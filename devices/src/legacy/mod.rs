@@ -11,5 +11,5 @@ pub mod serial;
 pub use acpi_pm::AcpiPmDevice;
 pub use cmos::{Cmos, CmosMemory, CmosState};
 pub use i8042::I8042;
-pub use ich9_pm::Ich9PmBlock;
+pub use ich9_pm::{Ich9PmBlock, Ich9PmState};
 pub use serial::{SerialDevice, SerialOutput, SerialOutputError};

@@ -84,6 +84,7 @@ pub fn check_memory(mib: u64) -> Result<(), FirmwareError> {
 pub struct FirmwareRom {
     path: PathBuf,
     region: MmapRegion<()>,
+    crc32c: u32,
 }
 
 impl FirmwareRom {
@@ -107,7 +108,13 @@ impl FirmwareRom {
         Ok(Self {
             path: path.to_path_buf(),
             region,
+            crc32c: crc32c::crc32c(&bytes),
         })
+    }
+
+    /// The CRC32C of the image: a restored or migrated VM must map the very same firmware.
+    pub fn crc32c(&self) -> u32 {
+        self.crc32c
     }
 
     /// Where the image was read from.

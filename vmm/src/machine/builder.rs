@@ -134,7 +134,7 @@ impl Machine {
         }
         let memory = create_guest_memory(hw.memory_mib)?;
         let vm = Arc::new(Vm::new(&memory)?);
-        let firmware_rom = match &hw.firmware {
+        let mut firmware_rom = match &hw.firmware {
             Some(FirmwareBoot { image: path, .. }) => {
                 let rom = FirmwareRom::load(path)?;
                 rom.map(vm.kvm(), vm.fd())?;
@@ -168,8 +168,8 @@ impl Machine {
         })?);
         let mut event_manager = EventManager::<Subscriber>::new()
             .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
-        let (io_bus, serial) = build_io_bus(&vm, hw.serial, &guest_exit, hw.firmware.is_some())?;
-        let mut io_bus = io_bus;
+        let (mut io_bus, serial, ich9_pm) =
+            build_io_bus(&vm, hw.serial, &guest_exit, hw.firmware.is_some())?;
         let ram = ram_map(hw.memory_mib);
         let cmos = Arc::new(Mutex::new(Cmos::new(cmos_memory(&ram, hw.vcpus))));
         io_bus
@@ -249,6 +249,7 @@ impl Machine {
             nics.push(nic.clone());
             add(nic)?;
         }
+        let mut q35 = None;
         if let Some(firmware) = &hw.firmware {
             let mut dsdt_devices: Vec<&dyn DsdtDevice> = vec![&Com1, &Rtc];
             dsdt_devices.extend(device_manager.slots().iter().map(|s| s as &dyn DsdtDevice));
@@ -260,7 +261,7 @@ impl Machine {
                 kernel: firmware.kernel.as_ref().map(|k| FirmwareKernel { ..*k }),
             })?;
             let root = pci_root.expect("firmware VMs have a PCI root");
-            super::q35::place_q35_chipset(
+            let fw_cfg = super::q35::place_q35_chipset(
                 &mut io_bus,
                 &mut mmio_bus,
                 &memory,
@@ -268,10 +269,15 @@ impl Machine {
                 fw_cfg,
                 &guest_exit,
             )?;
+            q35 = Some(super::q35::Q35Chipset {
+                rom: firmware_rom.take().expect("firmware VMs map a ROM"),
+                pci: pci_devices.take().expect("firmware VMs have PCI devices"),
+                fw_cfg,
+                pm: ich9_pm
+                    .clone()
+                    .expect("firmware VMs have the ICH9 PM block"),
+            });
         }
-        let pci_functions = pci_devices
-            .map(|pci| pci.functions().to_vec())
-            .unwrap_or_default();
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
 
@@ -325,7 +331,6 @@ impl Machine {
             serial,
             cmos,
             transports: device_manager.transports().to_vec(),
-            pci_functions,
             nics,
             disk_access,
             vcpu_threads: Vec::new(),
@@ -334,7 +339,7 @@ impl Machine {
             stop,
             event_manager,
             vm,
-            firmware_rom,
+            q35,
             memory,
             vcpu_count: hw.vcpus,
             emulation,
@@ -397,7 +402,14 @@ fn build_io_bus(
     serial: &SerialOutput,
     guest_exit: &Arc<GuestExitEvent>,
     q35: bool,
-) -> Result<(Bus, Arc<Mutex<SerialDevice>>), MachineError> {
+) -> Result<
+    (
+        Bus,
+        Arc<Mutex<SerialDevice>>,
+        Option<Arc<Mutex<Ich9PmBlock>>>,
+    ),
+    MachineError,
+> {
     let mut bus = Bus::new();
     let place = |bus: &mut Bus, device: Arc<Mutex<dyn BusDevice>>, name, base, len| {
         bus.insert(device, base, len)
@@ -430,14 +442,17 @@ fn build_io_bus(
         I8042::BASE,
         I8042::LEN,
     )?;
+    let mut ich9_pm = None;
     if q35 {
+        let pm = Arc::new(Mutex::new(Ich9PmBlock::new(guest_exit.clone())));
         place(
             &mut bus,
-            Arc::new(Mutex::new(Ich9PmBlock::new(guest_exit.clone()))),
+            pm.clone(),
             "ICH9 PM",
             Ich9PmBlock::BASE,
             Ich9PmBlock::LEN,
         )?;
+        ich9_pm = Some(pm);
     } else {
         place(
             &mut bus,
@@ -447,5 +462,5 @@ fn build_io_bus(
             AcpiPmDevice::LEN,
         )?;
     }
-    Ok((bus, uart))
+    Ok((bus, uart, ich9_pm))
 }

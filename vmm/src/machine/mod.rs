@@ -4,6 +4,7 @@
 
 mod builder;
 mod q35;
+pub use q35::Q35State;
 mod snapshot;
 
 pub use snapshot::{
@@ -187,10 +188,14 @@ pub enum MachineError {
     #[error(transparent)]
     Firmware(#[from] crate::arch::firmware::FirmwareError),
     #[error(
-        "the VM boots through firmware ({0:?}): snapshots, migration and protection of \
-         firmware-booted VMs are not available yet (their q35 chipset state is not saved)"
+        "the firmware image {path:?} is not the one the VM was saved with (CRC32C {found:#010x}, \
+         saved {saved:#010x}): a running guest must keep its firmware"
     )]
-    FirmwareStateNotSaved(PathBuf),
+    FirmwareChanged {
+        path: PathBuf,
+        saved: u32,
+        found: u32,
+    },
     #[error("nothing to boot: give a kernel or firmware")]
     NothingToBoot,
     #[error(transparent)]
@@ -245,8 +250,6 @@ pub struct Machine {
     serial: Arc<Mutex<SerialDevice>>,
     cmos: Arc<Mutex<Cmos>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
-    /// The virtio-pci functions of a firmware-booted (q35) VM, in address order.
-    pci_functions: Vec<Arc<Mutex<devices::virtio::pci::VirtioPciDevice>>>,
     nics: Vec<Arc<Mutex<VirtioNet>>>,
     /// Per disk, what protection needs beside the device: its write journal and image.
     disk_access: Vec<DiskAccess>,
@@ -256,8 +259,8 @@ pub struct Machine {
     stop: Arc<StopSignals>,
     event_manager: EventManager<Subscriber>,
     vm: Arc<Vm>,
-    /// The firmware ROM KVM maps (firmware-booted VMs): dropped after the VM.
-    firmware_rom: Option<crate::arch::firmware::FirmwareRom>,
+    /// A firmware-booted VM's chipset, with the firmware ROM KVM maps: dropped after the VM.
+    q35: Option<q35::Q35Chipset>,
     memory: GuestMemory,
     vcpu_count: u8,
     emulation: Arc<EmulationCounters>,

@@ -97,6 +97,8 @@ pub struct VmSnapshot {
     pub virtio: Vec<VirtioState>,
     /// The CMOS RAM and the guest's clock offset.
     pub cmos: CmosState,
+    /// A firmware-booted VM's chipset.
+    pub q35: Option<super::Q35State>,
 }
 
 /// Errors saving or restoring a snapshot.
@@ -197,11 +199,6 @@ impl Machine {
     /// Captures everything but guest memory. The vCPUs must be paused (or not started) and the
     /// caller on the event-loop thread, so nothing moves underneath.
     pub fn capture_state(&self) -> Result<VmSnapshot, MachineError> {
-        if let Some(rom) = &self.firmware_rom {
-            return Err(MachineError::FirmwareStateNotSaved(
-                rom.path().to_path_buf(),
-            ));
-        }
         Ok(VmSnapshot {
             description: self.description.clone(),
             vm: self.vm.save_state().map_err(SnapshotError::from)?,
@@ -211,11 +208,15 @@ impl Machine {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .save_state(),
-            virtio: self
-                .transports
-                .iter()
-                .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save_state())
-                .collect(),
+            virtio: match &self.q35 {
+                Some(q35) => q35.virtio_states(),
+                None => self
+                    .transports
+                    .iter()
+                    .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save_state())
+                    .collect(),
+            },
+            q35: self.q35.as_ref().map(|q35| q35.state()),
             cmos: self.cmos.lock().unwrap_or_else(|e| e.into_inner()).state(),
         })
     }
@@ -460,6 +461,16 @@ impl Machine {
             .unwrap_or_else(|e| e.into_inner())
             .restore_state(&snap.cmos)
             .map_err(MachineError::DeviceState)?;
+        match (&self.q35, &snap.q35) {
+            (Some(q35), Some(state)) => q35.restore(state, &snap.virtio)?,
+            (None, None) => {}
+            _ => {
+                return Err(SnapshotError::Mismatch(
+                    "the snapshot and the VM differ in booting through firmware".into(),
+                )
+                .into())
+            }
+        }
         for (index, (transport, state)) in self.transports.iter().zip(&snap.virtio).enumerate() {
             transport
                 .lock()
