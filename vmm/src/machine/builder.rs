@@ -168,8 +168,11 @@ impl Machine {
         })?);
         let mut event_manager = EventManager::<Subscriber>::new()
             .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
-        let (mut io_bus, serial, ich9_pm) =
-            build_io_bus(&vm, hw.serial, &guest_exit, hw.firmware.is_some())?;
+        let LegacyIo {
+            bus: mut io_bus,
+            serial,
+            ich9_pm,
+        } = build_io_bus(&vm, hw.serial, &guest_exit, hw.firmware.is_some())?;
         let ram = ram_map(hw.memory_mib);
         let cmos = Arc::new(Mutex::new(Cmos::new(cmos_memory(&ram, hw.vcpus))));
         io_bus
@@ -397,19 +400,20 @@ fn cmos_memory(ram: &[(u64, u64)], vcpus: u8) -> CmosMemory {
 
 /// The port I/O bus: COM1 (fresh or restored), the i8042 and the ACPI PM registers (ICH9's block on
 /// the q35 platform of firmware-booted VMs).
+/// The port I/O bus and the devices on it the machine keeps.
+struct LegacyIo {
+    bus: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    /// The ICH9 PM block of a q35 VM.
+    ich9_pm: Option<Arc<Mutex<Ich9PmBlock>>>,
+}
+
 fn build_io_bus(
     vm: &Vm,
     serial: &SerialOutput,
     guest_exit: &Arc<GuestExitEvent>,
     q35: bool,
-) -> Result<
-    (
-        Bus,
-        Arc<Mutex<SerialDevice>>,
-        Option<Arc<Mutex<Ich9PmBlock>>>,
-    ),
-    MachineError,
-> {
+) -> Result<LegacyIo, MachineError> {
     let mut bus = Bus::new();
     let place = |bus: &mut Bus, device: Arc<Mutex<dyn BusDevice>>, name, base, len| {
         bus.insert(device, base, len)
@@ -462,5 +466,9 @@ fn build_io_bus(
             AcpiPmDevice::LEN,
         )?;
     }
-    Ok((bus, uart, ich9_pm))
+    Ok(LegacyIo {
+        bus,
+        serial: uart,
+        ich9_pm,
+    })
 }
