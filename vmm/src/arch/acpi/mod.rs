@@ -155,6 +155,9 @@ fn dsdt(platform: AcpiPlatform, devices: &[&dyn DsdtDevice]) -> Vec<u8> {
     };
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5, &s5])).to_aml_bytes(&mut body);
     let mut sb_children = Vec::new();
+    if platform == AcpiPlatform::Q35 {
+        pci_root_bridge(&mut sb_children);
+    }
     for d in devices {
         d.append_aml(&mut sb_children);
     }
@@ -163,6 +166,42 @@ fn dsdt(platform: AcpiPlatform, devices: &[&dyn DsdtDevice]) -> Vec<u8> {
     aml::Scope::new("_SB_".into(), vec![&raw]).to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
+}
+
+/// The q35 PCI root bridge `PCI0` (PCI Express, `PNP0A08`): bus 0, the configuration ports, the
+/// rest of the I/O space and the 32-bit memory window where the firmware places BARs. Windows
+/// finds PCI devices only below such a bridge; Linux then takes its windows from here.
+fn pci_root_bridge(sink: &mut dyn AmlSink) {
+    use super::layout::{PCI_MMIO_WINDOW_END, PCI_MMIO_WINDOW_START};
+    let io_config = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_below = aml::AddressSpace::new_io(0x0000u16, 0x0cf7u16, None);
+    let io_above = aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
+    let memory = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_WINDOW_START as u32,
+        (PCI_MMIO_WINDOW_END - 1) as u32,
+        None,
+    );
+    let buses = aml::AddressSpace::new_bus_number(0x00u16, 0x00u16);
+    aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &buses, &io_config, &io_below, &io_above, &memory,
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
 }
 
 /// Already-serialised AML.

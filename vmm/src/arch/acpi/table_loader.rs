@@ -230,6 +230,10 @@ mod tests {
         let dsdt = table(&memory, u64_at(fadt, 140) as usize);
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(checksum_ok(dsdt));
+        assert!(
+            dsdt.windows(4).any(|w| w == b"PCI0"),
+            "the q35 DSDT has the PCI root bridge"
+        );
         let facs_at = u64_at(fadt, 132) as usize;
         assert_eq!(&memory[facs_at..facs_at + 4], b"FACS");
         // q35's fixed hardware: PM1a control at 0x604, the timer at 0x608, SCI on IRQ 9, reset
