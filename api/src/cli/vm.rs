@@ -150,9 +150,12 @@ struct CreateArgs {
     /// A name for the VM (unique on the host).
     #[arg(long)]
     name: Option<String>,
-    /// Guest kernel on the daemon's host (absolute path).
+    /// Guest kernel on the daemon's host (absolute path). Needed unless --firmware is given.
+    #[arg(long, value_name = "PATH", required_unless_present = "firmware")]
+    kernel: Option<PathBuf>,
+    /// UEFI firmware on the daemon's host to boot through (e.g. /usr/share/ovmf/OVMF.fd).
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    firmware: Option<PathBuf>,
     /// Initramfs for the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -214,7 +217,8 @@ impl CreateArgs {
         }
         Ok(json!({
             "name": self.name,
-            "kernel": absolute(&self.kernel)?,
+            "kernel": self.kernel.as_ref().map(absolute).transpose()?,
+            "firmware": self.firmware.as_ref().map(absolute).transpose()?,
             "initrd": self.initrd.as_ref().map(absolute).transpose()?,
             "cmdline": self.cmdline,
             "vcpus": self.vcpus,

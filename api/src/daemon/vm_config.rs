@@ -37,6 +37,8 @@ pub enum ConfigError {
     Mac { index: usize, mac: String },
     #[error("\"cmdline\" must not contain a NUL byte or a newline")]
     CmdlineBytes,
+    #[error("nothing to boot: give \"kernel\", \"firmware\" or both")]
+    NothingToBoot,
 }
 
 /// A VM to create: its kernel, memory, vCPUs and devices. Paths are on the daemon's host.
@@ -46,9 +48,16 @@ pub struct VmConfig {
     /// A name for people (unique on this host); the daemon gives every VM an id too.
     #[serde(default)]
     pub name: Option<String>,
-    /// Guest kernel: an ELF (vmlinux, or the ftvmm test guest) or a bzImage.
-    #[schema(value_type = String)]
-    pub kernel: PathBuf,
+    /// Guest kernel: an ELF (vmlinux, or the ftvmm test guest) or a bzImage; with `firmware`, a
+    /// bzImage the firmware starts (or none: the firmware boots from the disks).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub kernel: Option<PathBuf>,
+    /// UEFI firmware to boot through (`ftvmm run --firmware`, e.g. /usr/share/ovmf/OVMF.fd): a q35
+    /// platform with virtio-pci devices.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub firmware: Option<PathBuf>,
     /// Initramfs for the kernel.
     #[serde(default)]
     #[schema(value_type = Option<String>)]
@@ -108,7 +117,12 @@ impl VmConfig {
     /// bounds the memory.
     pub fn validate(&self, host_memory_mib: u64) -> Result<(), ConfigError> {
         self.validate_hardware(host_memory_mib)?;
-        regular_file("kernel", &self.kernel)?;
+        if let Some(kernel) = &self.kernel {
+            regular_file("kernel", kernel)?;
+        }
+        if let Some(firmware) = &self.firmware {
+            regular_file("firmware", firmware)?;
+        }
         if let Some(initrd) = &self.initrd {
             regular_file("initrd", initrd)?;
         }
@@ -121,6 +135,9 @@ impl VmConfig {
     /// Checks every field but the files: what a copy of a VM that arrives from a peer (a standby,
     /// a migration's destination) needs, whose kernel and disk paths are its first host's.
     pub fn validate_hardware(&self, host_memory_mib: u64) -> Result<(), ConfigError> {
+        if self.kernel.is_none() && self.firmware.is_none() {
+            return Err(ConfigError::NothingToBoot);
+        }
         if let Some(name) = &self.name {
             let ok = (1..=64).contains(&name.len())
                 && name
@@ -178,8 +195,13 @@ impl VmConfig {
 
     /// The `ftvmm run` arguments for this VM, its console in `console` and its API on `api_socket`.
     pub fn run_args(&self, console: &Path, api_socket: &Path) -> Vec<OsString> {
-        let mut args: Vec<OsString> =
-            vec!["run".into(), "--kernel".into(), self.kernel.clone().into()];
+        let mut args: Vec<OsString> = vec!["run".into()];
+        if let Some(kernel) = &self.kernel {
+            args.extend(["--kernel".into(), kernel.clone().into()]);
+        }
+        if let Some(firmware) = &self.firmware {
+            args.extend(["--firmware".into(), firmware.clone().into()]);
+        }
         if let Some(initrd) = &self.initrd {
             args.extend(["--initrd".into(), initrd.clone().into()]);
         }
@@ -291,9 +313,11 @@ mod tests {
         };
         assert!(with(|c| c.vcpus = 0).contains("\"vcpus\" must be 1 to 254, got 0"));
         assert!(with(|c| c.memory_mib = 1 << 40).contains("got 1099511627776"));
-        assert!(with(|c| c.kernel = "/no/such/kernel".into()).contains("\"/no/such/kernel\""));
-        assert!(with(|c| c.kernel = "relative".into()).contains("absolute"));
-        assert!(with(|c| c.kernel = "/proc".into()).contains("not a regular file"));
+        assert!(with(|c| c.kernel = Some("/no/such/kernel".into())).contains("\"/no/such/kernel\""));
+        assert!(with(|c| c.kernel = Some("relative".into())).contains("absolute"));
+        assert!(with(|c| c.kernel = Some("/proc".into())).contains("not a regular file"));
+        assert!(with(|c| c.kernel = None).contains("nothing to boot"));
+        assert!(with(|c| c.firmware = Some("/no/OVMF.fd".into())).contains("\"firmware\""));
         assert!(with(|c| c.name = Some("a b".into())).contains("\"name\""));
         assert!(with(|c| c.cmdline = Some("x".repeat(5000))).contains("5000 bytes"));
         assert!(with(|c| c.nics = vec![NicConfig {
@@ -307,6 +331,10 @@ mod tests {
         }])
         .contains("\"nics\"[0].mac"));
         config().validate(host).unwrap();
+        let mut firmware_only = config();
+        firmware_only.kernel = None;
+        firmware_only.firmware = Some("/proc/self/exe".into());
+        firmware_only.validate(host).unwrap();
     }
 
     #[test]
@@ -341,6 +369,18 @@ mod tests {
             .collect();
         assert!(
             args.join(" ").contains("--memory 256 --hyperv only --disk"),
+            "{args:?}"
+        );
+        c.firmware = Some("/usr/share/ovmf/OVMF.fd".into());
+        c.kernel = None;
+        let args: Vec<String> = c
+            .run_args(Path::new("/c"), Path::new("/a"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert!(
+            args.join(" ")
+                .starts_with("run --firmware /usr/share/ovmf/OVMF.fd --cmdline"),
             "{args:?}"
         );
         let bad = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "hyperv": "yes"}"#);
