@@ -204,6 +204,8 @@ fn ovmf_boots_its_shell_the_debian_kernel_directly_and_from_an_esp_disk() {
         .file(ESP_IMAGE, "guest/esp.img")
         .env("FIRMWARE", "/payload/OVMF.fd")
         .env("ESP_IMAGE", "/payload/guest/esp.img")
+        // The direct boot's guest has 3 GiB (RAM above 4 GiB too).
+        .l1_memory_mib(6144)
         .env("KERNEL", "/payload/guest/kernel")
         .env("INITRD", "/payload/guest/initramfs.cpio")
         .timeout(CASE_TIMEOUT)

@@ -3,10 +3,10 @@
 # timer, CMOS), with 2 vCPUs:
 # - with nothing to boot, it reaches its UEFI shell, whose console is COM1;
 # - given the Debian kernel, initramfs and command line through fw_cfg, it starts the kernel's EFI
-#   stub; Linux runs on the firmware's memory map and ftvmm's ACPI tables (installed by OVMF from
-#   etc/table-loader), finds its disk and NIC as virtio-pci functions (BARs placed by OVMF,
-#   interrupts through MSI-X), reaches /init with 2 CPUs, and powers off through the ICH9 PM1
-#   control register: ftvmm exits 0;
+#   stub; Linux runs on the firmware's memory map (3 GiB of RAM: 2 GiB below 4 GiB, 1 GiB above)
+#   and ftvmm's ACPI tables (installed by OVMF from etc/table-loader), finds its disk and NIC as
+#   virtio-pci functions (BARs placed by OVMF, interrupts through MSI-X), reaches /init with 2
+#   CPUs, and powers off through the ICH9 PM1 control register: ftvmm exits 0;
 # - given only a GPT disk whose EFI system partition has systemd-boot as EFI/BOOT/BOOTX64.EFI and
 #   the same kernel (scripts/build-images linux-esp), OVMF's virtio-pci block driver reads it, the
 #   boot manager starts systemd-boot from it, and that the kernel, which finds the same disk as
@@ -25,12 +25,14 @@ truncate -s 16M /tmp/disk.img
 tap_up tap0
 start=$(date +%s)
 vm_start direct run --firmware "$FIRMWARE" --kernel "$KERNEL" --initrd "$INITRD" --vcpus 2 \
-    --memory 512 --cmdline "$GUEST_CMDLINE" --disk path=/tmp/disk.img --net tap=tap0
+    --memory 3072 --cmdline "$GUEST_CMDLINE" --disk path=/tmp/disk.img --net tap=tap0
 vm_exit direct 300
 direct_s=$(($(date +%s) - start))
 console direct | grep -q '^\[ *[0-9.]*\] efi: EFI v2\.[0-9]* by EDK II' ||
     fail "direct boot: Linux did not start as an EFI application"
 console direct | grep -q 'ACPI: FACP .*FTVMM' || fail "direct boot: no FADT from ftvmm's tables"
+console direct | grep -q 'BIOS-e820: \[mem 0x0000000100000000-0x000000013fffffff\] usable' ||
+    fail "direct boot: the firmware's memory map lacks the RAM above 4 GiB"
 console direct | grep -q 'ftvmm-linux-init: cpus=2$' || fail "direct boot: no /init with 2 CPUs"
 console direct | grep -q 'pci 0000:00:02.0: \[1af4:1042\]' || fail "direct boot: no virtio-pci disk"
 console direct | grep -q 'pci 0000:00:03.0: \[1af4:1041\]' || fail "direct boot: no virtio-pci NIC"

@@ -67,6 +67,13 @@ impl Nested {
         self
     }
 
+    /// Gives the L1 `mib` MiB of RAM (scripts/nested's default is 3072).
+    pub fn l1_memory_mib(mut self, mib: u32) -> Self {
+        self.args.push("--memory".into());
+        self.args.push(mib.to_string());
+        self
+    }
+
     /// Bounds the whole run, the L1's boot included.
     pub fn timeout(mut self, bound: Duration) -> Self {
         self.args.push("--timeout".into());

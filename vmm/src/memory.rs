@@ -85,12 +85,18 @@ fn map_aligned(size: usize) -> io::Result<*mut u8> {
 
 /// The RAM ranges of a guest of `size` bytes: below the MMIO hole, and the rest above 4 GiB.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
-    if size <= MMIO_HOLE_START {
+    ram_ranges_split(size, MMIO_HOLE_START)
+}
+
+/// The RAM ranges of a guest of `size` bytes whose RAM below 4 GiB ends at `low_ram_end` at the
+/// latest: that much from 0, and the rest above 4 GiB.
+pub fn ram_ranges_split(size: u64, low_ram_end: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= low_ram_end {
         vec![(GuestAddress(0), size as usize)]
     } else {
         vec![
-            (GuestAddress(0), MMIO_HOLE_START as usize),
-            (GuestAddress(FOUR_GIB), (size - MMIO_HOLE_START) as usize),
+            (GuestAddress(0), low_ram_end as usize),
+            (GuestAddress(FOUR_GIB), (size - low_ram_end) as usize),
         ]
     }
 }
@@ -119,9 +125,15 @@ pub fn validate_size(mib: u64) -> Result<(), MemoryError> {
 /// Maps `mib` MiB of anonymous guest memory (not reserved up front, 2 MiB-aligned, advised for
 /// huge pages) with dirty bitmaps.
 pub fn create_guest_memory(mib: u64) -> Result<GuestMemory, MemoryError> {
+    create_guest_memory_split(mib, MMIO_HOLE_START)
+}
+
+/// [`create_guest_memory`] with RAM below 4 GiB ending at `low_ram_end` at the latest
+/// ([`ram_ranges_split`]).
+pub fn create_guest_memory_split(mib: u64, low_ram_end: u64) -> Result<GuestMemory, MemoryError> {
     validate_size(mib)?;
     let mut regions = Vec::new();
-    for (base, size) in ram_ranges(mib << 20) {
+    for (base, size) in ram_ranges_split(mib << 20, low_ram_end) {
         let ptr = map_aligned(size).map_err(|source| MemoryError::Map { mib, source })?;
         let region_error = |reason: String| MemoryError::Region {
             base: base.0,
@@ -159,6 +171,14 @@ mod tests {
 
     #[test]
     fn large_guest_skips_the_mmio_hole() {
+        let split = ram_ranges_split(3 << 30, 2 << 30);
+        assert_eq!(
+            split,
+            vec![
+                (GuestAddress(0), 2 << 30),
+                (GuestAddress(FOUR_GIB), 1 << 30)
+            ]
+        );
         let r = ram_ranges(4 << 30);
         assert_eq!(r.len(), 2);
         assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));

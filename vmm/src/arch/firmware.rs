@@ -59,25 +59,17 @@ pub enum FirmwareError {
          bzImage, e.g. /boot/vmlinuz-*, not a vmlinux)"
     )]
     NotBzImage { path: PathBuf },
-    #[error(
-        "a firmware-booted guest has at most {max} MiB of RAM for now ({mib} MiB asked): its RAM \
-         must end below the PCI Express configuration window at 0xb0000000"
-    )]
-    TooMuchMemory { mib: u64, max: u64 },
 }
 
-/// The most RAM a firmware guest may have: all of it below the q35 ECAM window.
-pub const MAX_MEMORY_MIB: u64 = devices::pci::Q35_ECAM_BASE >> 20;
-
-/// Checks that `mib` MiB of RAM fits the firmware platform's memory map.
-pub fn check_memory(mib: u64) -> Result<(), FirmwareError> {
-    if mib > MAX_MEMORY_MIB {
-        return Err(FirmwareError::TooMuchMemory {
-            mib,
-            max: MAX_MEMORY_MIB,
-        });
+/// Where a firmware guest's RAM below 4 GiB ends, as on QEMU's q35: all of it below the ECAM
+/// window when it fits there, else the first 2 GiB, with the rest above 4 GiB.
+pub fn low_ram_end(ram_bytes: u64) -> u64 {
+    let ecam = devices::pci::Q35_ECAM_BASE;
+    if ram_bytes <= ecam {
+        ecam
+    } else {
+        0x8000_0000
     }
-    Ok(())
 }
 
 /// A firmware image in memory of its own, for KVM to map as ROM.
@@ -251,6 +243,13 @@ fn e820_table(ram: &[(u64, u64)]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ram_ends_below_the_ecam_window_or_at_2_gib_when_it_does_not_fit() {
+        assert_eq!(low_ram_end(512 << 20), 0xb000_0000);
+        assert_eq!(low_ram_end(0xb000_0000), 0xb000_0000);
+        assert_eq!(low_ram_end(4 << 30), 0x8000_0000);
+    }
 
     #[test]
     fn images_of_odd_sizes_are_refused_naming_the_file() {

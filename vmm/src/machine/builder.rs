@@ -28,7 +28,7 @@ use crate::arch::firmware::{fw_cfg_items, FirmwareKernel, FirmwarePlatform, Firm
 use crate::arch::hyperv::{self, HypervMode};
 use crate::arch::layout::{PCI_MMIO_WINDOW_END, PCI_MMIO_WINDOW_START};
 use crate::device_manager::{DeviceManager, Subscriber, VirtioSubscriber};
-use crate::memory::{create_guest_memory, GuestMemory};
+use crate::memory::{create_guest_memory_split, GuestMemory};
 use crate::pci_device_manager::PciDeviceManager;
 use crate::vcpu::state::saveable_msrs;
 use crate::vcpu::{kick, StopSignals, Vcpu, VcpuControl, VcpuShared};
@@ -129,10 +129,11 @@ impl Machine {
         if hw.vcpus == 0 || hw.vcpus > MAX_VCPUS {
             return Err(MachineError::VcpuCount(hw.vcpus));
         }
-        if hw.firmware.is_some() {
-            crate::arch::firmware::check_memory(hw.memory_mib)?;
-        }
-        let memory = create_guest_memory(hw.memory_mib)?;
+        let low_ram_end = match hw.firmware {
+            Some(_) => crate::arch::firmware::low_ram_end(hw.memory_mib << 20),
+            None => crate::arch::layout::MMIO_HOLE_START,
+        };
+        let memory = create_guest_memory_split(hw.memory_mib, low_ram_end)?;
         let vm = Arc::new(Vm::new(&memory)?);
         let mut firmware_rom = match &hw.firmware {
             Some(FirmwareBoot { image: path, .. }) => {
@@ -173,7 +174,7 @@ impl Machine {
             serial,
             ich9_pm,
         } = build_io_bus(&vm, hw.serial, &guest_exit, hw.firmware.is_some())?;
-        let ram = ram_map(hw.memory_mib);
+        let ram = ram_map(hw.memory_mib, low_ram_end);
         let cmos = Arc::new(Mutex::new(Cmos::new(cmos_memory(&ram, hw.vcpus))));
         io_bus
             .insert(
@@ -381,8 +382,8 @@ impl Machine {
 }
 
 /// The guest's RAM ranges (base, size).
-fn ram_map(memory_mib: u64) -> Vec<(u64, u64)> {
-    crate::memory::ram_ranges(memory_mib << 20)
+fn ram_map(memory_mib: u64, low_ram_end: u64) -> Vec<(u64, u64)> {
+    crate::memory::ram_ranges_split(memory_mib << 20, low_ram_end)
         .into_iter()
         .map(|(base, size)| (base.0, size as u64))
         .collect()
