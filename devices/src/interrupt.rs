@@ -1,4 +1,5 @@
-//! Interrupt lines for devices: an eventfd that the VMM wires to a guest interrupt (KVM irqfd).
+//! Interrupt lines for devices: an eventfd that the VMM wires to a guest interrupt (KVM irqfd), and
+//! level-triggered lines the device raises and lowers (a PCI function's INTx).
 
 use std::io;
 
@@ -32,6 +33,13 @@ impl Trigger for EventFdTrigger {
     fn trigger(&self) -> io::Result<()> {
         self.0.write(1)
     }
+}
+
+/// A level-triggered interrupt line (a PCI function's INTx pin, as routed by the platform): raised
+/// while the device has an interrupt the driver has not acknowledged.
+pub trait LevelInterrupt: Send + Sync {
+    /// Raises (`true`) or lowers the line.
+    fn set_level(&self, asserted: bool);
 }
 
 #[cfg(test)]

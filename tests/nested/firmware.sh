@@ -42,6 +42,16 @@ console direct | grep -q 'ACPI: PM: Preparing to enter system sleep state S5' ||
     fail "direct boot: no ACPI power-off"
 [ "$EXIT_STATUS" = 0 ] || fail "direct boot: ftvmm exited $EXIT_STATUS after the guest's power-off"
 
+vm_start intx run --firmware "$FIRMWARE" --kernel "$KERNEL" --initrd "$INITRD" --vcpus 2 \
+    --memory 512 --cmdline "$GUEST_CMDLINE pci=nomsi" --disk path=/tmp/disk.img
+vm_exit intx 300
+# Linux without MSI says so when it declines the root bridge's _OSC.
+console intx | grep -q '_OSC: not requesting OS control; OS requires \[.*MSI\]' ||
+    fail "INTx: Linux still had MSI"
+devices=$(line_of intx 'ftvmm-linux-init: disks=')
+[ "$devices" = "ftvmm-linux-init: disks=vda nics=" ] || fail "INTx: devices '$devices'"
+[ "$EXIT_STATUS" = 0 ] || fail "INTx: ftvmm exited $EXIT_STATUS after the guest's power-off"
+
 start=$(date +%s)
 vm_start esp run --firmware "$FIRMWARE" --vcpus 2 --memory 512 --disk "path=$ESP_IMAGE"
 vm_exit esp 300

@@ -1,7 +1,8 @@
 //! Placing virtio devices on the PCI bus of firmware-booted (q35) VMs, the PCI counterpart of
 //! `device_manager.rs`: each device becomes a virtio-pci function (`devices/src/virtio/pci.rs`) at
 //! `00:02.0`, `00:03.0`, … Its MSI-X vectors get KVM GSIs whose MSI routes follow the table the
-//! guest programs ([`MsiRouteTable`]) and irqfds on them; its queue notifications get KVM
+//! guest programs ([`MsiRouteTable`]) and irqfds on them; its INTx pin, used while MSI-X is off, is
+//! IOAPIC pin [`intx_gsi`] (the DSDT's `_PRT` says the same); its queue notifications get KVM
 //! ioeventfds wherever the firmware or the OS puts its BAR ([`NotifyPlacement`], told by the PCI
 //! root when a BAR moves). BAR accesses themselves reach the function through the
 //! [`devices::pci::PciMmioWindow`] the q35 chipset places over the PCI memory window.
@@ -10,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use devices::interrupt::LevelInterrupt;
 use devices::pci::msix::{MsiMessage, MsiRouting};
 use devices::pci::PciDevice;
 use devices::pci::{BarObserver, BarReprogrammed, PciAddress, PciRoot, PciRootError};
@@ -25,6 +27,7 @@ use kvm_bindings::{
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::layout::intx_gsi;
 use crate::device_manager::{Subscriber, VirtioSubscriber};
 use crate::memory::GuestMemory;
 use crate::vm::{Vm, VmError};
@@ -151,6 +154,20 @@ impl MsiRouting for FunctionVectors {
     }
 }
 
+/// A function's INTx pin as a level on its IOAPIC pin (KVM_IRQ_LINE).
+struct IntxLine {
+    vm: Arc<Vm>,
+    gsi: u32,
+}
+
+impl LevelInterrupt for IntxLine {
+    fn set_level(&self, asserted: bool) {
+        if let Err(e) = self.vm.fd().set_irq_line(self.gsi, asserted) {
+            tracing::error!("cannot set the level of GSI {}: {e}", self.gsi);
+        }
+    }
+}
+
 /// Keeps each virtio-pci function's queue-notification ioeventfds where its BAR 0 is.
 pub struct NotifyPlacement {
     vm: Arc<Vm>,
@@ -231,6 +248,7 @@ impl BarObserver for NotifyPlacement {
 
 /// Collects virtio-pci devices while a q35 VM is built.
 pub struct PciDeviceManager {
+    vm: Arc<Vm>,
     root: Arc<Mutex<PciRoot>>,
     routes: Arc<MsiRouteTable>,
     notify: Arc<NotifyPlacement>,
@@ -243,6 +261,7 @@ impl PciDeviceManager {
         let notify = Arc::new(NotifyPlacement::new(vm.clone(), window));
         lock(&root).set_bar_observer(notify.clone());
         Self {
+            vm: vm.clone(),
             root,
             routes: Arc::new(MsiRouteTable::new(vm)),
             notify,
@@ -269,8 +288,12 @@ impl PciDeviceManager {
             table: self.routes.clone(),
             gsis: gsis.clone(),
         });
+        let intx = Arc::new(IntxLine {
+            vm: self.vm.clone(),
+            gsi: intx_gsi(number, 0),
+        });
         let dyn_device: Arc<Mutex<dyn VirtioDevice>> = device.clone();
-        let function = VirtioPciDevice::new(dyn_device, memory.clone(), routing)
+        let function = VirtioPciDevice::new(dyn_device, memory.clone(), routing, intx)
             .map_err(|source| PciDeviceError::Function { address, source })?;
         for (event, &gsi) in function.msix_eventfds().iter().zip(&gsis) {
             vm.register_irqfd(event, gsi)?;

@@ -13,9 +13,10 @@
 //! | `0x4000` | MSI-X table ([`MSIX_VECTORS`] vectors) |
 //! | `0x6000` | MSI-X pending-bit array |
 //!
-//! Interrupts are MSI-X only: vector 0 is meant for configuration changes and vector 1 for every
-//! queue, which is what Linux's driver settles on when a device has fewer vectors than queues plus
-//! one; the driver may assign them as it likes. No INTx pin is offered.
+//! Interrupts are MSI-X: vector 0 is meant for configuration changes and vector 1 for every queue,
+//! which is what Linux's driver settles on when a device has fewer vectors than queues plus one; the
+//! driver may assign them as it likes. While MSI-X is off, the function raises its INTx pin (INTA,
+//! level-triggered, routed by the platform's `_PRT`) instead, until the driver reads the ISR.
 
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,9 +27,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{lock, QueueRing, TransportError, VirtioTransportCore};
 use super::{GuestMemoryMmap, VirtioDevice, VirtioInterrupt, INT_CONFIG, INT_VRING};
+use crate::interrupt::LevelInterrupt;
 use crate::pci::msix::{MsiRouting, MsixError, MsixState, MsixVectors, MSIX_CAPABILITY_ID};
 use crate::pci::{
     PciBarKind, PciClassCode, PciConfiguration, PciConfigurationError, PciDevice, PciIdentity,
+    PciInterruptPin,
 };
 use crate::persist::VirtioState;
 
@@ -77,21 +80,25 @@ pub enum VirtioPciError {
     QueueVectors { expected: usize, got: usize },
 }
 
-/// The MSI-X vectors the driver chose and the ISR status: how a virtio-pci device interrupts.
+/// The MSI-X vectors the driver chose, the INTx line and the ISR status: how a virtio-pci device
+/// interrupts.
 pub struct PciInterrupt {
     isr: AtomicU32,
     msix: Arc<Mutex<MsixVectors>>,
     config_vector: AtomicU16,
     queue_vectors: Vec<AtomicU16>,
+    intx: Arc<dyn LevelInterrupt>,
 }
 
 impl PciInterrupt {
+    /// Raises MSI-X `vector`, or the INTx line while MSI-X is off.
     fn raise(&self, vector: u16) {
-        if vector != NO_VECTOR {
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .trigger(vector);
+        let mut msix = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+        if !msix.enabled() {
+            drop(msix);
+            self.intx.set_level(true);
+        } else if vector != NO_VECTOR {
+            msix.trigger(vector);
         }
     }
 
@@ -121,7 +128,9 @@ impl VirtioInterrupt for PciInterrupt {
     }
 
     fn ack(&self, bits: u32) {
-        self.isr.fetch_and(!bits, Ordering::SeqCst);
+        if self.isr.fetch_and(!bits, Ordering::SeqCst) & !bits == 0 {
+            self.intx.set_level(false);
+        }
     }
 }
 
@@ -145,11 +154,12 @@ pub struct VirtioPciDevice {
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device`; its MSI-X vectors are routed through `routing`.
+    /// Wraps `device`; its MSI-X vectors are routed through `routing`, its INTx pin is `intx`.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
         memory: GuestMemoryMmap,
         routing: Arc<dyn MsiRouting>,
+        intx: Arc<dyn LevelInterrupt>,
     ) -> Result<Self, VirtioPciError> {
         let (device_type, queues) = {
             let d = lock(&device);
@@ -161,6 +171,7 @@ impl VirtioPciDevice {
             msix: msix.clone(),
             config_vector: AtomicU16::new(NO_VECTOR),
             queue_vectors: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            intx,
         });
         let core = VirtioTransportCore::new(device, memory, interrupt.clone())?;
         let mut configuration = PciConfiguration::new(&PciIdentity {
@@ -171,6 +182,7 @@ impl VirtioPciDevice {
             subsystem_vendor_id: VIRTIO_VENDOR_ID,
             subsystem_id: 0x40,
         });
+        configuration.set_interrupt_pin(PciInterruptPin::IntA);
         configuration.add_bar(
             0,
             BAR_SIZE,
@@ -424,10 +436,12 @@ impl PciDevice for VirtioPciDevice {
         if reg < control + 2 && reg + data.len() > control {
             let mut word = [0u8; 2];
             self.configuration.read(control, &mut word);
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_control(u16::from_le_bytes(word));
+            let mut msix = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+            msix.set_control(u16::from_le_bytes(word));
+            if msix.enabled() {
+                // Interrupts now go through MSI-X only.
+                self.interrupt.intx.set_level(false);
+            }
         }
     }
 
@@ -514,15 +528,41 @@ mod tests {
         }
     }
 
+    /// An INTx line that remembers its level.
+    #[derive(Default)]
+    struct Line(std::sync::atomic::AtomicBool);
+
+    impl LevelInterrupt for Line {
+        fn set_level(&self, asserted: bool) {
+            self.0.store(asserted, Ordering::SeqCst);
+        }
+    }
+
     fn device() -> (VirtioPciDevice, Arc<Mutex<DummyDevice>>, GuestMemoryMmap) {
+        let (pci, dummy, memory, _) = device_with_line();
+        (pci, dummy, memory)
+    }
+
+    fn device_with_line() -> (
+        VirtioPciDevice,
+        Arc<Mutex<DummyDevice>>,
+        GuestMemoryMmap,
+        Arc<Line>,
+    ) {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let dummy = Arc::new(Mutex::new(DummyDevice {
             config: vec![1, 2, 3, 4],
             ..Default::default()
         }));
-        let pci = VirtioPciDevice::new(dummy.clone(), memory.clone(), Arc::new(Routes::default()))
-            .unwrap();
-        (pci, dummy, memory)
+        let line = Arc::new(Line::default());
+        let pci = VirtioPciDevice::new(
+            dummy.clone(),
+            memory.clone(),
+            Arc::new(Routes::default()),
+            line.clone(),
+        )
+        .unwrap();
+        (pci, dummy, memory, line)
     }
 
     fn read(d: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
@@ -637,6 +677,29 @@ mod tests {
         assert!(fds[0].read().is_err(), "vector 0 is not the queue's");
         assert_eq!(read(&mut d, ISR_OFFSET, 1), u64::from(INT_VRING));
         assert_eq!(read(&mut d, ISR_OFFSET, 1), 0);
+    }
+
+    #[test]
+    fn without_msix_the_intx_line_is_up_until_the_isr_is_read() {
+        let (mut d, _, _, line) = device_with_line();
+        let mut pin = [0u8; 1];
+        d.configuration().read(0x3d, &mut pin);
+        assert_eq!(pin[0], 1, "INTA");
+        d.interrupt.signal_used_queue(0);
+        assert!(line.0.load(Ordering::SeqCst));
+        assert_eq!(read(&mut d, ISR_OFFSET, 1), u64::from(INT_VRING));
+        assert!(
+            !line.0.load(Ordering::SeqCst),
+            "reading the ISR lowers the line"
+        );
+        // Enabling MSI-X lowers a raised line and takes over.
+        d.interrupt.signal_config_change();
+        assert!(line.0.load(Ordering::SeqCst));
+        let control = d.msix_capability + 2;
+        d.config_write(control, &(1u16 << 15).to_le_bytes());
+        assert!(!line.0.load(Ordering::SeqCst));
+        d.interrupt.signal_used_queue(0);
+        assert!(!line.0.load(Ordering::SeqCst));
     }
 
     #[test]

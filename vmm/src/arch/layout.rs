@@ -1,4 +1,5 @@
-//! The x86_64 guest physical memory map. `docs/boot-abi.md` documents the same map for guest authors.
+//! The x86_64 guest physical memory map, and the q35 PCI interrupt routing. `docs/boot-abi.md`
+//! documents the same map for guest authors.
 
 /// Boot GDT.
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -47,3 +48,27 @@ pub const PCI_ECAM_START: u64 = devices::pci::Q35_ECAM_BASE;
 /// Where OVMF puts 32-bit PCI memory BARs on q35: from the end of the ECAM window to 0xfc00_0000.
 pub const PCI_MMIO_WINDOW_START: u64 = PCI_ECAM_START + (256 << 20);
 pub const PCI_MMIO_WINDOW_END: u64 = 0xfc00_0000;
+
+/// The first IOAPIC pin for PCI INTx lines on q35: pins 16 to 23.
+pub const INTX_FIRST_GSI: u32 = 16;
+/// IOAPIC pins for INTx lines.
+pub const INTX_GSIS: u32 = 8;
+
+/// The GSI that pin `pin` (0 = INTA) of PCI device `device` is wired to on q35, the usual swizzle
+/// over IOAPIC pins 16 to 23: the DSDT's `_PRT` says so, and the VMM raises that line.
+pub fn intx_gsi(device: u8, pin: u8) -> u32 {
+    INTX_FIRST_GSI + (u32::from(device) + u32::from(pin)) % INTX_GSIS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intx_lines_swizzle_over_ioapic_pins_16_to_23() {
+        assert_eq!(intx_gsi(2, 0), 18);
+        assert_eq!(intx_gsi(6, 0), 22);
+        assert_eq!(intx_gsi(7, 1), 16);
+        assert_eq!(intx_gsi(0x1f, 3), 18);
+    }
+}

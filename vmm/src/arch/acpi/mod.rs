@@ -169,7 +169,8 @@ fn dsdt(platform: AcpiPlatform, devices: &[&dyn DsdtDevice]) -> Vec<u8> {
 }
 
 /// The q35 PCI root bridge `PCI0` (PCI Express, `PNP0A08`): bus 0, the configuration ports, the
-/// rest of the I/O space and the 32-bit memory window where the firmware places BARs. Windows
+/// rest of the I/O space and the 32-bit memory window where the firmware places BARs, and the
+/// `_PRT` routing each device's INTx pins to IOAPIC pins 16 to 23. Windows
 /// finds PCI devices only below such a bridge; Linux then takes its windows from here.
 fn pci_root_bridge(sink: &mut dyn AmlSink) {
     use super::layout::{PCI_MMIO_WINDOW_END, PCI_MMIO_WINDOW_START};
@@ -184,6 +185,20 @@ fn pci_root_bridge(sink: &mut dyn AmlSink) {
         None,
     );
     let buses = aml::AddressSpace::new_bus_number(0x00u16, 0x00u16);
+    // _PRT: every device's INTA..INTD to an IOAPIC pin (GSI), as pci_device_manager.rs wires them.
+    let entries: Vec<(u32, u8, u32)> = (0..32u8)
+        .flat_map(|device| {
+            (0..4u8).map(move |pin| {
+                let address = (u32::from(device) << 16) | 0xffff;
+                (address, pin, super::layout::intx_gsi(device, pin))
+            })
+        })
+        .collect();
+    let routes: Vec<aml::Package> = entries
+        .iter()
+        .map(|(address, pin, gsi)| aml::Package::new(vec![address, pin, &aml::ZERO, gsi]))
+        .collect();
+    let prt = aml::Package::new(routes.iter().map(|r| r as &dyn Aml).collect());
     aml::Device::new(
         "PCI0".into(),
         vec![
@@ -193,6 +208,7 @@ fn pci_root_bridge(sink: &mut dyn AmlSink) {
             &aml::Name::new("_SEG".into(), &aml::ZERO),
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_PRT".into(), &prt),
             &aml::Name::new(
                 "_CRS".into(),
                 &aml::ResourceTemplate::new(vec![
