@@ -172,6 +172,7 @@ impl Machine {
         let LegacyIo {
             bus: mut io_bus,
             serial,
+            i8042,
             ich9_pm,
         } = build_io_bus(&vm, hw.serial, &guest_exit, hw.firmware.is_some())?;
         let ram = ram_map(hw.memory_mib, low_ram_end);
@@ -333,6 +334,7 @@ impl Machine {
         let machine = Self {
             description,
             serial,
+            i8042,
             cmos,
             transports: device_manager.transports().to_vec(),
             nics,
@@ -405,6 +407,7 @@ fn cmos_memory(ram: &[(u64, u64)], vcpus: u8) -> CmosMemory {
 struct LegacyIo {
     bus: Bus,
     serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
     /// The ICH9 PM block of a q35 VM.
     ich9_pm: Option<Arc<Mutex<Ich9PmBlock>>>,
 }
@@ -440,13 +443,8 @@ fn build_io_bus(
         SerialDevice::COM1_BASE,
         SerialDevice::LEN,
     )?;
-    place(
-        &mut bus,
-        Arc::new(Mutex::new(I8042::new(guest_exit.clone()))),
-        "i8042",
-        I8042::BASE,
-        I8042::LEN,
-    )?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(guest_exit.clone())));
+    place(&mut bus, i8042.clone(), "i8042", I8042::BASE, I8042::LEN)?;
     let mut ich9_pm = None;
     if q35 {
         let pm = Arc::new(Mutex::new(Ich9PmBlock::new(guest_exit.clone())));
@@ -470,6 +468,7 @@ fn build_io_bus(
     Ok(LegacyIo {
         bus,
         serial: uart,
+        i8042,
         ich9_pm,
     })
 }

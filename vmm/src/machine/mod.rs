@@ -248,6 +248,7 @@ impl DiskAccess {
 pub struct Machine {
     description: MachineDescription,
     serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<devices::legacy::I8042>>,
     cmos: Arc<Mutex<Cmos>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     nics: Vec<Arc<Mutex<VirtioNet>>>,

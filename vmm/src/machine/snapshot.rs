@@ -97,6 +97,8 @@ pub struct VmSnapshot {
     pub virtio: Vec<VirtioState>,
     /// The CMOS RAM and the guest's clock offset.
     pub cmos: CmosState,
+    /// The PS/2 controller's command byte and unread replies.
+    pub i8042: devices::legacy::I8042State,
     /// A firmware-booted VM's chipset.
     pub q35: Option<super::Q35State>,
 }
@@ -218,6 +220,7 @@ impl Machine {
             },
             q35: self.q35.as_ref().map(|q35| q35.state()),
             cmos: self.cmos.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            i8042: self.i8042.lock().unwrap_or_else(|e| e.into_inner()).state(),
         })
     }
 
@@ -461,6 +464,10 @@ impl Machine {
             .unwrap_or_else(|e| e.into_inner())
             .restore_state(&snap.cmos)
             .map_err(MachineError::DeviceState)?;
+        self.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_state(&snap.i8042);
         match (&self.q35, &snap.q35) {
             (Some(q35), Some(state)) => q35.restore(state, &snap.virtio)?,
             (None, None) => {}
