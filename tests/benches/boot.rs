@@ -66,6 +66,7 @@ fn config(cmdline: &str, vcpus: u8, serial: SerialOutput) -> VmConfig {
         nets: Vec::new(),
         dirty_ring: None,
         hyperv: Default::default(),
+        serial_input: false,
     }
 }
 

@@ -136,6 +136,7 @@ fn dirty_round_cost(pages_per_s: u32, dirty_ring: Option<u32>) {
         nets: Vec::new(),
         dirty_ring,
         hyperv: Default::default(),
+        serial_input: false,
     };
     let mut machine = Machine::build(&config).expect("build");
     machine.start().expect("start");

@@ -1,7 +1,8 @@
 # UEFI firmware (`--firmware`, vmm/src/arch/firmware.rs, docs/firmware.md): Debian's OVMF.fd on
 # ftvmm's q35 platform (fw_cfg, PCI root with the MCH and the ICH9 LPC bridge, ICH9 PM block and
 # timer, CMOS), with 2 vCPUs:
-# - with nothing to boot, it reaches its UEFI shell, whose console is COM1;
+# - with nothing to boot, it reaches its UEFI shell, whose console is COM1; `reset -s` typed into
+#   it (--serial-input stdin) powers the machine off: ftvmm exits 0;
 # - given the Debian kernel, initramfs and command line through fw_cfg, it starts the kernel's EFI
 #   stub; Linux runs on the firmware's memory map (3 GiB of RAM: 2 GiB below 4 GiB, 1 GiB above)
 #   and ftvmm's ACPI tables (installed by OVMF from etc/table-loader), finds its disk and NIC as
@@ -12,14 +13,26 @@
 #   boot manager starts systemd-boot from it, and that the kernel, which finds the same disk as
 #   vda, reaches /init with 2 CPUs and powers off: ftvmm exits 0.
 . /payload/lib.sh
+# The shell's input is a FIFO this script holds open (fd 3), fed to COM1 by --serial-input stdin.
+mkfifo /tmp/shell.in
+exec 3<>/tmp/shell.in
 start=$(date +%s)
-vm_start shell run --firmware "$FIRMWARE" --vcpus 2 --memory 256
+ftvmm run --firmware "$FIRMWARE" --vcpus 2 --memory 256 --serial-input stdin \
+    </tmp/shell.in >/tmp/shell.out 2>/tmp/shell.err &
+echo $! >/tmp/shell.pid
+VMS="${VMS:-} shell"
 wait_for shell 'UEFI Interactive Shell' 300
 wait_for shell 'Shell> ' 60
 shell_s=$(($(date +%s) - start))
 console shell | grep -q 'BdsDxe: starting Boot[0-9A-F]* "EFI Internal Shell"' ||
     fail "the boot manager did not start the shell"
-vm_kill shell
+# Typed at the prompt: the shell powers the machine off through the ICH9 PM block.
+printf 'reset -s\r' >&3
+vm_exit shell 60
+exec 3>&-
+# The shell echoes each key with cursor moves between them; its reset command says what it does.
+console shell | grep -q 'Reset with <null string>' || fail "the shell did not run the typed command"
+[ "$EXIT_STATUS" = 0 ] || fail "the shell's 'reset -s': ftvmm exited $EXIT_STATUS"
 
 truncate -s 16M /tmp/disk.img
 tap_up tap0

@@ -70,6 +70,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "DEST", default_value = "stdout")]
     serial: SerialOutput,
 
+    /// What the guest's COM1 receives: `stdin` (this process's standard input: a terminal, line by
+    /// line, or a pipe) or `none`.
+    #[arg(long, value_name = "stdin|none", default_value = "none",
+          value_parser = ["stdin", "none"])]
+    serial_input: String,
+
     /// CPU feature changes, comma-separated: -name hides a feature from the guest, +name (or name)
     /// requires the host to offer it. Names are Linux /proc/cpuinfo flags, e.g.
     /// -cx16,-pdpe1gb,-avx512f.
@@ -161,6 +167,7 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         nets: args.nets,
         dirty_ring: args.dirty_ring,
         hyperv: args.hyperv,
+        serial_input: args.serial_input == "stdin",
     };
     let security = match args.standby {
         Some(_) => Some(args.link.required("--standby")?),

@@ -91,6 +91,23 @@ impl SerialDevice {
 }
 
 impl SerialDevice {
+    /// Room left in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.serial.fifo_capacity()
+    }
+
+    /// Puts `bytes` in the receive FIFO for the guest to read (raising its interrupt if enabled);
+    /// returns how many fit.
+    pub fn receive(&mut self, bytes: &[u8]) -> usize {
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("serial input not taken: {e:?}");
+                0
+            }
+        }
+    }
+
     /// The UART's registers and receive FIFO.
     pub fn save_state(&self) -> UartState {
         UartState::from(&self.serial.state())
@@ -162,6 +179,20 @@ mod tests {
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn received_bytes_are_read_from_the_data_register() {
+        let mut dev = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(io::sink()));
+        assert_eq!(dev.input_capacity(), 64);
+        assert_eq!(dev.receive(b"ls\r"), 3);
+        let mut data = [0u8; 1];
+        dev.read(5, &mut data);
+        assert_ne!(data[0] & 1, 0, "LSR: data ready");
+        dev.read(0, &mut data);
+        assert_eq!(data[0], b'l');
+        assert_eq!(dev.receive(&[b'x'; 100]), 62, "the FIFO holds 64 bytes");
+        assert_eq!(dev.receive(b"y"), 0);
     }
 
     #[test]

@@ -82,6 +82,17 @@ impl Machine {
                 }),
             }),
         })?;
+        if config.serial_input {
+            let input = super::serial_input::SerialInput::stdin(machine.serial.clone()).map_err(
+                |source| MachineError::Io {
+                    what: "a handle on standard input",
+                    source,
+                },
+            )?;
+            machine
+                .event_manager
+                .add_subscriber(Arc::new(Mutex::new(input)));
+        }
         if config.firmware.is_some() {
             // The boot vCPU starts at the reset vector in KVM's reset state; the firmware brings
             // up the others with INIT/SIPI.

@@ -4,6 +4,7 @@
 
 mod builder;
 mod q35;
+mod serial_input;
 pub use q35::Q35State;
 mod snapshot;
 
@@ -70,6 +71,8 @@ pub struct VmConfig {
     pub dirty_ring: Option<u32>,
     /// Hyper-V enlightenments offered to the guest (`arch/hyperv.rs`).
     pub hyperv: HypervMode,
+    /// Feed this process's standard input to the guest's COM1 (`machine/serial_input.rs`).
+    pub serial_input: bool,
 }
 
 /// The virtual hardware of a VM: what a restore must recreate (backends may be renamed).
