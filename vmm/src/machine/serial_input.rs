@@ -47,7 +47,7 @@ impl MutEventSubscriber for SerialInput {
         if set.contains(EventSet::IN) {
             let mut buffer = [0u8; 64];
             match self.input.read(&mut buffer) {
-                Ok(0) => return self.stop(ops, "end of input"),
+                Ok(0) => self.stop(ops, "end of input"),
                 Ok(n) => {
                     let taken = self
                         .serial
@@ -63,7 +63,7 @@ impl MutEventSubscriber for SerialInput {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return self.stop(ops, &e.to_string()),
+                Err(e) => self.stop(ops, &e.to_string()),
             }
         } else if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
             self.stop(ops, "the input was closed");
