@@ -34,6 +34,7 @@ impl NestedRun {
 pub struct Nested {
     script: PathBuf,
     args: Vec<String>,
+    outer_qemu: Option<PathBuf>,
 }
 
 impl Nested {
@@ -42,7 +43,14 @@ impl Nested {
         Self {
             script: workspace_root().join(script),
             args: Vec::new(),
+            outer_qemu: None,
         }
+    }
+
+    /// Runs the L1 under the QEMU at `qemu` instead of Debian's (`FTVMM_NESTED_QEMU`).
+    pub fn outer_qemu(mut self, qemu: impl Into<PathBuf>) -> Self {
+        self.outer_qemu = Some(qemu.into());
+        self
     }
 
     /// Copies `src` into the L1 at `/payload/DEST`.
@@ -93,6 +101,9 @@ impl Nested {
             .stderr(Stdio::piped());
         if std::env::var_os("FTVMM_BIN").is_none() {
             cmd.env("FTVMM_BIN", nested_ftvmm_bin());
+        }
+        if let Some(qemu) = &self.outer_qemu {
+            cmd.env("FTVMM_NESTED_QEMU", qemu);
         }
         let mut child = cmd.spawn().expect("run scripts/nested");
         let stderr = child.stderr.take().expect("stderr piped");
