@@ -16,6 +16,11 @@ pub mod userfault;
 pub mod vcpu;
 pub mod vm;
 
+/// Locks `mutex`, taking the data even if a thread panicked holding it (device state stays usable).
+pub(crate) fn lock<T: ?Sized>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub use arch::cpu_template::CpuTemplate;
 pub use arch::cpuid::CpuFeatures;
 pub use control::{ControlHandle, VmCommand, VmInfo, VmReply};

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use devices::interrupt::LevelInterrupt;
 use devices::pci::msix::{MsiMessage, MsiRouting};
@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::intx_gsi;
 use crate::device_manager::{Subscriber, VirtioSubscriber};
+use crate::lock;
 use crate::memory::GuestMemory;
 use crate::vm::{Vm, VmError};
 
@@ -54,10 +55,6 @@ pub enum PciDeviceError {
     Root(#[from] PciRootError),
     #[error(transparent)]
     Irq(#[from] VmError),
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The VM's GSI routing: the default irqchip routes (the PIC's 16 lines and the IOAPIC's 24 pins)

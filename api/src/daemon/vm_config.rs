@@ -337,6 +337,15 @@ mod tests {
         firmware_only.validate(host).unwrap();
     }
 
+    /// The `ftvmm run` command line of `c`, its console and API socket at `/c` and `/a`.
+    fn run_line(c: &VmConfig) -> String {
+        c.run_args(Path::new("/c"), Path::new("/a"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     #[test]
     fn the_run_command_line_carries_every_device() {
         let mut c = config();
@@ -362,26 +371,14 @@ mod tests {
              --serial file:/v/console.log --api-socket /v/api.sock"
         );
         c.hyperv = vmm::arch::hyperv::HypervMode::Only;
-        let args: Vec<String> = c
-            .run_args(Path::new("/c"), Path::new("/a"))
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
-        assert!(
-            args.join(" ").contains("--memory 256 --hyperv only --disk"),
-            "{args:?}"
-        );
+        let args = run_line(&c);
+        assert!(args.contains("--memory 256 --hyperv only --disk"), "{args}");
         c.firmware = Some("/usr/share/ovmf/OVMF.fd".into());
         c.kernel = None;
-        let args: Vec<String> = c
-            .run_args(Path::new("/c"), Path::new("/a"))
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        let args = run_line(&c);
         assert!(
-            args.join(" ")
-                .starts_with("run --firmware /usr/share/ovmf/OVMF.fd --cmdline"),
-            "{args:?}"
+            args.starts_with("run --firmware /usr/share/ovmf/OVMF.fd --cmdline"),
+            "{args}"
         );
         let bad = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "hyperv": "yes"}"#);
         assert!(bad

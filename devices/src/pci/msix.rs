@@ -282,13 +282,14 @@ impl MsixVectors {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
 
     use super::*;
 
+    /// Records the routes it is given.
     #[derive(Default)]
-    struct Routes(Mutex<Vec<(u16, MsiMessage)>>);
+    pub(crate) struct Routes(pub(crate) Mutex<Vec<(u16, MsiMessage)>>);
 
     impl MsiRouting for Routes {
         fn set_route(&self, vector: u16, message: MsiMessage) {

@@ -515,18 +515,9 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::pci::msix::MsiMessage;
+    use crate::pci::msix::tests::Routes;
     use crate::virtio::mmio::tests::DummyDevice;
     use crate::virtio::status;
-
-    #[derive(Default)]
-    struct Routes(Mutex<Vec<(u16, MsiMessage)>>);
-
-    impl MsiRouting for Routes {
-        fn set_route(&self, vector: u16, message: MsiMessage) {
-            self.0.lock().unwrap().push((vector, message));
-        }
-    }
 
     /// An INTx line that remembers its level.
     #[derive(Default)]

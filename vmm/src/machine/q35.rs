@@ -19,6 +19,7 @@ use super::snapshot::SnapshotError;
 use super::MachineError;
 use crate::arch::firmware::FirmwareRom;
 use crate::arch::layout::{PCI_ECAM_START, PCI_MMIO_WINDOW_END, PCI_MMIO_WINDOW_START};
+use crate::lock;
 use crate::memory::GuestMemory;
 use crate::pci_device_manager::PciDeviceManager;
 
@@ -100,10 +101,6 @@ pub struct Q35State {
     pub pm: Ich9PmState,
     /// Per virtio-pci function, in address order: configuration space and MSI-X.
     pub virtio_pci: Vec<VirtioPciState>,
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Q35Chipset {
