@@ -59,9 +59,38 @@ enum Boot {
     Firmware,
 }
 
-/// Runs `tests/nested/<case>.sh` against `kernel` booted as `boot` says, and checks that it passed.
+/// The outer QEMU for firmware guests: under TCG, the build of scripts/build-nested-qemu. With
+/// Debian's, OVMF in the L2 aborts QEMU itself now and then (protected: every time; docs/nested.md).
+fn firmware_outer_qemu() -> Option<String> {
+    let patched = std::process::Command::new(
+        integration_tests::workspace_root().join("scripts/build-nested-qemu"),
+    )
+    .arg("--path-if-built")
+    .output()
+    .ok()
+    .filter(|o| o.status.success())
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let kvm = std::env::var("FTVMM_NESTED_ACCEL").as_deref() == Ok("kvm");
+    assert!(
+        patched.is_some() || kvm,
+        "the nested tier's patched QEMU is not built: run scripts/build-nested-qemu (scripts/test does)"
+    );
+    patched
+}
+
+/// Runs `tests/nested/<case>.sh` against `kernel` booted as `boot` says (firmware guests under
+/// [`firmware_outer_qemu`]), and checks that it passed.
 fn run_case_booted(case: &str, kernel: Kernel, boot: Boot) -> NestedRun {
-    run_case_under(case, kernel, boot, None)
+    let qemu = match boot {
+        Boot::Direct => None,
+        Boot::Firmware => firmware_outer_qemu(),
+    };
+    run_case_under(
+        case,
+        kernel,
+        boot,
+        qemu.as_deref().map(std::path::Path::new),
+    )
 }
 
 /// [`run_case_booted`], with the L1 under the QEMU at `outer_qemu` if given.
@@ -210,7 +239,13 @@ fn ovmf_boots_its_shell_the_debian_kernel_directly_and_from_an_esp_disk() {
         integration_tests::workspace_root().join(ESP_IMAGE).exists(),
         "{ESP_IMAGE} is missing: run scripts/build-images linux-esp (scripts/test does)"
     );
-    let run = Nested::script("tests/nested/firmware.sh")
+    let qemu = firmware_outer_qemu();
+    let nested = Nested::script("tests/nested/firmware.sh");
+    let nested = match qemu {
+        Some(qemu) => nested.outer_qemu(qemu),
+        None => nested,
+    };
+    let run = nested
         .file("tests/nested/lib.sh", "lib.sh")
         .file(OVMF, "OVMF.fd")
         .file(kernel, "guest/kernel")
@@ -243,29 +278,9 @@ fn firmware_booted_debian_kernel_live_migrates_with_a_client_connected() {
     run_case_booted("migrate", Kernel::DebianBzImage, Boot::Firmware);
 }
 
-/// Under TCG this runs the L1 under the QEMU scripts/build-nested-qemu builds: with Debian's, a
-/// protected OVMF aborts QEMU itself (docs/nested.md). The other cases keep Debian's QEMU.
 #[test]
 fn firmware_booted_debian_kernel_fails_over_with_a_client_connected() {
-    let patched = std::process::Command::new(
-        integration_tests::workspace_root().join("scripts/build-nested-qemu"),
-    )
-    .arg("--path-if-built")
-    .output()
-    .ok()
-    .filter(|o| o.status.success())
-    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    let kvm = std::env::var("FTVMM_NESTED_ACCEL").as_deref() == Ok("kvm");
-    assert!(
-        patched.is_some() || kvm,
-        "the nested tier's patched QEMU is not built: run scripts/build-nested-qemu (scripts/test does)"
-    );
-    run_case_under(
-        "protect",
-        Kernel::DebianBzImage,
-        Boot::Firmware,
-        patched.as_deref().map(std::path::Path::new),
-    );
+    run_case_booted("protect", Kernel::DebianBzImage, Boot::Firmware);
 }
 
 /// The harness itself: bad input is a clear error, a hanging script a bounded run.
