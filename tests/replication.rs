@@ -2,289 +2,11 @@
 //! the last committed checkpoint, and a client that kept one TCP connection open and kept incrementing
 //! a counter loses no acknowledged increment.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use integration_tests::netns::TwoHosts;
+use integration_tests::protected_pair::*;
 use integration_tests::witness::TestEtcd;
 use integration_tests::{ftvmm_bin, testguest, tls_pki, RunningVm};
-
-const DEADLINE: Duration = Duration::from_secs(180);
-
-/// One protected pair at a time: each runs two or three VMs and a client on two cores, and their
-/// heartbeats and timeouts should measure ftvmm, not a crowded machine.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A protected guest in the two-host topology: the standby on host b, the primary on host a (both
-/// with TAP `tap0` on the LAN), the test guest's counter service, and one client connection on
-/// the LAN incrementing it without pause (every reply must be exactly one more).
-struct ProtectedPair {
-    hosts: TwoHosts,
-    _etcd: Option<TestEtcd>,
-    pki: std::path::PathBuf,
-    witness_args: Vec<String>,
-    failure_timeout_ms: u64,
-    /// Whether the guest has a disk (`disk-a.img`, `disk-b.img` in `dir`).
-    disk: bool,
-    dir: std::path::PathBuf,
-    standby: RunningVm,
-    primary: RunningVm,
-    api: std::path::PathBuf,
-    stop: Arc<AtomicBool>,
-    acknowledged: Arc<AtomicU64>,
-    client: Option<std::thread::JoinHandle<Result<u64, String>>>,
-}
-
-impl ProtectedPair {
-    fn start(name: &str, failure_timeout_ms: u64) -> Self {
-        Self::start_with(name, failure_timeout_ms, false)
-    }
-
-    /// As [`ProtectedPair::start`]; with `witness`, an etcd on the LAN decides which copy acts.
-    fn start_with(name: &str, failure_timeout_ms: u64, witness: bool) -> Self {
-        Self::start_full(name, failure_timeout_ms, witness, false)
-    }
-
-    /// As [`ProtectedPair::start_with`]; with `disk`, the guest logs its store to a 16 MiB disk
-    /// (`disk-a.img` on host A, `disk-b.img` on B; B's starts as junk).
-    fn start_full(name: &str, failure_timeout_ms: u64, witness: bool, disk: bool) -> Self {
-        let hosts = TwoHosts::new().expect("two-host topology");
-        let etcd = witness.then(|| TestEtcd::start(&hosts.lan, &hosts.lan_ip()));
-        let witness_args: Vec<String> = match &etcd {
-            Some(etcd) => vec![
-                "--witness".into(),
-                etcd.url().into(),
-                "--guest-name".into(),
-                format!("pair-{name}"),
-            ],
-            None => vec![],
-        };
-        let dir =
-            std::env::temp_dir().join(format!("ftvmm-replication-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let api = dir.join("primary.sock");
-        let (a_ip, b_ip) = (hosts.a_ip(), hosts.b_ip());
-        let pki = tls_pki(
-            &dir,
-            &[
-                ("a", &["127.0.0.1", a_ip.as_str()]),
-                ("b", &[b_ip.as_str()]),
-            ],
-        );
-        let listen = format!("{b_ip}:7100");
-        let disk_args = |identity: &str| -> Vec<String> {
-            if !disk {
-                return vec![];
-            }
-            let image = dir.join(format!("disk-{identity}.img"));
-            if !image.exists() {
-                let junk: Vec<u8> = (0..DISK_BYTES).map(|i| (i * 7 + 3) as u8).collect();
-                std::fs::write(
-                    &image,
-                    if identity == "a" {
-                        vec![0; DISK_BYTES]
-                    } else {
-                        junk
-                    },
-                )
-                .unwrap();
-            }
-            vec!["--disk".into(), format!("path={}", image.display())]
-        };
-        let mut standby = spawn_standby(
-            &hosts.b,
-            &listen,
-            &pki.join("b"),
-            failure_timeout_ms,
-            &[witness_args.clone(), disk_args("b")].concat(),
-            &dir.join("standby-b.sock"),
-        );
-        standby.wait_for_stderr("standing by on", DEADLINE);
-
-        let mut primary_cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
-        primary_cmd
-            .env("FTVMM_LOG", "replication=info")
-            .args(["run", "--kernel", testguest().to_str().unwrap()])
-            .args(["--memory", "128", "--net", "tap=tap0"])
-            .args([
-                "--cmdline",
-                &format!("mode=net ip={}/24 dirty=500 dirty_mb=8", hosts.guest_ip()),
-            ])
-            .args(["--standby", &listen, "--epoch-ms", "50"])
-            .args(&witness_args)
-            .args(disk_args("a"))
-            .arg("--tls")
-            .arg(pki.join("a"))
-            .arg("--api-socket")
-            .arg(&api);
-        let mut primary = RunningVm::spawn(primary_cmd);
-        primary.wait_for("testguest: net up", DEADLINE);
-        primary.wait_for_stderr("guest protected by", DEADLINE);
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let acknowledged = Arc::new(AtomicU64::new(0));
-        let client = integration_tests::clients::incrementer(
-            hosts.lan.name(),
-            format!("{}:4000", hosts.guest_ip()),
-            stop.clone(),
-            acknowledged.clone(),
-            Duration::from_secs(60),
-        );
-        Self {
-            hosts,
-            _etcd: etcd,
-            pki,
-            witness_args,
-            failure_timeout_ms,
-            disk,
-            dir,
-            standby,
-            primary,
-            api,
-            stop,
-            acknowledged,
-            client: Some(client),
-        }
-    }
-
-    /// A new standby on host A (`on_a`) or B, listening on that host's address, port 7100, with an
-    /// API socket in the pair's directory; returns it and its address.
-    fn new_standby(&self, on_a: bool) -> (RunningVm, String) {
-        let (host, ip, identity) = if on_a {
-            (&self.hosts.a, self.hosts.a_ip(), "a")
-        } else {
-            (&self.hosts.b, self.hosts.b_ip(), "b")
-        };
-        let listen = format!("{ip}:7100");
-        let mut args = self.witness_args.clone();
-        if self.disk {
-            let image = self.dir.join(format!("disk-{identity}.img"));
-            args.extend(["--disk".into(), format!("path={}", image.display())]);
-        }
-        let mut standby = spawn_standby(
-            host,
-            &listen,
-            &self.pki.join(identity),
-            self.failure_timeout_ms,
-            &args,
-            &self.dir.join(format!("standby-{identity}.sock")),
-        );
-        standby.wait_for_stderr("standing by on", DEADLINE);
-        (standby, listen)
-    }
-
-    /// After a failover: a fresh standby where the dead primary was (host A if
-    /// `dead_primary_on_a`) protects the survivor, which becomes the pair's primary. Returns the
-    /// survivor's API socket.
-    fn reprotect_survivor(&mut self, dead_primary_on_a: bool, what: &str) -> std::path::PathBuf {
-        let survivor_api = self.dir.join(format!(
-            "standby-{}.sock",
-            if dead_primary_on_a { "b" } else { "a" }
-        ));
-        let (standby, listen) = self.new_standby(dead_primary_on_a);
-        protect(&survivor_api, &listen, what);
-        self.primary = std::mem::replace(&mut self.standby, standby);
-        survivor_api
-    }
-
-    fn acknowledged(&self) -> u64 {
-        self.acknowledged.load(Ordering::SeqCst)
-    }
-
-    /// Waits until the client has `n` acknowledged increments.
-    fn wait_acknowledged(&self, n: u64, what: &str) {
-        let t0 = Instant::now();
-        while self.acknowledged() < n {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "{what}: {} of {n} increments acknowledged\nprotection: {}\nprimary:\n{}\nguest:\n{}\nstandby:\n{}",
-                self.acknowledged(),
-                self.protection(),
-                self.primary.stderr(),
-                self.primary.output(),
-                self.standby.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The primary's protection status.
-    fn protection(&self) -> serde_json::Value {
-        let status = integration_tests::run_ftvmm(
-            &[
-                "vm",
-                "--api-socket",
-                self.api.to_str().unwrap(),
-                "protection",
-            ],
-            DEADLINE,
-        );
-        assert_eq!(status.code(), Some(0), "{status:?}");
-        serde_json::from_str(&status.stdout).unwrap()
-    }
-
-    /// Stops the client and both VMs; the client's last acknowledged value (it checked every
-    /// reply).
-    fn stop_all(&mut self) -> u64 {
-        self.stop.store(true, Ordering::SeqCst);
-        let last = self
-            .client
-            .take()
-            .expect("the client runs until stopped once")
-            .join()
-            .unwrap()
-            .unwrap_or_else(|e| panic!("client: {e}\nstandby:\n{}", self.standby.stderr()));
-        self.primary.kill();
-        self.standby.kill();
-        last
-    }
-
-    /// As [`ProtectedPair::stop_all`], then removes the pair's files.
-    fn finish(mut self) -> u64 {
-        let last = match self.client {
-            Some(_) => self.stop_all(),
-            None => self.acknowledged(),
-        };
-        let _ = std::fs::remove_dir_all(&self.dir);
-        last
-    }
-}
-
-/// Size of a protected guest's disk in the tests.
-const DISK_BYTES: usize = 16 << 20;
-
-/// `ftvmm standby` in `host`'s namespace on its TAP `tap0`.
-fn spawn_standby(
-    host: &integration_tests::netns::NetNs,
-    listen: &str,
-    identity: &std::path::Path,
-    failure_timeout_ms: u64,
-    witness_args: &[String],
-    api: &std::path::Path,
-) -> RunningVm {
-    let mut cmd = host.command(ftvmm_bin().to_str().unwrap());
-    cmd.env("FTVMM_LOG", "replication=info")
-        .args(["standby", "--listen", listen, "--net", "tap=tap0"])
-        .args(["--failure-timeout-ms", &failure_timeout_ms.to_string()])
-        .args(witness_args)
-        .arg("--tls")
-        .arg(identity)
-        .arg("--api-socket")
-        .arg(api);
-    RunningVm::spawn(cmd)
-}
-
-fn signal(vm: &RunningVm, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([signal, &vm.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {signal}");
-}
 
 #[test]
 fn a_protected_guest_survives_the_loss_of_its_primary() {
@@ -761,25 +483,11 @@ fn a_protected_guest_refuses_snapshots_and_migration_until_unprotected() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Cuts host B (the standby's) off the network, or heals it.
-fn set_standby_host_link(pair: &ProtectedPair, up: bool) {
-    set_host_link(&pair.hosts.b, up);
-}
-
-/// Cuts a host off the network (its uplink down), or heals it.
-fn set_host_link(host: &integration_tests::netns::NetNs, up: bool) {
-    let status = host
-        .command("ip")
-        .args(["link", "set", "uplink", if up { "up" } else { "down" }])
-        .status()
-        .expect("ip link");
-    assert!(status.success());
-}
-
-/// A cut replication link (the standby's host partitioned): the primary holds its output for the
-/// standby's failure timeout, then goes on unprotected (degraded) and the client with it; the
-/// standby never takes over on the silence, and when the link heals and it sees the primary's old
-/// connection end, it ends without resuming the guest: one active copy throughout.
+/// A cut replication link (the standby's host partitioned): the primary counts its standby lost
+/// after the standby's failure timeout, tells it goodbye on the control channel (queued there until
+/// the link heals) and goes on unprotected (degraded), the client with it; the standby never takes
+/// over on the silence, and when the link heals it reads the goodbye before the channel's close and
+/// ends without resuming the guest: one active copy throughout.
 #[test]
 fn a_cut_replication_link_leaves_exactly_one_active_copy() {
     let _serial = one_at_a_time();
@@ -792,7 +500,7 @@ fn a_cut_replication_link_leaves_exactly_one_active_copy() {
     assert!(
         pair.primary
             .stderr()
-            .contains("holding output until the standby can no longer take over"),
+            .contains("said goodbye on the control channel"),
         "{}",
         pair.primary.stderr()
     );
@@ -803,13 +511,13 @@ fn a_cut_replication_link_leaves_exactly_one_active_copy() {
     set_standby_host_link(&pair, true);
     assert_eq!(
         pair.standby.wait_exit(DEADLINE),
-        Some(1),
+        Some(0),
         "{}",
         pair.standby.stderr()
     );
     let err = pair.standby.stderr();
     assert!(
-        err.contains("may have gone on without this standby"),
+        err.contains("the guest goes on at the primary, unprotected"),
         "{err}"
     );
     assert!(!err.contains("taking over"), "{err}");
@@ -817,34 +525,6 @@ fn a_cut_replication_link_leaves_exactly_one_active_copy() {
     let healed_at = pair.acknowledged();
     pair.wait_acknowledged(healed_at + 10, "on the primary after the link healed");
     pair.finish();
-}
-
-/// Frames a guest on `host` has put on its TAP (the host side receives them).
-fn frames_on_tap(host: &integration_tests::netns::NetNs) -> u64 {
-    let out = host
-        .command("cat")
-        .arg("/sys/class/net/tap0/statistics/rx_packets")
-        .output()
-        .expect("read TAP counters");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("a count")
-}
-
-/// Frames the guest on host A has put on its TAP.
-fn frames_from_primary(pair: &ProtectedPair) -> u64 {
-    frames_on_tap(&pair.hosts.a)
-}
-
-/// The standby's copy never ran: its TAP on host B never saw a frame from a guest.
-fn assert_standby_never_sent(pair: &ProtectedPair) {
-    assert_eq!(
-        frames_on_tap(&pair.hosts.b),
-        0,
-        "the standby's copy put frames on its TAP\n{}",
-        pair.standby.stderr()
-    );
 }
 
 /// With a witness, a hung primary is taken over once it is silent, the client goes on against the
@@ -929,78 +609,6 @@ fn with_a_witness_a_partitioned_standby_never_takes_over() {
     pair.finish();
 }
 
-/// `ftvmm vm protect --standby STANDBY` on the VM behind `api`; it must succeed.
-fn protect(api: &std::path::Path, standby: &str, what: &str) {
-    let out = integration_tests::run_ftvmm(
-        &[
-            "vm",
-            "--api-socket",
-            api.to_str().unwrap(),
-            "protect",
-            "--standby",
-            standby,
-        ],
-        DEADLINE,
-    );
-    assert_eq!(out.code(), Some(0), "{what}: {out:?}");
-}
-
-/// Waits until the VM behind `api` reports protection in `state`.
-fn wait_protection_state(api: &std::path::Path, state: &str, what: &str) {
-    let t0 = Instant::now();
-    loop {
-        let out = integration_tests::run_ftvmm(
-            &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
-            DEADLINE,
-        );
-        if out.stdout.contains(&format!("\"{state}\"")) {
-            return;
-        }
-        assert!(t0.elapsed() < DEADLINE, "{what}: not {state}: {out:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Random kill points, 0 to 149 ms apart from now (xorshift from the clock; the seed is printed).
-struct KillPoints(u64);
-
-impl KillPoints {
-    fn from_clock() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        eprintln!("kill points from seed {seed}");
-        Self(seed | 1)
-    }
-
-    fn next(&mut self) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        Duration::from_millis(self.0 % 150)
-    }
-}
-
-/// Waits until the VM behind `api` reports protection `protected` with a committed epoch.
-fn wait_protected(api: &std::path::Path, what: &str) {
-    let t0 = Instant::now();
-    loop {
-        let out = integration_tests::run_ftvmm(
-            &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
-            DEADLINE,
-        );
-        if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
-            if s["state"] == "protected" && s["committed_epoch"].as_u64().unwrap_or(0) > 0 {
-                return;
-            }
-            assert_ne!(s["state"], "degraded", "{what}: protection failed: {s}");
-        }
-        assert!(t0.elapsed() < DEADLINE, "{what}: not protected: {out:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The whole life of a protected guest with a witness: its standby dies (the guest goes on,
 /// degraded), a new standby re-protects it, the primary dies (the standby takes over), the survivor
 /// is protected by a fresh standby on the other host, and dies in turn: the client's one
@@ -1058,7 +666,7 @@ fn twenty_random_primary_kills_lose_no_acknowledged_write() {
         wait_protected(&primary_api, &format!("cycle {cycle}"));
         let now = pair.acknowledged();
         pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: before the kill"));
-        std::thread::sleep(kill_points.next());
+        std::thread::sleep(kill_points.next_point());
         pair.primary.kill();
         pair.standby
             .wait_for_stderr("taking over from checkpoint", DEADLINE);
@@ -1070,22 +678,6 @@ fn twenty_random_primary_kills_lose_no_acknowledged_write() {
     }
     let last = pair.finish();
     eprintln!("20 failovers, {last} increments acknowledged, none lost");
-}
-
-/// One request to the key-value service at `addr` from inside `ns`; the reply line.
-fn kv_request(ns: &integration_tests::netns::NetNs, addr: String, command: &str) -> String {
-    let command = format!("{command}\n");
-    ns.run(move || {
-        use std::io::{BufRead, Write};
-        let s = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), DEADLINE)
-            .expect("connect to the key-value service");
-        s.set_read_timeout(Some(DEADLINE)).unwrap();
-        let mut r = std::io::BufReader::new(s);
-        r.get_mut().write_all(command.as_bytes()).unwrap();
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        line.trim().to_string()
-    })
 }
 
 /// A guest with a disk (its key-value store logged to virtio-blk) is protected: the standby's image,
@@ -1184,7 +776,7 @@ fn soak_failover() {
         wait_protected(&primary_api, &format!("cycle {cycle}"));
         let now = pair.acknowledged();
         pair.wait_acknowledged(now + 3, &format!("cycle {cycle}: before the fault"));
-        std::thread::sleep(kill_points.next());
+        std::thread::sleep(kill_points.next_point());
         let standby_host_is_a = !primary_on_a;
         let standby_host = if standby_host_is_a {
             &pair.hosts.a

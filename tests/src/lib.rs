@@ -5,6 +5,7 @@ pub mod clients;
 pub mod daemon;
 pub mod nested;
 pub mod netns;
+pub mod protected_pair;
 pub mod witness;
 
 use std::io::Read;
@@ -321,8 +322,9 @@ impl RunningVm {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "ftvmm still running after {timeout:?}\nstdout:\n{}",
-                    self.output()
+                    "ftvmm still running after {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.output(),
+                    self.stderr()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -59,8 +59,13 @@ impl TestEtcd {
                 .expect("a free port")
                 .port()
         };
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let tag = format!(
+            "local{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let addr = format!("127.0.0.1:{}", free());
-        let etcd = Self::spawn(Command::new("etcd"), "local", &addr, free());
+        let etcd = Self::spawn(Command::new("etcd"), &tag, &addr, free());
         assert!(wait_healthy(&addr), "etcd did not start on {}", etcd.url);
         etcd
     }

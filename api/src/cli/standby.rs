@@ -14,13 +14,17 @@ use super::backends::BackendArgs;
     after_help = "The standby applies a checkpoint only once all of it has arrived and verified; a torn \
 one is discarded whole. Output the guest produced after the last committed checkpoint was never released \
 by the primary, so no client saw anything this copy does not also hold.\n\n\
-The standby pings the primary on a heartbeat channel of its own. It takes over when the primary's \
-connection closes or resets while the primary was answering heartbeats (its process or host died). \
-Silence alone never makes it take over: a primary that is hung or cut off may still be running, and \
-without a witness only its certain end is safe; when an end follows a silence longer than \
---failure-timeout-ms, the standby exits 1 without resuming. It ends without resuming anything (exit 0) when the primary says goodbye: its \
-guest powered off, reset or crashed, or protection was stopped; and with an error when the link breaks \
-in a way a dying primary does not cause (a corrupt frame, a message out of protocol).\n\n\
+Failure detection is separate from the checkpoint stream: both ends probe each other with signed UDP \
+datagrams (to this address's port) ten times per --failure-timeout-ms, and the primary keeps a second \
+TCP connection open, its control channel, on which it says goodbye when it ends protection while alive. \
+Without a witness the standby takes over only when that channel closes without a goodbye while the \
+primary was answering probes (its process or host died). Silence alone never makes it take over: a \
+primary that is hung or cut off may still be running; when the channel closes after a silence longer \
+than --failure-timeout-ms, the standby exits 1 without resuming. With a witness, a primary silent for the \
+failure timeout is taken over if the witness agrees. It ends without resuming anything (exit 0) when the \
+primary says goodbye: its guest powered off, reset or crashed, or protection was stopped, or the primary \
+went on without this standby; and with an error when the link breaks in a way a dying primary does not \
+cause (a corrupt frame, a message out of protocol).\n\n\
 With --api-socket, `ftvmm vm --api-socket PATH standby` shows the standby's state and `ftvmm vm \
 --api-socket PATH failover` makes it take over on the operator's word (for a primary known dead that \
 died silently, without a witness); after a takeover the socket serves the VM's API.\n\n\
@@ -33,8 +37,8 @@ pub struct StandbyArgs {
     #[arg(long, value_name = "HOST:PORT")]
     listen: String,
 
-    /// How long after its last heartbeat answer the primary counts as alive, in milliseconds (the
-    /// standby pings every fifth of it). With a witness, a silent primary is taken over about this
+    /// How long after its last answer to a heartbeat probe the primary counts as alive, in
+    /// milliseconds (both ends probe every tenth of it, over UDP on the --listen port). With a witness, a silent primary is taken over about this
     /// long after it fell silent (docs/benchmarks.md); raise it where hosts or the network stall
     /// for longer than that without having failed.
     #[arg(long, value_name = "MS", default_value_t = 180,

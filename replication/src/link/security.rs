@@ -120,12 +120,17 @@ impl TlsIdentity {
                     path: ca_path.clone(),
                     reason: e.to_string(),
                 })?;
-        let server = ServerConfig::builder_with_provider(provider)
+        let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| identity_err(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)
             .map_err(|e| identity_err(e.to_string()))?;
+        // No session tickets: links are never resumed, and a receiver then sends nothing its peer
+        // has not asked for. A peer that closes a connection with unread data resets it, which
+        // throws away what it had queued: the goodbye on the heartbeat's control channel must reach
+        // the standby before the channel's close (protection/heartbeat/control_channel.rs).
+        server.send_tls13_tickets = 0;
         Ok(Self {
             dir: dir.to_path_buf(),
             client: Arc::new(client),

@@ -20,6 +20,11 @@ impl LinkShutdown {
     pub fn shutdown(&self) {
         let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
+
+    /// A second handle on the same link.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        self.0.try_clone().map(Self)
+    }
 }
 
 /// An established, authenticated (unless plain) connection to a peer ftvmm.
@@ -76,6 +81,11 @@ impl Link {
     /// The peer's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// This end's address (where a side channel to the same peer binds).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket().local_addr()
     }
 
     /// Whether the link is TLS (authenticated and encrypted).

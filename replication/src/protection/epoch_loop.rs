@@ -22,12 +22,12 @@ use super::checkpoint::{
 };
 use super::copy_on_write::CopyOnWrite;
 use super::epoch_length::{EpochClock, EpochLength};
-use super::heartbeat::{self, StandbyWatch};
+use super::heartbeat::{self, StandbyTerms, StandbyWatch};
 use super::in_flight::{InFlight, SentCheckpoint};
 use super::page_delta::{SentPages, DEFAULT_CACHE_BYTES};
 use super::{ProtectionState, ProtectionStatus, SyncProgress};
 use crate::link::{self, Link, LinkSecurity, OpenError};
-use crate::wire::{read_frame, write_frame, Ending, FrameError, FrameReader, Message};
+use crate::wire::{read_frame, write_frame, Ending, FrameError, FrameReader, Message, ProbeKey};
 use crate::witness::{ClaimState, HeldClaim, Witness};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -410,7 +410,7 @@ impl EpochLoop {
             }
             Err(LoopError::Link(_) | LoopError::Wire(_)) => None,
         };
-        let told = ending.is_some_and(|ending| {
+        let told = ending.as_ref().is_some_and(|ending| {
             let _ = stream.set_write_timeout(Some(GOODBYE_TIMEOUT));
             match write_frame(
                 &mut stream,
@@ -431,6 +431,18 @@ impl EpochLoop {
         if told {
             stream.close();
         }
+        // And always on the control channel, whose goodbye the standby reads before its close
+        // whatever became of the checkpoint link: a standby that hears of this primary's end only
+        // later (its host was frozen, the network cut) never takes that end for a death.
+        let said_goodbye = self
+            .watch
+            .goodbye(&ending.unwrap_or_else(|| Ending::Unprotected {
+                reason: match &result {
+                    Err(e) => format!("the primary goes on without this standby: {e}"),
+                    Ok(()) => "protection was stopped".into(),
+                },
+            }));
+        let told = told || said_goodbye;
         match (&self.params.witness, failure_timeout) {
             (Some(witness), _) => self.settle_claim(witness, &result, told),
             (None, Some(timeout)) if !told => {
@@ -447,15 +459,21 @@ impl EpochLoop {
         result
     }
 
-    /// Reads the standby's terms and opens the heartbeat channel; returns the standby's failure
-    /// timeout.
+    /// Reads the standby's terms and opens the heartbeat (probes and control channel); returns the
+    /// standby's failure timeout.
     fn open_heartbeat(&self, stream: &mut Link) -> Result<Duration, LoopError> {
-        let (session, failure_timeout) = match read_frame::<_, Message>(stream)? {
+        let terms = match read_frame::<_, Message>(stream)? {
             Message::Standing {
                 session,
                 failure_timeout_ms,
-                ..
-            } => (session, Duration::from_millis(failure_timeout_ms)),
+                heartbeat_ms,
+                probe_secret,
+            } => StandbyTerms {
+                session,
+                failure_timeout: Duration::from_millis(failure_timeout_ms),
+                heartbeat: Duration::from_millis(heartbeat_ms).max(heartbeat::MIN_HEARTBEAT),
+                key: ProbeKey::new(&probe_secret),
+            },
             other => {
                 return Err(LoopError::Protocol(format!(
                     "expected Standing, got {}",
@@ -463,15 +481,16 @@ impl EpochLoop {
                 )))
             }
         };
+        let failure_timeout = terms.failure_timeout;
         let shutdown = stream
             .shutdown_handle()
             .map_err(|e| LoopError::Heartbeat(e.to_string()))?;
         self.watch
             .open(
                 &self.params.standby,
+                stream.peer(),
                 &self.params.security,
-                session,
-                failure_timeout,
+                terms,
                 shutdown,
             )
             .map_err(LoopError::Heartbeat)?;
@@ -673,6 +692,7 @@ impl EpochLoop {
     /// the status says so.
     fn committed(&self, cp: SentCheckpoint, commit: Duration) -> Result<(), LoopError> {
         let epoch = cp.epoch;
+        self.confirm_after_silence()?;
         let held = Arc::new(Mutex::new((0, 0)));
         let held_after = held.clone();
         self.run_job(move |m| {
@@ -687,7 +707,7 @@ impl EpochLoop {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|h| h.claim.generation);
-        let heartbeat_age = self.watch.ping_age();
+        let heartbeat_age = self.watch.answer_age();
         let between_copies = self
             .copy_on_write
             .as_ref()
@@ -711,6 +731,54 @@ impl EpochLoop {
             tracing::info!("guest protected by {}", self.params.standby);
         }
         Ok(())
+    }
+
+    /// If this primary may have been silent to its standby for the standby's failure timeout (it
+    /// was stopped, or its host froze), the standby may have taken over meanwhile, and commits
+    /// read now may be old: with a witness, nothing is released before the witness shows that
+    /// this copy still holds its claim; if another holds it, this copy fences itself. (Without a
+    /// witness a standby never takes over on silence alone.)
+    fn confirm_after_silence(&self) -> Result<(), LoopError> {
+        if !self.watch.may_have_been_silent() {
+            return Ok(());
+        }
+        let Some(witness) = &self.params.witness else {
+            self.watch.silence_confirmed();
+            return Ok(());
+        };
+        let Some(held) = self.claim.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        tracing::warn!(
+            "this primary may have been silent for its standby's failure timeout: asking the \
+             witness before releasing anything"
+        );
+        loop {
+            match witness.read() {
+                Ok(Some(now)) if now.claim == held.claim => {
+                    tracing::info!("the witness says this copy still holds the guest");
+                    self.watch.silence_confirmed();
+                    return Ok(());
+                }
+                Ok(now) => fence(&format!(
+                    "after a silence the witness's claim is no longer this primary's ({}): the \
+                     standby took over",
+                    now.map_or("gone".into(), |h| format!(
+                        "{:?}, generation {}",
+                        h.claim.state, h.claim.generation
+                    ))
+                )),
+                Err(e) if self.watch.standby_lost() => {
+                    return Err(LoopError::Heartbeat(format!(
+                        "the standby is lost and the witness does not answer: {e}"
+                    )))
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; holding output and retrying");
+                    std::thread::sleep(WITNESS_RETRY);
+                }
+            }
+        }
     }
 
     fn run_job(

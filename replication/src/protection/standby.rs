@@ -27,11 +27,13 @@ use vmm::machine::VmSnapshot;
 use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::{Machine, RestoreOptions};
 
-use super::heartbeat::{self, Liveness};
+use super::heartbeat::{self, ControlVerdict, PrimaryWatch, WatchPlan};
 use super::page_delta::decode_page;
 use super::standby_disks::StandbyDisks;
 use crate::link::{self, AcceptError, Link, LinkSecurity, LinkShutdown};
-use crate::wire::{read_frame, write_frame, EncodedPage, Ending, FrameError, Message, PageRun};
+use crate::wire::{
+    read_frame, write_frame, EncodedPage, Ending, FrameError, Message, PageRun, ProbeKey,
+};
 use crate::witness::{ClaimState, HeldClaim, Witness};
 
 /// Why the standby could not take over.
@@ -72,9 +74,6 @@ pub enum StandbyError {
 /// Time between attempts to reach an unreachable witness.
 const WITNESS_RETRY: Duration = Duration::from_millis(200);
 
-/// Fastest heartbeat, whatever the failure timeout.
-const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
-
 /// What an operator sees of, and may do to, a standby while it follows its primary
 /// (`GET /api/v1/standby`, `PUT /api/v1/standby/failover`). Clones share the one standby.
 #[derive(Clone)]
@@ -86,7 +85,7 @@ struct StandbyControlInner {
     primary: SocketAddr,
     /// The last committed epoch + 1 (0: none yet).
     committed: AtomicU64,
-    liveness: Arc<Liveness>,
+    watch: PrimaryWatch,
     forced: AtomicBool,
     checkpoints: LinkShutdown,
 }
@@ -110,8 +109,8 @@ impl StandbyControl {
         StandbyStatus {
             primary: self.inner.primary.to_string(),
             committed_epoch: committed.checked_sub(1),
-            primary_alive: self.inner.liveness.alive(),
-            primary_silent_ms: self.inner.liveness.silent_for().as_millis() as u64,
+            primary_alive: self.inner.watch.liveness().alive(),
+            primary_silent_ms: self.inner.watch.liveness().silent_for().as_millis() as u64,
         }
     }
 
@@ -167,72 +166,71 @@ pub fn run_standby(
     on_following: impl FnOnce(StandbyControl),
 ) -> Result<StandbyEnd, StandbyError> {
     let listener = link::bind(listen)?;
-    if let Ok(addr) = listener.local_addr() {
-        on_listening(addr);
-    }
+    let local = listener.local_addr().map_err(AcceptError::Accept)?;
+    // The primary's heartbeat probes come to the same address and port, over UDP.
+    let probes = std::net::UdpSocket::bind(local).map_err(|source| AcceptError::Listen {
+        addr: format!("{local} (UDP, heartbeat probes)"),
+        source,
+    })?;
+    on_listening(local);
     let mut incoming = link::accept_peer(&listener, security, link::HANDSHAKE_TIMEOUT)?;
     let peer = incoming.link.peer();
     let span = tracing::info_span!("standby", %peer);
     let _guard = span.enter();
-    let mut machine = link::assemble_incoming(&mut incoming, options)
-        .map_err(|reason| StandbyError::Setup { peer, reason })?;
+    let setup = |reason: String| StandbyError::Setup { peer, reason };
+    let mut machine = link::assemble_incoming(&mut incoming, options).map_err(setup)?;
     let mut stream = incoming.link;
     let session = heartbeat::new_session();
-    let heartbeat_every = (failure_timeout / 5).max(MIN_HEARTBEAT);
+    let heartbeat_every = heartbeat::heartbeat_for(failure_timeout);
+    let probe_secret = ProbeKey::random_secret().map_err(|e| setup(e.to_string()))?;
     let terms = Message::Standing {
         session,
         failure_timeout_ms: failure_timeout.as_millis() as u64,
         heartbeat_ms: heartbeat_every.as_millis() as u64,
+        probe_secret,
     };
-    let on_silence = match witness {
-        Some(_) => Some(stream.shutdown_handle().map_err(|e| StandbyError::Setup {
-            peer,
-            reason: e.to_string(),
-        })?),
-        None => None,
-    };
-    let liveness = write_frame(&mut stream, &terms)
+    let checkpoints = stream.shutdown_handle().map_err(|e| setup(e.to_string()))?;
+    let watch = write_frame(&mut stream, &terms)
         .map_err(|e| e.to_string())
         .and_then(|()| {
-            heartbeat::watch_primary(
+            heartbeat::watch_primary(WatchPlan {
                 listener,
-                security.clone(),
+                probes,
+                security: security.clone(),
                 session,
-                heartbeat_every,
+                key: ProbeKey::new(&probe_secret),
+                heartbeat: heartbeat_every,
                 failure_timeout,
-                on_silence,
-            )
+                checkpoints,
+                // With a witness, silence is a reason to ask it for the guest.
+                shut_on_silence: witness.is_some(),
+            })
             .map_err(|e| e.to_string())
         })
-        .map_err(|reason| StandbyError::Setup { peer, reason })?;
+        .map_err(setup)?;
+    // Whatever ends this standby ends its probes: a primary that lives counts it lost.
+    let _stop_probes = StopOnDrop(&watch);
     // With a witness, the primary's claim is what a takeover must swap; without one, silence never
     // ends following.
     let primary_claim = match witness {
-        Some(w) => Some(
-            check_primary_claim(&mut stream, w)
-                .map_err(|reason| StandbyError::Setup { peer, reason })?,
-        ),
+        Some(w) => Some(check_primary_claim(&mut stream, w).map_err(setup)?),
         None => None,
     };
-    // Checkpoints may take as long as they take: liveness comes from the heartbeat channel.
+    // Checkpoints may take as long as they take: liveness comes from the heartbeat.
     let _ = stream.set_read_timeout(None);
     let control = StandbyControl {
         inner: Arc::new(StandbyControlInner {
             primary: peer,
             committed: AtomicU64::new(0),
-            liveness: liveness.clone(),
+            watch: watch.clone(),
             forced: AtomicBool::new(false),
-            checkpoints: stream.shutdown_handle().map_err(|e| StandbyError::Setup {
-                peer,
-                reason: e.to_string(),
-            })?,
+            checkpoints: stream.shutdown_handle().map_err(|e| setup(e.to_string()))?,
         }),
     };
     on_following(control.clone());
     tracing::info!("standing by");
 
-    let mut our_claim = None;
-    let (committed, reason) = match follow(&mut stream, &machine, &control) {
+    let (committed, lost) = match follow(&mut stream, &machine, &control) {
         (_, FollowEnd::Goodbye(ending)) => {
             tracing::info!(%ending, "the primary ended protection; nothing is resumed here");
             return Ok(StandbyEnd::Ended(ending));
@@ -241,55 +239,75 @@ pub fn run_standby(
             tracing::error!(%reason, "the link broke while the primary lives; nothing is resumed here");
             return Err(StandbyError::LinkBroken { peer, reason });
         }
-        (committed, FollowEnd::PrimaryLost(_)) if control.forced() && witness.is_none() => {
-            // The operator vouches for the primary's death.
-            (committed, "failover forced by the operator".to_string())
+        (committed, FollowEnd::PrimaryLost(reason)) => (committed, reason),
+    };
+    // The checkpoint stream ended. How the primary ended is the control channel's to say: a
+    // goodbye written there is read before its close, however late the network delivers it.
+    let verdict = watch.await_end(witness.is_some(), || control.forced());
+    let reason = match verdict {
+        ControlVerdict::Goodbye(ending) => {
+            tracing::info!(%ending, "the primary ended protection; nothing is resumed here");
+            return Ok(StandbyEnd::Ended(ending));
         }
-        (committed, FollowEnd::PrimaryLost(reason)) if witness.is_some() => {
-            // The witness decides: the takeover is the swap of the primary's claim for ours.
-            let (Some(w), Some(claim)) = (witness, primary_claim.as_ref()) else {
-                unreachable!("a witness always comes with the primary's claim")
+        ControlVerdict::Broken(reason) => {
+            tracing::error!(%reason, "the control channel broke while the primary lives; nothing is resumed here");
+            return Err(StandbyError::LinkBroken { peer, reason });
+        }
+        _ if control.forced() => "failover forced by the operator".to_string(),
+        ControlVerdict::Closed {
+            while_alive: true,
+            reason,
+        } => reason,
+        // Only a close seen while the primary was known alive is its death; after it went
+        // silent, it may have chosen to go on without this standby (heartbeat/mod.rs). With a
+        // witness, the witness decides.
+        _ if witness.is_some() => lost,
+        other => {
+            let silent_ms = watch.liveness().silent_for().as_millis() as u64;
+            let reason = match other {
+                ControlVerdict::Closed { reason, .. } => reason,
+                _ => lost,
             };
-            if committed.is_some() {
-                our_claim = Some(take_claim(w, claim, session, peer)?);
-            }
-            (committed, reason)
-        }
-        (committed, FollowEnd::PrimaryLost(reason)) => {
-            // Only an end seen while the primary was known alive is its death; after it went
-            // silent, it may have chosen to go on without this standby (heartbeat.rs).
-            if !liveness.alive() {
-                let silent_ms = liveness.silent_for().as_millis() as u64;
-                tracing::error!(%reason, silent_ms, "the primary's end is not certain; nothing is resumed here");
-                return Err(StandbyError::Uncertain {
-                    peer,
-                    reason,
-                    silent_ms,
-                });
-            }
-            (committed, reason)
+            tracing::error!(%reason, silent_ms, "the primary's end is not certain; nothing is resumed here");
+            return Err(StandbyError::Uncertain {
+                peer,
+                reason,
+                silent_ms,
+            });
         }
     };
+    watch.stop();
     let Some((epoch, state)) = committed else {
         return Err(StandbyError::NoCheckpoint { peer, reason });
     };
-    tracing::warn!(epoch, %reason, "primary lost: taking over from the last committed checkpoint");
-    let snap: VmSnapshot = vmm::snapshot::decode(&state).map_err(|e| StandbyError::Resume {
-        epoch,
-        reason: e.to_string(),
-    })?;
+    // The guest must be able to run here before this copy claims it: a standby that fails to
+    // apply the state after taking the claim would leave the guest claimed with nobody running.
+    let resume = |reason: String| StandbyError::Resume { epoch, reason };
+    let snap: VmSnapshot = vmm::snapshot::decode(&state).map_err(|e| resume(e.to_string()))?;
     machine
         .apply_state(&snap)
-        .map_err(|e| StandbyError::Resume {
-            epoch,
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| resume(e.to_string()))?;
+    // With a witness, the takeover is the swap of the primary's claim for ours.
+    let our_claim = match (witness, primary_claim.as_ref()) {
+        (Some(w), Some(claim)) => Some(take_claim(w, claim, session, peer)?),
+        _ => None,
+    };
+    tracing::warn!(epoch, %reason, "primary lost: taking over from the last committed checkpoint");
     Ok(StandbyEnd::Takeover(Box::new(Takeover {
         machine,
         epoch,
         reason,
         claim: our_claim,
     })))
+}
+
+/// Stops the watch's probes when dropped.
+struct StopOnDrop<'a>(&'a PrimaryWatch);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// Reads the claim the primary says it protects under and checks that the witness holds exactly

@@ -16,7 +16,7 @@ use serde::Serialize;
 /// Identifies ftvmm's protocol.
 pub const MAGIC: [u8; 4] = *b"FTVM";
 /// Bumped on any incompatible change to framing or messages.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Largest payload accepted on the wire.
 pub const MAX_FRAME: u32 = 16 << 20;
 const HEADER_LEN: usize = 16;

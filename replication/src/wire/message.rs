@@ -143,25 +143,24 @@ pub enum Message {
     /// Primary → standby, last: the primary stops checkpointing while alive, and why; the standby
     /// must not resume the guest.
     Goodbye { ending: Ending },
-    /// Standby → primary, right after `Ready`: the standby's terms. `session` names this protection
-    /// on the heartbeat channel; the standby pings every `heartbeat_ms` and counts the primary as
-    /// alive for `failure_timeout_ms` after the ping its latest answer echoes.
+    /// Standby → primary, right after `Ready`: the standby's terms. `session` names this
+    /// protection; both ends probe each other every `heartbeat_ms` with UDP datagrams to this
+    /// link's address, signed with `probe_secret` (`crate::wire::probe`), and each counts the
+    /// other alive for `failure_timeout_ms` after the probe of its own that the other last echoed.
     Standing {
         session: u64,
         failure_timeout_ms: u64,
         heartbeat_ms: u64,
+        probe_secret: [u8; 32],
     },
-    /// Primary → standby, first on the heartbeat channel (a second connection).
+    /// Primary → standby, first on the control channel (a second connection to the standby's
+    /// address, for `session`): the channel a primary's end is told on. It carries nothing else
+    /// until a `Goodbye`; its closing without one is what the primary's death looks like.
     HeartbeatOpen { session: u64 },
     /// Primary → standby, right after `Standing`, when the primary protects under a witness: the
     /// claim it holds there (its holder id and generation, the fencing token). The standby follows
     /// only if the witness holds exactly this claim, `protected`; a takeover swaps that claim.
     ClaimHeld { holder: u64, generation: u64 },
-    /// Standby → primary on the heartbeat channel: `sent_us` is the standby's own clock.
-    Ping { sent_us: u64 },
-    /// Primary → standby: the echo of a `Ping`, sent only while the primary checkpoints for this
-    /// standby (never once it has decided to go on without it).
-    Pong { sent_us: u64 },
 }
 
 impl Message {
@@ -189,8 +188,6 @@ impl Message {
             Message::EpochDiskWrites { .. } => "EpochDiskWrites",
             Message::HeartbeatOpen { .. } => "HeartbeatOpen",
             Message::ClaimHeld { .. } => "ClaimHeld",
-            Message::Ping { .. } => "Ping",
-            Message::Pong { .. } => "Pong",
         }
     }
 }

@@ -161,6 +161,33 @@ impl Etcd {
         )
     }
 
+    /// Sets `key` = `value` if it holds exactly `expected` (its value, not its revision: revisions
+    /// start again when an etcd is restored from a backup); returns the new revision, or `None` if
+    /// it holds anything else (or is gone).
+    pub fn replace_value(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+    ) -> Result<Option<u64>, EtcdError> {
+        let key = B64.encode(key);
+        self.txn(
+            json!({ "target": "VALUE", "key": key, "value": B64.encode(expected) }),
+            json!({ "requestPut": { "key": key, "value": B64.encode(value) } }),
+        )
+    }
+
+    /// Deletes `key` if it holds exactly `expected`; `false` if it holds anything else or is gone.
+    pub fn delete_value(&self, key: &str, expected: &[u8]) -> Result<bool, EtcdError> {
+        let key = B64.encode(key);
+        Ok(self
+            .txn(
+                json!({ "target": "VALUE", "key": key, "value": B64.encode(expected) }),
+                json!({ "requestDeleteRange": { "key": key } }),
+            )?
+            .is_some())
+    }
+
     /// Deletes `key` if it was last changed at `revision`; `false` if it changed since.
     pub fn delete(&self, key: &str, revision: u64) -> Result<bool, EtcdError> {
         let key = B64.encode(key);

@@ -4,6 +4,10 @@
 //! revision, so of two copies that race — a standby taking over, a primary going on without it —
 //! exactly one wins (docs/wire-protocol.md, rules as built).
 //!
+//! - Every change compares the key's *value* (holder, generation, state) with the claim the copy
+//!   holds, never etcd's revision alone (revisions start again in an etcd restored from a backup);
+//!   an answer that may or may not have taken effect is resolved by reading the claim back
+//!   ([`Witness::swap`]).
 //! - The primary creates the claim (`protected`) before it protects; a guest whose key exists is
 //!   refused (another copy may be active).
 //! - A standby takes over only by swapping the primary's `protected` claim for its own `active` one.
@@ -110,11 +114,17 @@ impl Witness {
             generation: 1,
             state,
         };
-        match self.etcd.create(&self.key, &encode(&claim))? {
-            Some(revision) => Ok(HeldClaim { claim, revision }),
-            None => {
-                let existing = self.read()?;
-                let (state, generation) = existing
+        let created = match self.etcd.create(&self.key, &encode(&claim)) {
+            Ok(Some(revision)) => return Ok(HeldClaim { claim, revision }),
+            Ok(None) => None,
+            // The answer was lost: the key may hold our claim already.
+            Err(e) => Some(e),
+        };
+        match (self.read(), created) {
+            (Ok(Some(now)), _) if now.claim == claim => Ok(now),
+            (Ok(None), Some(e)) | (Err(_), Some(e)) => Err(e.into()),
+            (Ok(now), _) => {
+                let (state, generation) = now
                     .map(|h| (h.claim.state, h.claim.generation))
                     .unwrap_or((ClaimState::Unprotected, 0));
                 Err(WitnessError::Exists {
@@ -123,31 +133,111 @@ impl Witness {
                     generation,
                 })
             }
+            (Err(e), None) => Err(e),
         }
     }
 
     /// Replaces `held` with a claim for `holder` in `state` (next generation) if nobody changed it
     /// since; `None` if somebody did.
+    ///
+    /// Decided by the claim's value, not by etcd's revision, and robust to the witness's
+    /// troubles: an answer lost to a timeout, a leader change or a restart is resolved by reading
+    /// the key back — holding our new claim, the swap took effect (a winner must never think it
+    /// lost); an error is returned only when the read cannot tell, and the caller's retry is then
+    /// resolved the same way. A witness that lost its history — the key gone (its data wiped), or
+    /// an older generation than `held` (restored from a backup) — is given the new claim afresh,
+    /// still by a compare-and-swap on what it holds, so that of two copies racing exactly one wins.
     pub fn swap(
         &self,
         held: &HeldClaim,
         holder: u64,
         state: ClaimState,
     ) -> Result<Option<HeldClaim>, WitnessError> {
-        let claim = Claim {
+        let next = Claim {
             holder,
             generation: held.claim.generation + 1,
             state,
         };
-        Ok(self
+        match self
             .etcd
-            .replace(&self.key, held.revision, &encode(&claim))?
-            .map(|revision| HeldClaim { claim, revision }))
+            .replace_value(&self.key, &encode(&held.claim), &encode(&next))
+        {
+            Ok(Some(revision)) => {
+                return Ok(Some(HeldClaim {
+                    claim: next,
+                    revision,
+                }))
+            }
+            Ok(None) => {}
+            Err(e) => match self.read() {
+                Ok(Some(now)) if now.claim == next => return Ok(Some(now)),
+                // Not applied (yet): the caller tries again.
+                Ok(Some(now)) if now.claim == held.claim => return Err(e.into()),
+                Ok(_) => {}
+                Err(_) => return Err(e.into()),
+            },
+        }
+        self.resolve_changed(&held.claim, &next)
     }
 
-    /// Removes `held` (the guest ended) if nobody changed it since.
+    /// The key no longer holds `held`: our own earlier attempt at `next` took effect, the witness
+    /// lost its history, or another copy changed it (then `None`).
+    fn resolve_changed(
+        &self,
+        held: &Claim,
+        next: &Claim,
+    ) -> Result<Option<HeldClaim>, WitnessError> {
+        let written = match self.read()? {
+            Some(now) if now.claim == *next => return Ok(Some(now)),
+            Some(now) if now.claim.generation < held.generation => {
+                tracing::warn!(
+                    key = %self.key,
+                    found = now.claim.generation,
+                    held = held.generation,
+                    "the witness holds an older claim than this copy's: it was restored from a \
+                     backup; replacing it"
+                );
+                self.etcd
+                    .replace_value(&self.key, &encode(&now.claim), &encode(next))?
+            }
+            None => {
+                tracing::warn!(
+                    key = %self.key,
+                    "the witness holds no claim for this guest (its data was wiped?): writing \
+                     this copy's afresh"
+                );
+                self.etcd.create(&self.key, &encode(next))?
+            }
+            Some(_) => return Ok(None),
+        };
+        match written {
+            Some(revision) => Ok(Some(HeldClaim {
+                claim: next.clone(),
+                revision,
+            })),
+            // Another copy got there first — unless it was our own lost attempt.
+            None => Ok(self.read()?.filter(|now| now.claim == *next)),
+        }
+    }
+
+    /// Removes `held` (the guest ended) if nobody changed it since; `false` if somebody did. A key
+    /// already gone counts as removed (an earlier attempt whose answer was lost, or a witness that
+    /// lost its data: either way nobody claims the guest).
     pub fn remove(&self, held: &HeldClaim) -> Result<bool, WitnessError> {
-        Ok(self.etcd.delete(&self.key, held.revision)?)
+        let failed = match self.etcd.delete_value(&self.key, &encode(&held.claim)) {
+            Ok(true) => return Ok(true),
+            Ok(false) => None,
+            Err(e) => Some(e),
+        };
+        match (self.read(), failed) {
+            (Ok(None), _) => Ok(true),
+            (Ok(Some(now)), Some(e)) if now.claim == held.claim => Err(e.into()),
+            (Ok(Some(now)), _) if now.claim.generation < held.claim.generation => {
+                Ok(self.etcd.delete_value(&self.key, &encode(&now.claim))?)
+            }
+            (Ok(Some(_)), _) => Ok(false),
+            (Err(e), _) => Err(e),
+        }
     }
 }
 

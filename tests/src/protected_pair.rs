@@ -1,0 +1,424 @@
+//! A protected guest in the two-host topology, for the replication and fault tests: the standby on
+//! host B, the primary on host A, the test guest's counter service, one client connection counting
+//! on it; and the helpers those tests share (protecting, waiting for a protection state, cutting a
+//! host off, counting a copy's frames).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::netns::TwoHosts;
+use crate::witness::TestEtcd;
+use crate::{ftvmm_bin, testguest, tls_pki, RunningVm};
+
+/// How long any one step of a pair's life may take.
+pub const DEADLINE: Duration = Duration::from_secs(180);
+
+/// One protected pair at a time: each runs two or three VMs and a client on two cores, and their
+/// heartbeats and timeouts should measure ftvmm, not a crowded machine.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A protected guest in the two-host topology: the standby on host b, the primary on host a (both
+/// with TAP `tap0` on the LAN), the test guest's counter service, and one client connection on
+/// the LAN incrementing it without pause (every reply must be exactly one more).
+pub struct ProtectedPair {
+    pub hosts: TwoHosts,
+    pub _etcd: Option<TestEtcd>,
+    pub pki: std::path::PathBuf,
+    pub witness_args: Vec<String>,
+    pub failure_timeout_ms: u64,
+    /// Whether the guest has a disk (`disk-a.img`, `disk-b.img` in `dir`).
+    pub disk: bool,
+    pub dir: std::path::PathBuf,
+    pub standby: RunningVm,
+    pub primary: RunningVm,
+    pub api: std::path::PathBuf,
+    pub stop: Arc<AtomicBool>,
+    pub acknowledged: Arc<AtomicU64>,
+    pub client: Option<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl ProtectedPair {
+    pub fn start(name: &str, failure_timeout_ms: u64) -> Self {
+        Self::start_with(name, failure_timeout_ms, false)
+    }
+
+    /// As [`ProtectedPair::start`]; with `witness`, an etcd on the LAN decides which copy acts.
+    pub fn start_with(name: &str, failure_timeout_ms: u64, witness: bool) -> Self {
+        Self::start_full(name, failure_timeout_ms, witness, false)
+    }
+
+    /// As [`ProtectedPair::start_with`]; with `disk`, the guest logs its store to a 16 MiB disk
+    /// (`disk-a.img` on host A, `disk-b.img` on B; B's starts as junk).
+    pub fn start_full(name: &str, failure_timeout_ms: u64, witness: bool, disk: bool) -> Self {
+        let hosts = TwoHosts::new().expect("two-host topology");
+        let etcd = witness.then(|| TestEtcd::start(&hosts.lan, &hosts.lan_ip()));
+        let witness_args: Vec<String> = match &etcd {
+            Some(etcd) => vec![
+                "--witness".into(),
+                etcd.url().into(),
+                "--guest-name".into(),
+                format!("pair-{name}"),
+            ],
+            None => vec![],
+        };
+        let dir =
+            std::env::temp_dir().join(format!("ftvmm-replication-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let api = dir.join("primary.sock");
+        let (a_ip, b_ip) = (hosts.a_ip(), hosts.b_ip());
+        let pki = tls_pki(
+            &dir,
+            &[
+                ("a", &["127.0.0.1", a_ip.as_str()]),
+                ("b", &[b_ip.as_str()]),
+            ],
+        );
+        let listen = format!("{b_ip}:7100");
+        let disk_args = |identity: &str| -> Vec<String> {
+            if !disk {
+                return vec![];
+            }
+            let image = dir.join(format!("disk-{identity}.img"));
+            if !image.exists() {
+                let junk: Vec<u8> = (0..DISK_BYTES).map(|i| (i * 7 + 3) as u8).collect();
+                std::fs::write(
+                    &image,
+                    if identity == "a" {
+                        vec![0; DISK_BYTES]
+                    } else {
+                        junk
+                    },
+                )
+                .unwrap();
+            }
+            vec!["--disk".into(), format!("path={}", image.display())]
+        };
+        let mut standby = spawn_standby(
+            &hosts.b,
+            &listen,
+            &pki.join("b"),
+            failure_timeout_ms,
+            &[witness_args.clone(), disk_args("b")].concat(),
+            &dir.join("standby-b.sock"),
+        );
+        standby.wait_for_stderr("standing by on", DEADLINE);
+
+        let mut primary_cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
+        primary_cmd
+            .env("FTVMM_LOG", "replication=info")
+            .args(["run", "--kernel", testguest().to_str().unwrap()])
+            .args(["--memory", "128", "--net", "tap=tap0"])
+            .args([
+                "--cmdline",
+                &format!("mode=net ip={}/24 dirty=500 dirty_mb=8", hosts.guest_ip()),
+            ])
+            .args(["--standby", &listen, "--epoch-ms", "50"])
+            .args(&witness_args)
+            .args(disk_args("a"))
+            .arg("--tls")
+            .arg(pki.join("a"))
+            .arg("--api-socket")
+            .arg(&api);
+        let mut primary = RunningVm::spawn(primary_cmd);
+        primary.wait_for("testguest: net up", DEADLINE);
+        primary.wait_for_stderr("guest protected by", DEADLINE);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicU64::new(0));
+        let client = crate::clients::incrementer(
+            hosts.lan.name(),
+            format!("{}:4000", hosts.guest_ip()),
+            stop.clone(),
+            acknowledged.clone(),
+            Duration::from_secs(60),
+        );
+        Self {
+            hosts,
+            _etcd: etcd,
+            pki,
+            witness_args,
+            failure_timeout_ms,
+            disk,
+            dir,
+            standby,
+            primary,
+            api,
+            stop,
+            acknowledged,
+            client: Some(client),
+        }
+    }
+
+    /// A new standby on host A (`on_a`) or B, listening on that host's address, port 7100, with an
+    /// API socket in the pair's directory; returns it and its address.
+    pub fn new_standby(&self, on_a: bool) -> (RunningVm, String) {
+        let (host, ip, identity) = if on_a {
+            (&self.hosts.a, self.hosts.a_ip(), "a")
+        } else {
+            (&self.hosts.b, self.hosts.b_ip(), "b")
+        };
+        let listen = format!("{ip}:7100");
+        let mut args = self.witness_args.clone();
+        if self.disk {
+            let image = self.dir.join(format!("disk-{identity}.img"));
+            args.extend(["--disk".into(), format!("path={}", image.display())]);
+        }
+        let mut standby = spawn_standby(
+            host,
+            &listen,
+            &self.pki.join(identity),
+            self.failure_timeout_ms,
+            &args,
+            &self.dir.join(format!("standby-{identity}.sock")),
+        );
+        standby.wait_for_stderr("standing by on", DEADLINE);
+        (standby, listen)
+    }
+
+    /// After a failover: a fresh standby where the dead primary was (host A if
+    /// `dead_primary_on_a`) protects the survivor, which becomes the pair's primary. Returns the
+    /// survivor's API socket.
+    pub fn reprotect_survivor(
+        &mut self,
+        dead_primary_on_a: bool,
+        what: &str,
+    ) -> std::path::PathBuf {
+        let survivor_api = self.dir.join(format!(
+            "standby-{}.sock",
+            if dead_primary_on_a { "b" } else { "a" }
+        ));
+        let (standby, listen) = self.new_standby(dead_primary_on_a);
+        protect(&survivor_api, &listen, what);
+        self.primary = std::mem::replace(&mut self.standby, standby);
+        survivor_api
+    }
+
+    pub fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the client has `n` acknowledged increments.
+    pub fn wait_acknowledged(&self, n: u64, what: &str) {
+        let t0 = Instant::now();
+        while self.acknowledged() < n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{what}: {} of {n} increments acknowledged\nprotection: {}\nprimary:\n{}\nguest:\n{}\nstandby:\n{}",
+                self.acknowledged(),
+                self.protection(),
+                self.primary.stderr(),
+                self.primary.output(),
+                self.standby.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The primary's protection status.
+    pub fn protection(&self) -> serde_json::Value {
+        let status = crate::run_ftvmm(
+            &[
+                "vm",
+                "--api-socket",
+                self.api.to_str().unwrap(),
+                "protection",
+            ],
+            DEADLINE,
+        );
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        serde_json::from_str(&status.stdout).unwrap()
+    }
+
+    /// Stops the client and both VMs; the client's last acknowledged value (it checked every
+    /// reply).
+    pub fn stop_all(&mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        let last = self
+            .client
+            .take()
+            .expect("the client runs until stopped once")
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("client: {e}\nstandby:\n{}", self.standby.stderr()));
+        self.primary.kill();
+        self.standby.kill();
+        last
+    }
+
+    /// As [`ProtectedPair::stop_all`], then removes the pair's files.
+    pub fn finish(mut self) -> u64 {
+        let last = match self.client {
+            Some(_) => self.stop_all(),
+            None => self.acknowledged(),
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+        last
+    }
+}
+
+/// Size of a protected guest's disk in the tests.
+pub const DISK_BYTES: usize = 16 << 20;
+
+/// `ftvmm standby` in `host`'s namespace on its TAP `tap0`.
+pub fn spawn_standby(
+    host: &crate::netns::NetNs,
+    listen: &str,
+    identity: &std::path::Path,
+    failure_timeout_ms: u64,
+    witness_args: &[String],
+    api: &std::path::Path,
+) -> RunningVm {
+    let mut cmd = host.command(ftvmm_bin().to_str().unwrap());
+    cmd.env("FTVMM_LOG", "replication=info")
+        .args(["standby", "--listen", listen, "--net", "tap=tap0"])
+        .args(["--failure-timeout-ms", &failure_timeout_ms.to_string()])
+        .args(witness_args)
+        .arg("--tls")
+        .arg(identity)
+        .arg("--api-socket")
+        .arg(api);
+    RunningVm::spawn(cmd)
+}
+
+pub fn signal(vm: &RunningVm, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &vm.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal}");
+}
+
+/// Cuts host B (the standby's) off the network, or heals it.
+pub fn set_standby_host_link(pair: &ProtectedPair, up: bool) {
+    set_host_link(&pair.hosts.b, up);
+}
+
+/// Cuts a host off the network (its uplink down), or heals it.
+pub fn set_host_link(host: &crate::netns::NetNs, up: bool) {
+    let status = host
+        .command("ip")
+        .args(["link", "set", "uplink", if up { "up" } else { "down" }])
+        .status()
+        .expect("ip link");
+    assert!(status.success());
+}
+
+/// Frames a guest on `host` has put on its TAP (the host side receives them).
+pub fn frames_on_tap(host: &crate::netns::NetNs) -> u64 {
+    let out = host
+        .command("cat")
+        .arg("/sys/class/net/tap0/statistics/rx_packets")
+        .output()
+        .expect("read TAP counters");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// Frames the guest on host A has put on its TAP.
+pub fn frames_from_primary(pair: &ProtectedPair) -> u64 {
+    frames_on_tap(&pair.hosts.a)
+}
+
+/// The standby's copy never ran: its TAP on host B never saw a frame from a guest.
+pub fn assert_standby_never_sent(pair: &ProtectedPair) {
+    assert_eq!(
+        frames_on_tap(&pair.hosts.b),
+        0,
+        "the standby's copy put frames on its TAP\n{}",
+        pair.standby.stderr()
+    );
+}
+
+/// `ftvmm vm protect --standby STANDBY` on the VM behind `api`; it must succeed.
+pub fn protect(api: &std::path::Path, standby: &str, what: &str) {
+    let out = crate::run_ftvmm(
+        &[
+            "vm",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "protect",
+            "--standby",
+            standby,
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(0), "{what}: {out:?}");
+}
+
+/// Waits until the VM behind `api` reports protection in `state`.
+pub fn wait_protection_state(api: &std::path::Path, state: &str, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let out = crate::run_ftvmm(
+            &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
+            DEADLINE,
+        );
+        if out.stdout.contains(&format!("\"{state}\"")) {
+            return;
+        }
+        assert!(t0.elapsed() < DEADLINE, "{what}: not {state}: {out:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Random kill points, 0 to 149 ms apart from now (xorshift from the clock; the seed is printed).
+pub struct KillPoints(u64);
+
+impl KillPoints {
+    pub fn from_clock() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("kill points from seed {seed}");
+        Self(seed | 1)
+    }
+
+    pub fn next_point(&mut self) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_millis(self.0 % 150)
+    }
+}
+
+/// Waits until the VM behind `api` reports protection `protected` with a committed epoch.
+pub fn wait_protected(api: &std::path::Path, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let out = crate::run_ftvmm(
+            &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
+            DEADLINE,
+        );
+        if let Ok(s) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
+            if s["state"] == "protected" && s["committed_epoch"].as_u64().unwrap_or(0) > 0 {
+                return;
+            }
+            assert_ne!(s["state"], "degraded", "{what}: protection failed: {s}");
+        }
+        assert!(t0.elapsed() < DEADLINE, "{what}: not protected: {out:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One request to the key-value service at `addr` from inside `ns`; the reply line.
+pub fn kv_request(ns: &crate::netns::NetNs, addr: String, command: &str) -> String {
+    let command = format!("{command}\n");
+    ns.run(move || {
+        use std::io::{BufRead, Write};
+        let s = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), DEADLINE)
+            .expect("connect to the key-value service");
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut r = std::io::BufReader::new(s);
+        r.get_mut().write_all(command.as_bytes()).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    })
+}
