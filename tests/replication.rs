@@ -840,9 +840,10 @@ fn soak_failover() {
     );
 }
 
-/// Without a witness a silent primary is never taken over on its own; the operator who knows it
-/// is dead says so (`vm failover` on the standby's socket), and the standby takes over; its socket
-/// then serves the VM's API.
+/// Without a witness a silent primary is never taken over on its own; the standby's status says it
+/// may be dead or cut off and running on, and a plain `vm failover` is refused for that reason; the
+/// operator who knows it is dead forces it (`vm failover --force` on the standby's socket), and the
+/// standby takes over; its socket then serves the VM's API.
 #[test]
 fn an_operator_fails_over_to_a_standby_whose_primary_fell_silent() {
     let _serial = one_at_a_time();
@@ -888,7 +889,31 @@ fn an_operator_fails_over_to_a_standby_whose_primary_fell_silent() {
         standby.stderr()
     );
 
-    let failover = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "failover"], DEADLINE);
+    // A silent primary may be cut off and running on: the standby says so, and refuses a failover
+    // that is not forced.
+    let silent = status("silent");
+    assert_eq!(silent["primary_may_be_running"], true, "{silent}");
+    assert_eq!(silent["control_channel"], "open", "{silent}");
+    assert!(
+        silent["note"]
+            .as_str()
+            .unwrap()
+            .contains("may have died silently, or be cut off"),
+        "{silent}"
+    );
+    let refused = integration_tests::run_ftvmm(&["vm", "--api-socket", api, "failover"], DEADLINE);
+    assert_ne!(refused.code(), Some(0), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("would run a second copy of the guest"),
+        "{refused:?}"
+    );
+    assert!(!standby.stderr().contains("taking over"));
+    let failover = integration_tests::run_ftvmm(
+        &["vm", "--api-socket", api, "failover", "--force"],
+        DEADLINE,
+    );
     assert_eq!(failover.code(), Some(0), "{failover:?}");
     standby.wait_for_stderr("taking over from checkpoint", DEADLINE);
     assert!(

@@ -122,12 +122,28 @@ pub struct ControlHandle {
 impl ControlHandle {
     /// Sends `command` and waits up to `timeout` for the reply.
     pub fn request(&self, command: VmCommand, timeout: Duration) -> Result<VmReply, ControlError> {
+        self.submit(command)?.wait(timeout)
+    }
+
+    /// Queues `command` without waiting: its reply comes through the returned [`PendingReply`],
+    /// which may be waited on again after a timeout (the command stays queued and runs once).
+    pub fn submit(&self, command: VmCommand) -> Result<PendingReply, ControlError> {
         let (reply_tx, reply_rx) = mpsc::channel();
         self.tx
             .send((command, reply_tx))
             .map_err(|_| ControlError::Gone)?;
         self.wake.write(1).map_err(|_| ControlError::Gone)?;
-        reply_rx.recv_timeout(timeout).map_err(|e| match e {
+        Ok(PendingReply(reply_rx))
+    }
+}
+
+/// The reply to a command [`ControlHandle::submit`] queued.
+pub struct PendingReply(Receiver<VmReply>);
+
+impl PendingReply {
+    /// Waits up to `timeout` for the reply; after a timeout the command is still queued.
+    pub fn wait(&self, timeout: Duration) -> Result<VmReply, ControlError> {
+        self.0.recv_timeout(timeout).map_err(|e| match e {
             mpsc::RecvTimeoutError::Timeout => ControlError::Timeout(timeout),
             mpsc::RecvTimeoutError::Disconnected => ControlError::Gone,
         })

@@ -108,7 +108,14 @@ enum VmAction {
     /// On a standby (its own socket, or through the daemon naming it): take over now, from the last
     /// committed checkpoint. Only for a primary known to be dead (without a witness, a silent
     /// primary is never taken over on its own); with a witness, it must agree.
-    Failover { vm: Option<String> },
+    Failover {
+        vm: Option<String>,
+        /// Take over although the primary's death is not certain (it answers its heartbeat, or is
+        /// merely silent: it may be cut off and running on, and would then run as a second copy).
+        /// Only when you know it is dead.
+        #[arg(long)]
+        force: bool,
+    },
     /// Protect the running guest with a hot standby (again): a guest never protected, one that lost
     /// its standby, or a standby that took over. With --api-socket, to an `ftvmm standby` at
     /// --standby; through the daemon, to a standby that the peer daemon at --peer starts.
@@ -277,7 +284,15 @@ pub fn vm(mut args: VmArgs) -> Result<u8, Box<dyn std::error::Error>> {
         VmAction::Protection { vm: None } => ("GET", "/api/v1/vm/protection", None),
         VmAction::Unprotect { vm: None } => ("PUT", "/api/v1/vm/unprotect", None),
         VmAction::Standby => ("GET", "/api/v1/standby", None),
-        VmAction::Failover { vm: None } => ("PUT", "/api/v1/standby/failover", None),
+        VmAction::Failover { vm: None, force } => (
+            "PUT",
+            if *force {
+                "/api/v1/standby/failover?force=true"
+            } else {
+                "/api/v1/standby/failover"
+            },
+            None,
+        ),
         VmAction::Protect {
             vm: None,
             standby: Some(standby),
@@ -378,7 +393,21 @@ fn through_daemon(
             Some(json!({ "snapshot": snapshot })),
         ),
         VmAction::Protection { vm: Some(vm) } => ("GET", vm_path(vm, "/protection"), None),
-        VmAction::Failover { vm: Some(vm) } => ("PUT", vm_path(vm, "/failover"), None),
+        VmAction::Failover {
+            vm: Some(vm),
+            force,
+        } => (
+            "PUT",
+            vm_path(
+                vm,
+                if *force {
+                    "/failover?force=true"
+                } else {
+                    "/failover"
+                },
+            ),
+            None,
+        ),
         VmAction::Migration { vm: Some(vm) } => ("GET", vm_path(vm, "/migration"), None),
         VmAction::CancelMigration { vm: Some(vm) } => {
             ("PUT", vm_path(vm, "/migration/cancel"), None)

@@ -89,12 +89,18 @@ impl Daemon {
 
     /// Makes standby `id` take over now, from its last committed checkpoint: for a primary known
     /// to be dead that died silently (a standby never takes over from silence alone).
-    pub fn failover(&self, id: &str) -> Result<serde_json::Value, DaemonError> {
+    /// Unless the primary's death is certain, only with `force` (the standby says why).
+    pub fn failover(&self, id: &str, force: bool) -> Result<serde_json::Value, DaemonError> {
         let record = self.get(id)?;
         if record.role != Role::Standby || record.lifecycle != Lifecycle::Running {
             return Err(wrong_state(&record, "only a running standby fails over"));
         }
-        let status = self.vm_call(&record.id, "PUT", "/api/v1/standby/failover", None, 202)?;
+        let path = if force {
+            "/api/v1/standby/failover?force=true"
+        } else {
+            "/api/v1/standby/failover"
+        };
+        let status = self.vm_call(&record.id, "PUT", path, None, 202)?;
         self.events
             .send(DaemonEvent::new(&record.id, "failover_requested", ""));
         Ok(status)

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -359,13 +359,25 @@ async fn vm_protection(State(d): Shared, Path(id): Path<String>) -> Response {
     passed_on(blocking(d, move |d| d.protection(&id)).await)
 }
 
-#[utoipa::path(put, path = "/api/v1/vms/{id}/failover", params(("id" = String, Path, description = "VM id or name")),
+/// `?force=true`: take over although the primary's death is not certain.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+struct FailoverParams {
+    #[serde(default)]
+    force: bool,
+}
+
+#[utoipa::path(put, path = "/api/v1/vms/{id}/failover",
+    params(("id" = String, Path, description = "VM id or name"), FailoverParams),
     responses((status = 202, description = "the standby takes over"), (status = 404, body = ErrorBody),
-    (status = 409, body = ErrorBody)))]
-async fn failover_vm(State(d): Shared, Path(id): Path<String>) -> Response {
+    (status = 409, body = ErrorBody, description = "nothing committed, the primary said goodbye, or its death is not certain and `force` was not given")))]
+async fn failover_vm(
+    State(d): Shared,
+    Path(id): Path<String>,
+    Query(params): Query<FailoverParams>,
+) -> Response {
     answer(
         StatusCode::ACCEPTED,
-        blocking(d, move |d| d.failover(&id)).await,
+        blocking(d, move |d| d.failover(&id, params.force)).await,
     )
 }
 

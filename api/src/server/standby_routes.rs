@@ -2,7 +2,7 @@
 //! state, and failover on the operator's word. Once it takes over, the same socket serves the full
 //! VM API (`routes.rs`).
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -27,10 +27,22 @@ async fn standby_status(State(control): State<StandbyControl>) -> Response {
     Json(control.status()).into_response()
 }
 
+/// `?force=true`: the operator knows the primary is dead although it may look alive or merely
+/// silent.
+#[derive(serde::Deserialize)]
+struct FailoverParams {
+    #[serde(default)]
+    force: bool,
+}
+
 /// The operator says the primary is dead: take over from the last committed checkpoint. With a
 /// witness, the witness must still agree (a live primary keeps its claim until it loses it).
-async fn failover(State(control): State<StandbyControl>) -> Response {
-    match control.force_failover() {
+/// Unless the primary's death is certain, only with `?force=true`.
+async fn failover(
+    State(control): State<StandbyControl>,
+    Query(params): Query<FailoverParams>,
+) -> Response {
+    match control.force_failover(params.force) {
         Ok(()) => (StatusCode::ACCEPTED, Json(control.status())).into_response(),
         Err(e) => error(StatusCode::CONFLICT, e),
     }

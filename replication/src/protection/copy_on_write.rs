@@ -115,18 +115,27 @@ impl Shared {
                 continue;
             }
             for &host in &faults {
-                let mut protected = self.protected();
-                if protected.is_uncopied(host) {
-                    protected.faults.push(host);
-                    continue;
-                }
-                drop(protected);
-                self.faults_between_copies.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(host, "write fault answered between copies");
-                if let Err(e) = self.release_page(host) {
-                    tracing::error!("write-fault server: {e}");
-                }
+                self.answer_fault(host, || {});
             }
+        }
+    }
+
+    /// Hands a fault at `host` to the copier if its chunk waits for a copy, else unprotects its
+    /// page at once. Both under the lock that [`CopyOnWrite::protect`] holds while it protects a
+    /// checkpoint's chunks: unprotecting after the lock was let go could lift the protection the
+    /// next checkpoint has just put on that page, which would then be written before its copy.
+    /// (`between` runs between the decision and the release: the tests' seam.)
+    fn answer_fault(&self, host: u64, between: impl FnOnce()) {
+        let mut protected = self.protected();
+        if protected.is_uncopied(host) {
+            protected.faults.push(host);
+            return;
+        }
+        between();
+        self.faults_between_copies.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(host, "write fault answered between copies");
+        if let Err(e) = self.release_page(host) {
+            tracing::error!("write-fault server: {e}");
         }
     }
 }
@@ -185,30 +194,31 @@ impl CopyOnWrite {
             }
         }
         chunks.sort_unstable_by_key(|c| c.host);
-        {
-            // Known as waiting for their copy before they are protected: a fault in them goes to
-            // the copier.
-            let mut protected = self.shared.protected();
-            if !protected.uncopied.is_empty() {
-                return Err("the previous checkpoint's pages are still protected".into());
-            }
-            protected
-                .uncopied
-                .extend(chunks.iter().map(|c| (c.host, c.len)));
+        // Known as waiting for their copy before they are protected, and protected under the lock
+        // the fault server answers under: a fault in them goes to the copier, never to a release.
+        let mut protected = self.shared.protected();
+        if !protected.uncopied.is_empty() {
+            return Err("the previous checkpoint's pages are still protected".into());
         }
-        let pages = ProtectedPages {
+        protected
+            .uncopied
+            .extend(chunks.iter().map(|c| (c.host, c.len)));
+        for (i, chunk) in chunks.iter().enumerate() {
+            if let Err(e) = self.shared.protector.protect(chunk.host, chunk.len) {
+                // Undo what this checkpoint did; no fault can have been handed over for it yet
+                // (the server waits for this lock).
+                for done in &chunks[..i] {
+                    let _ = self.shared.protector.unprotect(done.host, done.len);
+                }
+                protected.uncopied.clear();
+                return Err(e.to_string());
+            }
+        }
+        drop(protected);
+        Ok(ProtectedPages {
             shared: self.shared.clone(),
             chunks,
-        };
-        for chunk in &pages.chunks {
-            // On failure the chunks already protected are released by `pages`' drop.
-            pages
-                .shared
-                .protector
-                .protect(chunk.host, chunk.len)
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(pages)
+        })
     }
 }
 
@@ -494,6 +504,45 @@ mod tests {
         writer.join().unwrap();
         assert_eq!(mem.read_obj::<u64>(GuestAddress(0x40_0000)).unwrap(), 8);
         assert_eq!(cow.faults_between_copies(), 1);
+    }
+
+    /// The fault server decides that a fault needs no copy (no checkpoint waits for its page) and
+    /// releases the page; the next checkpoint protecting that page in between must wait, or the
+    /// release would lift its protection and the page be written before its copy.
+    #[test]
+    fn the_next_checkpoints_protection_never_lands_between_a_faults_decision_and_its_release() {
+        let mem = vmm::memory::create_guest_memory(16).unwrap();
+        mem.write_obj(7u64, GuestAddress(0x20_0000)).unwrap();
+        let cow = Arc::new(CopyOnWrite::new(&mem).unwrap());
+        let host = mem.get_host_address(GuestAddress(0x20_0000)).unwrap() as u64;
+        let (protected_tx, protected_rx) = std::sync::mpsc::channel();
+        let mut next = None;
+        cow.shared.answer_fault(host, || {
+            // The next checkpoint's pause comes now, on another thread.
+            let (cow, mem) = (cow.clone(), mem.clone());
+            next = Some(std::thread::spawn(move || {
+                let pages = cow.protect(&mem, &dirty(&mem, &[0x200])).unwrap();
+                protected_tx.send(()).unwrap();
+                pages
+            }));
+            assert!(
+                protected_rx
+                    .recv_timeout(Duration::from_millis(200))
+                    .is_err(),
+                "the checkpoint protected the page between the decision and the release"
+            );
+        });
+        let pages = next.unwrap().join().unwrap();
+        // The page is still protected for that checkpoint: a write waits for its copy.
+        let writer = {
+            let mem = mem.clone();
+            std::thread::spawn(move || mem.write_obj(8u64, GuestAddress(0x20_0000)).unwrap())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let copied = pages.copy(&mem).unwrap();
+        writer.join().unwrap();
+        assert_eq!(page_value(&copied.runs, 0x20_0000), Some(7));
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 8);
     }
 
     /// A second checkpoint cannot protect pages while the first one's wait for their copy.

@@ -155,6 +155,27 @@ impl ProtectionHandle {
     }
 }
 
+/// Queues `command` on the VM's event loop and waits until it has run, however long that takes:
+/// `on_wait` hears of every `every` waited. Fails only when the VM has ended.
+fn until_done(
+    control: &ControlHandle,
+    command: VmCommand,
+    every: Duration,
+    mut on_wait: impl FnMut(Duration),
+) -> Result<VmReply, vmm::control::ControlError> {
+    let pending = control.submit(command)?;
+    let mut waited = Duration::ZERO;
+    loop {
+        match pending.wait(every) {
+            Err(vmm::control::ControlError::Timeout(_)) => {
+                waited += every;
+                on_wait(waited);
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Stops this copy for good: the witness says another one took over. Nothing held is released.
 fn fence(reason: &str) -> ! {
     tracing::error!("fenced: {reason}");
@@ -326,8 +347,12 @@ impl EpochLoop {
             tracing::warn!("protection lost: {e}; the guest runs unprotected");
         }
         // Whatever happened, the guest must not keep its output held: release it and stop tracking.
+        // The status says protection ended only once that is done: a VM slow to answer is waited
+        // for, never given up on (its transmit would stay stopped behind the gate).
         let tracker = self.tracker.clone();
-        let _ = self.control.request(
+        let status = self.status.clone();
+        let released = until_done(
+            &self.control,
             VmCommand::OnEventLoop(Box::new(move |m: &mut Machine| {
                 m.set_output_gating(None);
                 let mut t = tracker.lock().unwrap_or_else(|e| e.into_inner());
@@ -337,7 +362,22 @@ impl EpochLoop {
                 VmReply::Done(m.info())
             })),
             JOB_TIMEOUT,
+            |waited| {
+                tracing::warn!(
+                    waited_s = waited.as_secs(),
+                    "the VM has not yet released the output held for the standby; waiting"
+                );
+                update(&status, |s| {
+                    s.error = Some(format!(
+                        "output still held: the VM has not answered its release for {} s",
+                        waited.as_secs()
+                    ))
+                });
+            },
         );
+        if let Err(e) = released {
+            tracing::info!("output not released: {e}");
+        }
         // Write protection ends (its fault server stopped, guest memory unregistered) before the
         // status says protection ended: a re-protection may follow at once.
         drop(self.copy_on_write.take());
@@ -818,5 +858,44 @@ impl EpochLoop {
             Some(Err(e)) => Err(LoopError::Vm(e)),
             None => Err(LoopError::Vm("checkpoint job did not run".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::control::{control_channel, ControlError};
+
+    /// A VM slow to carry out the release of held output is waited for, not given up on after a
+    /// timeout (the gate would stay installed, transmit stopped, while the status said degraded).
+    #[test]
+    fn a_job_the_vm_is_slow_to_run_is_waited_for() {
+        let (handle, inbox, _waker) = control_channel().unwrap();
+        let vm = std::thread::spawn(move || {
+            // The event loop is busy for a while before it gets to the job.
+            std::thread::sleep(Duration::from_millis(250));
+            let (command, reply) = inbox.next().expect("the job was queued once");
+            assert!(matches!(command, VmCommand::Pause));
+            assert!(inbox.next().is_none(), "queued twice");
+            reply.send(VmReply::Conflict("done".into())).unwrap();
+        });
+        let mut waits = 0;
+        let reply = until_done(&handle, VmCommand::Pause, Duration::from_millis(50), |_| {
+            waits += 1
+        });
+        vm.join().unwrap();
+        assert_eq!(reply, Ok(VmReply::Conflict("done".into())));
+        assert!(waits >= 3, "{waits} waits");
+        drop(handle);
+    }
+
+    #[test]
+    fn a_vm_that_ended_ends_the_wait() {
+        let (handle, inbox, _waker) = control_channel().unwrap();
+        drop(inbox);
+        assert_eq!(
+            until_done(&handle, VmCommand::Pause, Duration::from_millis(10), |_| {}),
+            Err(ControlError::Gone)
+        );
     }
 }

@@ -96,29 +96,71 @@ pub struct StandbyStatus {
     pub primary: String,
     /// The checkpoint a takeover would resume from.
     pub committed_epoch: Option<u64>,
-    /// Whether the primary answered a heartbeat within the failure timeout.
+    /// Whether the primary answered a heartbeat probe within the failure timeout.
     pub primary_alive: bool,
-    /// Time since the ping the primary's latest answer echoed.
+    /// Time since the probe the primary's latest answer echoed.
     pub primary_silent_ms: u64,
+    /// The primary's control channel: `not_opened`, `open`, `goodbye` (it ended protection while
+    /// alive), `closed` (closed without a goodbye: its process or host ended) or `broken`.
+    pub control_channel: String,
+    /// Whether the primary may be running now: everything but a control channel that closed
+    /// without a goodbye. A silent primary may be cut off from this standby and running on.
+    pub primary_may_be_running: bool,
+    /// What the state means for an operator thinking of a forced failover.
+    pub note: String,
 }
 
 impl StandbyControl {
     /// The standby's state now.
     pub fn status(&self) -> StandbyStatus {
         let committed = self.inner.committed.load(Ordering::SeqCst);
+        let liveness = self.inner.watch.liveness();
+        let verdict = self.inner.watch.verdict();
+        let (alive, silent) = (liveness.alive(), liveness.silent_for());
+        let control_channel = match verdict {
+            ControlVerdict::NotOpened => "not_opened",
+            ControlVerdict::Open => "open",
+            ControlVerdict::Goodbye(_) => "goodbye",
+            ControlVerdict::Closed { .. } => "closed",
+            ControlVerdict::Broken(_) => "broken",
+        };
         StandbyStatus {
             primary: self.inner.primary.to_string(),
             committed_epoch: committed.checked_sub(1),
-            primary_alive: self.inner.watch.liveness().alive(),
-            primary_silent_ms: self.inner.watch.liveness().silent_for().as_millis() as u64,
+            primary_alive: alive,
+            primary_silent_ms: silent.as_millis() as u64,
+            control_channel: control_channel.into(),
+            primary_may_be_running: !matches!(verdict, ControlVerdict::Closed { .. }),
+            note: describe(&verdict, alive, silent),
         }
     }
 
     /// The operator says the primary is dead: take over from the last committed checkpoint (with
-    /// a witness, only if it agrees). Refused before the first checkpoint is committed.
-    pub fn force_failover(&self) -> Result<(), String> {
+    /// a witness, only if it agrees). Refused before the first checkpoint is committed, and after
+    /// the primary said goodbye. Unless the primary's death is certain (its control channel closed
+    /// without a goodbye), refused without `force`: a primary that answers, or one merely silent
+    /// — it may be cut off from this standby and running on, unprotected — would then run as a
+    /// second copy of the guest.
+    pub fn force_failover(&self, force: bool) -> Result<(), String> {
         if self.inner.committed.load(Ordering::SeqCst) == 0 {
             return Err("no checkpoint is committed yet: there is nothing to take over".into());
+        }
+        let liveness = self.inner.watch.liveness();
+        match self.inner.watch.verdict() {
+            ControlVerdict::Goodbye(ending) => {
+                return Err(format!(
+                    "the primary ended protection ({ending}): there is nothing to take over"
+                ))
+            }
+            ControlVerdict::Closed { .. } => {}
+            verdict if !force => {
+                return Err(format!(
+                    "{}; a forced failover would run a second copy of the guest unless the \
+                     primary is dead: force it only if you know it is",
+                    describe(&verdict, liveness.alive(), liveness.silent_for())
+                ))
+            }
+            _ => {}
         }
         tracing::warn!("failover forced by the operator");
         self.inner.forced.store(true, Ordering::SeqCst);
@@ -299,6 +341,26 @@ pub fn run_standby(
         reason,
         claim: our_claim,
     })))
+}
+
+/// What the standby knows of its primary, in words.
+fn describe(verdict: &ControlVerdict, alive: bool, silent: Duration) -> String {
+    let silent_s = silent.as_secs_f64();
+    match verdict {
+        ControlVerdict::Goodbye(ending) => format!("the primary ended protection: {ending}"),
+        ControlVerdict::Closed { reason, .. } => {
+            format!("the primary's process or host ended ({reason})")
+        }
+        _ if alive => "the primary answers its heartbeat: it is running".into(),
+        ControlVerdict::NotOpened => format!(
+            "the primary never opened its control channel and has been silent for {silent_s:.1} s: \
+             it may be dead, or running cut off from this standby"
+        ),
+        _ => format!(
+            "the primary has been silent for {silent_s:.1} s: it may have died silently, or be cut \
+             off from this standby and running on, unprotected"
+        ),
+    }
 }
 
 /// Stops the watch's probes when dropped.
