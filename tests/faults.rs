@@ -227,3 +227,99 @@ fn a_wiped_or_restored_witness_gives_the_guest_to_exactly_one_racer() {
         (10, 4, ClaimState::Unprotected)
     );
 }
+
+/// A primary stopped past the failure timeout with checkpoints in flight: the standby takes over
+/// meanwhile, and the commits it had sent for them land in the stopped primary's socket. When the
+/// primary wakes it must release none of that output — its frames would re-point the network to a
+/// copy about to fence itself — but confirm with the witness first, and fence. A scripted standby
+/// (tests/src/scripted_standby.rs) places the commits exactly there.
+#[test]
+fn a_woken_primary_releases_no_commit_that_waited_in_its_socket() {
+    use integration_tests::netns::NetNs;
+    use integration_tests::scripted_standby::ScriptedStandby;
+    use integration_tests::witness::TestEtcd;
+    use integration_tests::{clients, ftvmm_bin, testguest, tls_pki, RunningVm};
+    use replication::witness::{ClaimState, Witness};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let _serial = one_at_a_time();
+    let ns = NetNs::with_tap().expect("a namespace with a TAP");
+    let host = ns.host_ip();
+    let etcd = TestEtcd::start(&ns, &host);
+    let dir = std::env::temp_dir().join(format!("ftvmm-faults-woken-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = tls_pki(&dir, &[("a", &[host.as_str()]), ("b", &[host.as_str()])]);
+    let security = replication::link::LinkSecurity::tls(&pki.join("b")).unwrap();
+    let listen = format!("{host}:7100");
+    let standby = ns.run(move || ScriptedStandby::start(&listen, security));
+
+    let mut cmd = ns.command(ftvmm_bin().to_str().unwrap());
+    cmd.env("FTVMM_LOG", "replication=info")
+        .args(["run", "--kernel", testguest().to_str().unwrap()])
+        .args(["--memory", "128", "--net", "tap=tap0"])
+        .args(["--cmdline", &format!("mode=net ip={}/24", ns.guest_ip())])
+        .args(["--standby", &standby.addr().to_string(), "--epoch-ms", "50"])
+        .args(["--witness", etcd.url(), "--guest-name", "woken"])
+        .arg("--tls")
+        .arg(pki.join("a"));
+    let mut primary = RunningVm::spawn(cmd);
+    primary.wait_for("testguest: net up", DEADLINE);
+    primary.wait_for_stderr("guest protected by", DEADLINE);
+    let (stop, acknowledged) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let client = clients::incrementer(
+        ns.name(),
+        format!("{}:4000", ns.guest_ip()),
+        stop.clone(),
+        acknowledged.clone(),
+        Duration::from_secs(5),
+    );
+    let t0 = Instant::now();
+    while acknowledged.load(Ordering::SeqCst) < 10 {
+        assert!(t0.elapsed() < DEADLINE, "{}", primary.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // Checkpoints go on, their commits held: the guest's replies wait behind the output gate.
+    standby.hold_commits();
+    while standby.held_commits() < 3 {
+        assert!(t0.elapsed() < DEADLINE, "{}", primary.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Whatever was committed before is out (the window is full: the primary waits for commits).
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&primary, "-STOP");
+    // The standby takes over while the primary is stopped, and its commits reach the socket.
+    standby.stop_answering();
+    let url = etcd.url().to_string();
+    let claim = standby
+        .primary_claim()
+        .expect("the primary named its claim");
+    ns.run(move || {
+        let witness = Witness::new(&url, "woken").unwrap();
+        let held = witness.read().unwrap().expect("the primary's claim");
+        assert_eq!((held.claim.holder, held.claim.generation), claim);
+        witness
+            .swap(&held, 0xbeef, ClaimState::Active)
+            .unwrap()
+            .expect("the standby takes the guest");
+    });
+    standby.send_held_commits();
+    std::thread::sleep(Duration::from_millis(800));
+    let frames_at_wake = frames_on_tap(&ns);
+    signal(&primary, "-CONT");
+    assert_eq!(primary.wait_exit(DEADLINE), Some(5), "{}", primary.stderr());
+    assert_eq!(
+        frames_on_tap(&ns),
+        frames_at_wake,
+        "the woken primary released output the standby had committed before it took over\n{}",
+        primary.stderr()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let _ = client.join();
+    let _ = std::fs::remove_dir_all(&dir);
+}

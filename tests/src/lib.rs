@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod nested;
 pub mod netns;
 pub mod protected_pair;
+pub mod scripted_standby;
 pub mod witness;
 
 use std::io::Read;

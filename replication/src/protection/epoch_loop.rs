@@ -736,7 +736,8 @@ impl EpochLoop {
         let held = Arc::new(Mutex::new((0, 0)));
         let held_after = held.clone();
         self.run_job(move |m| {
-            m.release_output(epoch);
+            let released = m.release_output(epoch);
+            tracing::debug!(epoch, released, "committed: output released");
             *held_after.lock().unwrap_or_else(|e| e.into_inner()) = m.held_output();
             VmReply::Done(m.info())
         })?;
