@@ -323,3 +323,125 @@ fn a_woken_primary_releases_no_commit_that_waited_in_its_socket() {
     let _ = client.join();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What the guest's disk storm has written, from its progress markers.
+fn storm_written(pair: &ProtectedPair) -> u64 {
+    pair.primary
+        .output()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("testguest: storm progress bytes=")
+                .or_else(|| l.strip_prefix("testguest: storm done bytes="))
+        })
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A guest that writes far more than a checkpoint holds — as fast as its disk takes, without end,
+/// from before its first copy, over a replication link limited to 100 Mbit/s — becomes protected
+/// and stays so: its disk is slowed to what the link takes instead of protection being lost (the
+/// journal held every write of the first copy and gave up past 256 MiB; and nothing slowed the
+/// disk when the standby fell behind). The standby's copy of the disks then equals the primary's,
+/// and it takes over.
+#[test]
+fn a_guest_writing_hard_over_a_slow_link_becomes_and_stays_protected() {
+    use integration_tests::run_ftvmm;
+    let _serial = one_at_a_time();
+    let mut pair = ProtectedPair::start_opts(
+        "storm",
+        PairOptions {
+            witness: true,
+            disk: true,
+            storm_disk_mib: Some(128),
+            storm_cmdline: "storm=1000000 storm_chunk=1024".into(),
+            link: Some(LinkImpairment {
+                rate_kbit: Some(100_000),
+                // A bottleneck's buffer: packets that would wait longer are dropped.
+                rate_latency_ms: 100,
+                ..Default::default()
+            }),
+            // With the link full of disk writes each reply waits seconds for its commit: too long
+            // for a client's ARP; the survivor's service is checked after the takeover instead.
+            client: false,
+            ..PairOptions::new(500)
+        },
+    );
+    let during_first_copy = storm_written(&pair);
+    eprintln!(
+        "storm: {} MiB written during the first copy",
+        during_first_copy >> 20
+    );
+    for line in pair
+        .primary
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("disks:"))
+    {
+        eprintln!("storm: {line}");
+    }
+    assert!(
+        during_first_copy >= 256 << 20,
+        "the guest wrote only {during_first_copy} bytes during its first copy\n{}",
+        pair.primary.output()
+    );
+    // Protected while the storm goes on at the link's pace.
+    let t0 = Instant::now();
+    let first_epoch = pair.protection()["committed_epoch"].as_u64().unwrap();
+    while t0.elapsed() < Duration::from_secs(15) {
+        let s = pair.protection();
+        assert_eq!(s["state"], "protected", "{s}\n{}", pair.primary.stderr());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let protected_writes = storm_written(&pair) - during_first_copy;
+    let epochs = pair.protection()["committed_epoch"].as_u64().unwrap() - first_epoch;
+    eprintln!(
+        "storm: {} MiB written in 15 s while protected, {epochs} checkpoints committed",
+        protected_writes >> 20
+    );
+    assert!(
+        protected_writes >= 64 << 20,
+        "{protected_writes} bytes while protected"
+    );
+    // Paused, the guest writes nothing; a few more commits carry everything it wrote.
+    let api = pair.api.to_str().unwrap().to_string();
+    let out = run_ftvmm(&["vm", "--api-socket", &api, "pause"], DEADLINE);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    // Up to three checkpoints were in flight, and the one request the disk held back may be
+    // carried by the one after them.
+    let epoch = pair.protection()["committed_epoch"].as_u64().unwrap();
+    while pair.protection()["committed_epoch"].as_u64().unwrap() < epoch + 6 {
+        assert!(t0.elapsed() < DEADLINE);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for stem in ["storm", "disk"] {
+        let a = std::fs::read(pair.dir.join(format!("{stem}-a.img"))).unwrap();
+        let b = std::fs::read(pair.dir.join(format!("{stem}-b.img"))).unwrap();
+        let differing: Vec<usize> = a
+            .chunks(64 << 10)
+            .zip(b.chunks(64 << 10))
+            .enumerate()
+            .filter(|(_, (x, y))| x != y)
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "the standby's {stem} image differs from the primary's in {} blocks of 64 KiB, from {:?}",
+            differing.len(),
+            &differing[..differing.len().min(16)]
+        );
+    }
+    let out = run_ftvmm(&["vm", "--api-socket", &api, "resume"], DEADLINE);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    pair.primary.kill();
+    pair.standby
+        .wait_for_stderr("taking over from checkpoint", DEADLINE);
+    let answer = kv_request(
+        &pair.hosts.lan,
+        format!("{}:4000", pair.hosts.guest_ip()),
+        "INCR survivor",
+    );
+    assert_eq!(answer, "1", "the survivor's key-value service");
+    pair.finish();
+}

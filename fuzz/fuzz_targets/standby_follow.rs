@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let memory: vmm::memory::GuestMemory =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory");
     let disks = vec![vmm::machine::DiskAccess {
-        journal: Default::default(),
+        journal: devices::virtio::block::WriteJournal::new(DISK_BYTES).expect("a journal"),
         image: scratch_file(DISK_BYTES),
         capacity: DISK_BYTES,
     }];

@@ -39,6 +39,65 @@ pub struct ProtectedPair {
     pub stop: Arc<AtomicBool>,
     pub acknowledged: Arc<AtomicU64>,
     pub client: Option<std::thread::JoinHandle<Result<u64, String>>>,
+    /// The size in MiB of the second disk the guest's storm writes (`storm-a.img`, `storm-b.img`).
+    pub storm_disk_mib: Option<u64>,
+    /// The impairment of the replication link, while it runs.
+    pub impairment: Option<impair::link::RunningImpairment>,
+}
+
+/// How a [`ProtectedPair`] is made.
+#[derive(Clone, Debug)]
+pub struct PairOptions {
+    pub failure_timeout_ms: u64,
+    /// An etcd on the LAN decides which copy acts.
+    pub witness: bool,
+    /// The guest logs its store to a 16 MiB disk (`disk-a.img` on host A, `disk-b.img` on B;
+    /// B's starts as junk).
+    pub disk: bool,
+    /// A second disk of this many MiB (B's starts as junk), which the guest writes with
+    /// `storm_cmdline` (`storm=MIB storm_chunk=KIB`: images/testguest/src/modes/disk_storm.rs).
+    pub storm_disk_mib: Option<u64>,
+    pub storm_cmdline: String,
+    /// Impairs the replication link (in host A's namespace) from before the primary starts.
+    pub link: Option<impair::link::LinkImpairment>,
+    /// Starts the client that increments the counter without pause (else there is none).
+    pub client: bool,
+}
+
+impl PairOptions {
+    pub fn new(failure_timeout_ms: u64) -> Self {
+        Self {
+            failure_timeout_ms,
+            witness: false,
+            disk: false,
+            storm_disk_mib: None,
+            storm_cmdline: String::new(),
+            link: None,
+            client: true,
+        }
+    }
+}
+
+/// `--disk` arguments for the images named `{stem}-{identity}.img` in `dir`, made if missing: host
+/// A's zeroed, every other host's junk (the first copy must overwrite all of it).
+fn image_args(dir: &std::path::Path, stem: &str, identity: &str, bytes: usize) -> Vec<String> {
+    use std::io::Write;
+    let image = dir.join(format!("{stem}-{identity}.img"));
+    if !image.exists() {
+        let mut f = std::fs::File::create(&image).unwrap();
+        if identity == "a" {
+            f.set_len(bytes as u64).unwrap();
+        } else {
+            let junk: Vec<u8> = (0..bytes.min(1 << 20)).map(|i| (i * 7 + 3) as u8).collect();
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(junk.len());
+                f.write_all(&junk[..n]).unwrap();
+                left -= n;
+            }
+        }
+    }
+    vec!["--disk".into(), format!("path={}", image.display())]
 }
 
 impl ProtectedPair {
@@ -54,6 +113,27 @@ impl ProtectedPair {
     /// As [`ProtectedPair::start_with`]; with `disk`, the guest logs its store to a 16 MiB disk
     /// (`disk-a.img` on host A, `disk-b.img` on B; B's starts as junk).
     pub fn start_full(name: &str, failure_timeout_ms: u64, witness: bool, disk: bool) -> Self {
+        Self::start_opts(
+            name,
+            PairOptions {
+                witness,
+                disk,
+                ..PairOptions::new(failure_timeout_ms)
+            },
+        )
+    }
+
+    /// The pair as `options` say.
+    pub fn start_opts(name: &str, options: PairOptions) -> Self {
+        let PairOptions {
+            failure_timeout_ms,
+            witness,
+            disk,
+            storm_disk_mib,
+            storm_cmdline,
+            link,
+            client,
+        } = options;
         let hosts = TwoHosts::new().expect("two-host topology");
         let etcd = witness.then(|| TestEtcd::start(&hosts.lan, &hosts.lan_ip()));
         let witness_args: Vec<String> = match &etcd {
@@ -79,23 +159,14 @@ impl ProtectedPair {
         );
         let listen = format!("{b_ip}:7100");
         let disk_args = |identity: &str| -> Vec<String> {
-            if !disk {
-                return vec![];
+            let mut args = Vec::new();
+            if disk {
+                args.extend(image_args(&dir, "disk", identity, DISK_BYTES));
             }
-            let image = dir.join(format!("disk-{identity}.img"));
-            if !image.exists() {
-                let junk: Vec<u8> = (0..DISK_BYTES).map(|i| (i * 7 + 3) as u8).collect();
-                std::fs::write(
-                    &image,
-                    if identity == "a" {
-                        vec![0; DISK_BYTES]
-                    } else {
-                        junk
-                    },
-                )
-                .unwrap();
+            if let Some(mib) = storm_disk_mib {
+                args.extend(image_args(&dir, "storm", identity, (mib << 20) as usize));
             }
-            vec!["--disk".into(), format!("path={}", image.display())]
+            args
         };
         let mut standby = spawn_standby(
             &hosts.b,
@@ -106,6 +177,14 @@ impl ProtectedPair {
             &dir.join("standby-b.sock"),
         );
         standby.wait_for_stderr("standing by on", DEADLINE);
+        let impairment = link.map(|spec| {
+            let spec = impair::link::LinkImpairment {
+                ports: vec![7100],
+                ..spec
+            };
+            impair::link::spawn_in_netns(hosts.a.name(), &spec)
+                .unwrap_or_else(|e| panic!("ftvmm-impair {spec:?}: {e}"))
+        });
 
         let mut primary_cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
         primary_cmd
@@ -114,7 +193,10 @@ impl ProtectedPair {
             .args(["--memory", "128", "--net", "tap=tap0"])
             .args([
                 "--cmdline",
-                &format!("mode=net ip={}/24 dirty=500 dirty_mb=8", hosts.guest_ip()),
+                &format!(
+                    "mode=net ip={}/24 dirty=500 dirty_mb=8 {storm_cmdline}",
+                    hosts.guest_ip()
+                ),
             ])
             .args(["--standby", &listen, "--epoch-ms", "50"])
             .args(&witness_args)
@@ -129,13 +211,15 @@ impl ProtectedPair {
 
         let stop = Arc::new(AtomicBool::new(false));
         let acknowledged = Arc::new(AtomicU64::new(0));
-        let client = crate::clients::incrementer(
-            hosts.lan.name(),
-            format!("{}:4000", hosts.guest_ip()),
-            stop.clone(),
-            acknowledged.clone(),
-            Duration::from_secs(60),
-        );
+        let client = client.then(|| {
+            crate::clients::incrementer(
+                hosts.lan.name(),
+                format!("{}:4000", hosts.guest_ip()),
+                stop.clone(),
+                acknowledged.clone(),
+                Duration::from_secs(60),
+            )
+        });
         Self {
             hosts,
             _etcd: etcd,
@@ -149,7 +233,9 @@ impl ProtectedPair {
             api,
             stop,
             acknowledged,
-            client: Some(client),
+            client,
+            storm_disk_mib,
+            impairment,
         }
     }
 
@@ -164,8 +250,15 @@ impl ProtectedPair {
         let listen = format!("{ip}:7100");
         let mut args = self.witness_args.clone();
         if self.disk {
-            let image = self.dir.join(format!("disk-{identity}.img"));
-            args.extend(["--disk".into(), format!("path={}", image.display())]);
+            args.extend(image_args(&self.dir, "disk", identity, DISK_BYTES));
+        }
+        if let Some(mib) = self.storm_disk_mib {
+            args.extend(image_args(
+                &self.dir,
+                "storm",
+                identity,
+                (mib << 20) as usize,
+            ));
         }
         let mut standby = spawn_standby(
             host,

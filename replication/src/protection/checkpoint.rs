@@ -1,12 +1,12 @@
 //! One checkpoint of a protected guest: taken on the event-loop thread with the vCPUs paused
 //! (the dirty pages, the vCPU, VM and device state, each disk's writes of the epoch), then sent to
-//! the standby; and the first copy of the disk images, sent while the guest runs.
+//! the standby; and the first copy of guest memory, sent while the guest runs (the disks' first
+//! copy is `disk_copy.rs`).
 
-use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use devices::virtio::block::{DiskWrite, WriteJournal};
+use devices::virtio::block::{DiskWrite, EpochWrites};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::dirty::{DirtySet, DirtyTracker};
 use vmm::machine::DiskAccess;
@@ -14,15 +14,15 @@ use vmm::memory::{GuestMemory, PAGE_SIZE};
 use vmm::Machine;
 
 use super::copy_on_write::{read_run, CopiedPages, CopyOnWrite, ProtectedPages};
+use super::disk_copy;
 use super::epoch_loop::LoopError;
 use super::page_delta::{encoded_bytes, is_zero, SentPages};
 use crate::link::Link;
 use crate::wire::{write_frame, DiskRun, EncodedPage, Message, PageRun};
 
-/// Largest batch of pages or disk writes in one message.
+/// Largest batch of pages or disk writes in one message (a guest's single write can be larger:
+/// it is cut into pieces of this size).
 const BATCH_BYTES: usize = 4 << 20;
-/// Bytes of a disk image per `DiskSync` message.
-const DISK_SYNC_CHUNK: usize = 1 << 20;
 
 /// Why a checkpoint could not be taken.
 pub(super) struct CheckpointError(String);
@@ -43,8 +43,8 @@ impl From<String> for CheckpointError {
 pub(super) struct Checkpoint {
     pub(super) contents: PageContents,
     pub(super) pages: u64,
-    /// Per disk, the writes the guest completed during the epoch.
-    pub(super) disk_writes: Vec<Vec<DiskWrite>>,
+    /// Per disk, the writes the guest completed during the epoch, and whether it flushed.
+    pub(super) disk_writes: Vec<EpochWrites>,
     pub(super) state: Vec<u8>,
     pub(super) set: DirtySet,
     pub(super) pause: Duration,
@@ -79,7 +79,7 @@ impl Checkpoint {
 pub(super) fn take_checkpoint(
     m: &mut Machine,
     tracker: &Mutex<DirtyTracker>,
-    journals: &[WriteJournal],
+    disks: &[DiskAccess],
     copy_on_write: Option<&CopyOnWrite>,
     epoch: u64,
 ) -> Result<Checkpoint, String> {
@@ -102,12 +102,13 @@ pub(super) fn take_checkpoint(
             let set = tracker.take();
             let state = m.capture_state().map_err(|e| e.to_string())?;
             let state = vmm::snapshot::encode(&state).map_err(|e| e.to_string())?;
-            // Writes completed so far belong to this epoch: the device is idle while paused.
-            let disk_writes = journals
-                .iter()
-                .map(WriteJournal::take)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
+            // Writes completed so far belong to this epoch: the devices are idle while paused.
+            // The first checkpoint carries what the disks' first copy left (the image now).
+            let disk_writes = if epoch == 0 {
+                disk_copy::finish(disks)?
+            } else {
+                disks.iter().map(|d| d.journal.take()).collect()
+            };
             // Last: from here a write to a dirty page on this thread would wait for the copy.
             let contents = match copy_on_write {
                 Some(c) => PageContents::Protected(c.protect(m.memory(), &set)?),
@@ -185,29 +186,19 @@ pub(super) fn send_checkpoint(
         )?;
     }
     let mut disk_writes = 0u64;
-    for (disk, writes) in std::mem::take(&mut cp.disk_writes).into_iter().enumerate() {
-        let mut batch: Vec<DiskRun> = Vec::new();
-        let mut bytes = 0;
-        let count = writes.len();
-        for (i, w) in writes.into_iter().enumerate() {
-            bytes += w.data.len();
-            batch.push(DiskRun {
-                offset: w.offset,
-                data: w.data,
-            });
-            if bytes >= BATCH_BYTES || i + 1 == count {
-                disk_writes += batch.len() as u64;
-                write_frame(
-                    stream,
-                    &Message::EpochDiskWrites {
-                        epoch,
-                        disk: disk as u32,
-                        writes: std::mem::take(&mut batch),
-                    },
-                )?;
-                bytes = 0;
-            }
-        }
+    let mut flushed = false;
+    for (disk, epoch_writes) in std::mem::take(&mut cp.disk_writes).into_iter().enumerate() {
+        flushed |= epoch_writes.flushed;
+        disk_writes += batch_disk_writes(epoch_writes.writes, |writes| {
+            write_frame(
+                stream,
+                &Message::EpochDiskWrites {
+                    epoch,
+                    disk: disk as u32,
+                    writes,
+                },
+            )
+        })?;
     }
     write_frame(
         stream,
@@ -215,20 +206,54 @@ pub(super) fn send_checkpoint(
             epoch,
             pages: cp.pages,
             disk_writes,
+            flushed,
             state: std::mem::take(&mut cp.state),
         },
     )?;
     Ok(page_bytes)
 }
 
+/// Cuts a disk's writes into batches of at most [`BATCH_BYTES`] for `send`, in order; a write
+/// larger than a batch goes in pieces (applied in order, they write what it wrote). Returns the
+/// runs sent.
+fn batch_disk_writes<E>(
+    writes: Vec<DiskWrite>,
+    mut send: impl FnMut(Vec<DiskRun>) -> Result<(), E>,
+) -> Result<u64, E> {
+    let mut runs = 0u64;
+    let mut batch: Vec<DiskRun> = Vec::new();
+    let mut bytes = 0;
+    for w in writes {
+        for (i, piece) in w.data.chunks(BATCH_BYTES).enumerate() {
+            if bytes + piece.len() > BATCH_BYTES && !batch.is_empty() {
+                runs += batch.len() as u64;
+                send(std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
+            bytes += piece.len();
+            batch.push(DiskRun {
+                offset: w.offset + (i * BATCH_BYTES) as u64,
+                data: piece.to_vec(),
+            });
+        }
+    }
+    if !batch.is_empty() {
+        runs += batch.len() as u64;
+        send(batch)?;
+    }
+    Ok(runs)
+}
+
 /// Starts dirty tracking, then sends every non-zero page of guest memory while the guest runs
 /// (the standby's memory starts zeroed); the pages written meanwhile come with checkpoint 0.
+/// `between_batches` runs after each batch sent (the disks' written blocks go meanwhile).
 pub(super) fn send_memory_image(
     stream: &mut Link,
     memory: &GuestMemory,
     vm: &vmm::vm::Vm,
     tracker: &Mutex<DirtyTracker>,
     progress: &mut dyn FnMut(u64),
+    between_batches: &mut dyn FnMut(&mut Link) -> Result<(), LoopError>,
 ) -> Result<(), LoopError> {
     tracker
         .lock()
@@ -271,6 +296,7 @@ pub(super) fn send_memory_image(
                     },
                 )?;
                 bytes = 0;
+                between_batches(stream)?;
             }
         }
     }
@@ -281,39 +307,48 @@ pub(super) fn send_memory_image(
     Ok(())
 }
 
-/// Sends each disk's image (read while the guest runs; its writes meanwhile are journalled and
-/// come with checkpoint 0), and before that the disks' sizes.
-pub(super) fn send_disk_images(
-    stream: &mut Link,
-    disks: &[DiskAccess],
-    progress: &mut dyn FnMut(u64),
-) -> Result<(), LoopError> {
-    write_frame(
-        stream,
-        &Message::ProtectDisks {
-            sizes: disks.iter().map(|d| d.capacity).collect(),
-        },
-    )?;
-    let mut chunk = vec![0u8; DISK_SYNC_CHUNK];
-    for (index, disk) in disks.iter().enumerate() {
-        disk.journal.start();
-        let mut offset = 0u64;
-        while offset < disk.capacity {
-            let n = (disk.capacity - offset).min(DISK_SYNC_CHUNK as u64) as usize;
-            disk.image
-                .read_exact_at(&mut chunk[..n], offset)
-                .map_err(|e| LoopError::Vm(format!("reading disk {index} at {offset}: {e}")))?;
-            write_frame(
-                stream,
-                &Message::DiskSync {
-                    disk: index as u32,
-                    offset,
-                    data: chunk[..n].to_vec(),
-                },
-            )?;
-            offset += n as u64;
-            progress(n as u64);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest write larger than a frame (up to 16 MiB in one request) travels in pieces no larger
+    /// than a batch, which, applied in order, write exactly what it wrote.
+    #[test]
+    fn large_writes_are_cut_into_batches_that_rebuild_them() {
+        let big: Vec<u8> = (0..(13 << 20) + 77).map(|i| (i * 31 % 251) as u8).collect();
+        let writes = vec![
+            DiskWrite {
+                offset: 4096,
+                data: vec![1; 512],
+            },
+            DiskWrite {
+                offset: 1 << 20,
+                data: big.clone(),
+            },
+            DiskWrite {
+                offset: 0,
+                data: vec![2; 3 << 20],
+            },
+        ];
+        let mut image = vec![0u8; 16 << 20];
+        let mut expected = image.clone();
+        for w in &writes {
+            expected[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
         }
+        let mut batches = Vec::new();
+        let runs = batch_disk_writes(writes, |b| {
+            batches.push(b);
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        assert_eq!(runs, batches.iter().map(|b| b.len() as u64).sum::<u64>());
+        for batch in &batches {
+            let bytes: usize = batch.iter().map(|r| r.data.len()).sum();
+            assert!(bytes <= BATCH_BYTES, "a batch of {bytes} bytes");
+            for r in batch {
+                image[r.offset as usize..r.offset as usize + r.data.len()].copy_from_slice(&r.data);
+            }
+        }
+        assert!(image == expected);
     }
-    Ok(())
 }

@@ -11,16 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::virtio::block::WriteJournal;
 use vmm::control::{ControlHandle, VmCommand, VmReply};
 use vmm::dirty::DirtyTracker;
 use vmm::machine::DiskAccess;
 use vmm::Machine;
 
-use super::checkpoint::{
-    send_checkpoint, send_disk_images, send_memory_image, take_checkpoint, Checkpoint,
-};
+use super::checkpoint::{send_checkpoint, send_memory_image, take_checkpoint, Checkpoint};
 use super::copy_on_write::CopyOnWrite;
+use super::disk_copy;
 use super::epoch_length::{EpochClock, EpochLength};
 use super::heartbeat::{self, StandbyTerms, StandbyWatch};
 use super::in_flight::{InFlight, SentCheckpoint};
@@ -272,7 +270,7 @@ pub fn start_protection(
     };
     let claim = Arc::new(Mutex::new(claim));
     let watch = StandbyWatch::spawn()?;
-    let disks = machine.disk_access()?;
+    let disks: Arc<[DiskAccess]> = machine.disk_access()?.into();
     let copy_on_write = match params.checkpoint_copy {
         CheckpointCopy::OnWrite => match CopyOnWrite::new(machine.memory()) {
             Ok(c) => Some(Arc::new(c)),
@@ -322,7 +320,7 @@ struct EpochLoop {
     memory: vmm::memory::GuestMemory,
     vm: Arc<vmm::vm::Vm>,
     /// The guest's disks: their images are copied first, their writes journalled per epoch.
-    disks: Vec<DiskAccess>,
+    disks: Arc<[DiskAccess]>,
     /// Guest memory registered for write protection: checkpoints copy their pages after the pause.
     copy_on_write: Option<Arc<CopyOnWrite>>,
     /// This primary's session at the witness.
@@ -412,7 +410,7 @@ impl EpochLoop {
         let (result, failure_timeout) = match self.open_heartbeat(&mut stream) {
             Ok(failure_timeout) => (
                 self.tell_claim(&mut stream)
-                    .and_then(|()| send_disk_images(&mut stream, &self.disks, &mut progress))
+                    .and_then(|()| disk_copy::send_images(&mut stream, &self.disks, &mut progress))
                     .and_then(|()| {
                         send_memory_image(
                             &mut stream,
@@ -420,14 +418,23 @@ impl EpochLoop {
                             &self.vm,
                             &self.tracker,
                             &mut progress,
+                            &mut |stream| {
+                                disk_copy::resend_written(
+                                    stream,
+                                    &self.disks,
+                                    disk_copy::RESEND_ABOVE,
+                                    disk_copy::RESEND_STEP,
+                                )
+                            },
                         )
                     })
+                    .and_then(|()| disk_copy::converge(&mut stream, &self.disks))
                     .and_then(|()| self.checkpoint_epochs(&mut stream)),
                 Some(failure_timeout),
             ),
             Err(e) => (Err(e), None),
         };
-        for disk in &self.disks {
+        for disk in self.disks.iter() {
             disk.journal.stop();
         }
         // From here the standby's count of this primary as alive runs out.
@@ -842,10 +849,10 @@ impl EpochLoop {
         let slot: Shared<Option<Result<Checkpoint, String>>> = Arc::new(Mutex::new(None));
         let out = slot.clone();
         let tracker = self.tracker.clone();
-        let journals: Vec<WriteJournal> = self.disks.iter().map(|d| d.journal.clone()).collect();
+        let disks = self.disks.clone();
         let copy_on_write = self.copy_on_write.clone();
         self.run_job(move |m| {
-            let result = take_checkpoint(m, &tracker, &journals, copy_on_write.as_deref(), epoch);
+            let result = take_checkpoint(m, &tracker, &disks, copy_on_write.as_deref(), epoch);
             let reply = match &result {
                 Ok(_) => VmReply::Done(m.info()),
                 Err(e) => VmReply::Error(e.clone()),

@@ -15,6 +15,7 @@
 
 mod checkpoint;
 mod copy_on_write;
+mod disk_copy;
 pub mod epoch_length;
 pub mod epoch_loop;
 pub mod heartbeat;

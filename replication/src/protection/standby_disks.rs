@@ -4,10 +4,14 @@
 
 use std::os::unix::fs::FileExt;
 
-use devices::virtio::block::write_journal::DEFAULT_JOURNAL_CAP;
 use vmm::machine::DiskAccess;
 
 use crate::wire::DiskRun;
+
+/// Most bytes of writes one checkpoint may stage per disk. The primary's disk waits once 32 MiB
+/// are recorded within an epoch (`devices/src/virtio/block/write_journal.rs`), so a checkpoint
+/// carries that plus one request (at most 16 MiB) — or, the first one, what its first copy left.
+const MAX_STAGED_PER_DISK: u64 = 256 << 20;
 
 /// The standby's own disks (from its `--disk` options) and the writes staged for the next commit.
 pub(super) struct StandbyDisks {
@@ -15,6 +19,8 @@ pub(super) struct StandbyDisks {
     staged: Vec<(usize, DiskRun)>,
     staged_bytes: u64,
     sizes_checked: bool,
+    /// Times the images were made durable.
+    durable_syncs: u64,
 }
 
 impl StandbyDisks {
@@ -24,6 +30,7 @@ impl StandbyDisks {
             staged: Vec::new(),
             staged_bytes: 0,
             sizes_checked: false,
+            durable_syncs: 0,
         }
     }
 
@@ -70,10 +77,9 @@ impl StandbyDisks {
         for w in writes {
             self.disk(disk, w.offset, w.data.len())?;
             self.staged_bytes += w.data.len() as u64;
-            if self.staged_bytes > (DEFAULT_JOURNAL_CAP * self.disks.len().max(1)) as u64 {
+            if self.staged_bytes > MAX_STAGED_PER_DISK * self.disks.len().max(1) as u64 {
                 return Err(format!(
-                    "a checkpoint's disk writes exceed {} bytes per disk",
-                    DEFAULT_JOURNAL_CAP
+                    "a checkpoint's disk writes exceed {MAX_STAGED_PER_DISK} bytes per disk"
                 ));
             }
             self.staged.push((disk as usize, w));
@@ -97,6 +103,48 @@ impl StandbyDisks {
         self.staged_bytes = 0;
         Ok(())
     }
+
+    /// Makes everything written to the images so far durable (what the guest flushed on the
+    /// primary must survive this host too, before the checkpoint that acknowledged it commits).
+    pub(super) fn make_durable(&mut self) -> Result<(), String> {
+        for (index, disk) in self.disks.iter().enumerate() {
+            disk.image
+                .sync_data()
+                .map_err(|e| format!("making disk {index} durable: {e}"))?;
+        }
+        self.durable_syncs += 1;
+        Ok(())
+    }
+
+    /// Times the images were made durable.
+    #[cfg(test)]
+    pub(super) fn durable_syncs(&self) -> u64 {
+        self.durable_syncs
+    }
+}
+
+/// A scratch image of `bytes` (unlinked at once) as a standby's disk, for tests.
+#[cfg(test)]
+pub(super) fn scratch_disk(bytes: u64) -> DiskAccess {
+    let path = std::env::temp_dir().join(format!(
+        "ftvmm-standby-disk-{}-{bytes}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let image = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    image.set_len(bytes).unwrap();
+    let _ = std::fs::remove_file(&path);
+    DiskAccess {
+        journal: devices::virtio::block::WriteJournal::new(bytes).unwrap(),
+        image,
+        capacity: bytes,
+    }
 }
 
 #[cfg(test)]
@@ -104,22 +152,7 @@ mod tests {
     use super::*;
 
     fn disk(bytes: u64) -> DiskAccess {
-        let path =
-            std::env::temp_dir().join(format!("ftvmm-standby-disk-{}-{bytes}", std::process::id()));
-        let image = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        image.set_len(bytes).unwrap();
-        let _ = std::fs::remove_file(&path);
-        DiskAccess {
-            journal: Default::default(),
-            image,
-            capacity: bytes,
-        }
+        scratch_disk(bytes)
     }
 
     fn read(d: &StandbyDisks, disk: usize, offset: u64, len: usize) -> Vec<u8> {

@@ -114,6 +114,9 @@ pub enum Message {
         pages: u64,
         /// Disk writes sent for this checkpoint (`EpochDiskWrites` runs, all disks).
         disk_writes: u64,
+        /// The guest flushed a disk during the epoch (or this is the first checkpoint): the
+        /// standby makes its images durable before it commits the checkpoint.
+        flushed: bool,
         #[serde(with = "serde_bytes")]
         state: Vec<u8>,
     },

@@ -105,7 +105,7 @@ pub struct VirtioBlock {
     config: [u8; CONFIG_LEN],
     /// Activation, the request queue and its notifications on the event loop.
     pub(super) queues: DeviceQueues,
-    /// The guest's writes, recorded while the guest is protected.
+    /// The guest's writes, tracked or recorded while the guest is protected.
     pub(super) journal: super::WriteJournal,
 }
 
@@ -141,6 +141,10 @@ impl VirtioBlock {
                     source,
                 }
             })?;
+        let journal = super::WriteJournal::new(size).map_err(|source| BlockError::EventFd {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Self {
             file,
             path,
@@ -150,7 +154,7 @@ impl VirtioBlock {
             acked_features: 0,
             config: config_space(size),
             queues,
-            journal: super::WriteJournal::with_cap(super::write_journal::DEFAULT_JOURNAL_CAP),
+            journal,
         })
     }
 

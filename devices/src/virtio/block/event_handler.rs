@@ -1,7 +1,9 @@
 //! Running virtio-blk on the event loop: its queue plumbing (`crate::virtio::device_queues`) says
 //! when to process; requests execute against the image.
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
+use std::os::fd::AsRawFd;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 
 use super::device::VirtioBlock;
@@ -20,6 +22,11 @@ pub fn process_requests(
 ) -> Drained {
     let mut drained = Drained::default();
     for _ in 0..budget {
+        // A protected disk whose standby is behind: requests wait in the queue (the guest's
+        // disk slows down, nothing fails) until the journal has room and says so.
+        if disk.journal.is_some_and(|j| j.is_full()) {
+            return drained;
+        }
         let Some(chain) = pop_chain(queue, mem, errors) else {
             return drained;
         };
@@ -67,6 +74,12 @@ impl VirtioBlock {
 
 impl MutEventSubscriber for VirtioBlock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.journal.room_event().as_raw_fd() {
+            // The write journal had been full and has room again.
+            let _ = self.journal.room_event().read();
+            self.process_queue();
+            return;
+        }
         match self.queues.handle(&events, ops) {
             // The driver may have queued requests before the queue was watched.
             QueueEvent::Activated | QueueEvent::Notified(_) => self.process_queue(),
@@ -78,5 +91,11 @@ impl MutEventSubscriber for VirtioBlock {
 
     fn init(&mut self, ops: &mut EventOps) {
         self.queues.init(ops);
+        if let Err(e) = ops.add(Events::new(self.journal.room_event(), EventSet::IN)) {
+            tracing::error!(
+                "virtio-blk {}: cannot watch the write journal: {e}",
+                self.path.display()
+            );
+        }
     }
 }

@@ -236,7 +236,7 @@ fn run(
             }
             let len = readable.len();
             let offset = check_range(disk, header.sector, len)?;
-            match disk.journal.filter(|j| j.is_active()) {
+            match disk.journal.filter(|j| j.records_data()) {
                 // A standby gets the very bytes the image gets: one copy, written and recorded.
                 Some(journal) => {
                     let data = readable.read(mem)?;
@@ -251,14 +251,15 @@ fn run(
                         mem.write_all_volatile_to(addr, &mut image, n)
                             .map_err(|e| RequestError::Io(e.to_string()))?;
                     }
-                    // Recording started meanwhile (protection's first copy of the image may have
-                    // read this range before the write landed): record what the image now holds.
-                    if let Some(journal) = disk.journal.filter(|j| j.is_active()) {
-                        let mut data = vec![0u8; len];
-                        disk.file
-                            .read_exact_at(&mut data, offset)
+                    // Tracked for a first copy (its blocks marked after the write landed), or
+                    // recording started meanwhile: then what the image now holds is recorded.
+                    if let Some(journal) = disk.journal {
+                        journal
+                            .written(offset, len as u64, || {
+                                let mut data = vec![0u8; len];
+                                disk.file.read_exact_at(&mut data, offset).map(|()| data)
+                            })
                             .map_err(|e| RequestError::Io(e.to_string()))?;
-                        journal.record(offset, data);
                     }
                 }
             }
@@ -269,6 +270,10 @@ fn run(
                 disk.file
                     .sync_data()
                     .map_err(|e| RequestError::Io(e.to_string()))?;
+                // The standby makes what this epoch wrote durable before it commits it.
+                if let Some(journal) = disk.journal {
+                    journal.record_flush();
+                }
             }
             Ok(0)
         }
@@ -577,8 +582,8 @@ mod tests {
         let m = mem();
         let f = disk_file(8192);
         let id = [0; ID_BYTES];
-        let journal = crate::virtio::block::WriteJournal::with_cap(1 << 20);
-        journal.start();
+        let journal = crate::virtio::block::WriteJournal::new(8192).unwrap();
+        journal.start_recording();
         let d = Disk {
             journal: Some(&journal),
             ..disk(&f, false, &id)
@@ -601,7 +606,7 @@ mod tests {
         f.read_exact_at(&mut on_disk, 512).unwrap();
         assert_eq!(&on_disk[..512], &[7u8; 512]);
         assert_eq!(&on_disk[512..], &[9u8; 512]);
-        let writes = journal.take().unwrap();
+        let writes = journal.take().writes;
         assert_eq!(writes.len(), 1);
         assert_eq!((writes[0].offset, &writes[0].data[..]), (512, &on_disk[..]));
     }

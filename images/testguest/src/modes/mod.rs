@@ -8,6 +8,7 @@ use crate::cmdline::Cmdline;
 pub mod blk;
 pub mod crash;
 pub mod dirtier;
+pub mod disk_storm;
 pub mod emulate;
 pub mod hello;
 pub mod info;

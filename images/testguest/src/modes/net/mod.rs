@@ -4,6 +4,8 @@
 //! first disk (`testguest::kvlog`) and flushed before its reply is sent, and the log is replayed
 //! at start. Polls forever (until the VMM is killed).
 //!
+//! `storm=MIB [storm_chunk=KIB]` writes the second disk meanwhile (`super::disk_storm`).
+//!
 //! Markers: `testguest: kv restored keys=N` (after the replay; N = 0 without a disk), then
 //! `testguest: net up ip=ADDR/PREFIX mac=MAC ...`; `testguest: net FAIL <why>` on a setup
 //! error; `testguest: net WARN ...` when the driver meets errors (counts changed).
@@ -32,7 +34,7 @@ use testguest::kvlog::{Appended, Log, snapshot_payload};
 
 pub const MODE: Mode = Mode {
     name: "net",
-    about: "ip=A.B.C.D/N [gw=A.B.C.D]: ping, TCP echo :7, key-value :4000 (logged to virtio-blk)",
+    about: "ip=A.B.C.D/N [gw=A.B.C.D]: ping, TCP echo :7, key-value :4000 (logged to virtio-blk); storm=MIB [storm_chunk=KIB] writes a second disk",
     run,
 };
 
@@ -196,11 +198,15 @@ fn serve(cmdline: &Cmdline<'_>) -> Result<(), String> {
     if let Some(d) = &dirtier {
         println!("testguest: dirtying pages_per_s={} buffer_mb={}", d.rate(), d.buffer_mb());
     }
+    let mut storm = super::disk_storm::DiskStorm::from_cmdline(cmdline)?;
     let mut commit = |payload: &[u8], store: &Store| persistence.commit(payload, store);
     let mut reported_errors = 0;
     loop {
         if let Some(d) = dirtier.as_mut() {
             d.tick();
+        }
+        if let Some(s) = storm.as_mut() {
+            s.tick();
         }
         iface.poll(now(), &mut dev, &mut sockets);
         server.echo(&mut sockets);
