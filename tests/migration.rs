@@ -276,6 +276,7 @@ fn a_destination_refuses_corrupted_or_truncated_streams() {
             nets: vec![],
             hyperv: Default::default(),
             firmware: None,
+            cpu_features: vec![],
         };
         write_frame(&mut s, &Message::Hello { description }).unwrap();
         assert_eq!(
@@ -477,6 +478,7 @@ fn a_receiver_refuses_unauthenticated_peers_and_waits_for_the_right_one() {
         nets: vec![],
         hyperv: Default::default(),
         firmware: None,
+        cpu_features: vec![],
     };
     let _ = write_frame(&mut plain, &Message::Hello { description });
     assert!(read_frame::<_, Message>(&mut plain).is_err());
@@ -547,6 +549,7 @@ fn a_peer_naming_a_disk_path_gets_nothing_opened() {
         nets: vec![],
         hyperv: Default::default(),
         firmware: None,
+        cpu_features: vec![],
     };
     let err = link::open(&listen, &description, &security, DEADLINE, DEADLINE).unwrap_err();
     let err = err.to_string();

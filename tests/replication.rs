@@ -98,6 +98,46 @@ fn loopback_standby_with(
     (standby, addr, pki)
 }
 
+/// A standby proves at pairing that it can run the guest: one whose host does not offer a CPU
+/// feature the guest sees (kept off here with `--cpu-features`, as an operator matching a cluster's
+/// hosts would) refuses the guest before anything is built, let alone claimed, and says which; the
+/// primary goes on unprotected. (It used to accept, and fail only when taking over.)
+#[test]
+fn a_standby_whose_cpu_cannot_run_the_guest_refuses_it_at_pairing() {
+    let _serial = one_at_a_time();
+    let dir = std::env::temp_dir().join(format!("ftvmm-replication-cpu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut standby, addr, pki) = loopback_standby_with(&dir, &["--cpu-features=-sse2"]);
+    let mut primary = loopback_primary("mode=spin", &addr, &pki, &dir.join("a.sock"));
+    assert_eq!(standby.wait_exit(DEADLINE), Some(1), "{}", standby.stderr());
+    assert!(
+        standby
+            .stderr()
+            .contains("this host cannot run the guest's CPU: the guest sees sse2"),
+        "{}",
+        standby.stderr()
+    );
+    primary.wait_for_stderr("protection lost", DEADLINE);
+    assert!(
+        primary.stderr().contains("the guest sees sse2"),
+        "{}",
+        primary.stderr()
+    );
+    let info = integration_tests::run_ftvmm(
+        &[
+            "vm",
+            "--api-socket",
+            dir.join("a.sock").to_str().unwrap(),
+            "info",
+        ],
+        DEADLINE,
+    );
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
+    primary.kill();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
     let _serial = one_at_a_time();
@@ -110,6 +150,7 @@ fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
         nets: vec![],
         hyperv: Default::default(),
         firmware: None,
+        cpu_features: vec![],
     };
     let page = |gpa: u64, encoding: PageEncoding| EncodedPage { gpa, encoding };
     let cases: [(&str, Message, &str); 4] = [
@@ -191,6 +232,7 @@ fn a_standby_follows_only_the_primary_whose_claim_the_witness_holds() {
         nets: vec![],
         hyperv: Default::default(),
         firmware: None,
+        cpu_features: vec![],
     };
     let with_witness = ["--witness", etcd.url(), "--guest-name", "claim-check"];
     let cases: [(&str, &[&str], Message, &str); 4] = [

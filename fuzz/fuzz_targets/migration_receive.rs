@@ -42,9 +42,11 @@ fn destination() -> Destination {
         nets: vec![],
         hyperv: Default::default(),
         firmware: None,
+        cpu_features: vec![],
     };
     let options = RestoreOptions {
         serial: Some(SerialOutput::Null),
+        withheld_cpu: Default::default(),
         disks: Some(vec![BlockConfig {
             path: disk,
             read_only: false,

@@ -2,6 +2,7 @@
 //! `standby`): this host's backends for the guest's devices, its API socket and its links.
 
 use clap::Args;
+use vmm::arch::cpuid::CpuFeatures;
 use vmm::{BlockConfig, NetConfig, RestoreOptions, SerialOutput};
 
 use super::link::LinkArgs;
@@ -25,6 +26,17 @@ pub struct BackendArgs {
     #[arg(long = "net", value_name = "tap=NAME")]
     nets: Vec<NetConfig>,
 
+    /// CPU features this host keeps guests off (`-name,...`, names as `ftvmm run
+    /// --cpu-features`): a guest that sees one of them, or one this host's KVM does not offer, is
+    /// refused before anything is built — a standby proves at pairing that it can run the guest.
+    #[arg(
+        long = "cpu-features",
+        value_name = "-NAME,...",
+        allow_hyphen_values = true,
+        default_value = ""
+    )]
+    withheld_cpu: CpuFeatures,
+
     #[command(flatten)]
     pub api: super::api_socket::ApiSocketArgs,
 
@@ -39,6 +51,7 @@ impl BackendArgs {
             serial: Some(self.serial.clone()),
             disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
+            withheld_cpu: self.withheld_cpu.clone(),
         }
     }
 }

@@ -234,6 +234,7 @@ fn check_description(
         serial: options.serial.clone(),
         disks: Some(disks),
         nets: Some(nets),
+        withheld_cpu: options.withheld_cpu.clone(),
     })
 }
 
@@ -257,6 +258,7 @@ mod tests {
             }],
             hyperv: Default::default(),
             firmware: None,
+            cpu_features: vec![],
         }
     }
 
@@ -271,6 +273,7 @@ mod tests {
 
         let mine = RestoreOptions {
             serial: None,
+            withheld_cpu: Default::default(),
             disks: Some(vec![BlockConfig {
                 path: "/srv/mine.img".into(),
                 read_only: true,

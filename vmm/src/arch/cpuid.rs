@@ -252,6 +252,62 @@ pub fn apply_features(cpuid: &mut CpuId, features: &CpuFeatures) -> Result<(), C
     Ok(())
 }
 
+/// The names of the known features ([`FEATURES`]) that `cpuid` offers: a CPU model as both ends of a
+/// migration or a protection compare it.
+pub fn feature_names(cpuid: &CpuId) -> Vec<String> {
+    let entries = cpuid.as_slice();
+    FEATURES
+        .iter()
+        .filter(|fb| {
+            entries
+                .iter()
+                .find(|e| {
+                    e.function == fb.leaf
+                        && (e.index == fb.subleaf
+                            || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+                })
+                .is_some_and(|e| {
+                    let value = match fb.reg {
+                        Reg::Eax => e.eax,
+                        Reg::Ebx => e.ebx,
+                        Reg::Ecx => e.ecx,
+                        Reg::Edx => e.edx,
+                    };
+                    value & (1 << fb.bit) != 0
+                })
+        })
+        .map(|fb| fb.name.to_string())
+        .collect()
+}
+
+/// The features a guest sees (`guest`) that a host does not offer (`host`), in the guest's order.
+pub fn missing_features(guest: &[String], host: &[String]) -> Vec<String> {
+    guest
+        .iter()
+        .filter(|g| !host.contains(g))
+        .cloned()
+        .collect()
+}
+
+/// The features this host's KVM offers guests, less those `restrictions` removes (`-name`: the
+/// host's operator keeps guests off them, e.g. to match the other hosts of a cluster).
+pub fn host_offers(restrictions: &CpuFeatures) -> Result<Vec<String>, String> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+    let removals = CpuFeatures(
+        restrictions
+            .0
+            .iter()
+            .filter(|c| !c.enable)
+            .copied()
+            .collect(),
+    );
+    apply_features(&mut cpuid, &removals).map_err(|e| e.to_string())?;
+    Ok(feature_names(&cpuid))
+}
+
 /// Number of bits needed to hold `count` distinct IDs.
 fn id_bits(count: u32) -> u32 {
     if count <= 1 {

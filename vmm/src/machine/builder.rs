@@ -169,6 +169,7 @@ impl Machine {
         }
         let mut cpuid = vm.supported_cpuid()?;
         apply_features(&mut cpuid, hw.cpu_features)?;
+        let cpu_features = crate::arch::cpuid::feature_names(&cpuid);
         if let Some(entries) = hw.dirty_ring {
             let max = vm.kvm().check_extension_int(kvm_ioctls::Cap::DirtyLogRing);
             crate::dirty_ring::enable(vm.fd(), max, entries)?;
@@ -207,6 +208,7 @@ impl Machine {
             nets: Vec::new(),
             hyperv: hw.hyperv,
             firmware: hw.firmware.as_ref().map(|f| f.image.to_path_buf()),
+            cpu_features,
         };
         // Firmware-booted (q35) VMs get their virtio devices on PCI, the others on virtio-mmio.
         let pci_root = match hw.firmware {

@@ -89,6 +89,10 @@ pub struct MachineDescription {
     /// The firmware image a firmware-booted VM started from.
     #[serde(default)]
     pub firmware: Option<PathBuf>,
+    /// The CPU features the guest sees (names of `arch::cpuid::FEATURES`): a host that does not
+    /// offer one of them cannot run it, and refuses it before anything is built.
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
 }
 
 /// A virtio-blk disk of a [`MachineDescription`].

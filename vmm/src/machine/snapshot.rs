@@ -147,6 +147,9 @@ pub struct SnapshotInfo {
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     pub serial: Option<SerialOutput>,
+    /// Features this host keeps guests off (`-name` entries; `--cpu-features` of a receiver): a
+    /// guest that sees one is refused, as one that sees a feature this host's KVM lacks.
+    pub withheld_cpu: CpuFeatures,
     /// Replacement disks (same count and order); `None` keeps the snapshot's paths.
     pub disks: Option<Vec<BlockConfig>>,
     /// Replacement TAPs (same count and order); `None` keeps the snapshot's names.
@@ -370,6 +373,21 @@ impl Machine {
         options: &RestoreOptions,
     ) -> Result<Self, MachineError> {
         let d = description;
+        // The guest must be able to run here: every CPU feature it sees offered by this host.
+        if !d.cpu_features.is_empty() {
+            let host = crate::arch::cpuid::host_offers(&options.withheld_cpu)
+                .map_err(SnapshotError::Mismatch)?;
+            let missing = crate::arch::cpuid::missing_features(&d.cpu_features, &host);
+            if !missing.is_empty() {
+                return Err(SnapshotError::Mismatch(format!(
+                    "this host cannot run the guest's CPU: the guest sees {}, which this host does \
+                     not offer (give the guest a CPU model both hosts offer: --cpu-features or \
+                     --cpu-template on its first host)",
+                    missing.join(",")
+                ))
+                .into());
+            }
+        }
         let disks = match &options.disks {
             Some(disks) if disks.len() != d.disks.len() => {
                 return Err(SnapshotError::Mismatch(format!(
@@ -427,6 +445,9 @@ impl Machine {
                     kernel: None,
                 }),
         })?;
+        let mut machine = machine;
+        // The restored vCPUs see the CPU model they saw before, not this host's.
+        machine.description.cpu_features = d.cpu_features.clone();
         Ok(machine)
     }
 

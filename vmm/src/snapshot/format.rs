@@ -8,7 +8,7 @@ use serde::Serialize;
 /// Identifies an ftvmm state blob.
 pub const MAGIC: [u8; 8] = *b"FTVMSTAT";
 /// Bumped whenever the encoded types change incompatibly.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// Largest payload accepted (guards allocations on corrupt input).
 pub const MAX_PAYLOAD: u64 = 256 << 20;
