@@ -519,3 +519,33 @@ fn the_same_protection_through_the_cli() {
     client.wait_more(20, "protected back");
     client.finish();
 }
+
+/// In cluster mode every copy a daemon boots claims its guest at the cluster's witness. A VM
+/// process killed where it stood (no clean end) leaves its claim: the VM cannot boot again — as a
+/// second copy could not — until the operator releases the claim through the daemon, which the
+/// daemon refuses while the VM runs. (A stale claim used to need `etcdctl del`; a second copy used
+/// to boot beside the first.)
+#[test]
+fn a_claim_left_by_a_killed_vm_blocks_its_boot_until_released_through_the_daemon() {
+    let pair = TwoDaemons::start("claim", true);
+    let id = pair.boot_guest("claimed", "");
+    let claim = format!("/api/v1/vms/{id}/claim");
+    let (status, body) = pair.a.json("DELETE", &claim, "");
+    assert_eq!(status, 409, "while it runs the claim is its own: {body}");
+    let pid = record(&pair.a, &id)["process"]["pid"].as_u64().unwrap();
+    // SAFETY: kill sends a signal to the VM's process, whose pid the daemon reported.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_until("the daemon to see the VM end", || {
+        record(&pair.a, &id)["lifecycle"] != "running"
+    });
+    let (status, body) = pair.a.json("PUT", &format!("/api/v1/vms/{id}/boot"), "");
+    assert_ne!(status, 200, "booted beside its claim: {body}");
+    assert!(body.to_string().contains("already holds a claim"), "{body}");
+    let (status, body) = pair.a.json("DELETE", &claim, "");
+    assert_eq!(status, 200, "{body}\n{}", pair.logs());
+    assert_eq!(body["released"]["state"], "unprotected", "{body}");
+    let (status, body) = pair.a.json("DELETE", &claim, "");
+    assert_eq!(status, 404, "nothing left to release: {body}");
+    let (status, body) = pair.a.json("PUT", &format!("/api/v1/vms/{id}/boot"), "");
+    assert_eq!(status, 200, "{body}\n{}", pair.logs());
+}

@@ -445,3 +445,98 @@ fn a_guest_writing_hard_over_a_slow_link_becomes_and_stays_protected() {
     assert_eq!(answer, "1", "the survivor's key-value service");
     pair.finish();
 }
+
+/// A copy of a guest booted with a witness claims it first: a second copy is refused while the
+/// first holds the claim (it used to boot and run beside it). A clean end — the VM stopped with
+/// SIGTERM, the guest powering off — gives the claim back, so the next boot succeeds.
+#[test]
+fn a_second_copy_is_refused_while_the_first_holds_the_claim_and_clean_ends_give_it_back() {
+    use integration_tests::witness::TestEtcd;
+    use integration_tests::{ftvmm_bin, run_ftvmm, testguest, RunningVm};
+    use replication::witness::Witness;
+    let etcd = TestEtcd::start_local();
+    let boot = |mode: &str| {
+        let mut cmd = std::process::Command::new(ftvmm_bin());
+        cmd.args(["run", "--kernel", testguest().to_str().unwrap()])
+            .args(["--memory", "64", "--serial", "null", "--cmdline", mode])
+            .args(["--witness", etcd.url(), "--guest-name", "twin"]);
+        RunningVm::spawn(cmd)
+    };
+    let witness = Witness::new(etcd.url(), "twin").unwrap();
+    let mut first = boot("mode=spin");
+    first.wait_for_stderr("claimed the guest at the witness", DEADLINE);
+    let second = run_ftvmm(
+        &[
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--memory",
+            "64",
+            "--serial",
+            "null",
+            "--witness",
+            etcd.url(),
+            "--guest-name",
+            "twin",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(second.code(), Some(1), "{second:?}");
+    assert!(
+        second.stderr.contains("already holds a claim"),
+        "{second:?}"
+    );
+    // Stopped by a signal, the first copy gives its claim back.
+    signal(&first, "-TERM");
+    assert_eq!(first.wait_exit(DEADLINE), Some(0), "{}", first.stderr());
+    assert!(first.stderr().contains("stopped by a signal"));
+    assert_eq!(witness.read().unwrap(), None, "{}", first.stderr());
+    // A guest that powers off gives it back too.
+    let mut third = boot("mode=hello");
+    assert_eq!(third.wait_exit(DEADLINE), Some(0), "{}", third.stderr());
+    assert!(third.stderr().contains("claimed the guest"));
+    assert_eq!(witness.read().unwrap(), None, "{}", third.stderr());
+}
+
+/// A protected primary stopped with SIGTERM (as the host daemon's `stop` does) ends its guest
+/// cleanly: the standby hears it and ends without taking over (it used to take the closed
+/// connections for the primary's death and resume the guest), and the claim goes.
+#[test]
+fn a_stopped_protected_primary_is_not_taken_over_and_gives_its_claim_back() {
+    let _serial = one_at_a_time();
+    let mut pair = ProtectedPair::start_with("stopped", 500, true);
+    pair.wait_acknowledged(10, "before the stop");
+    signal(&pair.primary, "-TERM");
+    assert_eq!(
+        pair.primary.wait_exit(DEADLINE),
+        Some(0),
+        "{}",
+        pair.primary.stderr()
+    );
+    assert_eq!(
+        pair.standby.wait_exit(DEADLINE),
+        Some(0),
+        "{}",
+        pair.standby.stderr()
+    );
+    let standby = pair.standby.stderr();
+    assert!(
+        standby.contains("the VM was stopped by its operator"),
+        "{standby}"
+    );
+    assert!(!standby.contains("taking over"), "{standby}");
+    // `--witness URL --guest-name NAME`: the etcd lives on the LAN.
+    let url = pair.witness_args[1].clone();
+    let name = pair.witness_args[3].clone();
+    let left = pair.hosts.lan.run(move || {
+        replication::witness::Witness::new(&url, &name)
+            .unwrap()
+            .read()
+            .unwrap()
+    });
+    assert_eq!(left, None, "{}", pair.primary.stderr());
+    assert_standby_never_sent(&pair);
+    pair.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    pair.client.take();
+    pair.finish();
+}

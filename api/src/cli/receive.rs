@@ -41,7 +41,12 @@ pub fn receive(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
         },
     )?;
     eprintln!("ftvmm: guest received from {peer}; running it here");
-    super::run::run_machine_after(machine, api_socket.as_ref(), Some(security), None, |m| {
-        m.announce_network()
-    })
+    super::run::run_machine_after(
+        machine,
+        api_socket.as_ref(),
+        Some(security),
+        None,
+        None,
+        |m| m.announce_network(),
+    )
 }

@@ -18,11 +18,24 @@ pub struct RestoreArgs {
 
     #[command(flatten)]
     backends: BackendArgs,
+
+    #[command(flatten)]
+    witness: super::witness::WitnessArgs,
 }
 
 pub fn restore(args: RestoreArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let security = args.backends.link.security()?;
     let api_socket = args.backends.api.socket()?;
     let machine = Machine::restore(&args.dir, &args.backends.restore_options())?;
-    super::run::run_machine(machine, api_socket.as_ref(), security, None)
+    // With a witness, the restored copy claims the guest before it runs it: refused while another
+    // copy holds the claim.
+    let witness = args.witness.witness()?;
+    let held = match witness {
+        Some(w) => {
+            let claim = super::run::claim_guest(&w)?;
+            Some((w, claim))
+        }
+        None => None,
+    };
+    super::run::run_machine(machine, api_socket.as_ref(), security, None, held)
 }

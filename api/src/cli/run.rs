@@ -1,9 +1,11 @@
 //! `ftvmm run`: boot a guest and run it until it powers off, resets or crashes.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
 use replication::link::LinkSecurity;
+use replication::witness::{ClaimState, HeldClaim, Witness};
 use vmm::{
     BlockConfig, CpuFeatures, CpuTemplate, Machine, NetConfig, SerialOutput, VmConfig, VmExit,
 };
@@ -175,13 +177,15 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
     };
     let mut machine = Machine::build(&config)?;
     let witness = args.witness.witness()?;
+    // With a witness, this copy claims the guest before it runs it: a second copy is refused.
+    let claim = witness.as_ref().map(|w| claim_guest(w)).transpose()?;
     let protection = match (args.standby, &security) {
         (Some(standby), Some(security)) => Some(replication::protection::ProtectionParams {
             standby,
             security: security.clone(),
             epoch: args.epoch_ms,
             witness: witness.clone(),
-            claim: None,
+            claim: claim.clone(),
             checkpoint_copy: args.checkpoint_copy,
         }),
         _ => None,
@@ -194,8 +198,9 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         )?),
         None => None,
     };
+    let held = witness.clone().zip(claim);
     if let Some(server) = &_server {
-        server.set_witness(witness, None);
+        server.set_witness(witness, held.as_ref().map(|(_, c)| c.clone()));
     }
     if let Some(params) = protection {
         let control = machine.control_handle()?;
@@ -206,10 +211,68 @@ pub fn run(args: RunArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
         machine.start()?;
         let exit = machine.wait()?;
-        finish_protection(&exit, _server.as_ref(), Some(handle));
+        finish_protection(&exit, _server.as_ref(), Some(handle.clone()));
+        release_claim(&exit, _server.as_ref(), Some(&handle), held);
         return Ok(report_exit(&exit, _server.as_ref()));
     }
-    run_machine(machine, None, security, _server)
+    run_machine_after(machine, None, security, _server, held, |_| {})
+}
+
+/// The guest and the claim this copy holds for it at the witness.
+pub(super) type HeldGuest = (Arc<Witness>, HeldClaim);
+
+/// Claims the guest at `witness` for this copy (`unprotected`); refused, naming the claim, when
+/// another copy holds it.
+pub(super) fn claim_guest(witness: &Arc<Witness>) -> Result<HeldClaim, Box<dyn std::error::Error>> {
+    let claim = witness.create(
+        replication::protection::heartbeat::new_session(),
+        ClaimState::Unprotected,
+    )?;
+    eprintln!(
+        "ftvmm: claimed the guest at the witness ({}, generation {})",
+        witness.key(),
+        claim.claim.generation
+    );
+    Ok(claim)
+}
+
+/// The guest ended here for good (it powered off, reset or crashed, the VM was stopped or
+/// migrated away): the claim this copy holds at the witness goes, so that the guest can be booted
+/// or protected again. The current claim is the protection's when one ran (none if its epoch loop
+/// already removed it), else the one this copy booted or took over with.
+fn release_claim(
+    exit: &VmExit,
+    server: Option<&crate::server::ApiServer>,
+    own: Option<&replication::protection::ProtectionHandle>,
+    held: Option<HeldGuest>,
+) {
+    let setting = server.map(crate::server::ApiServer::witness_setting);
+    let witness = setting
+        .as_ref()
+        .and_then(|s| s.witness.clone())
+        .or_else(|| held.as_ref().map(|(w, _)| w.clone()));
+    let Some(witness) = witness else { return };
+    let protection = server
+        .and_then(crate::server::ApiServer::protection)
+        .or_else(|| own.cloned());
+    let claim = match protection {
+        Some(p) => p.claim(),
+        None => setting
+            .and_then(|s| s.claim)
+            .or_else(|| held.map(|(_, c)| c)),
+    };
+    let Some(claim) = claim else { return };
+    match witness.remove(&claim) {
+        Ok(true) => tracing::info!(key = witness.key(), ?exit, "the guest's claim is removed"),
+        Ok(false) => tracing::warn!(
+            key = witness.key(),
+            "the guest's claim changed under this copy; left as it is"
+        ),
+        Err(e) => eprintln!(
+            "ftvmm: warning: could not remove the guest's claim ({e}): it stays until removed \
+             (`ftvmm vm release-claim` through the daemon)"
+        ),
+    }
 }
 
 /// Starts `machine`, serves its API when asked, and waits for the guest to stop; returns the
@@ -219,32 +282,37 @@ pub(super) fn run_machine(
     api_socket: Option<&crate::server::ApiSocket>,
     link: Option<LinkSecurity>,
     server: Option<crate::server::ApiServer>,
+    held: Option<HeldGuest>,
 ) -> Result<u8, Box<dyn std::error::Error>> {
-    run_machine_after(machine, api_socket, link, server, |_| {})
+    run_machine_after(machine, api_socket, link, server, held, |_| {})
 }
 
 /// As [`run_machine`], calling `started` once the vCPUs run. `link`: how the API's migrations
-/// are protected.
+/// are protected; `held`: the claim this copy holds at the witness (given back at a clean end).
 pub(super) fn run_machine_after(
     mut machine: Machine,
     api_socket: Option<&crate::server::ApiSocket>,
     link: Option<LinkSecurity>,
     server: Option<crate::server::ApiServer>,
+    held: Option<HeldGuest>,
     started: impl FnOnce(&Machine),
 ) -> Result<u8, Box<dyn std::error::Error>> {
     let _server = match (server, api_socket) {
         (Some(s), _) => Some(s),
-        (None, Some(socket)) => Some(crate::server::spawn(
-            socket,
-            machine.control_handle()?,
-            link,
-        )?),
+        (None, Some(socket)) => {
+            let server = crate::server::spawn(socket, machine.control_handle()?, link)?;
+            if let Some((witness, claim)) = &held {
+                server.set_witness(Some(witness.clone()), Some(claim.clone()));
+            }
+            Some(server)
+        }
         (None, None) => None,
     };
     machine.start()?;
     started(&machine);
     let exit = machine.wait()?;
     finish_protection(&exit, _server.as_ref(), None);
+    release_claim(&exit, _server.as_ref(), None, held);
     Ok(report_exit(&exit, _server.as_ref()))
 }
 
@@ -270,6 +338,7 @@ fn finish_protection(
 fn report_exit(exit: &VmExit, server: Option<&crate::server::ApiServer>) -> u8 {
     match exit {
         VmExit::PowerOff => tracing::info!("guest powered off"),
+        VmExit::Stopped => eprintln!("ftvmm: stopped by a signal; the guest has ended"),
         VmExit::Reset => eprintln!("ftvmm: the guest reset itself"),
         VmExit::Crash(report) => eprintln!("ftvmm: {report}"),
         VmExit::MigratedAway { to } => {

@@ -96,6 +96,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let mut machine = takeover.machine;
     // The survivor can be protected again (`vm protect`): its API knows the witness and the claim
     // this copy took over with.
+    let held = witness.clone().zip(takeover.claim.clone());
     let server = match &api_socket {
         Some(socket) => {
             let server =
@@ -105,7 +106,7 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
         }
         None => None,
     };
-    super::run::run_machine_after(machine, None, Some(security), server, |m| {
+    super::run::run_machine_after(machine, None, Some(security), server, held, |m| {
         m.announce_network()
     })
 }

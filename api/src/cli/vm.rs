@@ -116,6 +116,10 @@ enum VmAction {
         #[arg(long)]
         force: bool,
     },
+    /// Through the daemon, in cluster mode: remove the guest's claim at the cluster's witness, left
+    /// by a copy that ended without giving it back (its process killed, its host lost); until then
+    /// the guest cannot boot or be protected. Refused while any copy of it runs in the cluster.
+    ReleaseClaim { vm: String },
     /// Protect the running guest with a hot standby (again): a guest never protected, one that lost
     /// its standby, or a standby that took over. With --api-socket, to an `ftvmm standby` at
     /// --standby; through the daemon, to a standby that the peer daemon at --peer starts.
@@ -393,6 +397,7 @@ fn through_daemon(
             Some(json!({ "snapshot": snapshot })),
         ),
         VmAction::Protection { vm: Some(vm) } => ("GET", vm_path(vm, "/protection"), None),
+        VmAction::ReleaseClaim { vm } => ("DELETE", vm_path(vm, "/claim"), None),
         VmAction::Failover {
             vm: Some(vm),
             force,

@@ -122,7 +122,7 @@ pub struct Daemon {
     /// The cluster this host belongs to (`--cluster`), if any.
     cluster: Option<cluster::Cluster>,
     /// The cluster's etcd, which is also the witness of the VMs protected through the daemons.
-    witness_url: Option<String>,
+    pub(super) witness_url: Option<String>,
     /// The latest status of each VM's migration, as followed by `migration.rs`.
     migrations: Mutex<BTreeMap<String, serde_json::Value>>,
 }
@@ -291,7 +291,7 @@ impl Daemon {
 
     /// The witness arguments of VM `id`'s primary and standby processes: in cluster mode the
     /// cluster's etcd decides which copy may act, the guest named by its id (the same on both).
-    fn witness_args(&self, id: &str) -> Vec<OsString> {
+    pub(super) fn witness_args(&self, id: &str) -> Vec<OsString> {
         match &self.witness_url {
             Some(url) => vec![
                 "--witness".into(),

@@ -114,4 +114,70 @@ impl Daemon {
         }
         Ok(record)
     }
+
+    /// Removes the claim of VM `id` at the cluster's witness, left behind by a copy that ended
+    /// without giving it back (its process was killed, its host lost): until then no copy of the
+    /// guest may boot or be protected. Refused while any copy of the VM runs, here or on a host the
+    /// cluster knows — the claim may be that copy's. (A host cut off from the cluster for longer
+    /// than its lease is not seen; a copy running there finds its claim gone the next time it asks
+    /// the witness, and fences itself if another copy claimed the guest meanwhile.)
+    pub fn release_claim(&self, id: &str) -> Result<serde_json::Value, DaemonError> {
+        let Some(url) = &self.witness_url else {
+            return Err(DaemonError::NoPeering(
+                "claims live at the cluster's witness: this daemon is not in cluster mode",
+            ));
+        };
+        let record = self.get(id)?;
+        if matches!(record.lifecycle, Lifecycle::Running | Lifecycle::Booting) {
+            return Err(wrong_state(
+                &record,
+                "its claim is held by the copy that runs here",
+            ));
+        }
+        if let Some(placement) = self.cluster()?.placement(&record.id)? {
+            if let Some(copy) = placement
+                .copies
+                .iter()
+                .find(|c| matches!(c.lifecycle, Lifecycle::Running | Lifecycle::Booting))
+            {
+                return Err(DaemonError::Elsewhere {
+                    id: record.id.clone(),
+                    peer: copy.host.clone(),
+                    how: "a copy runs there and may hold the claim",
+                });
+            }
+        }
+        let witness = replication::witness::Witness::new(url, &record.id)
+            .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let claim = witness
+            .read()
+            .map_err(|e| DaemonError::Internal(e.to_string()))?
+            .ok_or_else(|| {
+                DaemonError::Missing(format!("VM {} has no claim at the witness", record.id))
+            })?;
+        let removed = witness
+            .remove(&claim)
+            .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        if !removed {
+            return Err(DaemonError::Invalid(format!(
+                "VM {}'s claim changed while it was being removed: a copy is acting on it",
+                record.id
+            )));
+        }
+        self.events.send(DaemonEvent::new(
+            &record.id,
+            "claim_released",
+            &format!(
+                "{:?}, generation {}",
+                claim.claim.state, claim.claim.generation
+            ),
+        ));
+        Ok(serde_json::json!({
+            "released": {
+                "holder": claim.claim.holder,
+                "generation": claim.claim.generation,
+                "state": claim.claim.state,
+            }
+        }))
+    }
 }

@@ -48,6 +48,7 @@ use crate::server::routes::{error, invalid_body, no_such_endpoint, ErrorBody};
         unprotect_vm,
         vm_protection,
         failover_vm,
+        release_claim,
         migrate_vm,
         vm_migration,
         cancel_migration,
@@ -381,6 +382,18 @@ async fn failover_vm(
     )
 }
 
+#[utoipa::path(delete, path = "/api/v1/vms/{id}/claim",
+    params(("id" = String, Path, description = "VM id or name")),
+    responses((status = 200, description = "the claim left by a copy that ended is removed"),
+    (status = 404, body = ErrorBody, description = "no such VM, or it has no claim"),
+    (status = 409, body = ErrorBody, description = "a copy of the VM runs (here or on another host), or not in cluster mode")))]
+async fn release_claim(State(d): Shared, Path(id): Path<String>) -> Response {
+    answer(
+        StatusCode::OK,
+        blocking(d, move |d| d.release_claim(&id)).await,
+    )
+}
+
 #[utoipa::path(put, path = "/api/v1/vms/{id}/migrate", request_body = MigrateVm,
     params(("id" = String, Path, description = "VM id or name")),
     responses((status = 202, description = "started; body is the migration status"),
@@ -575,6 +588,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/vms/{id}/unprotect", put(unprotect_vm))
         .route("/api/v1/vms/{id}/protection", get(vm_protection))
         .route("/api/v1/vms/{id}/failover", put(failover_vm))
+        .route("/api/v1/vms/{id}/claim", delete(release_claim))
         .route("/api/v1/vms/{id}/migrate", put(migrate_vm))
         .route("/api/v1/vms/{id}/migration", get(vm_migration))
         .route("/api/v1/vms/{id}/migration/cancel", put(cancel_migration))

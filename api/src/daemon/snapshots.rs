@@ -113,6 +113,9 @@ impl Daemon {
                     .config
                     .backend_args(&files.console, &files.api_socket),
             );
+            // In cluster mode the restored copy claims the guest at the witness as a boot does:
+            // refused while another copy holds it.
+            args.extend(self.witness_args(&record.id));
             args
         })
     }

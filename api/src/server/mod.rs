@@ -110,6 +110,14 @@ impl ApiServer {
     }
 
     /// The current (or last) protection of the VM, if any.
+    /// The witness and the claim this process holds there when no protection is current.
+    pub fn witness_setting(&self) -> routes::WitnessSetting {
+        self.witness
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn protection(&self) -> Option<replication::protection::ProtectionHandle> {
         self.protection
             .lock()

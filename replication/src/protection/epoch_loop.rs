@@ -187,6 +187,7 @@ pub fn ending_of(exit: &vmm::VmExit) -> Ending {
         vmm::VmExit::PowerOff => Ending::PoweredOff,
         vmm::VmExit::Reset => Ending::Reset,
         vmm::VmExit::Crash(_) => Ending::Crashed,
+        vmm::VmExit::Stopped => Ending::Stopped,
         vmm::VmExit::MigratedAway { to } => Ending::Unprotected {
             reason: format!("the guest migrated to {to}"),
         },
@@ -570,7 +571,7 @@ impl EpochLoop {
         // the guest lives on there, from its last committed checkpoint.
         let guest_ended = matches!(
             self.ending(),
-            Some(Ending::PoweredOff | Ending::Reset | Ending::Crashed)
+            Some(Ending::PoweredOff | Ending::Reset | Ending::Crashed | Ending::Stopped)
         );
         if guest_ended {
             match witness.remove(&current) {

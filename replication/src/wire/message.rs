@@ -62,6 +62,8 @@ pub enum Ending {
     /// Protection was stopped (`vm unprotect`, or the primary gave up on this standby): the guest
     /// goes on at the primary, unprotected.
     Unprotected { reason: String },
+    /// The primary's operator stopped the VM (SIGTERM): the guest ends, as at a power-off.
+    Stopped,
 }
 
 impl std::fmt::Display for Ending {
@@ -73,6 +75,7 @@ impl std::fmt::Display for Ending {
             Ending::Unprotected { reason } => {
                 write!(f, "the guest goes on at the primary, unprotected: {reason}")
             }
+            Ending::Stopped => write!(f, "the VM was stopped by its operator"),
         }
     }
 }

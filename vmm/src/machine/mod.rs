@@ -7,6 +7,7 @@ mod q35;
 mod serial_input;
 pub use q35::Q35State;
 mod snapshot;
+mod stop_signal;
 
 pub use snapshot::{
     RestoreOptions, SnapshotError, SnapshotInfo, SnapshotKind, VmSnapshot, SNAPSHOT_MEMORY_FILE,
@@ -120,6 +121,8 @@ pub enum VmExit {
     Crash(Box<CrashReport>),
     /// The guest now runs elsewhere (live migration completed).
     MigratedAway { to: String },
+    /// The VMM was told to stop (SIGTERM or SIGINT): the guest ends here, as at a power-off.
+    Stopped,
 }
 
 impl VmExit {
@@ -130,6 +133,7 @@ impl VmExit {
             Self::Reset => 3,
             Self::Crash(_) => 4,
             Self::MigratedAway { .. } => 0,
+            Self::Stopped => 0,
         }
     }
 }
@@ -287,6 +291,13 @@ pub struct Machine {
 impl Machine {
     /// Starts every vCPU thread.
     pub fn start(&mut self) -> Result<(), MachineError> {
+        // From now on SIGTERM and SIGINT end the VM through the event loop, like any ending.
+        let stop = stop_signal::StopSignal::install().map_err(|source| MachineError::Io {
+            what: "the stop signal's eventfd",
+            source,
+        })?;
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(stop)));
         for vcpu in self.unstarted.drain(..) {
             self.vcpu_threads.push(vcpu.spawn()?);
         }
@@ -593,6 +604,9 @@ impl Machine {
             .take();
         if let Some(report) = crash {
             return Some(VmExit::Crash(Box::new(report)));
+        }
+        if stop_signal::requested() {
+            return Some(VmExit::Stopped);
         }
         self.stop.guest_exit.requested().map(|r| match r {
             GuestExitRequest::PowerOff => VmExit::PowerOff,
