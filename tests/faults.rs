@@ -540,3 +540,42 @@ fn a_stopped_protected_primary_is_not_taken_over_and_gives_its_claim_back() {
     pair.client.take();
     pair.finish();
 }
+
+/// A takeover race fought while etcd's answers come after the client's timeout: the primary hangs,
+/// the standby asks the witness for the guest and its swap is applied, but neither that answer nor
+/// the read back arrives. When the answers come again the standby finds its own claim — it won —
+/// and runs the guest; the primary wakes, finds the claim gone and fences itself. Exactly one copy
+/// runs, and the client loses nothing. (The standby used to retry against the old revision, lose
+/// its compare to its own write and give up, and the woken primary to fence: nobody ran.)
+#[test]
+fn a_takeover_race_with_late_witness_answers_leaves_exactly_one_copy_running() {
+    let _serial = one_at_a_time();
+    let mut pair = ProtectedPair::start_opts(
+        "late-witness",
+        PairOptions {
+            witness: true,
+            witness_proxy: true,
+            ..PairOptions::new(500)
+        },
+    );
+    pair.wait_acknowledged(10, "before the race");
+    pair.set_witness_answers("delay 3000");
+    signal(&pair.primary, "-STOP");
+    let stopped_at = pair.acknowledged();
+    pair.standby
+        .wait_for_stderr("the primary is silent: asking the witness", DEADLINE);
+    // The standby's swap reaches etcd; its answer, and every read back, comes too late.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(!pair.standby.stderr().contains("taking over"));
+    pair.set_witness_answers("pass");
+    pair.standby
+        .wait_for_stderr("taking over from checkpoint", DEADLINE);
+    pair.wait_acknowledged(stopped_at + 10, "on the standby");
+    let frames_at_wake = frames_from_primary(&pair);
+    signal(&pair.primary, "-CONT");
+    assert_eq!(pair.primary.wait_exit(DEADLINE), Some(5), "{}", pair.primary.stderr());
+    assert_eq!(frames_from_primary(&pair), frames_at_wake, "the woken primary sent frames");
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "on the standby after the old primary fenced");
+    pair.finish();
+}

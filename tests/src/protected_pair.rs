@@ -43,6 +43,52 @@ pub struct ProtectedPair {
     pub storm_disk_mib: Option<u64>,
     /// The impairment of the replication link, while it runs.
     pub impairment: Option<impair::link::RunningImpairment>,
+    /// The proxy between the copies and etcd, if any.
+    pub witness_proxy: Option<WitnessProxy>,
+}
+
+/// `ftvmm-impair tcp-proxy` on the LAN in front of the pair's etcd.
+pub struct WitnessProxy {
+    child: std::process::Child,
+    pub url: String,
+    control: std::path::PathBuf,
+}
+
+impl WitnessProxy {
+    fn start(hosts: &TwoHosts, etcd: &TestEtcd, dir: &std::path::Path) -> Self {
+        let control = dir.join("witness-proxy.ctl");
+        let _ = std::fs::remove_file(&control);
+        let listen = format!("{}:2479", hosts.lan_ip());
+        let bin = impair::link::impair_bin().expect("the ftvmm-impair binary (cargo build)");
+        let child = hosts
+            .lan
+            .command(bin.to_str().unwrap())
+            .args(["tcp-proxy", "--listen", &listen])
+            .args(["--to", etcd.url().trim_start_matches("http://")])
+            .arg("--control")
+            .arg(&control)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start ftvmm-impair tcp-proxy");
+        let t0 = Instant::now();
+        while impair::proxy::send_control(&control, "mode pass").is_err() {
+            assert!(t0.elapsed() < DEADLINE, "the witness proxy did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            url: format!("http://{listen}"),
+            control,
+        }
+    }
+}
+
+impl Drop for WitnessProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// How a [`ProtectedPair`] is made.
@@ -62,6 +108,9 @@ pub struct PairOptions {
     pub link: Option<impair::link::LinkImpairment>,
     /// Starts the client that increments the counter without pause (else there is none).
     pub client: bool,
+    /// With `witness`: both copies reach etcd through a proxy (`ftvmm-impair tcp-proxy`) whose
+    /// answers the test can delay or lose ([`ProtectedPair::set_witness_answers`]).
+    pub witness_proxy: bool,
 }
 
 impl PairOptions {
@@ -74,6 +123,7 @@ impl PairOptions {
             storm_cmdline: String::new(),
             link: None,
             client: true,
+            witness_proxy: false,
         }
     }
 }
@@ -133,21 +183,28 @@ impl ProtectedPair {
             storm_cmdline,
             link,
             client,
+            witness_proxy,
         } = options;
         let hosts = TwoHosts::new().expect("two-host topology");
         let etcd = witness.then(|| TestEtcd::start(&hosts.lan, &hosts.lan_ip()));
+        let dir =
+            std::env::temp_dir().join(format!("ftvmm-replication-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let proxy = match (&etcd, witness_proxy) {
+            (Some(etcd), true) => Some(WitnessProxy::start(&hosts, etcd, &dir)),
+            _ => None,
+        };
         let witness_args: Vec<String> = match &etcd {
             Some(etcd) => vec![
                 "--witness".into(),
-                etcd.url().into(),
+                proxy
+                    .as_ref()
+                    .map_or(etcd.url().to_string(), |p| p.url.clone()),
                 "--guest-name".into(),
                 format!("pair-{name}"),
             ],
             None => vec![],
         };
-        let dir =
-            std::env::temp_dir().join(format!("ftvmm-replication-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
         let api = dir.join("primary.sock");
         let (a_ip, b_ip) = (hosts.a_ip(), hosts.b_ip());
         let pki = tls_pki(
@@ -236,7 +293,20 @@ impl ProtectedPair {
             client,
             storm_disk_mib,
             impairment,
+            witness_proxy: proxy,
         }
+    }
+
+    /// How the proxy in front of the witness treats etcd's answers from now on: `pass`,
+    /// `delay MS`, `lose PCT`, `blackhole` (docs/impairment.md).
+    pub fn set_witness_answers(&self, mode: &str) {
+        let proxy = self
+            .witness_proxy
+            .as_ref()
+            .expect("the pair was made with witness_proxy");
+        let answer = impair::proxy::send_control(&proxy.control, &format!("mode {mode}"))
+            .unwrap_or_else(|e| panic!("the witness proxy's control socket: {e}"));
+        assert_eq!(answer, "ok", "mode {mode}");
     }
 
     /// A new standby on host A (`on_a`) or B, listening on that host's address, port 7100, with an
