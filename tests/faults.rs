@@ -573,9 +573,239 @@ fn a_takeover_race_with_late_witness_answers_leaves_exactly_one_copy_running() {
     pair.wait_acknowledged(stopped_at + 10, "on the standby");
     let frames_at_wake = frames_from_primary(&pair);
     signal(&pair.primary, "-CONT");
-    assert_eq!(pair.primary.wait_exit(DEADLINE), Some(5), "{}", pair.primary.stderr());
-    assert_eq!(frames_from_primary(&pair), frames_at_wake, "the woken primary sent frames");
+    assert_eq!(
+        pair.primary.wait_exit(DEADLINE),
+        Some(5),
+        "{}",
+        pair.primary.stderr()
+    );
+    assert_eq!(
+        frames_from_primary(&pair),
+        frames_at_wake,
+        "the woken primary sent frames"
+    );
     let now = pair.acknowledged();
     pair.wait_acknowledged(now + 10, "on the standby after the old primary fenced");
     pair.finish();
+}
+
+/// The faults the soak injects, one per cycle in turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SoakFault {
+    /// The primary's process is killed.
+    KillPrimary,
+    /// The primary's process is stopped (hung), then woken after the takeover: it must fence.
+    HangPrimary,
+    /// The standby's host is cut off from everything, then healed.
+    PartitionStandbyHost,
+    /// The standby's process is killed.
+    KillStandby,
+    /// The standby's process is stopped for 1.5 s (a frozen standby), then woken.
+    FreezeStandby,
+    /// Every packet between the two copies is dropped for 2 s, both ways: a race at the witness.
+    CutLink,
+    /// The witness's answers come after the client's timeout while the primary is killed.
+    KillPrimaryWithLateWitness,
+}
+
+const SOAK_FAULTS: [SoakFault; 7] = [
+    SoakFault::KillPrimary,
+    SoakFault::HangPrimary,
+    SoakFault::PartitionStandbyHost,
+    SoakFault::KillStandby,
+    SoakFault::FreezeStandby,
+    SoakFault::CutLink,
+    SoakFault::KillPrimaryWithLateWitness,
+];
+
+/// The failover soak (`scripts/soak-failover`): SOAK_CYCLES (default 14) cycles over every
+/// [`SoakFault`], with a disk and a witness behind a proxy, and 1 % loss and 0–20 ms of jitter on
+/// the replication link throughout; the survivor or the primary is protected again after each. One
+/// client connection (INCR and SET) checks that no acknowledged write is lost; after every cycle
+/// it must make progress (somebody runs the guest); after a takeover the old primary's TAP must
+/// stay silent until it is gone, and a standby that did not take over must never have sent a frame
+/// (never two copies on the network). Prints the tally line `SOAK cycles=.. <fault>=.. ...`.
+#[test]
+#[ignore = "long: run by scripts/soak-failover"]
+fn soak_failover() {
+    let _serial = one_at_a_time();
+    let cycles: u32 = std::env::var("SOAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SOAK_FAULTS.len() as u32 * 2);
+    let mut pair = ProtectedPair::start_opts(
+        "soak",
+        PairOptions {
+            witness: true,
+            disk: true,
+            witness_proxy: true,
+            link: Some(LinkImpairment {
+                loss: 1.0,
+                delay_ms: 10,
+                jitter_ms: 10,
+                ..Default::default()
+            }),
+            ..PairOptions::new(500)
+        },
+    );
+    let mut tally: std::collections::BTreeMap<String, u32> = Default::default();
+    let mut count = |what: &str| *tally.entry(what.to_string()).or_default() += 1;
+    let mut primary_on_a = true;
+    let mut primary_api = pair.api.clone();
+    let mut kill_points = KillPoints::from_clock();
+    let t0 = Instant::now();
+    for cycle in 0..cycles {
+        let fault = SOAK_FAULTS[cycle as usize % SOAK_FAULTS.len()];
+        let what = format!("cycle {cycle} ({fault:?})");
+        wait_protected(&primary_api, &what);
+        let now = pair.acknowledged();
+        pair.wait_acknowledged(now + 3, &format!("{what}: before the fault"));
+        std::thread::sleep(kill_points.next_point());
+        let (primary_host, standby_host) = if primary_on_a {
+            (&pair.hosts.a, &pair.hosts.b)
+        } else {
+            (&pair.hosts.b, &pair.hosts.a)
+        };
+        let standby_frames = frames_on_tap(standby_host);
+        count(&format!("{fault:?}"));
+        eprintln!("soak: {what}, {:.0} s", t0.elapsed().as_secs_f64());
+        // Whether the standby took the guest over in this cycle.
+        let took_over = match fault {
+            SoakFault::KillPrimary => {
+                pair.primary.kill();
+                true
+            }
+            SoakFault::KillPrimaryWithLateWitness => {
+                pair.set_witness_answers("delay 3000");
+                pair.primary.kill();
+                std::thread::sleep(Duration::from_secs(4));
+                pair.set_witness_answers("pass");
+                true
+            }
+            SoakFault::HangPrimary => {
+                signal(&pair.primary, "-STOP");
+                pair.standby
+                    .wait_for_stderr("taking over from checkpoint", DEADLINE);
+                let frames = frames_on_tap(primary_host);
+                signal(&pair.primary, "-CONT");
+                assert_eq!(
+                    pair.primary.wait_exit(DEADLINE),
+                    Some(5),
+                    "{what}: the woken primary must fence itself\n{}",
+                    pair.primary.stderr()
+                );
+                assert_eq!(
+                    frames_on_tap(primary_host),
+                    frames,
+                    "{what}: two copies sent"
+                );
+                count("fenced");
+                true
+            }
+            SoakFault::PartitionStandbyHost => {
+                set_host_link(standby_host, false);
+                wait_protection_state(&primary_api, "degraded", &what);
+                let now = pair.acknowledged();
+                pair.wait_acknowledged(now + 3, &format!("{what}: degraded"));
+                set_host_link(standby_host, true);
+                false
+            }
+            SoakFault::KillStandby => {
+                pair.standby.kill();
+                wait_protection_state(&primary_api, "degraded", &what);
+                false
+            }
+            SoakFault::FreezeStandby => {
+                signal(&pair.standby, "-STOP");
+                std::thread::sleep(Duration::from_millis(1500));
+                signal(&pair.standby, "-CONT");
+                wait_protection_state(&primary_api, "degraded", &what);
+                false
+            }
+            SoakFault::CutLink => {
+                let cut = impair::link::spawn_in_netns(
+                    pair.hosts.a.name(),
+                    &LinkImpairment {
+                        ports: vec![REPLICATION_PORT],
+                        cut: true,
+                        ..Default::default()
+                    },
+                )
+                .expect("cut the link");
+                std::thread::sleep(Duration::from_secs(2));
+                cut.stop().expect("heal the link");
+                // Whichever copy the witness gave the guest to goes on.
+                let t = Instant::now();
+                loop {
+                    if pair
+                        .standby
+                        .stderr()
+                        .contains("taking over from checkpoint")
+                    {
+                        break true;
+                    }
+                    let status = integration_tests::run_ftvmm(
+                        &[
+                            "vm",
+                            "--api-socket",
+                            primary_api.to_str().unwrap(),
+                            "protection",
+                        ],
+                        DEADLINE,
+                    );
+                    if status.stdout.contains("\"degraded\"") {
+                        break false;
+                    }
+                    assert!(t.elapsed() < DEADLINE, "{what}: neither copy went on");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        if took_over {
+            pair.standby
+                .wait_for_stderr("taking over from checkpoint", DEADLINE);
+            count("takeovers");
+            let now = pair.acknowledged();
+            pair.wait_acknowledged(now + 3, &format!("{what}: after the takeover"));
+            if fault == SoakFault::CutLink {
+                // The primary lost the race at the witness: it fences itself.
+                assert_eq!(pair.primary.wait_exit(DEADLINE), Some(5), "{what}");
+                count("fenced");
+            }
+            primary_api = pair.reprotect_survivor(primary_on_a, &what);
+            primary_on_a = !primary_on_a;
+        } else {
+            // The standby never ran the guest: it ends (its own end, or told by the primary) and
+            // a fresh one takes its place.
+            if fault != SoakFault::KillStandby {
+                let code = pair.standby.wait_exit(DEADLINE);
+                assert!(
+                    matches!(code, Some(0 | 1)),
+                    "{what}: {code:?}\n{}",
+                    pair.standby.stderr()
+                );
+                assert!(!pair.standby.stderr().contains("taking over"), "{what}");
+            }
+            assert_eq!(
+                frames_on_tap(standby_host),
+                standby_frames,
+                "{what}: two copies sent"
+            );
+            count("degraded");
+            let now = pair.acknowledged();
+            pair.wait_acknowledged(now + 3, &format!("{what}: degraded"));
+            let (standby, listen) = pair.new_standby(!primary_on_a);
+            pair.standby = standby;
+            protect(&primary_api, &listen, &what);
+        }
+    }
+    let elapsed = t0.elapsed();
+    let last = pair.finish();
+    let kinds: Vec<String> = tally.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "SOAK cycles={cycles} {} acknowledged={last} lost=0 two_copies=0 nobody_running=0 \
+         seconds={:.0}",
+        kinds.join(" "),
+        elapsed.as_secs_f64()
+    );
 }
