@@ -513,18 +513,7 @@ fn a_stopped_protected_primary_is_not_taken_over_and_gives_its_claim_back() {
         "{}",
         pair.primary.stderr()
     );
-    assert_eq!(
-        pair.standby.wait_exit(DEADLINE),
-        Some(0),
-        "{}",
-        pair.standby.stderr()
-    );
-    let standby = pair.standby.stderr();
-    assert!(
-        standby.contains("the VM was stopped by its operator"),
-        "{standby}"
-    );
-    assert!(!standby.contains("taking over"), "{standby}");
+    pair.assert_standby_ends_without_takeover(0, "the VM was stopped by its operator");
     // `--witness URL --guest-name NAME`: the etcd lives on the LAN.
     let url = pair.witness_args[1].clone();
     let name = pair.witness_args[3].clone();

@@ -324,3 +324,101 @@ fn the_harness_refuses_bad_input_and_bounds_a_hanging_script() {
         hung.console
     );
 }
+
+/// A frozen standby host, without a witness: the standby runs in the L1, its primary (the test
+/// guest) on this host, reaching it through ports QEMU forwards. The whole L1 is stopped through
+/// QMP — its clock stops with it — for longer than the failure timeout; the primary counts its
+/// standby lost, says goodbye on the control channel and goes on unprotected. When the L1 is
+/// continued, the standby's clock says the primary answered a moment ago and its connections
+/// end at once: it must read the goodbye and end without taking over, while the primary runs on.
+/// (It used to take the connection's end, seen while it still counted the primary alive, for the
+/// primary's death, and resume the guest beside it.)
+#[test]
+fn a_frozen_standby_host_without_a_witness_never_takes_over_a_primary_that_went_on() {
+    use integration_tests::{ftvmm_bin, run_ftvmm, testguest, tls_pki, RunningVm};
+    let dir = std::env::temp_dir().join(format!("ftvmm-nested-frozen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The primary dials 127.0.0.1 (the forwarded port): the standby's certificate names it.
+    let pki = tls_pki(&dir, &[("a", &["127.0.0.1"]), ("b", &["127.0.0.1"])]);
+    let qmp_socket = dir.join("qmp.sock");
+    let port = 17100 + (std::process::id() % 500) as u16;
+    let mut nested = Nested::script("tests/nested/frozen_standby.sh")
+        .forward("tcp", port, 7100)
+        .forward("udp", port, 7100)
+        .qmp(&qmp_socket)
+        .timeout(CASE_TIMEOUT);
+    for file in ["ca.crt", "node.crt", "node.key"] {
+        nested = nested.file(pki.join("b").join(file), &format!("pki-b/{file}"));
+    }
+    let l1 = nested.spawn();
+    l1.wait_for("FROZEN-STANDBY: standing by", CASE_TIMEOUT);
+
+    let api = dir.join("a.sock");
+    let mut cmd = std::process::Command::new(ftvmm_bin());
+    cmd.env("FTVMM_LOG", "replication=info")
+        .args(["run", "--kernel", testguest().to_str().unwrap()])
+        .args([
+            "--memory",
+            "64",
+            "--serial",
+            "null",
+            "--cmdline",
+            "mode=spin",
+        ])
+        .args([
+            "--standby",
+            &format!("127.0.0.1:{port}"),
+            "--epoch-ms",
+            "50",
+        ])
+        .arg("--tls")
+        .arg(pki.join("a"))
+        .arg("--api-socket")
+        .arg(&api);
+    let mut primary = RunningVm::spawn(cmd);
+    primary.wait_for_stderr("guest protected by", CASE_TIMEOUT);
+    let protection = || {
+        let out = run_ftvmm(
+            &["vm", "--api-socket", api.to_str().unwrap(), "protection"],
+            CASE_TIMEOUT,
+        );
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    let t0 = std::time::Instant::now();
+    while protection()["committed_epoch"].as_u64().unwrap_or(0) < 20 {
+        assert!(t0.elapsed() < CASE_TIMEOUT, "{}", primary.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    integration_tests::nested::qmp(&qmp_socket, "stop").expect("QMP stop");
+    std::thread::sleep(Duration::from_millis(2500));
+    let frozen = protection();
+    assert_eq!(
+        frozen["state"], "degraded",
+        "the primary goes on without its standby: {frozen}"
+    );
+    integration_tests::nested::qmp(&qmp_socket, "cont").expect("QMP cont");
+
+    let run = l1.finish();
+    let result = run
+        .line("RESULT: frozen-standby")
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        result.contains("took_over=0"),
+        "the frozen standby took over a primary that went on: {result}\n{}",
+        run.console
+    );
+    assert_eq!(run.status, Some(0), "{}", run.console);
+    let info = run_ftvmm(
+        &["vm", "--api-socket", api.to_str().unwrap(), "info"],
+        CASE_TIMEOUT,
+    );
+    assert!(
+        info.stdout.contains("\"running\""),
+        "the primary runs on: {info:?}"
+    );
+    primary.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -551,18 +551,7 @@ fn a_cut_replication_link_leaves_exactly_one_active_copy() {
     assert!(!err.contains("taking over"), "{err}");
 
     set_standby_host_link(&pair, true);
-    assert_eq!(
-        pair.standby.wait_exit(DEADLINE),
-        Some(0),
-        "{}",
-        pair.standby.stderr()
-    );
-    let err = pair.standby.stderr();
-    assert!(
-        err.contains("the guest goes on at the primary, unprotected"),
-        "{err}"
-    );
-    assert!(!err.contains("taking over"), "{err}");
+    pair.assert_standby_ends_without_takeover(0, "the guest goes on at the primary, unprotected");
     assert_standby_never_sent(&pair);
     let healed_at = pair.acknowledged();
     pair.wait_acknowledged(healed_at + 10, "on the primary after the link healed");
@@ -670,8 +659,9 @@ fn a_guest_is_reprotected_after_losing_its_standby_and_after_a_failover() {
     pair.standby = standby;
     protect(&pair.api, &listen, "re-protecting the primary");
     wait_protected(&pair.api, "re-protected primary");
-    // The witness's claim went protected (1), unprotected (2), protected again (3).
-    assert_eq!(pair.protection()["generation"], 3);
+    // The witness's claim went unprotected at boot (1), protected (2), unprotected (3), protected
+    // again (4).
+    assert_eq!(pair.protection()["generation"], 4);
     let now = pair.acknowledged();
     pair.wait_acknowledged(now + 10, "re-protected");
 

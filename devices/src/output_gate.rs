@@ -21,7 +21,20 @@ pub trait OutputGate: Send {
 
     /// Sends everything held for epochs up to and including `epoch` through `sink`.
     /// Returns how many units were released.
-    fn release_through(&mut self, epoch: u64, sink: &mut dyn OutputSink) -> io::Result<usize>;
+    fn release_through(&mut self, epoch: u64, sink: &mut dyn OutputSink) -> io::Result<usize> {
+        self.release_through_while(epoch, sink, &|| true)
+    }
+
+    /// As [`OutputGate::release_through`], asking `permitted` before each unit: once it says no,
+    /// the rest stays held (for a later release). Replication asks whether the standby still counts
+    /// this primary alive, so that a primary stopped in the middle of a release sends nothing more
+    /// once it wakes.
+    fn release_through_while(
+        &mut self,
+        epoch: u64,
+        sink: &mut dyn OutputSink,
+        permitted: &dyn Fn() -> bool,
+    ) -> io::Result<usize>;
 
     /// Units currently held back.
     fn held(&self) -> usize;
@@ -66,7 +79,12 @@ impl OutputGate for PassThroughGate {
         Ok(())
     }
 
-    fn release_through(&mut self, _epoch: u64, _sink: &mut dyn OutputSink) -> io::Result<usize> {
+    fn release_through_while(
+        &mut self,
+        _epoch: u64,
+        _sink: &mut dyn OutputSink,
+        _permitted: &dyn Fn() -> bool,
+    ) -> io::Result<usize> {
         Ok(0)
     }
 
@@ -113,9 +131,14 @@ impl OutputGate for EpochGate {
         Ok(())
     }
 
-    fn release_through(&mut self, epoch: u64, sink: &mut dyn OutputSink) -> io::Result<usize> {
+    fn release_through_while(
+        &mut self,
+        epoch: u64,
+        sink: &mut dyn OutputSink,
+        permitted: &dyn Fn() -> bool,
+    ) -> io::Result<usize> {
         let mut released = 0;
-        while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
+        while self.held.front().is_some_and(|(e, _)| *e <= epoch) && permitted() {
             if let Some((_, data)) = self.held.pop_front() {
                 self.held_bytes -= data.len();
                 // A frame the network cannot take now is dropped, as a congested link would.
@@ -148,6 +171,30 @@ impl OutputGate for EpochGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Once the permit is withdrawn mid-release, nothing more leaves; the rest goes with a later
+    /// release.
+    #[test]
+    fn a_release_stops_where_its_permit_is_withdrawn() {
+        let mut gate = EpochGate::new(1);
+        let mut sink = Collect::default();
+        for frame in [b"a", b"b", b"c"] {
+            gate.submit(frame, &mut sink).unwrap();
+        }
+        let left = std::cell::Cell::new(2);
+        let permit = || {
+            left.set(left.get() - 1);
+            left.get() >= 0
+        };
+        assert_eq!(
+            gate.release_through_while(1, &mut sink, &permit).unwrap(),
+            2
+        );
+        assert_eq!(sink.0, vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(gate.held(), 1);
+        assert_eq!(gate.release_through(1, &mut sink).unwrap(), 1);
+        assert_eq!(sink.0.len(), 3);
+    }
 
     #[derive(Default)]
     struct Collect(Vec<Vec<u8>>);

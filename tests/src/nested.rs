@@ -82,6 +82,21 @@ impl Nested {
         self
     }
 
+    /// Forwards `127.0.0.1:host_port` of this host (`proto` tcp or udp) to `l1_port` of the L1,
+    /// which then has a NIC on QEMU's user network.
+    pub fn forward(mut self, proto: &str, host_port: u16, l1_port: u16) -> Self {
+        self.args.push("--forward".into());
+        self.args.push(format!("{proto}:{host_port}:{l1_port}"));
+        self
+    }
+
+    /// QEMU's QMP monitor on the Unix socket `path` ([`qmp`]).
+    pub fn qmp(mut self, path: &Path) -> Self {
+        self.args.push("--qmp".into());
+        self.args.push(path.display().to_string());
+        self
+    }
+
     /// Bounds the whole run, the L1's boot included.
     pub fn timeout(mut self, bound: Duration) -> Self {
         self.args.push("--timeout".into());
@@ -92,7 +107,12 @@ impl Nested {
     /// Runs it, streaming the console to stderr (shown by `cargo test` on failure or with
     /// `--nocapture`), and returns the script's status and the console.
     pub fn run(self) -> NestedRun {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        self.spawn().finish()
+    }
+
+    /// Starts it; the test follows its console ([`RunningNested::wait_for`]) while it runs.
+    pub fn spawn(self) -> RunningNested {
+        let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let mut cmd = Command::new(workspace_root().join("scripts/nested"));
         cmd.args(&self.args)
             .arg(&self.script)
@@ -107,24 +127,114 @@ impl Nested {
         }
         let mut child = cmd.spawn().expect("run scripts/nested");
         let stderr = child.stderr.take().expect("stderr piped");
-        let harness = std::thread::spawn(move || collect(stderr));
-        let console = collect(child.stdout.take().expect("stdout piped"));
-        let harness = harness.join().unwrap_or_default();
-        let status = child.wait().expect("wait for scripts/nested").code();
-        NestedRun {
-            status,
-            console: console + &harness,
+        let harness = std::thread::spawn(move || collect(stderr, &Mutex::new(String::new())));
+        let console = std::sync::Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().expect("stdout piped");
+        let seen = console.clone();
+        let reader = std::thread::spawn(move || collect(stdout, &seen));
+        RunningNested {
+            child,
+            console,
+            reader: Some(reader),
+            harness: Some(harness),
+            _one: one,
         }
     }
 }
 
-fn collect(pipe: impl std::io::Read) -> String {
+/// A nested run in progress.
+pub struct RunningNested {
+    child: std::process::Child,
+    console: std::sync::Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<String>>,
+    harness: Option<std::thread::JoinHandle<String>>,
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+impl RunningNested {
+    /// The console so far.
+    pub fn console(&self) -> String {
+        self.console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until a console line contains `marker`; panics with the console after `timeout`.
+    pub fn wait_for(&self, marker: &str, timeout: Duration) {
+        let t0 = std::time::Instant::now();
+        while !self.console().contains(marker) {
+            if t0.elapsed() > timeout {
+                panic!(
+                    "no {marker:?} on the nested console within {timeout:?}\n{}",
+                    self.console()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the run to end: the script's status and the whole console.
+    pub fn finish(mut self) -> NestedRun {
+        let console = self.reader.take().map(|r| r.join().unwrap_or_default());
+        let harness = self.harness.take().map(|h| h.join().unwrap_or_default());
+        let status = self.child.wait().expect("wait for scripts/nested").code();
+        NestedRun {
+            status,
+            console: console.unwrap_or_default() + &harness.unwrap_or_default(),
+        }
+    }
+}
+
+/// Sends `command` (`stop`, `cont`, ...) to the QEMU whose QMP monitor is on `socket`; returns
+/// its answer line.
+pub fn qmp(socket: &Path, command: &str) -> Result<String, String> {
+    use std::io::Write;
+    let stream =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("{socket:?}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut line = String::new();
+    let mut next = |line: &mut String| -> Result<(), String> {
+        line.clear();
+        reader.read_line(line).map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    next(&mut line)?; // the greeting
+    let mut writer = stream;
+    for request in [
+        r#"{"execute":"qmp_capabilities"}"#.to_string(),
+        format!(r#"{{"execute":"{command}"}}"#),
+    ] {
+        writer
+            .write_all(format!("{request}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        // Events may come before the answer.
+        loop {
+            next(&mut line)?;
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                break;
+            }
+        }
+        if line.contains("\"error\"") {
+            return Err(format!("QMP {command}: {line}"));
+        }
+    }
+    Ok(line.trim().to_string())
+}
+
+fn collect(pipe: impl std::io::Read, seen: &Mutex<String>) -> String {
     let mut all = String::new();
     for line in BufReader::new(pipe).lines() {
         let Ok(line) = line else { break };
         eprintln!("[nested] {line}");
         all.push_str(&line);
         all.push('\n');
+        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.push_str(&line);
+        seen.push('\n');
     }
     all
 }

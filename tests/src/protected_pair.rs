@@ -297,6 +297,20 @@ impl ProtectedPair {
         }
     }
 
+    /// Waits for the standby to end on its own with `code`, having said `says`, and never having
+    /// taken over.
+    pub fn assert_standby_ends_without_takeover(&mut self, code: i32, says: &str) {
+        assert_eq!(
+            self.standby.wait_exit(DEADLINE),
+            Some(code),
+            "{}",
+            self.standby.stderr()
+        );
+        let err = self.standby.stderr();
+        assert!(err.contains(says), "{err}");
+        assert!(!err.contains("taking over"), "{err}");
+    }
+
     /// How the proxy in front of the witness treats etcd's answers from now on: `pass`,
     /// `delay MS`, `lose PCT`, `blackhole` (docs/impairment.md).
     pub fn set_witness_answers(&self, mode: &str) {

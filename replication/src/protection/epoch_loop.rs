@@ -743,8 +743,11 @@ impl EpochLoop {
         self.confirm_after_silence()?;
         let held = Arc::new(Mutex::new((0, 0)));
         let held_after = held.clone();
+        // Asked before every frame: a primary stopped mid-release sends nothing more on waking
+        // (what stays held leaves with the next commit, once confirmed).
+        let permit = self.watch.release_permit();
         self.run_job(move |m| {
-            let released = m.release_output(epoch);
+            let released = m.release_output(epoch, &|| permit.allows());
             tracing::debug!(epoch, released, "committed: output released");
             *held_after.lock().unwrap_or_else(|e| e.into_inner()) = m.held_output();
             VmReply::Done(m.info())

@@ -568,14 +568,15 @@ impl Machine {
         })
     }
 
-    /// Releases output held for epochs up to `epoch`; returns the frames released.
-    pub fn release_output(&self, epoch: u64) -> usize {
+    /// Releases output held for epochs up to `epoch` while `permitted` says so, asked before every
+    /// frame; returns the frames released.
+    pub fn release_output(&self, epoch: u64, permitted: &dyn Fn() -> bool) -> usize {
         self.nics
             .iter()
             .map(|nic| {
                 nic.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .release_output(epoch)
+                    .release_output(epoch, permitted)
             })
             .sum()
     }

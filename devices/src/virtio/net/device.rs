@@ -205,10 +205,13 @@ impl VirtioNet {
         (self.gate.held(), self.gate.held_bytes())
     }
 
-    /// Sends the frames held for epochs up to `epoch` (their checkpoint is committed), then resumes
-    /// transmit if the gate's cap had paused it.
-    pub fn release_output(&mut self, epoch: u64) -> usize {
-        let released = match self.gate.release_through(epoch, &mut self.tap) {
+    /// Sends the frames held for epochs up to `epoch` (their checkpoint is committed) while
+    /// `permitted` says so, frame by frame, then resumes transmit if the gate's cap had paused it.
+    pub fn release_output(&mut self, epoch: u64, permitted: &dyn Fn() -> bool) -> usize {
+        let released = match self
+            .gate
+            .release_through_while(epoch, &mut self.tap, permitted)
+        {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!("virtio-net {}: releasing output: {e}", self.tap.name());

@@ -31,7 +31,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 pub use control_channel::{read_control, ControlRead, ControlVerdict};
-pub use primary_side::{StandbyTerms, StandbyWatch};
+pub use primary_side::{ReleasePermit, StandbyTerms, StandbyWatch};
 pub use prober::{ClockJumps, PeerLiveness};
 pub use standby_side::{watch_primary, PrimaryWatch, WatchPlan};
 

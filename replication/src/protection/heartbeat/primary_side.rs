@@ -26,7 +26,26 @@ pub struct StandbyWatch {
     /// The control channel, until the goodbye is written on it.
     control: Arc<Mutex<Option<Link>>>,
     /// Clock jumps already confirmed with the witness.
-    confirmed_jumps: AtomicU64,
+    confirmed_jumps: Arc<AtomicU64>,
+}
+
+/// Whether output may leave now — asked before every frame of a release, so that a primary stopped
+/// in the middle of one sends nothing more when it wakes: the standby answered a probe within its
+/// failure timeout (by this primary's clock), and this primary's clock was not seen to stand still
+/// since the witness last confirmed it. Clones share the one view.
+#[derive(Clone)]
+pub struct ReleasePermit {
+    liveness: Arc<OnceLock<PeerLiveness>>,
+    confirmed_jumps: Arc<AtomicU64>,
+}
+
+impl ReleasePermit {
+    pub fn allows(&self) -> bool {
+        self.liveness.get().is_none_or(|l| {
+            l.silent_for() < l.failure_timeout()
+                && l.clock_jumps() <= self.confirmed_jumps.load(Ordering::SeqCst)
+        })
+    }
 }
 
 /// The standby's terms, as `Message::Standing` gave them.
@@ -118,7 +137,7 @@ impl StandbyWatch {
             liveness,
             lost,
             control,
-            confirmed_jumps: AtomicU64::new(0),
+            confirmed_jumps: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -215,11 +234,15 @@ impl StandbyWatch {
     /// frozen host) since the last confirmation — so that the standby may have taken over: then
     /// nothing may be released before the witness confirms this copy still holds the guest.
     pub fn may_have_been_silent(&self) -> bool {
-        let Some(l) = self.liveness.get() else {
-            return false;
-        };
-        l.silent_for() >= l.failure_timeout()
-            || l.clock_jumps() > self.confirmed_jumps.load(Ordering::SeqCst)
+        !self.release_permit().allows()
+    }
+
+    /// The check every frame of a release passes.
+    pub fn release_permit(&self) -> ReleasePermit {
+        ReleasePermit {
+            liveness: self.liveness.clone(),
+            confirmed_jumps: self.confirmed_jumps.clone(),
+        }
     }
 
     /// The witness confirmed this copy still holds the guest after a possible silence.
