@@ -11,6 +11,11 @@ use crate::netns::TwoHosts;
 use crate::witness::TestEtcd;
 use crate::{ftvmm_bin, testguest, tls_pki, RunningVm};
 
+/// The log filter of the pair's ftvmm processes: `FTVMM_PAIR_LOG`, else `replication=info`.
+fn pair_log() -> String {
+    std::env::var("FTVMM_PAIR_LOG").unwrap_or_else(|_| "replication=info".into())
+}
+
 /// How long any one step of a pair's life may take.
 pub const DEADLINE: Duration = Duration::from_secs(180);
 
@@ -245,7 +250,7 @@ impl ProtectedPair {
 
         let mut primary_cmd = hosts.a.command(ftvmm_bin().to_str().unwrap());
         primary_cmd
-            .env("FTVMM_LOG", "replication=info")
+            .env("FTVMM_LOG", pair_log())
             .args(["run", "--kernel", testguest().to_str().unwrap()])
             .args(["--memory", "128", "--net", "tap=tap0"])
             .args([
@@ -450,7 +455,7 @@ pub fn spawn_standby(
     api: &std::path::Path,
 ) -> RunningVm {
     let mut cmd = host.command(ftvmm_bin().to_str().unwrap());
-    cmd.env("FTVMM_LOG", "replication=info")
+    cmd.env("FTVMM_LOG", pair_log())
         .args(["standby", "--listen", listen, "--net", "tap=tap0"])
         .args(["--failure-timeout-ms", &failure_timeout_ms.to_string()])
         .args(witness_args)

@@ -21,6 +21,8 @@ struct Script {
     acking: AtomicBool,
     /// Echo the primary's probes.
     answering: AtomicBool,
+    /// Ping the primary (as a standby does, every 50 ms).
+    pinging: AtomicBool,
     /// Commits held back, oldest first.
     held: Mutex<VecDeque<u64>>,
     /// Set by the test: send the held commits now (the follower clears it once sent).
@@ -45,6 +47,7 @@ impl ScriptedStandby {
         let script = Arc::new(Script::default());
         script.acking.store(true, Ordering::SeqCst);
         script.answering.store(true, Ordering::SeqCst);
+        script.pinging.store(true, Ordering::SeqCst);
         let s = script.clone();
         std::thread::spawn(move || follow(listener, probes, security, s));
         Self { script, addr }
@@ -80,6 +83,12 @@ impl ScriptedStandby {
     /// Stops echoing the primary's probes (a standby gone silent, or one that took over).
     pub fn stop_answering(&self) {
         self.script.answering.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops pinging the primary while still echoing its pings: by the standby's rule the primary
+    /// then falls silent (nothing of it newer comes back), while the primary still hears from it.
+    pub fn stop_pinging(&self) {
+        self.script.pinging.store(false, Ordering::SeqCst);
     }
 
     /// The claim (holder, generation) the primary said it protects under.
@@ -160,9 +169,35 @@ fn follow(listener: TcpListener, probes: UdpSocket, security: LinkSecurity, scri
 
 fn answer_probes(socket: UdpSocket, key: ProbeKey, session: u64, script: &Script) {
     let mut buf = [0u8; PROBE_LEN + 1];
+    let clock = std::time::Instant::now();
+    let mut primary = None;
+    let mut next_ping = std::time::Instant::now();
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(10)));
     loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf) else {
-            return;
+        let now = std::time::Instant::now();
+        if let (Some(to), true) = (primary, script.pinging.load(Ordering::SeqCst)) {
+            if now >= next_ping {
+                let ping = Probe {
+                    kind: ProbeKind::Ping,
+                    sender: ProbeSender::Standby,
+                    session,
+                    stamp_us: clock.elapsed().as_micros().max(1) as u64,
+                };
+                let _ = socket.send_to(&ping.encode(&key), to);
+                next_ping = now + Duration::from_millis(50);
+            }
+        }
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return,
         };
         let Ok(probe) = Probe::decode(&buf[..n], &key) else {
             continue;
@@ -171,6 +206,7 @@ fn answer_probes(socket: UdpSocket, key: ProbeKey, session: u64, script: &Script
             && probe.session == session
             && script.answering.load(Ordering::SeqCst)
         {
+            primary = Some(from);
             let echo = Probe {
                 kind: ProbeKind::Echo,
                 sender: ProbeSender::Standby,

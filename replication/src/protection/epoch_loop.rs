@@ -23,10 +23,11 @@ use super::epoch_length::{EpochClock, EpochLength};
 use super::heartbeat::{self, StandbyTerms, StandbyWatch};
 use super::in_flight::{InFlight, SentCheckpoint};
 use super::page_delta::{SentPages, DEFAULT_CACHE_BYTES};
+use super::primary_claim::PrimaryClaim;
 use super::{ProtectionState, ProtectionStatus, SyncProgress};
 use crate::link::{self, Link, LinkSecurity, OpenError};
 use crate::wire::{read_frame, write_frame, Ending, FrameError, FrameReader, Message, ProbeKey};
-use crate::witness::{ClaimState, HeldClaim, Witness};
+use crate::witness::{HeldClaim, Witness};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on one read or write of the checkpoint link. Liveness comes from the heartbeat channel
@@ -36,8 +37,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Added to the standby's failure timeout before output is released without it.
 const HOLD_MARGIN: Duration = Duration::from_millis(100);
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
-/// Time between attempts to reach an unreachable witness.
-const WITNESS_RETRY: Duration = Duration::from_millis(200);
 /// How long the goodbye may take to write before the loop gives up on it.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the loop waits, once the VM stopped answering, for [`ProtectionHandle::finish`] to say
@@ -174,13 +173,6 @@ fn until_done(
     }
 }
 
-/// Stops this copy for good: the witness says another one took over. Nothing held is released.
-fn fence(reason: &str) -> ! {
-    tracing::error!("fenced: {reason}");
-    eprintln!("ftvmm: fenced: {reason}; this copy stops for good and releases nothing more");
-    std::process::exit(FENCED_EXIT)
-}
-
 /// How a guest's end is told to the standby.
 pub fn ending_of(exit: &vmm::VmExit) -> Ending {
     match exit {
@@ -248,28 +240,19 @@ pub fn start_protection(
     let stop = Arc::new(AtomicBool::new(false));
     let ending = Arc::new(Mutex::new(None));
     let session = heartbeat::new_session();
-    let claim = match (&params.witness, &params.claim) {
-        (Some(witness), None) => Some(
-            witness
-                .create(session, ClaimState::Protected)
-                .map_err(std::io::Error::other)?,
+    let claim = Arc::new(Mutex::new(None));
+    let primary_claim = match &params.witness {
+        Some(witness) => Some(
+            PrimaryClaim::protect(
+                witness.clone(),
+                params.claim.clone(),
+                session,
+                claim.clone(),
+            )
+            .map_err(std::io::Error::other)?,
         ),
-        (Some(witness), Some(held)) => Some(
-            witness
-                .swap(held, session, ClaimState::Protected)
-                .map_err(std::io::Error::other)?
-                .ok_or_else(|| {
-                    std::io::Error::other(format!(
-                        "the witness's key {} changed since this copy's claim (generation {}): \
-                         another copy may be active",
-                        witness.key(),
-                        held.claim.generation
-                    ))
-                })?,
-        ),
-        (None, _) => None,
+        None => None,
     };
-    let claim = Arc::new(Mutex::new(claim));
     let watch = StandbyWatch::spawn()?;
     let disks: Arc<[DiskAccess]> = machine.disk_access()?.into();
     let copy_on_write = match params.checkpoint_copy {
@@ -288,8 +271,7 @@ pub fn start_protection(
         disks,
         memory: machine.memory().clone(),
         vm: machine.vm().clone(),
-        session,
-        claim: claim.clone(),
+        primary_claim,
         description: machine.description().clone(),
         tracker: Arc::new(Mutex::new(machine.dirty_tracker())),
         params,
@@ -324,10 +306,8 @@ struct EpochLoop {
     disks: Arc<[DiskAccess]>,
     /// Guest memory registered for write protection: checkpoints copy their pages after the pause.
     copy_on_write: Option<Arc<CopyOnWrite>>,
-    /// This primary's session at the witness.
-    session: u64,
-    /// The witness's claim as this primary last wrote it.
-    claim: Shared<Option<HeldClaim>>,
+    /// With a witness: the claim this protection holds there, and the policy around it.
+    primary_claim: Option<PrimaryClaim>,
     description: vmm::machine::MachineDescription,
     tracker: Shared<DirtyTracker>,
     params: ProtectionParams,
@@ -491,8 +471,17 @@ impl EpochLoop {
                 },
             }));
         let told = told || said_goodbye;
-        match (&self.params.witness, failure_timeout) {
-            (Some(witness), _) => self.settle_claim(witness, &result, told),
+        match (&self.primary_claim, failure_timeout) {
+            (Some(claim), _) => {
+                let guest_ended = matches!(
+                    self.ending(),
+                    Some(Ending::PoweredOff | Ending::Reset | Ending::Crashed | Ending::Stopped)
+                );
+                if result.is_err() && !told && !guest_ended {
+                    tracing::warn!("going on without the standby: asking the witness first");
+                }
+                claim.settle(guest_ended)
+            }
             (None, Some(timeout)) if !told => {
                 // The standby may still count this primary alive (and take over if it saw the
                 // link close) until its failure timeout after our last echo: hold the output.
@@ -548,8 +537,7 @@ impl EpochLoop {
     /// With a witness, tells the standby the claim this protection holds, which is what the standby
     /// checks at the witness and what a takeover must swap.
     fn tell_claim(&self, stream: &mut Link) -> Result<(), LoopError> {
-        let held = self.claim.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(held) = held {
+        if let Some(held) = self.primary_claim.as_ref().and_then(PrimaryClaim::current) {
             write_frame(
                 stream,
                 &Message::ClaimHeld {
@@ -559,59 +547,6 @@ impl EpochLoop {
             )?;
         }
         Ok(())
-    }
-
-    /// With a witness: the guest ended → the claim is removed; it goes on here → the claim becomes
-    /// `unprotected`, which succeeds only if the standby has not taken over; if it has, this copy
-    /// fences itself (never returns). An unreachable witness is retried: output stays held.
-    fn settle_claim(&self, witness: &Witness, result: &Result<(), LoopError>, told: bool) {
-        let mut held = self.claim.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(current) = held.clone() else { return };
-        // A guest that ended is removed; if the standby took over meanwhile the removal fails and
-        // the guest lives on there, from its last committed checkpoint.
-        let guest_ended = matches!(
-            self.ending(),
-            Some(Ending::PoweredOff | Ending::Reset | Ending::Crashed | Ending::Stopped)
-        );
-        if guest_ended {
-            match witness.remove(&current) {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!("the standby took over before the guest's end was recorded")
-                }
-                Err(e) => tracing::warn!("could not remove the guest's claim at the witness: {e}"),
-            }
-            *held = None;
-            return;
-        }
-        if result.is_err() && !told {
-            tracing::warn!("going on without the standby: asking the witness first");
-        }
-        loop {
-            match witness.swap(&current, self.session, ClaimState::Unprotected) {
-                Ok(Some(next)) => {
-                    tracing::info!(
-                        generation = next.claim.generation,
-                        "the witness says this copy goes on, unprotected"
-                    );
-                    *held = Some(next);
-                    return;
-                }
-                Ok(None) => {
-                    fence(&format!(
-                    "the witness's claim changed under this primary ({}): the standby took over",
-                    witness.read().ok().flatten().map_or("gone".into(), |h| format!(
-                        "{:?}, generation {}",
-                        h.claim.state, h.claim.generation
-                    ))
-                ))
-                }
-                Err(e) => {
-                    tracing::warn!("{e}; holding output and retrying");
-                    std::thread::sleep(WITNESS_RETRY);
-                }
-            }
-        }
     }
 
     fn ending(&self) -> Option<Ending> {
@@ -754,10 +689,9 @@ impl EpochLoop {
         })?;
         let (held_frames, held_bytes) = *held.lock().unwrap_or_else(|e| e.into_inner());
         let generation = self
-            .claim
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .primary_claim
             .as_ref()
+            .and_then(PrimaryClaim::current)
             .map(|h| h.claim.generation);
         let heartbeat_age = self.watch.answer_age();
         let between_copies = self
@@ -786,51 +720,18 @@ impl EpochLoop {
     }
 
     /// If this primary may have been silent to its standby for the standby's failure timeout (it
-    /// was stopped, or its host froze), the standby may have taken over meanwhile, and commits
-    /// read now may be old: with a witness, nothing is released before the witness shows that
-    /// this copy still holds its claim; if another holds it, this copy fences itself. (Without a
-    /// witness a standby never takes over on silence alone.)
+    /// was stopped, or its host froze), the standby may have taken over, and commits read now may
+    /// be old: with a witness, nothing is released before it confirms this copy still holds its
+    /// claim (`primary_claim.rs`). Without one a standby never takes over on silence alone.
     fn confirm_after_silence(&self) -> Result<(), LoopError> {
         if !self.watch.may_have_been_silent() {
             return Ok(());
         }
-        let Some(witness) = &self.params.witness else {
-            self.watch.silence_confirmed();
-            return Ok(());
-        };
-        let Some(held) = self.claim.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return Ok(());
-        };
-        tracing::warn!(
-            "this primary may have been silent for its standby's failure timeout: asking the \
-             witness before releasing anything"
-        );
-        loop {
-            match witness.read() {
-                Ok(Some(now)) if now.claim == held.claim => {
-                    tracing::info!("the witness says this copy still holds the guest");
-                    self.watch.silence_confirmed();
-                    return Ok(());
-                }
-                Ok(now) => fence(&format!(
-                    "after a silence the witness's claim is no longer this primary's ({}): the \
-                     standby took over",
-                    now.map_or("gone".into(), |h| format!(
-                        "{:?}, generation {}",
-                        h.claim.state, h.claim.generation
-                    ))
-                )),
-                Err(e) if self.watch.standby_lost() => {
-                    return Err(LoopError::Heartbeat(format!(
-                        "the standby is lost and the witness does not answer: {e}"
-                    )))
-                }
-                Err(e) => {
-                    tracing::warn!("{e}; holding output and retrying");
-                    std::thread::sleep(WITNESS_RETRY);
-                }
-            }
+        if let Some(claim) = &self.primary_claim {
+            claim.confirm_still_held(|| self.watch.standby_lost())?;
         }
+        self.watch.silence_confirmed();
+        Ok(())
     }
 
     fn run_job(

@@ -3,15 +3,25 @@
 //! N is held by the NICs' output gates until the standby has committed checkpoint N; when the
 //! primary dies, the standby resumes the guest from its last committed checkpoint (`standby.rs`).
 //!
-//! Correctness rules kept here (DESIGN.md): an epoch's dirty set is never lost (it is folded back if
-//! it cannot be sent); the standby applies an epoch only when all of it has arrived and verified, and
-//! discards a torn one whole; output of epoch N leaves only after the standby acknowledged N; a lost
-//! standby leaves the primary running unprotected, its held output released, reported as degraded; a
-//! primary that ends protection while alive says `Goodbye`, and the standby then never resumes the
-//! guest; one user of dirty tracking at a time (protection, a migration, snapshots).
-//! Disk writes of epoch N travel with checkpoint N and reach the standby's image at its commit.
-//! Failure detection runs on its own channel (`heartbeat.rs`); a witness (`crate::witness`) decides
-//! takeovers that the two cannot.
+//! The files, by what they do:
+//! - the primary: `epoch_loop.rs` (the loop: first copy, checkpoints in flight, commits, the end),
+//!   `checkpoint.rs` (taking and sending one checkpoint), `copy_on_write.rs` (its pages copied after
+//!   the pause), `page_delta.rs` (how a page travels), `disk_copy.rs` (the disks' first copy while
+//!   the guest writes), `in_flight.rs` (the window of checkpoints awaiting their commit),
+//!   `epoch_length.rs` (fixed or adaptive epochs), `primary_claim.rs` (its claim at the witness);
+//! - the standby: `standby.rs` (following, and the decision to take over), `standby_disks.rs`;
+//! - both: `heartbeat/` (failure detection: UDP probes and the control channel).
+//!
+//! Correctness rules kept here (docs/wire-protocol.md has them as built): an epoch's dirty set is
+//! never lost (it is folded back if it cannot be sent); the standby applies an epoch only when all
+//! of it has arrived and verified, and discards a torn one whole; output of epoch N leaves only
+//! after the standby acknowledged N, and only while the standby still counts the primary alive; a
+//! lost standby leaves the primary running unprotected, its held output released, reported as
+//! degraded; a primary that ends protection while alive says `Goodbye`, and the standby then never
+//! resumes the guest; one user of dirty tracking at a time (protection, a migration, snapshots).
+//! Disk writes of epoch N travel with checkpoint N and reach the standby's image at its commit,
+//! durable there when the guest flushed; a guest that writes faster than the standby takes is
+//! slowed, not unprotected. A witness (`crate::witness`) decides takeovers that the two cannot.
 
 mod checkpoint;
 mod copy_on_write;
@@ -21,6 +31,7 @@ pub mod epoch_loop;
 pub mod heartbeat;
 mod in_flight;
 pub mod page_delta;
+mod primary_claim;
 pub mod standby;
 mod standby_disks;
 

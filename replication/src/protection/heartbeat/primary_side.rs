@@ -31,7 +31,8 @@ pub struct StandbyWatch {
 
 /// Whether output may leave now — asked before every frame of a release, so that a primary stopped
 /// in the middle of one sends nothing more when it wakes: the standby answered a probe within its
-/// failure timeout (by this primary's clock), and this primary's clock was not seen to stand still
+/// failure timeout (by this primary's clock), it still counts this primary alive by its own rule
+/// ([`PeerLiveness::counted_alive_by_peer`]), and this primary's clock was not seen to stand still
 /// since the witness last confirmed it. Clones share the one view.
 #[derive(Clone)]
 pub struct ReleasePermit {
@@ -43,6 +44,7 @@ impl ReleasePermit {
     pub fn allows(&self) -> bool {
         self.liveness.get().is_none_or(|l| {
             l.silent_for() < l.failure_timeout()
+                && l.counted_alive_by_peer()
                 && l.clock_jumps() <= self.confirmed_jumps.load(Ordering::SeqCst)
         })
     }

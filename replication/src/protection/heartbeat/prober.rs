@@ -36,6 +36,11 @@ pub struct PeerLiveness {
     awake_since_us: AtomicU64,
     /// Newest stamp of the peer's pings (replayed or reordered ones prove nothing new).
     peer_stamp_us: AtomicU64,
+    /// Our clock (µs) when we answered the peer's newest ping (0: never). The peer counts us alive
+    /// until its failure timeout after that ping's stamp, which was earlier still.
+    answered_us: AtomicU64,
+    /// Round trips (µs) of our latest echoed pings: how late the peer's pings may reach us.
+    round_trips: Mutex<VecDeque<u64>>,
     /// Whether we echo the peer's pings.
     answering: AtomicBool,
     /// Ends the probe loop.
@@ -54,6 +59,8 @@ impl PeerLiveness {
             clock_jumps: AtomicU64::new(0),
             awake_since_us: AtomicU64::new(0),
             peer_stamp_us: AtomicU64::new(0),
+            answered_us: AtomicU64::new(0),
+            round_trips: Mutex::new(VecDeque::new()),
             answering: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             peer: Mutex::new(None),
@@ -72,8 +79,43 @@ impl PeerLiveness {
     /// The peer echoed our ping stamped `stamp_us`.
     pub(super) fn echoed(&self, stamp_us: u64) {
         // Never beyond now: an echo can only carry a ping we have sent.
-        let stamp_us = stamp_us.min(self.now_us());
+        let now = self.now_us();
+        let stamp_us = stamp_us.min(now);
         self.echoed_us.fetch_max(stamp_us, Ordering::SeqCst);
+        let mut trips = self.round_trips.lock().unwrap_or_else(|e| e.into_inner());
+        if trips.len() == Self::ROUND_TRIPS_KEPT {
+            trips.pop_front();
+        }
+        trips.push_back(now - stamp_us);
+    }
+
+    /// Round trips remembered for [`PeerLiveness::counted_alive_by_peer`].
+    const ROUND_TRIPS_KEPT: usize = 32;
+
+    /// Whether the peer, by its own rule, still counts us alive — a bound we can keep without its
+    /// clock: it does so until its failure timeout after the stamp of the newest ping of its we
+    /// answered; that ping left it before we got it, by up to a one-way trip (bounded by our latest
+    /// round trips). A primary releases output only while this holds: the standby may take over
+    /// once it does not, even while our own pings are still answered.
+    pub fn counted_alive_by_peer(&self) -> bool {
+        let answered = self.answered_us.load(Ordering::SeqCst);
+        if answered == 0 {
+            return false;
+        }
+        let slowest = self
+            .round_trips
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let since = self.now_us().saturating_sub(answered);
+        Duration::from_micros(since + slowest) < self.failure_timeout
+    }
+
+    fn answered(&self) {
+        self.answered_us.store(self.now_us(), Ordering::SeqCst);
     }
 
     /// Whether the peer is known alive now: it echoed a ping we sent less than the failure
@@ -243,6 +285,9 @@ impl ProbeLoop<'_> {
                 }
                 if self.liveness.answering() {
                     self.send(ProbeKind::Echo, probe.stamp_us, from);
+                    if newest {
+                        self.liveness.answered();
+                    }
                 }
             }
         }
@@ -330,6 +375,28 @@ mod tests {
         // An echo can never claim a ping from the future.
         l.echoed(u64::MAX);
         assert!(l.silent_for() < Duration::from_millis(5));
+    }
+
+    /// The peer counts us alive only until its timeout after the newest of its pings we answered;
+    /// our bound on that leaves room for the ping's own trip (our slowest recent round trip).
+    #[test]
+    fn counted_alive_by_the_peer_until_its_timeout_after_our_last_answer() {
+        let l = PeerLiveness::new(Duration::from_millis(100));
+        assert!(!l.counted_alive_by_peer(), "nothing answered yet");
+        l.answered();
+        assert!(l.counted_alive_by_peer());
+        // A round trip of 60 ms: the peer's ping may have left it 60 ms before we got it.
+        let sent = l.now_us();
+        std::thread::sleep(Duration::from_millis(60));
+        l.echoed(sent);
+        assert!(
+            !l.counted_alive_by_peer(),
+            "60 ms since the answer + 60 ms trip > 100 ms"
+        );
+        l.answered();
+        assert!(l.counted_alive_by_peer());
+        std::thread::sleep(Duration::from_millis(45));
+        assert!(!l.counted_alive_by_peer(), "45 + 60 ms > 100 ms");
     }
 
     #[test]
