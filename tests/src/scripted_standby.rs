@@ -171,6 +171,8 @@ fn answer_probes(socket: UdpSocket, key: ProbeKey, session: u64, script: &Script
     let mut buf = [0u8; PROBE_LEN + 1];
     let clock = std::time::Instant::now();
     let mut primary = None;
+    // The stamp of our newest ping the primary echoed: every ping tells it (as a real standby's do).
+    let mut echoed = 0u64;
     let mut next_ping = std::time::Instant::now();
     let _ = socket.set_read_timeout(Some(Duration::from_millis(10)));
     loop {
@@ -182,6 +184,7 @@ fn answer_probes(socket: UdpSocket, key: ProbeKey, session: u64, script: &Script
                     sender: ProbeSender::Standby,
                     session,
                     stamp_us: clock.elapsed().as_micros().max(1) as u64,
+                    echoed_us: echoed,
                 };
                 let _ = socket.send_to(&ping.encode(&key), to);
                 next_ping = now + Duration::from_millis(50);
@@ -202,6 +205,9 @@ fn answer_probes(socket: UdpSocket, key: ProbeKey, session: u64, script: &Script
         let Ok(probe) = Probe::decode(&buf[..n], &key) else {
             continue;
         };
+        if probe.kind == ProbeKind::Echo && probe.session == session {
+            echoed = echoed.max(probe.stamp_us);
+        }
         if probe.kind == ProbeKind::Ping
             && probe.session == session
             && script.answering.load(Ordering::SeqCst)
@@ -212,6 +218,7 @@ fn answer_probes(socket: UdpSocket, key: ProbeKey, session: u64, script: &Script
                 sender: ProbeSender::Standby,
                 session,
                 stamp_us: probe.stamp_us,
+                echoed_us: 0,
             };
             let _ = socket.send_to(&echo.encode(&key), from);
         }

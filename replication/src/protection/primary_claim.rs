@@ -108,14 +108,14 @@ impl PrimaryClaim {
         let Some(held) = self.current() else {
             return Ok(());
         };
-        tracing::warn!(
-            "this primary may have been silent for its standby's failure timeout: asking the \
-             witness before releasing anything"
+        tracing::info!(
+            "the standby may count this primary silent (a stall, a frozen host, a late probe): \
+             asking the witness before releasing anything"
         );
         loop {
             match self.witness.read() {
                 Ok(Some(now)) if now.claim == held.claim => {
-                    tracing::info!("the witness says this copy still holds the guest");
+                    tracing::debug!("the witness says this copy still holds the guest");
                     return Ok(());
                 }
                 Ok(_) => fence(&format!(

@@ -5,12 +5,14 @@
 //! at least the 200 ms minimum retransmission timeout).
 //!
 //! ```text
-//! magic "FTHB" | version u16 | kind u8 | sender u8 | session u64 | stamp u64 | reserved u64 | mac [16]
+//! magic "FTHB" | version u16 | kind u8 | sender u8 | session u64 | stamp u64 | echoed u64 | mac [16]
 //! ```
 //!
 //! (little endian, 48 bytes). `kind` is 1 for a ping, 2 for an echo; `sender` 0 for the primary, 1
 //! for the standby. A ping's `stamp` is the sender's own clock in microseconds; an echo carries the
-//! stamp of the ping it answers. `mac` is HMAC-SHA256 over the first 32 bytes with the session's
+//! stamp of the ping it answers. A ping's `echoed` is the stamp of the newest of the sender's own
+//! pings whose echo it has taken (0: none): the other end learns from it until when the sender
+//! counts it alive (`crate::protection::heartbeat`). `mac` is HMAC-SHA256 over the first 32 bytes with the session's
 //! probe key, truncated to 16 bytes. The key is random per protection session and travels inside
 //! the authenticated link (`Message::Standing`), so only the two ends of that link can make a probe
 //! that verifies; a replayed one carries an old stamp and proves nothing new.
@@ -53,6 +55,8 @@ pub struct Probe {
     pub session: u64,
     /// A ping: the sender's clock (µs). An echo: the stamp of the ping it answers.
     pub stamp_us: u64,
+    /// A ping: the stamp of the sender's newest ping whose echo it took (0: none). An echo: 0.
+    pub echoed_us: u64,
 }
 
 /// Why a datagram is not a probe of this session.
@@ -118,6 +122,7 @@ impl Probe {
         };
         out[8..16].copy_from_slice(&self.session.to_le_bytes());
         out[16..24].copy_from_slice(&self.stamp_us.to_le_bytes());
+        out[24..32].copy_from_slice(&self.echoed_us.to_le_bytes());
         let mac = key.mac(&out[..SIGNED_LEN]);
         out[SIGNED_LEN..].copy_from_slice(&mac);
         out
@@ -162,6 +167,7 @@ impl Probe {
             sender,
             session: u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")),
             stamp_us: u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
+            echoed_us: u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")),
         })
     }
 }
@@ -184,6 +190,7 @@ mod tests {
             sender: ProbeSender::Standby,
             session: 0x1234_5678_9abc_def0,
             stamp_us: 987_654_321,
+            echoed_us: 987_000_000,
         }
     }
 
@@ -206,7 +213,7 @@ mod tests {
     fn tampered_or_foreign_probes_are_refused() {
         let bytes = ping().encode(&key(1));
         assert_eq!(Probe::decode(&bytes, &key(2)), Err(ProbeError::Mac));
-        for at in [6, 7, 8, 16, 20, 40] {
+        for at in [6, 7, 8, 16, 20, 24, 31, 40] {
             let mut bad = bytes;
             bad[at] ^= 1;
             assert_eq!(

@@ -36,9 +36,9 @@ pub struct PeerLiveness {
     awake_since_us: AtomicU64,
     /// Newest stamp of the peer's pings (replayed or reordered ones prove nothing new).
     peer_stamp_us: AtomicU64,
-    /// Our clock (µs) when we answered the peer's newest ping (0: never). The peer counts us alive
-    /// until its failure timeout after that ping's stamp, which was earlier still.
-    answered_us: AtomicU64,
+    /// Until when, on our clock (µs; 0: never answered), the peer surely counts us alive by its
+    /// own rule ([`PeerLiveness::counted_alive_by_peer`]).
+    peer_counts_us_alive_until_us: AtomicU64,
     /// Round trips (µs) of our latest echoed pings: how late the peer's pings may reach us.
     round_trips: Mutex<VecDeque<u64>>,
     /// Whether we echo the peer's pings.
@@ -59,7 +59,7 @@ impl PeerLiveness {
             clock_jumps: AtomicU64::new(0),
             awake_since_us: AtomicU64::new(0),
             peer_stamp_us: AtomicU64::new(0),
-            answered_us: AtomicU64::new(0),
+            peer_counts_us_alive_until_us: AtomicU64::new(0),
             round_trips: Mutex::new(VecDeque::new()),
             answering: AtomicBool::new(true),
             stop: AtomicBool::new(false),
@@ -89,33 +89,57 @@ impl PeerLiveness {
         trips.push_back(now - stamp_us);
     }
 
-    /// Round trips remembered for [`PeerLiveness::counted_alive_by_peer`].
+    /// Round trips remembered: the quickest bounds the quickest one-way trip.
     const ROUND_TRIPS_KEPT: usize = 32;
 
-    /// Whether the peer, by its own rule, still counts us alive — a bound we can keep without its
-    /// clock: it does so until its failure timeout after the stamp of the newest ping of its we
-    /// answered; that ping left it before we got it, by up to a one-way trip (bounded by our latest
-    /// round trips). A primary releases output only while this holds: the standby may take over
-    /// once it does not, even while our own pings are still answered.
-    pub fn counted_alive_by_peer(&self) -> bool {
-        let answered = self.answered_us.load(Ordering::SeqCst);
-        if answered == 0 {
-            return false;
-        }
-        let slowest = self
-            .round_trips
+    fn quickest_round_trip_us(&self) -> u64 {
+        self.round_trips
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .copied()
-            .max()
-            .unwrap_or(0);
-        let since = self.now_us().saturating_sub(answered);
-        Duration::from_micros(since + slowest) < self.failure_timeout
+            .min()
+            .unwrap_or(0)
     }
 
-    fn answered(&self) {
-        self.answered_us.store(self.now_us(), Ordering::SeqCst);
+    /// Whether the peer, by its own rule, surely still counts us alive. It counts us alive until its
+    /// failure timeout after the stamp of the newest of its pings whose echo it took, and it says
+    /// which in every ping (`echoed`). Moved onto our clock — by the lowest offset between the
+    /// clocks seen lately (the offset itself plus the quickest trip), less our quickest round trip
+    /// (which bounds that trip) — that gives a time before which it surely does. The newest such
+    /// bound holds until it runs out: a peer that gave up on us (and took over) sends no newer
+    /// one, and a ping that waited in our socket while we were stopped brings only what the peer
+    /// thought then. A primary releases output only while this holds — even while its own pings
+    /// are still answered, the standby may have given up.
+    pub fn counted_alive_by_peer(&self) -> bool {
+        self.now_us() < self.peer_counts_us_alive_until_us.load(Ordering::SeqCst)
+    }
+
+    /// A fresh ping of the peer's says the newest of its pings whose echo it took was stamped
+    /// `echoed_us` on its clock; `baseline` is the lowest offset (our clock − its stamp) lately.
+    fn peer_took_echo_of(&self, echoed_us: u64, baseline: i64) {
+        if echoed_us == 0 {
+            return;
+        }
+        let until = (echoed_us as i64)
+            .saturating_add(baseline)
+            .saturating_sub(self.quickest_round_trip_us() as i64)
+            .saturating_add(self.failure_timeout.as_micros() as i64);
+        if until > 0 {
+            self.peer_counts_us_alive_until_us
+                .fetch_max(until as u64, Ordering::SeqCst);
+        }
+    }
+
+    /// The stamp of our newest ping whose echo counts (after any stop of our clock), for our own
+    /// pings to tell the peer.
+    fn counted_echo_us(&self) -> u64 {
+        let echoed = self.echoed_us.load(Ordering::SeqCst);
+        if echoed > self.stale_before_us.load(Ordering::SeqCst) {
+            echoed
+        } else {
+            0
+        }
     }
 
     /// Whether the peer is known alive now: it echoed a ping we sent less than the failure
@@ -283,11 +307,15 @@ impl ProbeLoop<'_> {
                         self.liveness.clock_stopped();
                     }
                 }
+                if newest {
+                    let now = self.liveness.now_us();
+                    let baseline = jumps
+                        .baseline()
+                        .unwrap_or(now as i64 - probe.stamp_us as i64);
+                    self.liveness.peer_took_echo_of(probe.echoed_us, baseline);
+                }
                 if self.liveness.answering() {
                     self.send(ProbeKind::Echo, probe.stamp_us, from);
-                    if newest {
-                        self.liveness.answered();
-                    }
                 }
             }
         }
@@ -299,6 +327,10 @@ impl ProbeLoop<'_> {
             sender: self.me,
             session: self.session,
             stamp_us,
+            echoed_us: match kind {
+                ProbeKind::Ping => self.liveness.counted_echo_us(),
+                ProbeKind::Echo => 0,
+            },
         };
         // A lost datagram is what probes are made to survive; errors are not worth more than a
         // debug line (an unreachable peer shows as silence).
@@ -327,6 +359,12 @@ impl ClockJumps {
             threshold_us: threshold.as_micros().min(i64::MAX as u128) as i64,
             window: VecDeque::new(),
         }
+    }
+
+    /// The lowest offset (our clock at arrival − the peer's stamp, µs) seen lately: the peer's
+    /// clock on ours, plus the quickest trip.
+    pub fn baseline(&self) -> Option<i64> {
+        self.window.iter().map(|(_, o)| *o).min()
     }
 
     /// A fresh ping stamped `peer_us` arrived at `our_us`; whether our clock jumped back against
@@ -377,26 +415,30 @@ mod tests {
         assert!(l.silent_for() < Duration::from_millis(5));
     }
 
-    /// The peer counts us alive only until its timeout after the newest of its pings we answered;
-    /// our bound on that leaves room for the ping's own trip (our slowest recent round trip).
+    /// The peer counts us alive until its timeout after the newest of its pings whose echo it took,
+    /// which its pings tell: our bound on that leaves room for the quickest trip, and only newer
+    /// news extends it.
     #[test]
-    fn counted_alive_by_the_peer_until_its_timeout_after_our_last_answer() {
+    fn counted_alive_by_the_peer_until_its_timeout_after_the_echo_it_took() {
         let l = PeerLiveness::new(Duration::from_millis(100));
-        assert!(!l.counted_alive_by_peer(), "nothing answered yet");
-        l.answered();
-        assert!(l.counted_alive_by_peer());
-        // A round trip of 60 ms: the peer's ping may have left it 60 ms before we got it.
+        assert!(!l.counted_alive_by_peer(), "no news yet");
+        // The quickest round trip: 10 ms.
         let sent = l.now_us();
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(10));
         l.echoed(sent);
-        assert!(
-            !l.counted_alive_by_peer(),
-            "60 ms since the answer + 60 ms trip > 100 ms"
-        );
-        l.answered();
-        assert!(l.counted_alive_by_peer());
-        std::thread::sleep(Duration::from_millis(45));
-        assert!(!l.counted_alive_by_peer(), "45 + 60 ms > 100 ms");
+        // Its clock 1 s ahead of ours (offset −1 s); it took the echo of its ping stamped now.
+        let offset = -1_000_000i64;
+        let its_now = (l.now_us() as i64 - offset) as u64;
+        l.peer_took_echo_of(its_now, offset);
+        assert!(l.counted_alive_by_peer(), "for about 100 − 10 ms more");
+        std::thread::sleep(Duration::from_millis(95));
+        assert!(!l.counted_alive_by_peer(), "past its timeout less a trip");
+        // Older news (a ping that waited in our socket) brings nothing back.
+        l.peer_took_echo_of(its_now, offset);
+        assert!(!l.counted_alive_by_peer());
+        // No echo taken yet: no news.
+        l.peer_took_echo_of(0, offset);
+        assert!(!l.counted_alive_by_peer());
     }
 
     #[test]
