@@ -344,6 +344,7 @@ fn a_frozen_standby_host_without_a_witness_never_takes_over_a_primary_that_went_
     let qmp_socket = dir.join("qmp.sock");
     let port = 17100 + (std::process::id() % 500) as u16;
     let mut nested = Nested::script("tests/nested/frozen_standby.sh")
+        .file("tests/nested/lib.sh", "lib.sh")
         .forward("tcp", port, 7100)
         .forward("udp", port, 7100)
         .qmp(&qmp_socket)
@@ -365,6 +366,8 @@ fn a_frozen_standby_host_without_a_witness_never_takes_over_a_primary_that_went_
             "null",
             "--cmdline",
             "mode=spin",
+            // The emulated L1 CPU has no PREFETCHW: a CPU model both hosts offer.
+            "--cpu-features=-3dnowprefetch",
         ])
         .args([
             "--standby",

@@ -284,10 +284,22 @@ impl RunningVm {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// Waits until stderr contains `marker`; panics after `timeout`.
+    /// Waits until stderr contains `marker`; panics after `timeout`, or as soon as ftvmm exited
+    /// without printing it.
     pub fn wait_for_stderr(&mut self, marker: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.stderr().contains(marker) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // The reader thread may still hold the last lines.
+                std::thread::sleep(Duration::from_millis(200));
+                if self.stderr().contains(marker) {
+                    return;
+                }
+                panic!(
+                    "ftvmm exited ({status}) before printing {marker:?} on stderr\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
             if Instant::now() > deadline {
                 panic!(
                     "no {marker:?} on stderr within {timeout:?}\nstderr:\n{}",

@@ -291,11 +291,18 @@ pub fn missing_features(guest: &[String], host: &[String]) -> Vec<String> {
 
 /// The features this host's KVM offers guests, less those `restrictions` removes (`-name`: the
 /// host's operator keeps guests off them, e.g. to match the other hosts of a cluster).
+///
+/// Two features are the VMM's and KVM's to give whatever `KVM_GET_SUPPORTED_CPUID` lists: the
+/// `hypervisor` bit, which `normalize_for_vcpu` sets for every guest, and the TSC-deadline timer,
+/// which an in-kernel local APIC emulates wherever `KVM_CAP_TSC_DEADLINE_TIMER` is offered (older
+/// kernels, such as a nested host's, leave both out of the list).
 pub fn host_offers(restrictions: &CpuFeatures) -> Result<Vec<String>, String> {
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    add_vmm_provided(&mut cpuid, tsc_deadline);
     let removals = CpuFeatures(
         restrictions
             .0
@@ -306,6 +313,18 @@ pub fn host_offers(restrictions: &CpuFeatures) -> Result<Vec<String>, String> {
     );
     apply_features(&mut cpuid, &removals).map_err(|e| e.to_string())?;
     Ok(feature_names(&cpuid))
+}
+
+/// Marks in leaf 1 what this VMM gives every guest beyond KVM's list (see `host_offers`).
+fn add_vmm_provided(cpuid: &mut CpuId, tsc_deadline: bool) {
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == 1 {
+            entry.ecx |= 1 << 31; // hypervisor
+            if tsc_deadline {
+                entry.ecx |= 1 << 24;
+            }
+        }
+    }
 }
 
 /// Number of bits needed to hold `count` distinct IDs.
@@ -494,5 +513,16 @@ mod tests {
         assert_eq!(id_bits(3), 2);
         assert_eq!(id_bits(8), 3);
         assert_eq!(id_bits(9), 4);
+    }
+
+    #[test]
+    fn a_host_offers_what_the_vmm_gives_every_guest() {
+        let names = |c: &CpuId| feature_names(c);
+        let mut kvm_list = cpuid(&[entry(1, 0)]);
+        add_vmm_provided(&mut kvm_list, false);
+        assert!(names(&kvm_list).contains(&"hypervisor".to_string()));
+        assert!(!names(&kvm_list).contains(&"tsc_deadline_timer".to_string()));
+        add_vmm_provided(&mut kvm_list, true);
+        assert!(names(&kvm_list).contains(&"tsc_deadline_timer".to_string()));
     }
 }
