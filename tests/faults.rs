@@ -628,21 +628,7 @@ fn a_takeover_race_with_late_witness_answers_leaves_exactly_one_copy_running() {
     pair.standby
         .wait_for_stderr("taking over from checkpoint", DEADLINE);
     pair.wait_acknowledged(stopped_at + 10, "on the standby");
-    let frames_at_wake = frames_from_primary(&pair);
-    signal(&pair.primary, "-CONT");
-    assert_eq!(
-        pair.primary.wait_exit(DEADLINE),
-        Some(5),
-        "{}",
-        pair.primary.stderr()
-    );
-    assert_eq!(
-        frames_from_primary(&pair),
-        frames_at_wake,
-        "the woken primary sent frames"
-    );
-    let now = pair.acknowledged();
-    pair.wait_acknowledged(now + 10, "on the standby after the old primary fenced");
+    wake_old_primary_and_expect_it_fenced(&mut pair);
     pair.finish();
 }
 

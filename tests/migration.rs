@@ -268,7 +268,13 @@ fn a_destination_refuses_corrupted_or_truncated_streams() {
     for (name, corrupt) in [("bitflip", true), ("truncated", false)] {
         let (mut dst, listen) = loopback_receiver(&["--serial", "null", &b[0], &b[1]]);
         // An authenticated peer sending a damaged stream inside TLS.
-        let mut s = link::connect(&listen, &security, DEADLINE, DEADLINE).unwrap();
+        let mut s = link::connect(
+            &link::PeerAddress::resolve(&listen).unwrap(),
+            &security,
+            DEADLINE,
+            DEADLINE,
+        )
+        .unwrap();
         let description = vmm::machine::MachineDescription {
             vcpus: 1,
             memory_mib: 32,
@@ -339,6 +345,61 @@ fn migration_with_the_dirty_ring_completes() {
     let vcpus = vm_cli(&sock_b, &["vcpus"]);
     assert_eq!(vcpus.stdout.matches("\"cpl\": 3").count(), 2, "{vcpus:?}");
     dst.kill();
+}
+
+/// A peer named by host name (`localhost:PORT`), from a running guest's API: the name is resolved
+/// before the replication thread sandboxes itself (resolving reads /etc/hosts, which the thread's
+/// seccomp filter forbids: the guest used to be killed, "forbidden system call 257"). Protection
+/// reaches `protected`, and a migration completes.
+#[test]
+fn a_running_guest_is_protected_and_migrated_to_peers_named_by_host_name() {
+    let dir = scratch_dir("by-name");
+    let pki = pki(&dir, None);
+    let (a, b) = (tls(&pki, "a"), tls(&pki, "b"));
+    let sock_a = dir.join("a.sock");
+    let mut src = spinning_source("mode=spin dirty=2000", &sock_a, &[&a[0], &a[1]]);
+
+    let mut standby_cmd = std::process::Command::new(ftvmm_bin());
+    standby_cmd
+        .args(["standby", "--listen", "127.0.0.1:0", "--serial", "null"])
+        .args([&b[0], &b[1]]);
+    let mut standby = RunningVm::spawn(standby_cmd);
+    let listen = standby.bound_address("standing by on ", DEADLINE);
+    let port = listen.rsplit_once(':').unwrap().1;
+    let out = vm_cli(
+        &sock_a,
+        &["protect", "--standby", &format!("localhost:{port}")],
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}\n{}", src.stderr());
+    let t0 = Instant::now();
+    loop {
+        let status = vm_cli(&sock_a, &["protection"]);
+        if status.stdout.contains("\"protected\"") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "never protected: {status:?}\nprimary:\n{}\nstandby:\n{}",
+            src.stderr(),
+            standby.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = vm_cli(&sock_a, &["unprotect"]);
+    assert_eq!(out.code(), Some(0), "{out:?}\n{}", src.stderr());
+    assert_eq!(standby.wait_exit(DEADLINE), Some(0), "{}", standby.stderr());
+
+    let sock_b = dir.join("b.sock");
+    let (mut dst, listen) =
+        loopback_receiver(&["--api-socket", sock_b.to_str().unwrap(), &b[0], &b[1]]);
+    let port = listen.rsplit_once(':').unwrap().1;
+    let out = vm_cli(&sock_a, &["migrate", "--to", &format!("localhost:{port}")]);
+    assert_eq!(out.code(), Some(0), "{out:?}\n{}", src.stderr());
+    assert_eq!(src.wait_exit(DEADLINE), Some(0), "{}", src.stderr());
+    let info = vm_cli(&sock_b, &["info"]);
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
+    dst.kill();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -551,12 +612,74 @@ fn a_peer_naming_a_disk_path_gets_nothing_opened() {
         firmware: None,
         cpu_features: vec![],
     };
-    let err = link::open(&listen, &description, &security, DEADLINE, DEADLINE).unwrap_err();
+    let err = link::open(
+        &link::PeerAddress::resolve(&listen).unwrap(),
+        &description,
+        &security,
+        DEADLINE,
+        DEADLINE,
+    )
+    .unwrap_err();
     let err = err.to_string();
     assert!(err.contains("a peer never chooses host paths"), "{err}");
     assert_eq!(dst.wait_exit(DEADLINE), Some(1), "{}", dst.stderr());
     assert!(!dst.stderr().contains("victim.img"), "{}", dst.stderr());
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+}
+
+/// A peer's description names a firmware image (a FIFO here, or /dev/zero): a receiver opens
+/// only its own (`--firmware`), and one given none refuses the guest without opening anything
+/// or repeating the path. (It used to open and read the peer's path: a FIFO hung it, /dev/zero
+/// ate its memory, and the errors told the peer what exists on this host.)
+#[test]
+fn a_peer_naming_a_firmware_path_gets_nothing_opened() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = scratch_dir("firmware-paths");
+    let pki = pki(&dir, None);
+    let b = tls(&pki, "b");
+    let fifo = dir.join("peer-named.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let security = LinkSecurity::tls(&pki.join("a")).unwrap();
+    for named in [fifo.clone(), PathBuf::from("/dev/zero")] {
+        let (mut dst, listen) = loopback_receiver(&["--serial", "null", &b[0], &b[1]]);
+        let description = vmm::machine::MachineDescription {
+            vcpus: 1,
+            memory_mib: 32,
+            disks: vec![],
+            nets: vec![],
+            hyperv: Default::default(),
+            firmware: Some(named.clone()),
+            cpu_features: vec![],
+        };
+        // Short: a receiver stuck opening the FIFO never answers.
+        let wait = Duration::from_secs(10);
+        let to = link::PeerAddress::resolve(&listen).unwrap();
+        let err = link::open(&to, &description, &security, wait, wait)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--firmware"), "{named:?}: {err}");
+        assert!(!err.contains(named.to_str().unwrap()), "{err}");
+        assert_eq!(dst.wait_exit(DEADLINE), Some(1), "{}", dst.stderr());
+        assert!(
+            !dst.stderr().contains(named.to_str().unwrap()),
+            "{}",
+            dst.stderr()
+        );
+    }
+    // Nobody holds the FIFO open for reading: opening it to write finds no reader.
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo);
+    assert_eq!(
+        writer.map(|_| ()).unwrap_err().raw_os_error(),
+        Some(libc::ENXIO)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -47,6 +47,7 @@ fn destination() -> Destination {
     let options = RestoreOptions {
         serial: Some(SerialOutput::Null),
         withheld_cpu: Default::default(),
+        firmware: None,
         disks: Some(vec![BlockConfig {
             path: disk,
             read_only: false,

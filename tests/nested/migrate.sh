@@ -8,7 +8,7 @@ guest_start src "ftvmm.test=echo ftvmm.ip=$GUEST_IP/24" --net tap=tap0 --api-soc
     --tls /tmp/pki/src
 wait_for src 'ftvmm-linux-net: up' 300
 vm_start dst receive --listen 127.0.0.1:7000 --net tap=tap1 --api-socket /tmp/dst.sock \
-    --tls /tmp/pki/dst
+    --tls /tmp/pki/dst ${FIRMWARE:+--firmware "$FIRMWARE"}
 nettest echo "$GUEST_IP:7" 25 >/tmp/echo.out 2>&1 &
 client=$!
 sleep 5

@@ -18,7 +18,7 @@ show_threads() {
     done
 }
 vm_start standby standby --listen 127.0.0.1:7100 --tls /tmp/pki/b --failure-timeout-ms 2000 \
-    --net tap=tap1 --api-socket /tmp/standby.sock
+    --net tap=tap1 --api-socket /tmp/standby.sock ${FIRMWARE:+--firmware "$FIRMWARE"}
 wait_err standby "standing by on" 30
 guest_start primary "ftvmm.test=echo ftvmm.ip=$GUEST_IP/24" --net tap=tap0 \
     --api-socket /tmp/primary.sock --standby 127.0.0.1:7100 --tls /tmp/pki/a --epoch-ms 25 \

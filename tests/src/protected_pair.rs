@@ -507,6 +507,32 @@ pub fn frames_from_primary(pair: &ProtectedPair) -> u64 {
     frames_on_tap(&pair.hosts.a)
 }
 
+/// Continues a primary stopped (SIGSTOP) while its standby took over: it must fence itself (exit
+/// 5) without putting a frame on its TAP, and the survivor must go on acknowledging.
+pub fn wake_old_primary_and_expect_it_fenced(pair: &mut ProtectedPair) {
+    let frames_at_wake = frames_from_primary(pair);
+    signal(&pair.primary, "-CONT");
+    assert_eq!(
+        pair.primary.wait_exit(DEADLINE),
+        Some(5),
+        "{}",
+        pair.primary.stderr()
+    );
+    assert!(
+        pair.primary.stderr().contains("fenced"),
+        "{}",
+        pair.primary.stderr()
+    );
+    assert_eq!(
+        frames_from_primary(pair),
+        frames_at_wake,
+        "the woken primary put frames on its TAP\n{}",
+        pair.primary.stderr()
+    );
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "on the standby after the old primary woke");
+}
+
 /// The standby's copy never ran: its TAP on host B never saw a frame from a guest.
 pub fn assert_standby_never_sent(pair: &ProtectedPair) {
     assert_eq!(

@@ -1,6 +1,8 @@
 //! Options shared by the commands that bring an existing guest to this host (`restore`, `receive`,
 //! `standby`): this host's backends for the guest's devices, its API socket and its links.
 
+use std::path::PathBuf;
+
 use clap::Args;
 use vmm::arch::cpuid::CpuFeatures;
 use vmm::{BlockConfig, NetConfig, RestoreOptions, SerialOutput};
@@ -37,6 +39,13 @@ pub struct BackendArgs {
     )]
     withheld_cpu: CpuFeatures,
 
+    /// This host's UEFI firmware image (e.g. /usr/share/ovmf/OVMF.fd) for a firmware-booted
+    /// guest: it must be the image the guest started from (checked by CRC32C). Required for a
+    /// firmware-booted guest received over the network (a peer never names host paths);
+    /// `restore` without it uses the path in the snapshot.
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
+
     #[command(flatten)]
     pub api: super::api_socket::ApiSocketArgs,
 
@@ -52,6 +61,7 @@ impl BackendArgs {
             disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
             withheld_cpu: self.withheld_cpu.clone(),
+            firmware: self.firmware.clone(),
         }
     }
 }

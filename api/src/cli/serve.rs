@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// standby is, and peers can be named by host name. Needs --listen.
     #[arg(long, value_name = "URL", requires = "listen")]
     cluster: Option<String>,
+    /// This host's UEFI firmware image (e.g. /usr/share/ovmf/OVMF.fd) for the firmware-booted
+    /// copies it hosts for peers (standbys, incoming migrations): a peer never names a file of
+    /// this host; without it such copies are refused.
+    #[arg(long, value_name = "PATH", requires = "listen")]
+    pub peer_firmware: Option<PathBuf>,
     /// This host's name in the cluster (default: the system's host name).
     #[arg(long, value_name = "NAME", requires = "cluster")]
     host_name: Option<String>,
@@ -87,6 +92,7 @@ fn tcp_api(args: &ServeArgs) -> Result<Option<TcpApi>, Box<dyn std::error::Error
         address: listen.clone(),
         link_host,
         tls_dir: tls.clone(),
+        firmware: args.peer_firmware.clone(),
     };
     Ok(Some(TcpApi {
         peering,

@@ -108,6 +108,9 @@ pub struct Peering {
     pub link_host: String,
     /// The TLS identity directory, given to every VM process (`--tls`).
     pub tls_dir: PathBuf,
+    /// This host's firmware image for the firmware-booted copies it hosts for peers
+    /// (`ftvmm serve --peer-firmware`).
+    pub firmware: Option<PathBuf>,
 }
 
 /// The daemon: its store, the VMs it knows, and its event stream.

@@ -84,6 +84,18 @@ impl Daemon {
             )));
         }
         config.validate_hardware(self.host_memory_mib)?;
+        // The peer's paths are its own: a firmware-booted copy gets this host's image.
+        let mut config = config;
+        if config.firmware.is_some() {
+            let Some(own) = self.peering()?.firmware.clone() else {
+                return Err(DaemonError::Invalid(
+                    "the VM boots through UEFI firmware and this host has none for peers' copies \
+                     (ftvmm serve --peer-firmware)"
+                        .into(),
+                ));
+            };
+            config.firmware = Some(own);
+        }
         if disk_sizes.len() != config.disks.len() {
             return Err(DaemonError::Invalid(format!(
                 "\"disk_sizes\" has {} sizes for {} disks",

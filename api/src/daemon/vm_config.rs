@@ -222,10 +222,15 @@ impl VmConfig {
         args
     }
 
-    /// This host's backends for the devices of a copy of the VM that arrives from a peer (`ftvmm
-    /// standby`, `ftvmm receive`): the guest keeps its MAC addresses.
+    /// This host's backends for the devices (and the firmware) of a copy of the VM that arrives
+    /// from a peer (`ftvmm standby`, `ftvmm receive`) or from a snapshot: the guest keeps its MAC
+    /// addresses.
     pub fn backend_args(&self, console: &Path, api_socket: &Path) -> Vec<OsString> {
-        self.device_args(console, api_socket, false)
+        let mut args = self.device_args(console, api_socket, false);
+        if let Some(firmware) = &self.firmware {
+            args.extend(["--firmware".into(), firmware.into()]);
+        }
+        args
     }
 
     /// The disks, NICs (with their MACs if `macs`), console and API socket arguments.

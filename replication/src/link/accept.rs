@@ -181,7 +181,8 @@ pub fn assemble_incoming(
 }
 
 /// Checks what a peer asks for against this host and returns the restore options to build it
-/// with: this receiver's own disks and TAPs only, the guest keeping its MACs.
+/// with: this receiver's own disks, TAPs and firmware only, the guest keeping its MACs. Nothing the
+/// peer names is opened, and no refusal repeats a path the peer sent.
 fn check_description(
     d: &MachineDescription,
     options: &RestoreOptions,
@@ -219,6 +220,20 @@ fn check_description(
             nets.len()
         ));
     }
+    // A firmware-booted guest gets this host's image, whose CRC32C must then match the one the
+    // guest started from; the path in the description is the peer's and is never opened.
+    let firmware = match (&d.firmware, &options.firmware) {
+        (None, _) => None,
+        (Some(_), Some(mine)) => Some(mine.clone()),
+        (Some(_), None) => {
+            return Err(
+                "the guest boots through UEFI firmware and this receiver was given none \
+                        (--firmware): the receiver names this host's image; a peer never chooses \
+                        host paths"
+                    .into(),
+            )
+        }
+    };
     let nets = nets
         .into_iter()
         .zip(&d.nets)
@@ -235,6 +250,7 @@ fn check_description(
         disks: Some(disks),
         nets: Some(nets),
         withheld_cpu: options.withheld_cpu.clone(),
+        firmware,
     })
 }
 
@@ -274,6 +290,7 @@ mod tests {
         let mine = RestoreOptions {
             serial: None,
             withheld_cpu: Default::default(),
+            firmware: None,
             disks: Some(vec![BlockConfig {
                 path: "/srv/mine.img".into(),
                 read_only: true,
@@ -291,6 +308,36 @@ mod tests {
         assert_eq!(
             nets[0].mac,
             Some(devices::virtio::net::MacAddr([2, 0, 0, 0, 0, 7]))
+        );
+    }
+
+    #[test]
+    fn a_peer_never_names_the_firmware() {
+        let mut d = description();
+        d.disks.clear();
+        d.nets.clear();
+        d.firmware = Some("/dev/zero".into());
+        let err = check_description(&d, &RestoreOptions::default(), Some(1024)).unwrap_err();
+        assert!(err.contains("--firmware"), "{err}");
+        assert!(
+            !err.contains("/dev/zero"),
+            "the refusal repeats the peer's path: {err}"
+        );
+
+        let mine = RestoreOptions {
+            firmware: Some("/usr/share/ovmf/OVMF.fd".into()),
+            ..Default::default()
+        };
+        let got = check_description(&d, &mine, Some(1024)).unwrap();
+        assert_eq!(
+            got.firmware,
+            Some(std::path::PathBuf::from("/usr/share/ovmf/OVMF.fd"))
+        );
+        // A guest without firmware gets none, whatever this receiver was given.
+        d.firmware = None;
+        assert_eq!(
+            check_description(&d, &mine, Some(1024)).unwrap().firmware,
+            None
         );
     }
 

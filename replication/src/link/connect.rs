@@ -1,7 +1,7 @@
 //! The opening side of a link (a migration source, a protected primary): connect, authenticate,
 //! announce the guest's hardware and wait until the peer has built it.
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
@@ -29,10 +29,53 @@ pub enum OpenError {
     Protocol(String),
 }
 
-/// Connects to `to` (`HOST:PORT`), authenticates as `security` says, announces `description` and
-/// returns the link once the peer is `Ready`.
+/// A peer's `HOST:PORT` as the operator gave it, and the address it resolved to.
+///
+/// Names are resolved before a replication thread sandboxes itself: resolving reads
+/// `/etc/hosts` (and may ask DNS), and the replication threads' seccomp filter
+/// (`vmm/src/seccomp.rs`) forbids opening files. The link dials the address; TLS checks the
+/// peer's certificate against the host part of the name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddress {
+    given: String,
+    addr: SocketAddr,
+}
+
+impl PeerAddress {
+    /// Resolves `to` (`HOST:PORT`, `[V6]:PORT`) to its first address.
+    pub fn resolve(to: &str) -> Result<Self, OpenError> {
+        let addr = to
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| OpenError::Resolve(to.to_string()))?;
+        Ok(Self {
+            given: to.to_string(),
+            addr,
+        })
+    }
+
+    /// The address the link dials.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The host part of the name given: what the peer's certificate must carry.
+    pub fn host(&self) -> &str {
+        host_of(&self.given)
+    }
+}
+
+impl std::fmt::Display for PeerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.given)
+    }
+}
+
+/// Connects to `to`, authenticates as `security` says, announces `description` and returns the
+/// link once the peer is `Ready`.
 pub fn open(
-    to: &str,
+    to: &PeerAddress,
     description: &MachineDescription,
     security: &LinkSecurity,
     connect_timeout: Duration,
@@ -57,16 +100,12 @@ pub fn open(
 
 /// Connects and authenticates, with `io_timeout` on every read and write.
 pub fn connect(
-    to: &str,
+    to: &PeerAddress,
     security: &LinkSecurity,
     connect_timeout: Duration,
     io_timeout: Duration,
 ) -> Result<Link, OpenError> {
-    let addr = to
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| OpenError::Resolve(to.to_string()))?;
+    let addr = to.addr();
     let socket = TcpStream::connect_timeout(&addr, connect_timeout).map_err(|source| {
         OpenError::Connect {
             to: to.to_string(),
@@ -90,10 +129,10 @@ pub fn connect(
                 to: to.to_string(),
                 reason,
             };
-            let name = ServerName::try_from(host_of(to).to_string()).map_err(|e| {
+            let name = ServerName::try_from(to.host().to_string()).map_err(|e| {
                 tls_err(format!(
                     "{:?} is not a host name or address: {e}",
-                    host_of(to)
+                    to.host()
                 ))
             })?;
             let mut conn = ClientConnection::new(identity.client.clone(), name)

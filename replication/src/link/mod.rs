@@ -23,6 +23,6 @@ pub use accept::{
     accept_opening, accept_peer, assemble_incoming, bind, listen_for_peer, AcceptError, Incoming,
     HANDSHAKE_TIMEOUT,
 };
-pub use connect::{connect, handshake_reason, host_of, open, OpenError};
+pub use connect::{connect, handshake_reason, host_of, open, OpenError, PeerAddress};
 pub use security::{LinkSecurity, SecurityError, TlsIdentity};
 pub use stream::{Link, LinkShutdown};

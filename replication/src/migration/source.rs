@@ -108,8 +108,10 @@ pub fn start_migration(
         .spawn(move || {
             // Held for the thread's life: nobody else collects the dirty bits meanwhile.
             let _dirty_claim = dirty_claim;
+            // Before the sandbox, which forbids the files name resolution reads.
+            let to = link::PeerAddress::resolve(&job.params.to);
             vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::Replication);
-            job.run()
+            job.run(to)
         })?;
     Ok(MigrationHandle {
         status,
@@ -131,12 +133,14 @@ struct Job {
 }
 
 impl Job {
-    fn run(self) {
+    fn run(self, to: Result<link::PeerAddress, OpenError>) {
         let span = tracing::info_span!("migration", to = %self.params.to);
         let _guard = span.enter();
         let status = self.status.clone();
         let started = self.started;
-        let result = self.migrate();
+        let result = to
+            .map_err(SourceError::from)
+            .and_then(|to| self.migrate(&to));
         update(&status, |s| {
             s.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
             match &result {
@@ -156,9 +160,9 @@ impl Job {
         }
     }
 
-    fn migrate(mut self) -> Result<(), SourceError> {
+    fn migrate(mut self, to: &link::PeerAddress) -> Result<(), SourceError> {
         let mut stream = link::open(
-            &self.params.to,
+            to,
             &self.description,
             &self.params.security,
             CONNECT_TIMEOUT,

@@ -285,8 +285,10 @@ pub fn start_protection(
         .spawn(move || {
             // Held for the thread's life: nobody else collects the dirty bits meanwhile.
             let _dirty_claim = dirty_claim;
+            // Before the sandbox, which forbids the files name resolution reads.
+            let standby = link::PeerAddress::resolve(&job.params.standby);
             vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::Replication);
-            job.run()
+            job.run(standby)
         })?;
     Ok(ProtectionHandle {
         status,
@@ -318,10 +320,12 @@ struct EpochLoop {
 }
 
 impl EpochLoop {
-    fn run(mut self) {
+    fn run(mut self, standby: Result<link::PeerAddress, link::OpenError>) {
         let span = tracing::info_span!("epoch_loop", standby = %self.params.standby);
         let _guard = span.enter();
-        let result = self.protect();
+        let result = standby
+            .map_err(LoopError::from)
+            .and_then(|standby| self.protect(&standby));
         if let Err(e) = &result {
             tracing::warn!("protection lost: {e}; the guest runs unprotected");
         }
@@ -369,9 +373,9 @@ impl EpochLoop {
         });
     }
 
-    fn protect(&self) -> Result<(), LoopError> {
+    fn protect(&self, standby: &link::PeerAddress) -> Result<(), LoopError> {
         let mut stream = link::open(
-            &self.params.standby,
+            standby,
             &self.description,
             &self.params.security,
             CONNECT_TIMEOUT,
@@ -388,7 +392,7 @@ impl EpochLoop {
         });
         let status = self.status.clone();
         let mut progress = move |bytes: u64| update(&status, |s| s.sync.done_bytes += bytes);
-        let (result, failure_timeout) = match self.open_heartbeat(&mut stream) {
+        let (result, failure_timeout) = match self.open_heartbeat(&mut stream, standby) {
             Ok(failure_timeout) => (
                 self.tell_claim(&mut stream)
                     .and_then(|()| disk_copy::send_images(&mut stream, &self.disks, &mut progress))
@@ -498,7 +502,11 @@ impl EpochLoop {
 
     /// Reads the standby's terms and opens the heartbeat (probes and control channel); returns the
     /// standby's failure timeout.
-    fn open_heartbeat(&self, stream: &mut Link) -> Result<Duration, LoopError> {
+    fn open_heartbeat(
+        &self,
+        stream: &mut Link,
+        standby: &link::PeerAddress,
+    ) -> Result<Duration, LoopError> {
         let terms = match read_frame::<_, Message>(stream)? {
             Message::Standing {
                 session,
@@ -523,13 +531,7 @@ impl EpochLoop {
             .shutdown_handle()
             .map_err(|e| LoopError::Heartbeat(e.to_string()))?;
         self.watch
-            .open(
-                &self.params.standby,
-                stream.peer(),
-                &self.params.security,
-                terms,
-                shutdown,
-            )
+            .open(standby, &self.params.security, terms, shutdown)
             .map_err(LoopError::Heartbeat)?;
         Ok(failure_timeout)
     }

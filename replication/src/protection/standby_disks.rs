@@ -12,6 +12,11 @@ use crate::wire::DiskRun;
 /// are recorded within an epoch (`devices/src/virtio/block/write_journal.rs`), so a checkpoint
 /// carries that plus one request (at most 16 MiB) — or, the first one, what its first copy left.
 const MAX_STAGED_PER_DISK: u64 = 256 << 20;
+/// What a staged run costs against that bound beyond its bytes: a guest writes whole sectors, and
+/// every run holds an entry and an allocation here, so that runs of a byte or two cannot be staged
+/// by the million for nothing.
+const MIN_RUN_COST: u64 = 512;
+const RUN_BOOKKEEPING: u64 = 64;
 
 /// The standby's own disks (from its `--disk` options) and the writes staged for the next commit.
 pub(super) struct StandbyDisks {
@@ -75,8 +80,11 @@ impl StandbyDisks {
     /// Stages a checkpoint's writes to `disk`.
     pub(super) fn stage(&mut self, disk: u32, writes: Vec<DiskRun>) -> Result<(), String> {
         for w in writes {
+            if w.data.is_empty() {
+                return Err(format!("disk {disk}: an empty write at {}", w.offset));
+            }
             self.disk(disk, w.offset, w.data.len())?;
-            self.staged_bytes += w.data.len() as u64;
+            self.staged_bytes += (w.data.len() as u64).max(MIN_RUN_COST) + RUN_BOOKKEEPING;
             if self.staged_bytes > MAX_STAGED_PER_DISK * self.disks.len().max(1) as u64 {
                 return Err(format!(
                     "a checkpoint's disk writes exceed {MAX_STAGED_PER_DISK} bytes per disk"
@@ -214,5 +222,35 @@ mod tests {
             )
             .is_err());
         assert!(d.sync(0, u64::MAX, &[1]).is_err());
+    }
+
+    #[test]
+    fn empty_and_tiny_runs_cannot_be_staged_for_nothing() {
+        let mut d = StandbyDisks::new(vec![disk(1 << 20)]);
+        d.check_sizes(&[1 << 20]).unwrap();
+        let empty = d.stage(
+            0,
+            vec![DiskRun {
+                offset: 0,
+                data: vec![],
+            }],
+        );
+        assert!(empty.unwrap_err().contains("empty write"));
+        // One-byte runs count as whole sectors plus their entry: the bound stops them long
+        // before a million.
+        let mut staged = 0u64;
+        let refused = loop {
+            let run = DiskRun {
+                offset: staged % (1 << 20),
+                data: vec![1],
+            };
+            match d.stage(0, vec![run]) {
+                Ok(()) => staged += 1,
+                Err(e) => break e,
+            }
+            assert!(staged < 1_000_000, "a million tiny runs staged");
+        };
+        assert!(refused.contains("exceed"), "{refused}");
+        assert!(staged < MAX_STAGED_PER_DISK / MIN_RUN_COST, "{staged}");
     }
 }

@@ -3,6 +3,7 @@
 //! if absent, and replace or delete it only if it is unchanged since a given revision. The host
 //! daemon's cluster store (api/src/daemon/cluster.rs) uses its plain puts, prefix reads and leases.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -83,16 +84,43 @@ struct Header {
 }
 
 impl Etcd {
-    /// A client for the etcd at `url` (`http://HOST:PORT`).
+    /// A client for the etcd at `url` (`http://HOST:PORT`). HOST is resolved here, once: the
+    /// replication threads that ask the witness later may not open the files resolution reads
+    /// (`vmm/src/seccomp.rs`).
     pub fn new(url: &str) -> Result<Self, EtcdError> {
         let base = url.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
+        let Some(netloc) = base
+            .strip_prefix("http://")
+            .map(|rest| rest.split('/').next().unwrap_or_default().to_string())
+        else {
             return Err(EtcdError::Request {
                 url: base,
                 reason: "the witness URL must be http://HOST:PORT".into(),
             });
+        };
+        let addrs: Vec<SocketAddr> = netloc
+            .to_socket_addrs()
+            .map(|a| a.collect())
+            .unwrap_or_default();
+        if addrs.is_empty() {
+            return Err(EtcdError::Request {
+                url: base,
+                reason: format!("cannot resolve {netloc:?} (HOST:PORT)"),
+            });
         }
-        let agent = ureq::AgentBuilder::new().timeout(REQUEST_TIMEOUT).build();
+        let agent = ureq::AgentBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .resolver(move |asked: &str| {
+                if asked == netloc {
+                    Ok(addrs.clone())
+                } else {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{asked} is not this witness's endpoint"),
+                    ))
+                }
+            })
+            .build();
         Ok(Self { base, agent })
     }
 
@@ -284,5 +312,22 @@ impl Etcd {
         } else {
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_is_resolved_once_when_the_client_is_made() {
+        assert!(Etcd::new("http://localhost:2379").is_ok());
+        assert!(Etcd::new("http://127.0.0.1:2379/").is_ok());
+        let err = Etcd::new("http://:2379")
+            .err()
+            .expect("an unresolvable endpoint is refused")
+            .to_string();
+        assert!(err.contains("cannot resolve"), "{err}");
+        assert!(Etcd::new("https://127.0.0.1:2379").is_err());
     }
 }

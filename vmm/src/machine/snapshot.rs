@@ -154,6 +154,9 @@ pub struct RestoreOptions {
     pub disks: Option<Vec<BlockConfig>>,
     /// Replacement TAPs (same count and order); `None` keeps the snapshot's names.
     pub nets: Option<Vec<NetConfig>>,
+    /// This host's UEFI firmware image for a firmware-booted guest (checked against the one the
+    /// guest started from by its CRC32C); `None` keeps the snapshot's path.
+    pub firmware: Option<PathBuf>,
 }
 
 fn io_err<'a>(
@@ -440,8 +443,8 @@ impl Machine {
             firmware: d
                 .firmware
                 .as_deref()
-                .map(|image| super::builder::FirmwareBoot {
-                    image,
+                .map(|saved| super::builder::FirmwareBoot {
+                    image: options.firmware.as_deref().unwrap_or(saved),
                     kernel: None,
                 }),
         })?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::prober::{PeerLiveness, ProbeLoop};
 use super::OPEN_TIMEOUT;
-use crate::link::{self, Link, LinkSecurity, LinkShutdown};
+use crate::link::{self, Link, LinkSecurity, LinkShutdown, PeerAddress};
 use crate::wire::{write_frame, Ending, Message, ProbeKey, ProbeSender};
 
 /// How long a goodbye on the control channel may take to write (it always fits its buffer).
@@ -61,10 +61,9 @@ pub struct StandbyTerms {
 
 /// What the probe thread needs to open the channel.
 struct ChannelPlan {
-    /// The standby as the user named it (`HOST:PORT`): the name its certificate must carry.
-    to: String,
-    /// Where the checkpoint link reached it: the probes go to this address's UDP port.
-    probe_to: SocketAddr,
+    /// The standby as the user named it and as resolved: the control channel dials it, its
+    /// certificate must carry the name, the probes go to the same address's UDP port.
+    to: PeerAddress,
     security: LinkSecurity,
     terms: StandbyTerms,
     checkpoints: LinkShutdown,
@@ -128,7 +127,7 @@ impl StandbyWatch {
                     session: plan.terms.session,
                     key: plan.terms.key.clone(),
                     interval: plan.terms.heartbeat,
-                    peer: Some(plan.probe_to),
+                    peer: Some(plan.to.addr()),
                     liveness,
                     after_each: &mut after_each,
                 }
@@ -143,21 +142,19 @@ impl StandbyWatch {
         })
     }
 
-    /// Opens the control channel to the standby at `to` and probes it at `probe_to` (the
-    /// checkpoint link's peer address) from then on. When it stops answering for its failure timeout, marks it lost and shuts
-    /// `checkpoints` (the checkpoint link) down, so that the epoch loop stops waiting on it.
+    /// Opens the control channel to the standby at `to` and probes it there from then on. When it
+    /// stops answering for its failure timeout, marks it lost and shuts `checkpoints` (the
+    /// checkpoint link) down, so that the epoch loop stops waiting on it.
     pub fn open(
         &self,
-        to: &str,
-        probe_to: SocketAddr,
+        to: &PeerAddress,
         security: &LinkSecurity,
         terms: StandbyTerms,
         checkpoints: LinkShutdown,
     ) -> Result<(), String> {
         let (opened, result) = channel();
         let plan = ChannelPlan {
-            to: to.to_string(),
-            probe_to,
+            to: to.clone(),
             security: security.clone(),
             terms,
             checkpoints,
