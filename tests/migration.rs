@@ -275,15 +275,7 @@ fn a_destination_refuses_corrupted_or_truncated_streams() {
             DEADLINE,
         )
         .unwrap();
-        let description = vmm::machine::MachineDescription {
-            vcpus: 1,
-            memory_mib: 32,
-            disks: vec![],
-            nets: vec![],
-            hyperv: Default::default(),
-            firmware: None,
-            cpu_features: vec![],
-        };
+        let description = small_guest();
         write_frame(&mut s, &Message::Hello { description }).unwrap();
         assert_eq!(
             read_frame::<_, Message>(&mut s).unwrap(),
@@ -532,15 +524,7 @@ fn a_receiver_refuses_unauthenticated_peers_and_waits_for_the_right_one() {
     // A peer speaking plain TCP gets no answer but a closed connection.
     let mut plain = TcpStream::connect(&listen).unwrap();
     plain.set_read_timeout(Some(DEADLINE)).unwrap();
-    let description = vmm::machine::MachineDescription {
-        vcpus: 1,
-        memory_mib: 32,
-        disks: vec![],
-        nets: vec![],
-        hyperv: Default::default(),
-        firmware: None,
-        cpu_features: vec![],
-    };
+    let description = small_guest();
     let _ = write_frame(&mut plain, &Message::Hello { description });
     assert!(read_frame::<_, Message>(&mut plain).is_err());
     dst.wait_for_stderr("refused a connection", DEADLINE);
@@ -590,6 +574,19 @@ fn a_receiver_refuses_unauthenticated_peers_and_waits_for_the_right_one() {
     dst.kill();
 }
 
+/// The description of a 1-vCPU, 32 MiB guest without devices, as a peer's `Hello` carries it.
+fn small_guest() -> vmm::machine::MachineDescription {
+    vmm::machine::MachineDescription {
+        vcpus: 1,
+        memory_mib: 32,
+        disks: vec![],
+        nets: vec![],
+        hyperv: Default::default(),
+        firmware: None,
+        cpu_features: vec![],
+    }
+}
+
 #[test]
 fn a_peer_naming_a_disk_path_gets_nothing_opened() {
     let dir = scratch_dir("paths");
@@ -601,16 +598,11 @@ fn a_peer_naming_a_disk_path_gets_nothing_opened() {
     let (mut dst, listen) = loopback_receiver(&["--serial", "null", &b[0], &b[1]]);
     let security = LinkSecurity::tls(&pki.join("a")).unwrap();
     let description = vmm::machine::MachineDescription {
-        vcpus: 1,
-        memory_mib: 32,
         disks: vec![vmm::machine::DiskDescription {
             path: victim.clone(),
             read_only: false,
         }],
-        nets: vec![],
-        hyperv: Default::default(),
-        firmware: None,
-        cpu_features: vec![],
+        ..small_guest()
     };
     let err = link::open(
         &link::PeerAddress::resolve(&listen).unwrap(),
@@ -647,13 +639,8 @@ fn a_peer_naming_a_firmware_path_gets_nothing_opened() {
     for named in [fifo.clone(), PathBuf::from("/dev/zero")] {
         let (mut dst, listen) = loopback_receiver(&["--serial", "null", &b[0], &b[1]]);
         let description = vmm::machine::MachineDescription {
-            vcpus: 1,
-            memory_mib: 32,
-            disks: vec![],
-            nets: vec![],
-            hyperv: Default::default(),
             firmware: Some(named.clone()),
-            cpu_features: vec![],
+            ..small_guest()
         };
         // Short: a receiver stuck opening the FIFO never answers.
         let wait = Duration::from_secs(10);
