@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::netns::TwoHosts;
-use integration_tests::{ftvmm_bin, run_ftvmm, testguest, tls_pki, RunningVm};
+use integration_tests::{
+    ftvmm_bin, run_ftvmm, small_guest_description, testguest, tls_pki, RunningVm,
+};
 use replication::link::{self, LinkSecurity};
 use replication::wire::{read_frame, write_frame, Message};
 
@@ -275,7 +277,7 @@ fn a_destination_refuses_corrupted_or_truncated_streams() {
             DEADLINE,
         )
         .unwrap();
-        let description = small_guest();
+        let description = small_guest_description();
         write_frame(&mut s, &Message::Hello { description }).unwrap();
         assert_eq!(
             read_frame::<_, Message>(&mut s).unwrap(),
@@ -524,7 +526,7 @@ fn a_receiver_refuses_unauthenticated_peers_and_waits_for_the_right_one() {
     // A peer speaking plain TCP gets no answer but a closed connection.
     let mut plain = TcpStream::connect(&listen).unwrap();
     plain.set_read_timeout(Some(DEADLINE)).unwrap();
-    let description = small_guest();
+    let description = small_guest_description();
     let _ = write_frame(&mut plain, &Message::Hello { description });
     assert!(read_frame::<_, Message>(&mut plain).is_err());
     dst.wait_for_stderr("refused a connection", DEADLINE);
@@ -574,19 +576,6 @@ fn a_receiver_refuses_unauthenticated_peers_and_waits_for_the_right_one() {
     dst.kill();
 }
 
-/// The description of a 1-vCPU, 32 MiB guest without devices, as a peer's `Hello` carries it.
-fn small_guest() -> vmm::machine::MachineDescription {
-    vmm::machine::MachineDescription {
-        vcpus: 1,
-        memory_mib: 32,
-        disks: vec![],
-        nets: vec![],
-        hyperv: Default::default(),
-        firmware: None,
-        cpu_features: vec![],
-    }
-}
-
 #[test]
 fn a_peer_naming_a_disk_path_gets_nothing_opened() {
     let dir = scratch_dir("paths");
@@ -602,7 +591,7 @@ fn a_peer_naming_a_disk_path_gets_nothing_opened() {
             path: victim.clone(),
             read_only: false,
         }],
-        ..small_guest()
+        ..small_guest_description()
     };
     let err = link::open(
         &link::PeerAddress::resolve(&listen).unwrap(),
@@ -640,7 +629,7 @@ fn a_peer_naming_a_firmware_path_gets_nothing_opened() {
         let (mut dst, listen) = loopback_receiver(&["--serial", "null", &b[0], &b[1]]);
         let description = vmm::machine::MachineDescription {
             firmware: Some(named.clone()),
-            ..small_guest()
+            ..small_guest_description()
         };
         // Short: a receiver stuck opening the FIFO never answers.
         let wait = Duration::from_secs(10);

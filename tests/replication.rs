@@ -81,6 +81,19 @@ fn loopback_standby(dir: &std::path::Path) -> (RunningVm, String, std::path::Pat
     loopback_standby_with(dir, &[])
 }
 
+/// Opens a link to the standby at `addr` as host `a` of `pki` (the primary's identity), announcing
+/// `description`.
+fn open_as_primary(
+    addr: &str,
+    pki: &std::path::Path,
+    description: &vmm::machine::MachineDescription,
+) -> replication::link::Link {
+    use replication::link::{self, LinkSecurity};
+    let security = LinkSecurity::tls(&pki.join("a")).unwrap();
+    let to = link::PeerAddress::resolve(addr).unwrap();
+    link::open(&to, description, &security, DEADLINE, DEADLINE).unwrap()
+}
+
 /// As [`loopback_standby`], with more arguments.
 fn loopback_standby_with(
     dir: &std::path::Path,
@@ -141,17 +154,8 @@ fn a_standby_whose_cpu_cannot_run_the_guest_refuses_it_at_pairing() {
 #[test]
 fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
     let _serial = one_at_a_time();
-    use replication::link::{self, LinkSecurity};
     use replication::wire::{write_frame, EncodedPage, Message, PageEncoding};
-    let description = vmm::machine::MachineDescription {
-        vcpus: 1,
-        memory_mib: 32,
-        disks: vec![],
-        nets: vec![],
-        hyperv: Default::default(),
-        firmware: None,
-        cpu_features: vec![],
-    };
+    let description = integration_tests::small_guest_description();
     let page = |gpa: u64, encoding: PageEncoding| EncodedPage { gpa, encoding };
     let cases: [(&str, Message, &str); 4] = [
         (
@@ -200,15 +204,7 @@ fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
             name.replace(' ', "-")
         ));
         let (mut standby, addr, pki) = loopback_standby(&dir);
-        let security = LinkSecurity::tls(&pki.join("a")).unwrap();
-        let mut link = link::open(
-            &link::PeerAddress::resolve(&addr).unwrap(),
-            &description,
-            &security,
-            DEADLINE,
-            DEADLINE,
-        )
-        .unwrap();
+        let mut link = open_as_primary(&addr, &pki, &description);
         write_frame(&mut link, &message).unwrap();
         assert_eq!(standby.wait_exit(DEADLINE), Some(1), "{name}");
         let err = standby.stderr();
@@ -225,22 +221,13 @@ fn a_standby_refuses_checkpoints_out_of_order_or_outside_guest_memory() {
 #[test]
 fn a_standby_follows_only_the_primary_whose_claim_the_witness_holds() {
     let _serial = one_at_a_time();
-    use replication::link::{self, LinkSecurity};
     use replication::wire::{read_frame, write_frame, Message};
     use replication::witness::{ClaimState, Witness};
     let etcd = TestEtcd::start_local();
     let witness = Witness::new(etcd.url(), "claim-check").unwrap();
     let held = witness.create(0x1111, ClaimState::Protected).unwrap();
     let generation = held.claim.generation;
-    let description = vmm::machine::MachineDescription {
-        vcpus: 1,
-        memory_mib: 32,
-        disks: vec![],
-        nets: vec![],
-        hyperv: Default::default(),
-        firmware: None,
-        cpu_features: vec![],
-    };
+    let description = integration_tests::small_guest_description();
     let with_witness = ["--witness", etcd.url(), "--guest-name", "claim-check"];
     let cases: [(&str, &[&str], Message, &str); 4] = [
         (
@@ -284,15 +271,7 @@ fn a_standby_follows_only_the_primary_whose_claim_the_witness_holds() {
             name.replace(' ', "-")
         ));
         let (mut standby, addr, pki) = loopback_standby_with(&dir, args);
-        let security = LinkSecurity::tls(&pki.join("a")).unwrap();
-        let mut link = link::open(
-            &link::PeerAddress::resolve(&addr).unwrap(),
-            &description,
-            &security,
-            DEADLINE,
-            DEADLINE,
-        )
-        .unwrap();
+        let mut link = open_as_primary(&addr, &pki, &description);
         let standing: Message = read_frame(&mut link).unwrap();
         assert_eq!(standing.name(), "Standing", "{name}");
         write_frame(&mut link, &message).unwrap();

@@ -53,6 +53,20 @@ pub fn testguest() -> PathBuf {
     p
 }
 
+/// The description of a 1-vCPU, 32 MiB guest without devices, as a peer's `Hello` carries it:
+/// for tests that speak the link protocol to a receiver or standby themselves.
+pub fn small_guest_description() -> vmm::machine::MachineDescription {
+    vmm::machine::MachineDescription {
+        vcpus: 1,
+        memory_mib: 32,
+        disks: vec![],
+        nets: vec![],
+        hyperv: Default::default(),
+        firmware: None,
+        cpu_features: vec![],
+    }
+}
+
 /// Makes a fresh CA and a TLS identity for each `(name, addresses)` under `dir/pki` with
 /// `ftvmm tls-certs` (replacing an earlier one); a host then runs with `--tls dir/pki/<name>`.
 pub fn tls_pki(dir: &Path, nodes: &[(&str, &[&str])]) -> PathBuf {

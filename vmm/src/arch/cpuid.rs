@@ -315,13 +315,18 @@ pub fn host_offers(restrictions: &CpuFeatures) -> Result<Vec<String>, String> {
     Ok(feature_names(&cpuid))
 }
 
+/// CPUID leaf 1 ECX: running under a hypervisor (set for every guest by `normalize_for_vcpu`).
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID leaf 1 ECX: the local APIC timer's TSC-deadline mode.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
 /// Marks in leaf 1 what this VMM gives every guest beyond KVM's list (see `host_offers`).
 fn add_vmm_provided(cpuid: &mut CpuId, tsc_deadline: bool) {
     for entry in cpuid.as_mut_slice() {
         if entry.function == 1 {
-            entry.ecx |= 1 << 31; // hypervisor
+            entry.ecx |= LEAF1_ECX_HYPERVISOR;
             if tsc_deadline {
-                entry.ecx |= 1 << 24;
+                entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
             }
         }
     }
@@ -384,7 +389,7 @@ pub fn normalize_for_vcpu(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8) {
                 } else {
                     entry.edx &= !(1 << 28);
                 }
-                entry.ecx |= 1 << 31; // hypervisor
+                entry.ecx |= LEAF1_ECX_HYPERVISOR;
             }
             4 => {
                 // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1.
