@@ -1,4 +1,4 @@
-# A protected Linux guest (copy-on-write checkpoints, 25 ms epochs) with its standby in the same L1,
+# A protected Linux guest (25 ms epochs) with its standby in the same L1,
 # their TAPs on one bridge, while a client keeps one TCP connection to the guest's echo service: the
 # primary is killed mid-way, the standby takes over, every line comes back on the same connection,
 # and the guest powers off on the standby (exit 0).
@@ -20,9 +20,14 @@ show_threads() {
 vm_start standby standby --listen 127.0.0.1:7100 --tls /tmp/pki/b --failure-timeout-ms 2000 \
     --net tap=tap1 --api-socket /tmp/standby.sock ${FIRMWARE:+--firmware "$FIRMWARE"}
 wait_err standby "standing by on" 30
+# Checkpoints copy their pages after the pause (copy-on-write), but a firmware-booted guest's are
+# copied while paused: under TCG's emulated SVM an OVMF guest triple-faults with copy-on-write, with
+# every build tried (docs/nested.md, Known limits).
+checkpoint_copy=on-write
+[ -z "${FIRMWARE:-}" ] || checkpoint_copy=paused
 guest_start primary "ftvmm.test=echo ftvmm.ip=$GUEST_IP/24" --net tap=tap0 \
     --api-socket /tmp/primary.sock --standby 127.0.0.1:7100 --tls /tmp/pki/a --epoch-ms 25 \
-    --checkpoint-copy on-write
+    --checkpoint-copy "$checkpoint_copy"
 wait_for primary 'ftvmm-linux-net: up' 300
 wait_err primary "guest protected by" 300
 nettest echo "$GUEST_IP:7" 30 >/tmp/echo.out 2>&1 &
