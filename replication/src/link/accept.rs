@@ -12,22 +12,20 @@
 //! - Sizes come from the peer, so they are checked before anything is allocated: vCPUs within KVM's
 //!   range, guest memory no larger than this host's.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use rustls::ServerConnection;
 use vmm::machine::MachineDescription;
 use vmm::{Machine, NetConfig, RestoreOptions};
 
-use super::connect::handshake_reason;
 use super::security::LinkSecurity;
 use super::stream::Link;
-use crate::wire::{read_frame, write_frame, FrameError, Message};
+use crate::wire::{write_frame, Message};
 
 /// Most vCPUs a guest may have (as `ftvmm run --vcpus`).
 const MAX_VCPUS: u8 = 254;
 
-/// How long one connection may take from TCP accept to its `Hello`.
+/// How long one connection may take from TCP accept to its `Hello`, whatever it sends meanwhile.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors on the receiving side before a guest was accepted.
@@ -89,63 +87,16 @@ pub fn accept_peer(
 }
 
 /// Waits for a peer that passes `security` and whose first message `wanted` takes; returns the link
-/// and that message. Every other connection is refused with a warning and the wait goes on.
+/// and that message. Every other connection is refused with a warning and the wait goes on. The
+/// connections' handshakes run side by side (`handshakes.rs`): one that dribbles delays no other.
 pub fn accept_opening(
     listener: &TcpListener,
     security: &LinkSecurity,
     handshake_timeout: Duration,
     wanted: impl Fn(&Message) -> Result<(), String>,
 ) -> Result<(Link, Message), AcceptError> {
-    loop {
-        let (socket, peer) = listener.accept().map_err(AcceptError::Accept)?;
-        match handshake(socket, peer, security, handshake_timeout)
-            .and_then(|(link, first)| wanted(&first).map(|()| (link, first)))
-        {
-            Ok(opened) => return Ok(opened),
-            Err(reason) => tracing::warn!(%peer, "refused a connection: {reason}"),
-        }
-    }
-}
-
-fn handshake(
-    socket: TcpStream,
-    peer: SocketAddr,
-    security: &LinkSecurity,
-    timeout: Duration,
-) -> Result<(Link, Message), String> {
-    let _ = socket.set_nodelay(true);
-    socket
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| socket.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
-    let mut link = match security {
-        LinkSecurity::PlainTcp => {
-            tracing::warn!(%peer, "INSECURE: accepting a plain TCP link, neither authenticated nor encrypted");
-            Link::plain(socket, peer)
-        }
-        LinkSecurity::Tls(identity) => {
-            let mut conn =
-                ServerConnection::new(identity.server.clone()).map_err(|e| format!("TLS: {e}"))?;
-            let mut socket = socket;
-            while conn.is_handshaking() {
-                conn.complete_io(&mut socket)
-                    .map_err(|e| format!("TLS handshake failed: {}", handshake_reason(&e)))?;
-            }
-            Link::tls_server(conn, socket, peer)
-        }
-    };
-    match read_frame::<_, Message>(&mut link) {
-        Ok(first) => Ok((link, first)),
-        Err(FrameError::Io(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Err(format!("no first message within {timeout:?}"))
-        }
-        Err(e) => Err(e.to_string()),
-    }
+    super::handshakes::first_opening(listener, security, handshake_timeout, &wanted)
+        .map_err(AcceptError::Accept)
 }
 
 /// Builds the machine `incoming` describes on this host's own backends (`options`: this receiver's

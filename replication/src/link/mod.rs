@@ -9,6 +9,8 @@
 //! - `accept.rs`: the receiving side (a migration destination, a standby): wait for a peer that
 //!   authenticates and says `Hello`, and build the guest's hardware from this host's own backends
 //!   — a peer never names a host path.
+//! - `handshakes.rs`: the receiver's connections carried through TLS to their first message side by
+//!   side, each within one deadline, with limits per address and in all.
 //! - `certs.rs`: making a CA and node certificates for the `ftvmm tls-certs` helper.
 //!
 //! docs/wire-protocol.md describes the handshake and the rules as built.
@@ -16,6 +18,7 @@
 pub mod accept;
 pub mod certs;
 pub mod connect;
+mod handshakes;
 pub mod security;
 pub mod stream;
 

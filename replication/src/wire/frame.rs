@@ -19,7 +19,7 @@ pub const MAGIC: [u8; 4] = *b"FTVM";
 pub const PROTOCOL_VERSION: u16 = 7;
 /// Largest payload accepted on the wire.
 pub const MAX_FRAME: u32 = 16 << 20;
-const HEADER_LEN: usize = 16;
+pub const HEADER_LEN: usize = 16;
 const FLAG_LZ4: u16 = 1;
 /// Payloads smaller than this are not worth compressing.
 const COMPRESS_MIN: usize = 4096;
@@ -83,6 +83,13 @@ pub fn write_payload<W: Write>(w: &mut W, raw: &[u8]) -> Result<(), FrameError> 
     // A TLS link may hold the last record until flushed.
     w.flush()?;
     Ok(())
+}
+
+/// The whole length (header and payload) of the frame whose header is `header`, once the header
+/// is checked (magic, version, a payload within [`MAX_FRAME`]): for a reader that gathers a frame
+/// before decoding it.
+pub fn frame_len(header: &[u8; HEADER_LEN]) -> Result<usize, FrameError> {
+    Ok(HEADER_LEN + FrameHeader::parse(header)?.len as usize)
 }
 
 /// Reads and decodes one message.
