@@ -110,13 +110,11 @@ impl Handshake {
                     if let Err(e) = conn.process_new_packets() {
                         // Tell the peer why (its alert) before closing.
                         let _ = flush_tls(conn, &mut self.socket);
-                        return Err(format!("TLS handshake failed: {}", tls_reason(e)));
+                        return Err(format!("TLS handshake failed: {e}"));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    flush_tls(conn, &mut self.socket)?;
-                    return Ok(None);
-                }
+                // Everything queued for the peer was flushed at the top of the loop.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("TLS handshake failed: {}", handshake_reason(&e))),
             }
@@ -135,10 +133,6 @@ impl Handshake {
             None => Link::plain(self.socket, self.peer),
         })
     }
-}
-
-fn tls_reason(e: rustls::Error) -> String {
-    handshake_reason(&io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Sends what the TLS session has for the peer, as far as the socket takes it now.
@@ -383,6 +377,35 @@ mod tests {
         bytes
     }
 
+    /// A connection to `addr` that opens properly, with `HeartbeatOpen { session }`.
+    fn opening(addr: SocketAddr, session: u64) -> TcpStream {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write_frame(&mut s, &Message::HeartbeatOpen { session }).unwrap();
+        s
+    }
+
+    /// [`first_opening`] on a plain link; its first message's session. The listener must be
+    /// blocking again afterwards, for whoever uses it next.
+    fn first_session(
+        listener: &TcpListener,
+        timeout: Duration,
+        wanted: &dyn Fn(&Message) -> Result<(), String>,
+    ) -> u64 {
+        let (_link, first) =
+            first_opening(listener, &LinkSecurity::PlainTcp, timeout, wanted).unwrap();
+        // SAFETY: F_GETFL on a descriptor the listener owns; nothing is changed.
+        let flags = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "the listener was left non-blocking"
+        );
+        match first {
+            Message::HeartbeatOpen { session } => session,
+            other => panic!("opened with {}", other.name()),
+        }
+    }
+
     /// Hands out its bytes one per read, with "nothing now" between them, as a non-blocking socket
     /// fed by a dribbling peer does.
     struct Dribble {
@@ -442,7 +465,7 @@ mod tests {
     }
 
     /// Connections that say nothing, or dribble, hold neither the door nor the next in line: the
-    /// one that opens properly is taken while they wait, and each is closed at its own deadline.
+    /// one that opens properly is taken while they wait.
     #[test]
     fn a_proper_opening_is_taken_while_silent_connections_wait() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -456,24 +479,14 @@ mod tests {
             .unwrap();
         let opener = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
-            let mut s = TcpStream::connect(addr).unwrap();
-            write_frame(&mut s, &Message::HeartbeatOpen { session: 3 }).unwrap();
-            s
+            opening(addr, 3)
         });
-        let (_link, first) = first_opening(
-            &listener,
-            &LinkSecurity::PlainTcp,
-            Duration::from_secs(30),
-            &|m| match m {
-                Message::HeartbeatOpen { session: 3 } => Ok(()),
-                other => Err(format!("not this one: {}", other.name())),
-            },
-        )
-        .unwrap();
-        assert!(matches!(first, Message::HeartbeatOpen { session: 3 }));
+        let session = first_session(&listener, Duration::from_secs(30), &|m| match m {
+            Message::HeartbeatOpen { session: 3 } => Ok(()),
+            other => Err(format!("not this one: {}", other.name())),
+        });
+        assert_eq!(session, 3);
         let _opener = opener.join().unwrap();
-        // The listener is blocking again for whoever uses it next.
-        listener.set_nonblocking(false).unwrap();
         drop((silent, dribbler));
     }
 
@@ -487,18 +500,12 @@ mod tests {
             let mut byte = [0u8; 1];
             // The receiver closes it: end of file, well before the opener below comes.
             let closed = silent.read(&mut byte).map(|n| n == 0).unwrap_or(true);
-            let mut s = TcpStream::connect(addr).unwrap();
-            write_frame(&mut s, &Message::HeartbeatOpen { session: 4 }).unwrap();
-            (closed, s)
+            (closed, opening(addr, 4))
         });
-        let (_link, first) = first_opening(
-            &listener,
-            &LinkSecurity::PlainTcp,
-            Duration::from_millis(200),
-            &|_| Ok(()),
-        )
-        .unwrap();
-        assert!(matches!(first, Message::HeartbeatOpen { session: 4 }));
+        assert_eq!(
+            first_session(&listener, Duration::from_millis(200), &|_| Ok(())),
+            4
+        );
         let (closed, _s) = opener.join().unwrap();
         assert!(closed, "the silent connection was not closed");
     }
@@ -521,18 +528,12 @@ mod tests {
             drop(held);
             // Their ends seen before the next connection comes.
             std::thread::sleep(Duration::from_millis(300));
-            let mut s = TcpStream::connect(addr).unwrap();
-            write_frame(&mut s, &Message::HeartbeatOpen { session: 5 }).unwrap();
-            (refused, s)
+            (refused, opening(addr, 5))
         });
-        let (_link, first) = first_opening(
-            &listener,
-            &LinkSecurity::PlainTcp,
-            Duration::from_secs(30),
-            &|_| Ok(()),
-        )
-        .unwrap();
-        assert!(matches!(first, Message::HeartbeatOpen { session: 5 }));
+        assert_eq!(
+            first_session(&listener, Duration::from_secs(30), &|_| Ok(())),
+            5
+        );
         let (refused, _s) = opener.join().unwrap();
         assert!(refused, "a connection over the per-source limit was kept");
     }
