@@ -105,6 +105,10 @@ impl Handshake {
                 }
             }
             match conn.read_tls(&mut self.socket) {
+                Ok(0) if conn.is_handshaking() => {
+                    let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
+                    return Err(format!("TLS handshake failed: {}", handshake_reason(&eof)));
+                }
                 Ok(0) => return Err("the peer closed the connection".into()),
                 Ok(_) => {
                     if let Err(e) = conn.process_new_packets() {
@@ -451,6 +455,31 @@ mod tests {
         assert!(matches!(got, Message::HeartbeatOpen { session: 7 }));
         assert_eq!(from.at, whole, "read past the first frame");
         assert!(waits >= whole, "{waits} waits for {whole} bytes");
+    }
+
+    /// A peer that closes in the middle of the TLS handshake is told apart, with the likely cause,
+    /// as the blocking handshake said it.
+    #[test]
+    fn a_close_during_the_tls_handshake_names_the_likely_cause() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-handshakes-{}", std::process::id()));
+        super::super::certs::generate(&dir, &[("b".into(), vec!["127.0.0.1".into()])]).unwrap();
+        let security = LinkSecurity::tls(&dir.join("b")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, peer) = listener.accept().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut h = Handshake::new(socket, peer, &security, deadline).unwrap();
+        client.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+        drop(client);
+        let reason = loop {
+            match h.advance() {
+                Step::Waiting => std::thread::sleep(Duration::from_millis(10)),
+                Step::Failed(reason) => break reason,
+                Step::Opened(m) => panic!("opened with {}", m.name()),
+            }
+        };
+        assert!(reason.contains("during the handshake"), "{reason}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
