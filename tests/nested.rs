@@ -229,6 +229,8 @@ fn small_kernel_live_migrates_with_a_client_connected() {
 }
 
 #[test]
+#[ignore = "under TCG's emulated SVM a protected L2 guest triple-faults in most runs, as the L1 kernel \
+            itself dies of spurious page faults (docs/nested.md); run with --ignored on a host with nested SVM or VMX"]
 fn debian_kernel_protected_guest_fails_over_with_a_client_connected() {
     run_case("protect", Kernel::DebianBzImage);
 }
@@ -296,6 +298,8 @@ fn firmware_booted_debian_kernel_live_migrates_with_a_client_connected() {
 }
 
 #[test]
+#[ignore = "under TCG's emulated SVM a protected L2 guest triple-faults in most runs, as the L1 kernel \
+            itself dies of spurious page faults (docs/nested.md); run with --ignored on a host with nested SVM or VMX"]
 fn firmware_booted_debian_kernel_fails_over_with_a_client_connected() {
     run_case_booted("protect", Kernel::DebianBzImage, Boot::Firmware);
 }

@@ -52,7 +52,8 @@ pub fn request(
     };
     let mut stream = connect(socket)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    exchange(&mut stream, method, path, body, &[]).map_err(|e| match e {
+    let deadline = std::time::Instant::now() + timeout;
+    exchange(&mut stream, method, path, body, &[], deadline).map_err(|e| match e {
         ExchangeError::Io(source) => io(source),
         ExchangeError::Response(reason) => ClientError::Response {
             path: socket.to_path_buf(),
@@ -68,15 +69,20 @@ pub enum ExchangeError {
     Response(String),
 }
 
+/// Largest response read: a server (a peer daemon, a VM's API) cannot make the client hold more.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
 /// Writes one HTTP/1.1 request (`Connection: close`, JSON body, any `headers`) to `stream` and reads
-/// the whole response: the request and response plumbing that the Unix-socket client and the
-/// daemon's TLS peer client share.
+/// the whole response, at most [`MAX_RESPONSE_BYTES`] and until `deadline` (each read's own timeout
+/// is the stream's): the request and response plumbing that the Unix-socket client and the daemon's
+/// TLS peer client share.
 pub fn exchange(
     stream: &mut (impl Read + Write),
     method: &str,
     path: &str,
     body: Option<&serde_json::Value>,
     headers: &[(&str, &str)],
+    deadline: std::time::Instant,
 ) -> Result<ApiResponse, ExchangeError> {
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut head = format!(
@@ -92,14 +98,38 @@ pub fn exchange(
         .and_then(|()| stream.write_all(payload.as_bytes()))
         .and_then(|()| stream.flush())
         .map_err(ExchangeError::Io)?;
+    let raw = read_response(stream, deadline)?;
+    parse_response(&raw).map_err(ExchangeError::Response)
+}
+
+/// Reads until the server closes, refusing more than [`MAX_RESPONSE_BYTES`] or reading past
+/// `deadline`.
+fn read_response(stream: &mut impl Read, deadline: std::time::Instant) -> Result<Vec<u8>, ExchangeError> {
     let mut raw = Vec::new();
-    if let Err(e) = stream.read_to_end(&mut raw) {
-        // A TLS peer may close without close_notify once its response is complete.
-        if e.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
-            return Err(ExchangeError::Io(e));
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(ExchangeError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the response took too long ({} bytes so far)", raw.len()),
+            )));
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(raw),
+            Ok(n) if raw.len() + n > MAX_RESPONSE_BYTES => {
+                return Err(ExchangeError::Response(format!(
+                    "the response is over {MAX_RESPONSE_BYTES} bytes"
+                )))
+            }
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A TLS peer may close without close_notify once its response is complete.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {
+                return Ok(raw)
+            }
+            Err(e) => return Err(ExchangeError::Io(e)),
         }
     }
-    parse_response(&raw).map_err(ExchangeError::Response)
 }
 
 /// A new connection to the API socket.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use clap::Args;
 
 use crate::daemon::peer_client::PeerClient;
-use crate::daemon::tcp_api::{require_token, BearerToken, TlsListener};
+use crate::daemon::tcp_api::{require_token, BearerToken};
+use crate::daemon::tcp_server;
 use crate::daemon::{routes, ClusterMembership, Daemon, Peering};
 use crate::server::{self, ApiSocket};
 
@@ -150,7 +151,7 @@ pub fn serve(args: ServeArgs) -> Result<u8, Box<dyn std::error::Error>> {
         eprintln!("ftvmm: host daemon serving {listen} (mutual TLS and bearer token)");
         let router = routes::router(daemon)
             .layer(axum::middleware::from_fn_with_state(token, require_token));
-        let remote = axum::serve(TlsListener::new(tcp, tls)?, router);
+        let remote = tcp_server::serve(tcp, tls, router, tcp_server::Limits::default());
         tokio::select! {
             r = local => r,
             r = remote => r,

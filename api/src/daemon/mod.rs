@@ -18,6 +18,7 @@ pub mod routes;
 pub mod snapshots;
 pub mod store;
 pub mod tcp_api;
+pub mod tcp_server;
 pub mod vm_config;
 pub mod vm_process;
 

@@ -78,7 +78,9 @@ impl PeerClient {
             .map_err(|e| tls_err(e.to_string()))?;
         let mut stream = rustls::StreamOwned::new(conn, socket);
         let auth = format!("Bearer {}", self.token.as_str());
-        exchange(&mut stream, method, path, body, &[("Authorization", &auth)]).map_err(|e| {
+        let deadline = std::time::Instant::now() + timeout;
+        let headers = [("Authorization", auth.as_str())];
+        exchange(&mut stream, method, path, body, &headers, deadline).map_err(|e| {
             PeerError::Exchange {
                 peer: peer.to_string(),
                 reason: match e {

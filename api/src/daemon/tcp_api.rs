@@ -4,24 +4,16 @@
 //! needs neither: its file permissions are its access control.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 
 use crate::server::routes::error;
 
-/// How long a client has to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Shortest token accepted: 128 bits as hex.
 const MIN_TOKEN_LEN: usize = 32;
 
@@ -127,70 +119,15 @@ pub async fn require_token(
     next.run(request).await
 }
 
-/// A TCP listener whose connections are handed to the server only after their TLS handshake, each
-/// handshake on a task of its own (a slow or silent client holds up nobody else).
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    /// Starts accepting on `listener`; must be called inside the runtime.
-    pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (send, ready) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(tls);
-        tokio::spawn(async move {
-            loop {
-                let (socket, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!("daemon API: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                let send = send.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = send.send((stream, peer)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(%peer, "daemon API: TLS handshake refused: {e}")
-                        }
-                        Err(_) => tracing::warn!(%peer, "daemon API: TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self { ready, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The accepting task never ends while the runtime runs.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::daemon::peer_client::{PeerClient, PeerError};
+    use crate::daemon::tcp_server::{self, Limits};
     use replication::link::TlsIdentity;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
 
     /// Serves a router answering `GET /ok` behind TLS and `token` on loopback; its address.
     fn serve(identity: &TlsIdentity, token: BearerToken) -> SocketAddr {
@@ -207,7 +144,7 @@ mod tests {
                 let router = axum::Router::new()
                     .route("/ok", axum::routing::get(|| async { "{\"ok\":true}" }))
                     .layer(axum::middleware::from_fn_with_state(token, require_token));
-                let _ = axum::serve(TlsListener::new(tcp, tls).unwrap(), router).await;
+                let _ = tcp_server::serve(tcp, tls, router, Limits::default()).await;
             });
         });
         addr.recv().unwrap()

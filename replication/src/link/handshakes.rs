@@ -7,7 +7,7 @@
 //!   peer spaces its bytes: a connection that dribbles holds only its own slot, and only until then.
 //! - At most [`MAX_HANDSHAKES`] connections in handshake, and [`MAX_HANDSHAKES_PER_SOURCE`] from
 //!   one address: beyond that a new connection is closed at once.
-//! - Refusals are logged, at most [`REFUSALS_LOGGED`] a minute, then counted.
+//! - Refusals are logged, at most [`super::refusals::REFUSALS_LOGGED`] a minute, then counted.
 //!
 //! The sockets are non-blocking while here (`poll(2)` on the listener and every connection); the
 //! one that opens as wanted is handed over blocking, with the handshake timeout on its reads and
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use rustls::ServerConnection;
 
 use super::connect::handshake_reason;
+use super::refusals::RefusalLog;
 use super::security::LinkSecurity;
 use super::stream::Link;
 use crate::wire::frame::{frame_len, HEADER_LEN};
@@ -32,7 +33,6 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// Most connections in handshake at once from one address.
 pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Refusals logged one by one per minute; the rest are counted.
-const REFUSALS_LOGGED: u32 = 20;
 
 /// One connection on its way to its first message.
 struct Handshake {
@@ -182,41 +182,6 @@ fn read_first_frame(from: &mut impl Read, frame: &mut Vec<u8>) -> Result<Option<
     }
 }
 
-/// Logs refused connections, at most [`REFUSALS_LOGGED`] a minute.
-struct RefusalLog {
-    window: Instant,
-    logged: u32,
-    unlogged: u64,
-}
-
-impl RefusalLog {
-    fn new() -> Self {
-        Self {
-            window: Instant::now(),
-            logged: 0,
-            unlogged: 0,
-        }
-    }
-
-    fn refused(&mut self, peer: SocketAddr, reason: &str) {
-        if self.window.elapsed() >= Duration::from_secs(60) {
-            if self.unlogged > 0 {
-                tracing::warn!(
-                    "refused {} more connections in the last minute without logging each",
-                    self.unlogged
-                );
-            }
-            (self.window, self.logged, self.unlogged) = (Instant::now(), 0, 0);
-        }
-        if self.logged < REFUSALS_LOGGED {
-            self.logged += 1;
-            tracing::warn!(%peer, "refused a connection: {reason}");
-        } else {
-            self.unlogged += 1;
-        }
-    }
-}
-
 /// Waits on `listener` for a connection that passes `security` and whose first message `wanted`
 /// takes, carrying every connection's handshake at once (each within `timeout` of its accept);
 /// returns that link and message. The others are refused, closed and logged.
@@ -239,7 +204,7 @@ fn serve(
     wanted: &dyn Fn(&Message) -> Result<(), String>,
 ) -> io::Result<(Link, Message)> {
     let mut handshakes: Vec<Handshake> = Vec::new();
-    let mut refusals = RefusalLog::new();
+    let mut refusals = RefusalLog::new("");
     loop {
         let mut fds = Vec::with_capacity(handshakes.len() + 1);
         fds.push(pollfd(listener.as_raw_fd(), libc::POLLIN));
@@ -293,7 +258,7 @@ fn serve(
                     continue;
                 }
             };
-            refusals.refused(peer, &refused);
+            refusals.refused(Some(peer), &refused);
         }
         handshakes = kept;
     }
@@ -338,15 +303,13 @@ fn accept_all(
         };
         let from_source = per_source.entry(peer.ip()).or_default();
         if handshakes.len() >= MAX_HANDSHAKES {
-            refusals.refused(
-                peer,
+            refusals.refused(Some(peer),
                 &format!("{MAX_HANDSHAKES} connections are in handshake already"),
             );
             continue;
         }
         if *from_source >= MAX_HANDSHAKES_PER_SOURCE {
-            refusals.refused(
-                peer,
+            refusals.refused(Some(peer),
                 &format!("{MAX_HANDSHAKES_PER_SOURCE} connections from its address are in handshake already"),
             );
             continue;
@@ -356,7 +319,7 @@ fn accept_all(
                 *from_source += 1;
                 handshakes.push(h);
             }
-            Err(reason) => refusals.refused(peer, &reason),
+            Err(reason) => refusals.refused(Some(peer), &reason),
         }
     }
 }

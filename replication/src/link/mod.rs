@@ -19,6 +19,7 @@ pub mod accept;
 pub mod certs;
 pub mod connect;
 mod handshakes;
+pub mod refusals;
 pub mod security;
 pub mod stream;
 
@@ -27,5 +28,6 @@ pub use accept::{
     HANDSHAKE_TIMEOUT,
 };
 pub use connect::{connect, handshake_reason, host_of, open, OpenError, PeerAddress};
+pub use refusals::RefusalLog;
 pub use security::{LinkSecurity, SecurityError, TlsIdentity};
 pub use stream::{Link, LinkShutdown};
