@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::daemon::Daemon;
+use integration_tests::abuse::Dribblers;
+use integration_tests::daemon::{tcp_request, Daemon, PeerApi};
 use integration_tests::{ftvmm_bin, testguest};
 
 fn scratch(name: &str) -> PathBuf {
@@ -332,4 +333,99 @@ fn bad_requests_get_a_4xx_that_names_what_was_wrong_and_create_nothing() {
     );
     drop(daemon);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// 1,200 connections to the daemon's TCP port that never finish their TLS handshake, 60 from each
+/// of 20 addresses, each replaced as soon as it is closed, while the daemon may hold 1,024 files
+/// (systemd's default for a service): a VM still starts, and an operator with a certificate of the
+/// cluster's CA and the token is still answered over TCP. The daemon holds at most 16 connections
+/// from one address and closes the rest at once.
+#[test]
+fn a_thousand_idle_connections_to_the_tcp_api_do_not_stop_vm_starts() {
+    let dir = scratch("idle");
+    integration_tests::tls_pki(
+        &dir,
+        &[("host", &["127.0.0.1"]), ("operator", &["127.0.0.1"])],
+    );
+    let token = "0123456789abcdef0123456789abcdef";
+    std::fs::write(dir.join("token"), token).unwrap();
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let peers = PeerApi {
+        listen: &listen,
+        tls: &dir.join("pki/host"),
+        token_file: &dir.join("token"),
+        cluster: None,
+    };
+    let daemon = Daemon::start_limited(&dir, None, Some(peers), Some(1024));
+    let log = || std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
+    wait_until("the TCP API", || {
+        std::net::TcpStream::connect(&listen).is_ok()
+    });
+
+    let idle = Dribblers::replacing(&listen, 20, 60);
+    let open_files = || {
+        std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let held = open_files();
+    assert!(
+        held < 20 * 16 + 64,
+        "the daemon holds {held} files with 1,200 connections knocking"
+    );
+    let guest = testguest();
+    let started = Instant::now();
+    let create = Command::new(ftvmm_bin())
+        .args(["vm", "--daemon"])
+        .arg(&daemon.socket)
+        .args(["create", "--name", "g1", "--kernel"])
+        .arg(&guest)
+        .args(["--cmdline", "mode=spin", "--memory", "64", "--boot"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(create, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "a VM start with 1,200 idle connections, after {:?}: {}{}\n{}",
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log()
+    );
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = record["id"].as_str().unwrap().to_string();
+    let console = dir.join("state/vms").join(&id).join("console.log");
+    wait_until("the guest's first line", || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains("testguest: spinning"))
+    });
+    let answer = tcp_request(
+        &listen,
+        &dir.join("pki/operator"),
+        token,
+        "GET",
+        "/api/v1/vms",
+    );
+    let (status, body) = answer.unwrap_or_else(|e| panic!("the operator over TCP: {e}\n{}", log()));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&id), "{body}");
+    assert!(idle.closed() > 0);
+    drop(idle);
+    let (ok, out) = daemon.cli(&["stop", &id]);
+    assert!(ok, "{out}");
+}
+
+/// `child`'s output once it exits, or once `bound` ran out (it is killed then).
+fn wait_output(mut child: std::process::Child, bound: Duration) -> std::process::Output {
+    let deadline = Instant::now() + bound;
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
 }

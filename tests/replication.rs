@@ -404,80 +404,6 @@ fn a_failover_resumes_one_consistent_image_with_pages_copied_on_write() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Connections to `addr` that start a TLS handshake and never finish it: `per_source` from each of
-/// `sources` loopback addresses, each sending one more byte of a record that never completes every
-/// half second, so that no read on them ever times out. Counts those the other end closed (or that
-/// could not connect).
-struct Dribblers {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Dribblers {
-    fn start(addr: &str, sources: u8, per_source: usize) -> Self {
-        use socket2::{Domain, Socket, Type};
-        use std::io::Write;
-        use std::sync::atomic::Ordering;
-        let to: std::net::SocketAddr = addr.parse().unwrap();
-        let mut sockets = Vec::new();
-        let mut unconnected = 0;
-        for source in 0..sources {
-            let from: std::net::SocketAddr = format!("127.0.1.{}:0", source + 1).parse().unwrap();
-            for _ in 0..per_source {
-                let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-                s.bind(&from.into()).unwrap();
-                // A receiver that does not accept fills its backlog: the rest are not connected.
-                if s.connect_timeout(&to.into(), Duration::from_secs(2))
-                    .is_err()
-                {
-                    unconnected += 1;
-                    continue;
-                }
-                let mut s = std::net::TcpStream::from(s);
-                // A handshake record's header announcing 512 bytes of body.
-                s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
-                sockets.push(s);
-            }
-        }
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(unconnected));
-        let thread = {
-            let (stop, closed) = (stop.clone(), closed.clone());
-            std::thread::spawn(move || {
-                let mut open = vec![true; sockets.len()];
-                while !stop.load(Ordering::SeqCst) {
-                    for (s, open) in sockets.iter_mut().zip(open.iter_mut()) {
-                        if *open && s.write_all(&[0]).is_err() {
-                            *open = false;
-                            closed.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-            })
-        };
-        Self {
-            stop,
-            closed,
-            thread: Some(thread),
-        }
-    }
-
-    fn closed(&self) -> usize {
-        self.closed.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Drop for Dribblers {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// 200 connections that never finish their handshake (20 addresses, 10 each, a byte every half
 /// second) do not keep a real primary from its standby: the standby carries every handshake at once,
 /// each within its own deadline, so the primary is protected while all 200 are still connected.
@@ -489,7 +415,7 @@ fn dribbling_connections_do_not_hold_a_standby_from_its_primary() {
     let dir =
         std::env::temp_dir().join(format!("ftvmm-replication-dribble-{}", std::process::id()));
     let (mut standby, addr, pki) = loopback_standby(&dir);
-    let dribblers = Dribblers::start(&addr, 20, 10);
+    let dribblers = integration_tests::abuse::Dribblers::start(&addr, 20, 10);
     let api = dir.join("a.sock");
     let mut primary = loopback_primary("mode=spin seconds=30", &addr, &pki, &api);
     primary.wait_for_stderr("guest protected by", DEADLINE);

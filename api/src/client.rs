@@ -104,7 +104,10 @@ pub fn exchange(
 
 /// Reads until the server closes, refusing more than [`MAX_RESPONSE_BYTES`] or reading past
 /// `deadline`.
-fn read_response(stream: &mut impl Read, deadline: std::time::Instant) -> Result<Vec<u8>, ExchangeError> {
+fn read_response(
+    stream: &mut impl Read,
+    deadline: std::time::Instant,
+) -> Result<Vec<u8>, ExchangeError> {
     let mut raw = Vec::new();
     let mut chunk = [0u8; 16 << 10];
     loop {
@@ -218,6 +221,60 @@ fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server's side that sends `total` bytes in pieces of `piece`, sleeping `pause` before each.
+    struct Endless {
+        sent: usize,
+        total: usize,
+        piece: usize,
+        pause: Duration,
+    }
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::thread::sleep(self.pause);
+            let n = self.piece.min(buf.len()).min(self.total - self.sent);
+            buf[..n].fill(b'x');
+            self.sent += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_response_is_read_within_its_size_and_its_deadline() {
+        let far = std::time::Instant::now() + Duration::from_secs(60);
+        let mut big = Endless {
+            sent: 0,
+            total: usize::MAX,
+            piece: 1 << 16,
+            pause: Duration::ZERO,
+        };
+        assert!(matches!(
+            read_response(&mut big, far),
+            Err(ExchangeError::Response(m)) if m.contains("over")
+        ));
+        assert!(big.sent <= MAX_RESPONSE_BYTES + (1 << 16));
+
+        let mut dribble = Endless {
+            sent: 0,
+            total: usize::MAX,
+            piece: 1,
+            pause: Duration::from_millis(20),
+        };
+        let soon = std::time::Instant::now() + Duration::from_millis(200);
+        assert!(matches!(
+            read_response(&mut dribble, soon),
+            Err(ExchangeError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut
+        ));
+
+        let mut whole = Endless {
+            sent: 0,
+            total: 10,
+            piece: 3,
+            pause: Duration::ZERO,
+        };
+        assert_eq!(read_response(&mut whole, far).unwrap(), vec![b'x'; 10]);
+    }
 
     #[test]
     fn parses_plain_and_chunked_responses() {

@@ -34,6 +34,17 @@ impl Daemon {
     /// A daemon with its state and socket in `dir`, inside `netns` if given, serving `peers`' TCP
     /// API if given; its log is `dir/serve.log`.
     pub fn start_in(dir: &Path, netns: Option<&NetNs>, peers: Option<PeerApi>) -> Self {
+        Self::start_limited(dir, netns, peers, None)
+    }
+
+    /// [`Daemon::start_in`], with at most `max_open_files` file descriptors (`RLIMIT_NOFILE`, soft
+    /// and hard) if given: 1024 is systemd's default soft limit for a service.
+    pub fn start_limited(
+        dir: &Path,
+        netns: Option<&NetNs>,
+        peers: Option<PeerApi>,
+        max_open_files: Option<u64>,
+    ) -> Self {
         let socket = dir.join("ftvmm.sock");
         let state = dir.join("state");
         let mut command = match netns {
@@ -55,6 +66,23 @@ impl Daemon {
                 .arg(p.token_file);
             if let Some((url, name)) = p.cluster {
                 command.args(["--cluster", url, "--host-name", name]);
+            }
+        }
+        if let Some(limit) = max_open_files {
+            use std::os::unix::process::CommandExt;
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe and `rlimit` is a plain value copied into the
+            // closure; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
         }
         let log = std::fs::File::create(dir.join("serve.log")).expect("daemon log");
@@ -120,6 +148,11 @@ impl Daemon {
         child
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -149,6 +182,48 @@ pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> (u16, Str
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// One request to a daemon's TCP API at `addr` as the holder of the TLS identity in `identity` and
+/// of `token`: status and body.
+pub fn tcp_request(
+    addr: &str,
+    identity: &Path,
+    token: &str,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let identity =
+        replication::link::TlsIdentity::load(identity).map_err(|e| format!("identity: {e}"))?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string();
+    let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+    let tls = rustls::ClientConnection::new(identity.client_config(), name)
+        .map_err(|e| format!("TLS: {e}"))?;
+    let socket = std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .and_then(|()| socket.set_write_timeout(Some(Duration::from_secs(10))))
+        .map_err(|e| e.to_string())?;
+    let mut stream = rustls::StreamOwned::new(tls, socket);
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .map_err(|e| format!("send: {e}"))?;
+    let mut raw = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        if e.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
+            return Err(format!("receive: {e}"));
+        }
+    }
+    let raw = String::from_utf8_lossy(&raw);
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {raw:?}"))?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    Ok((status, body.unwrap_or_default()))
 }
 
 /// Ends an event follower and returns what it printed.

@@ -1,6 +1,7 @@
 //! Helpers for the integration tests: find the `ftvmm` binary and the guest images, and run ftvmm
 //! with a deadline so that no test can hang.
 
+pub mod abuse;
 pub mod clients;
 pub mod daemon;
 pub mod nested;

@@ -20,8 +20,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
 use replication::link::RefusalLog;
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::server::routes::error;
@@ -66,10 +66,7 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(tls);
     let slots = Slots::new(limits);
     let refusals = Arc::new(Mutex::new(RefusalLog::new("daemon API: ")));
-    let router = router.layer(axum::middleware::from_fn_with_state(
-        limits,
-        bounded_body,
-    ));
+    let router = router.layer(axum::middleware::from_fn_with_state(limits, bounded_body));
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -128,7 +125,7 @@ async fn bounded_body(
         Ok(Err(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
+                format!(
                     "the request body is over {} bytes, or broken",
                     limits.body_bytes
                 ),
@@ -137,11 +134,12 @@ async fn bounded_body(
         Err(_) => {
             return error(
                 StatusCode::REQUEST_TIMEOUT,
-                &format!("the request body took over {:?}", limits.body),
+                format!("the request body took over {:?}", limits.body),
             )
         }
     };
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 fn refused(log: &Mutex<RefusalLog>, peer: Option<SocketAddr>, reason: &str) {
@@ -210,6 +208,132 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::path::Path;
+
+    use replication::link::TlsIdentity;
+
+    /// A server and a client identity of one CA, in `dir`.
+    fn identities(dir: &Path) -> (TlsIdentity, TlsIdentity) {
+        let _ = std::fs::remove_dir_all(dir);
+        let nodes = [
+            ("server".to_string(), vec!["127.0.0.1".to_string()]),
+            ("client".to_string(), vec!["127.0.0.1".to_string()]),
+        ];
+        replication::link::certs::generate(dir, &nodes).unwrap();
+        let load = |name: &str| TlsIdentity::load(&dir.join(name)).unwrap();
+        (load("server"), load("client"))
+    }
+
+    /// Serves `POST /echo` (the body back) within `limits` on loopback; its address.
+    fn serve_echo(server: &TlsIdentity, limits: Limits) -> SocketAddr {
+        let tls = server.server_config();
+        let (send, addr) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                send.send(tcp.local_addr().unwrap()).unwrap();
+                let router = axum::Router::new().route(
+                    "/echo",
+                    axum::routing::post(|body: axum::body::Bytes| async move { body }),
+                );
+                let _ = serve(tcp, tls, router, limits).await;
+            });
+        });
+        addr.recv().unwrap()
+    }
+
+    /// A TLS connection to `addr` as `client`, its handshake done.
+    fn connect(
+        addr: SocketAddr,
+        client: &TlsIdentity,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let conn = rustls::ClientConnection::new(client.client_config(), name).unwrap();
+        let socket = std::net::TcpStream::connect(addr).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut stream = rustls::StreamOwned::new(conn, socket);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock).unwrap();
+        }
+        stream
+    }
+
+    /// Everything the server sends until it closes; an error if it does not close within the
+    /// socket's read timeout (10 s).
+    fn read_all(stream: &mut impl Read) -> Result<String, std::io::Error> {
+        let mut raw = Vec::new();
+        match stream.read_to_end(&mut raw) {
+            Ok(_) => {}
+            // The server may close without close_notify.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            Err(e) => return Err(e),
+        }
+        Ok(String::from_utf8_lossy(&raw).into_owned())
+    }
+
+    #[test]
+    fn a_client_that_sends_no_request_or_no_whole_body_is_cut_off() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-tcp-server-{}", std::process::id()));
+        let (server, client) = identities(&dir);
+        let limits = Limits {
+            header: Duration::from_millis(300),
+            body: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let addr = serve_echo(&server, limits);
+
+        // A request is answered, and the kept-alive connection is closed once idle.
+        let mut stream = connect(addr, &client);
+        write!(
+            stream,
+            "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        .unwrap();
+        stream.flush().unwrap();
+        let answer = read_all(&mut stream).expect("an idle kept-alive connection is closed");
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello"),
+            "{answer}"
+        );
+
+        // Nothing sent after the handshake: closed without an answer.
+        let mut silent = connect(addr, &client);
+        let answer = read_all(&mut silent).expect("a silent connection is closed");
+        assert_eq!(answer, "");
+
+        // Half a body: 408.
+        let mut slow = connect(addr, &client);
+        write!(
+            slow,
+            "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhalf"
+        )
+        .unwrap();
+        slow.flush().unwrap();
+        let answer = read_all(&mut slow).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+        // A body over the limit: 413.
+        let mut big = connect(addr, &client);
+        let body = vec![b'x'; limits.body_bytes + 1];
+        write!(
+            big,
+            "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        let _ = big.write_all(&body);
+        let _ = big.flush();
+        let answer = read_all(&mut big).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn limits(connections: usize, per_source: usize) -> Limits {
         Limits {

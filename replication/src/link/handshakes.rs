@@ -32,7 +32,6 @@ use crate::wire::{read_frame, Message};
 pub const MAX_HANDSHAKES: usize = 256;
 /// Most connections in handshake at once from one address.
 pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
-/// Refusals logged one by one per minute; the rest are counted.
 
 /// One connection on its way to its first message.
 struct Handshake {
@@ -303,7 +302,8 @@ fn accept_all(
         };
         let from_source = per_source.entry(peer.ip()).or_default();
         if handshakes.len() >= MAX_HANDSHAKES {
-            refusals.refused(Some(peer),
+            refusals.refused(
+                Some(peer),
                 &format!("{MAX_HANDSHAKES} connections are in handshake already"),
             );
             continue;
