@@ -338,6 +338,17 @@ fn loopback_primary(
     pki: &std::path::Path,
     api: &std::path::Path,
 ) -> RunningVm {
+    loopback_primary_with(cmdline, standby, pki, api, &[])
+}
+
+/// As [`loopback_primary`], with more arguments.
+fn loopback_primary_with(
+    cmdline: &str,
+    standby: &str,
+    pki: &std::path::Path,
+    api: &std::path::Path,
+    extra: &[&str],
+) -> RunningVm {
     let mut cmd = std::process::Command::new(ftvmm_bin());
     cmd.env("FTVMM_LOG", "replication=info")
         .args([
@@ -352,7 +363,8 @@ fn loopback_primary(
         .arg("--tls")
         .arg(pki.join("a"))
         .arg("--api-socket")
-        .arg(api);
+        .arg(api)
+        .args(extra);
     RunningVm::spawn(cmd)
 }
 
@@ -879,6 +891,75 @@ fn an_operator_fails_over_to_a_standby_whose_primary_fell_silent() {
     let _ = std::process::Command::new("kill")
         .args(["-KILL", &primary.pid().to_string()])
         .status();
+    primary.kill();
+    standby.kill();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The peak resident memory of process `pid` (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+/// A protected guest's hostile write request — 1 GiB in 254 segments that all name one 4 MiB
+/// buffer, through a queue that negotiated no segment limits, on a 1.1 GiB disk — fails with an
+/// I/O error, and the primary's peak memory does not grow by it (the request used to be copied
+/// whole for the standby: 1 GiB more).
+#[test]
+fn a_protected_guests_huge_write_request_does_not_grow_the_vmm() {
+    let _serial = one_at_a_time();
+    let dir = std::env::temp_dir().join(format!("ftvmm-replication-huge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = |name: &str| {
+        let path = dir.join(name);
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1100 << 20)
+            .unwrap();
+        format!("path={}", path.display())
+    };
+    let (a, b) = (image("a.img"), image("b.img"));
+    let (mut standby, addr, pki) = loopback_standby_with(&dir, &["--disk", &b]);
+    let mut primary = loopback_primary_with(
+        "mode=blk blk=huge-write wait_ms=15000 every_ms=300 times=100",
+        &addr,
+        &pki,
+        &dir.join("a.sock"),
+        &["--disk", &a, "--serial", "stdout"],
+    );
+    primary.wait_for_stderr("guest protected by", DEADLINE);
+    // Writes are recorded with their data only once protected.
+    let seen = primary.output().matches("blk huge-write status=").count();
+    assert_eq!(
+        seen, 0,
+        "the guest's requests began before it was protected (its disk's first copy took over 15 s)"
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while primary.output().matches("blk huge-write status=").count() < seen + 1 {
+        assert!(Instant::now() < deadline, "{}", primary.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = peak_rss_kib(primary.pid());
+    while primary.output().matches("blk huge-write status=").count() < seen + 4 {
+        assert!(Instant::now() < deadline, "{}", primary.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = peak_rss_kib(primary.pid());
+    let out = primary.output();
+    assert!(
+        after < before + 16 * 1024,
+        "the primary's peak memory grew from {before} KiB to {after} KiB over three 1 GiB requests"
+    );
+    assert!(
+        out.contains("blk huge-write status=1 bytes=1073"),
+        "the request was not refused: {out}"
+    );
     primary.kill();
     standby.kill();
     let _ = std::fs::remove_dir_all(dir);

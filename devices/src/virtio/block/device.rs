@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// `size_max` in the configuration is the largest data segment.
-const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
+pub(super) const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
 /// `seg_max` in the configuration is the most data segments in one request. Without it Linux puts
 /// one segment in each request (a 4 MiB write became 1,025 requests, docs/benchmarks.md).
-const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+pub(super) const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 /// `blk_size` in the configuration is the logical block size.
 const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
@@ -26,8 +26,7 @@ pub const QUEUE_SIZE: u16 = 256;
 /// The most data segments in one request: every descriptor of the queue but the header's and the
 /// status byte's (indirect descriptors are not offered).
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// The largest data segment accepted: requests are served in bounded chunks whatever their size,
-/// so this only keeps one segment from monopolising the device.
+/// The largest data segment, held to when the driver accepted it (request.rs, `SegmentLimits`).
 pub const SIZE_MAX: u32 = 1 << 20;
 /// The configuration space: `struct virtio_blk_config` up to and including `blk_size`.
 const CONFIG_LEN: usize = 24;

@@ -6,13 +6,18 @@ use std::os::fd::AsRawFd;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 
-use super::device::VirtioBlock;
-use super::request::{execute, Disk};
+use super::device::{VirtioBlock, SEG_MAX, SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX};
+use super::request::{execute, Disk, SegmentLimits};
 use crate::virtio::device_queues::{pop_chain, Drained, GuestErrorLog, QueueEvent, QUEUE_BUDGET};
 use crate::virtio::GuestMemoryMmap;
 
-/// Executes up to `budget` requests available on `queue` against `disk`. This is the whole
-/// guest-facing request path, so the fuzz target drives it directly.
+/// The data one event-loop turn moves before it lets the other devices run: the request that
+/// crosses it completes, the rest wait for the next turn.
+pub const BYTES_PER_TURN: usize = 16 << 20;
+
+/// Executes up to `budget` requests available on `queue` against `disk`, and up to
+/// [`BYTES_PER_TURN`] of data. This is the whole guest-facing request path, so the fuzz target
+/// drives it directly.
 pub fn process_requests(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -21,7 +26,11 @@ pub fn process_requests(
     budget: usize,
 ) -> Drained {
     let mut drained = Drained::default();
+    let mut moved = 0;
     for _ in 0..budget {
+        if moved >= BYTES_PER_TURN {
+            break;
+        }
         // A protected disk whose standby is behind: requests wait in the queue (the guest's
         // disk slows down, nothing fails) until the journal has room and says so.
         if disk.journal.is_some_and(|j| j.is_full()) {
@@ -31,8 +40,9 @@ pub fn process_requests(
             return drained;
         };
         let head = chain.head_index();
-        let used = execute(disk, mem, chain);
-        if let Err(e) = queue.add_used(mem, head, used) {
+        let done = execute(disk, mem, chain);
+        moved += done.moved;
+        if let Err(e) = queue.add_used(mem, head, done.used) {
             errors.report(format_args!("cannot return descriptor {head}: {e}"));
             return drained;
         }
@@ -52,6 +62,10 @@ impl VirtioBlock {
             read_only: self.read_only,
             id: &self.id,
             journal: Some(&self.journal),
+            segments: SegmentLimits {
+                count: (self.acked_features & VIRTIO_BLK_F_SEG_MAX != 0).then_some(SEG_MAX),
+                size: (self.acked_features & VIRTIO_BLK_F_SIZE_MAX != 0).then_some(SIZE_MAX),
+            },
         };
         let Some((active, errors)) = self.queues.active_with_errors() else {
             return;

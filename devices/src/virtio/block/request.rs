@@ -23,6 +23,11 @@ use crate::virtio::GuestMemoryMmap;
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the device ID returned by GET_ID.
 pub const ID_BYTES: usize = 20;
+/// The most data one request may move: the device's `seg_max` × `size_max` (254 MiB), rounded up.
+/// A driver that honours those never meets it; a bigger request fails with `VIRTIO_BLK_S_IOERR`.
+pub const MAX_REQUEST_BYTES: usize = 256 << 20;
+/// The largest piece a write is copied and recorded in for a standby.
+pub const PIECE_BYTES: usize = 1 << 20;
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -65,6 +70,12 @@ pub enum RequestError {
     ReadOnly,
     #[error("unsupported request type {0}")]
     Unsupported(u32),
+    #[error("request moves {0} bytes; at most {MAX_REQUEST_BYTES} are taken")]
+    TooLarge(usize),
+    #[error("request has {count} data segments; the driver accepted seg_max {max}")]
+    TooManySegments { count: usize, max: u32 },
+    #[error("a data segment of {len} bytes; the driver accepted size_max {max}")]
+    SegmentTooLarge { len: usize, max: u32 },
     #[error("disk I/O failed: {0}")]
     Io(String),
     #[error("guest memory access failed: {0}")]
@@ -89,6 +100,40 @@ pub struct Disk<'a> {
     pub id: &'a [u8; ID_BYTES],
     /// Where completed writes are recorded for a standby (inactive unless protected).
     pub journal: Option<&'a super::WriteJournal>,
+    /// What the driver agreed to about a request's data segments.
+    pub segments: SegmentLimits,
+}
+
+/// The `seg_max` and `size_max` a driver accepted (`None`: it did not negotiate that feature, and
+/// is held to [`MAX_REQUEST_BYTES`] only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentLimits {
+    pub count: Option<u32>,
+    pub size: Option<u32>,
+}
+
+impl SegmentLimits {
+    /// Checks the data segments `data` against these limits and [`MAX_REQUEST_BYTES`].
+    fn check(&self, data: &Segments) -> Result<(), RequestError> {
+        if let Some(max) = self.count {
+            if data.0.len() > max as usize {
+                return Err(RequestError::TooManySegments {
+                    count: data.0.len(),
+                    max,
+                });
+            }
+        }
+        if let Some(max) = self.size {
+            if let Some(&(_, len)) = data.0.iter().find(|&&(_, len)| len > max as usize) {
+                return Err(RequestError::SegmentTooLarge { len, max });
+            }
+        }
+        let len = data.len();
+        if len > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge(len));
+        }
+        Ok(())
+    }
 }
 
 /// The guest memory a request's descriptor chain names, as the device uses it: what it reads (the
@@ -159,33 +204,41 @@ fn segments(chain: DescriptorChain<&GuestMemoryMmap>) -> (Segments, Segments) {
     (readable, writable)
 }
 
-/// Executes the request `chain` names, writes the status byte, and returns the number of bytes
-/// written to guest memory (the used length).
+/// A request done: the used length (bytes written to guest memory, status included) and the data
+/// it moved between the image and guest memory, in either direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Completion {
+    pub used: u32,
+    pub moved: usize,
+}
+
+/// Executes the request `chain` names and writes the status byte.
 pub fn execute(
     disk: &Disk,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
-) -> u32 {
+) -> Completion {
     let (mut readable, mut writable) = segments(chain);
     let Some(status_at) = writable.take_last_byte() else {
         tracing::debug!("virtio-blk: {}", RequestError::NoStatus);
-        return 0;
+        return Completion::default();
     };
-    let (status, written) = match run(disk, mem, &mut readable, &writable) {
-        Ok(written) => (VIRTIO_BLK_S_OK, written),
+    let (status, written, moved) = match run(disk, mem, &mut readable, &writable) {
+        Ok((written, moved)) => (VIRTIO_BLK_S_OK, written, moved),
         Err(e) => {
             tracing::debug!("virtio-blk request failed: {e}");
-            (e.status(), 0)
+            (e.status(), 0, 0)
         }
     };
     let written = u32::try_from(written).unwrap_or(u32::MAX);
-    match mem.write_obj(status, status_at) {
+    let used = match mem.write_obj(status, status_at) {
         Ok(()) => written.saturating_add(1),
         Err(e) => {
             tracing::debug!("virtio-blk: cannot write status: {e}");
             written
         }
-    }
+    };
+    Completion { used, moved }
 }
 
 fn check_range(disk: &Disk, sector: u64, len: usize) -> Result<u64, RequestError> {
@@ -205,13 +258,14 @@ fn check_range(disk: &Disk, sector: u64, len: usize) -> Result<u64, RequestError
     Ok(offset)
 }
 
-/// Executes the request; returns the bytes it wrote to guest memory (before the status).
+/// Executes the request; returns the bytes it wrote to guest memory (before the status) and the
+/// data it moved.
 fn run(
     disk: &Disk,
     mem: &GuestMemoryMmap,
     readable: &mut Segments,
     writable: &Segments,
-) -> Result<usize, RequestError> {
+) -> Result<(usize, usize), RequestError> {
     let header_len = std::mem::size_of::<RequestHeader>();
     if readable.len() < header_len {
         return Err(RequestError::ShortHeader(readable.len()));
@@ -222,28 +276,35 @@ fn run(
         .copy_from_slice(&readable.take_front(header_len).read(mem)?);
     match header.request_type {
         VIRTIO_BLK_T_IN => {
+            disk.segments.check(writable)?;
             let len = writable.len();
             let mut image = ImageAt::new(disk.file, check_range(disk, header.sector, len)?);
             for &(addr, n) in &writable.0 {
                 mem.read_exact_volatile_from(addr, &mut image, n)
                     .map_err(|e| RequestError::Io(e.to_string()))?;
             }
-            Ok(len)
+            Ok((len, len))
         }
         VIRTIO_BLK_T_OUT => {
             if disk.read_only {
                 return Err(RequestError::ReadOnly);
             }
+            disk.segments.check(readable)?;
             let len = readable.len();
             let offset = check_range(disk, header.sector, len)?;
             match disk.journal.filter(|j| j.records_data()) {
-                // A standby gets the very bytes the image gets: one copy, written and recorded.
+                // A standby gets the very bytes the image gets: each piece copied once, written
+                // and recorded.
                 Some(journal) => {
-                    let data = readable.read(mem)?;
-                    disk.file
-                        .write_all_at(&data, offset)
-                        .map_err(|e| RequestError::Io(e.to_string()))?;
-                    journal.record(offset, data);
+                    let mut at = offset;
+                    while readable.len() > 0 {
+                        let data = readable.take_front(PIECE_BYTES).read(mem)?;
+                        disk.file
+                            .write_all_at(&data, at)
+                            .map_err(|e| RequestError::Io(e.to_string()))?;
+                        at += data.len() as u64;
+                        journal.record(at - data.len() as u64, data);
+                    }
                 }
                 None => {
                     let mut image = ImageAt::new(disk.file, offset);
@@ -255,15 +316,15 @@ fn run(
                     // recording started meanwhile: then what the image now holds is recorded.
                     if let Some(journal) = disk.journal {
                         journal
-                            .written(offset, len as u64, || {
-                                let mut data = vec![0u8; len];
-                                disk.file.read_exact_at(&mut data, offset).map(|()| data)
+                            .written(offset, len as u64, |at, n| {
+                                let mut data = vec![0u8; n];
+                                disk.file.read_exact_at(&mut data, at).map(|()| data)
                             })
                             .map_err(|e| RequestError::Io(e.to_string()))?;
                     }
                 }
             }
-            Ok(0)
+            Ok((0, len))
         }
         VIRTIO_BLK_T_FLUSH => {
             if !disk.read_only {
@@ -275,7 +336,7 @@ fn run(
                     journal.record_flush();
                 }
             }
-            Ok(0)
+            Ok((0, 0))
         }
         VIRTIO_BLK_T_GET_ID => {
             let mut left = ID_BYTES.min(writable.len());
@@ -286,7 +347,7 @@ fn run(
                     .map_err(|e| RequestError::Memory(e.to_string()))?;
                 (id, left) = (&id[n..], left - n);
             }
-            Ok(ID_BYTES.min(writable.len()))
+            Ok((ID_BYTES.min(writable.len()), 0))
         }
         other => Err(RequestError::Unsupported(other)),
     }
@@ -410,7 +471,7 @@ mod tests {
         q.build_desc_chain(&raw).unwrap();
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
         let chain = queue.iter(mem).unwrap().next().unwrap();
-        let used = execute(disk, mem, chain);
+        let used = execute(disk, mem, chain).used;
         let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap_or(0xee);
         let _ = queue.next_avail();
         (used, status)
@@ -435,6 +496,7 @@ mod tests {
             read_only,
             id,
             journal: None,
+            segments: SegmentLimits::default(),
         }
     }
 
@@ -633,5 +695,118 @@ mod tests {
         header(&m, VIRTIO_BLK_T_FLUSH, 0);
         let (_, st) = run_chain(&m, &d, &[(HDR, 16, false), (STATUS, 1, true)]);
         assert_eq!(st, VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn a_request_over_the_limits_fails_and_touches_nothing() {
+        let m = mem();
+        let f = disk_file(1 << 20);
+        let id = [0; ID_BYTES];
+        let limited = Disk {
+            segments: SegmentLimits {
+                count: Some(2),
+                size: Some(1024),
+            },
+            ..disk(&f, false, &id)
+        };
+        m.write_slice(&[5u8; 4096], GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let three = [
+            (HDR, 16, false),
+            (DATA, 512, false),
+            (DATA + 512, 512, false),
+            (DATA + 1024, 512, false),
+            (STATUS, 1, true),
+        ];
+        assert_eq!(run_chain(&m, &limited, &three), (1, VIRTIO_BLK_S_IOERR));
+        let big = [(HDR, 16, false), (DATA, 2048, false), (STATUS, 1, true)];
+        assert_eq!(run_chain(&m, &limited, &big), (1, VIRTIO_BLK_S_IOERR));
+        let mut on_disk = [0u8; 2048];
+        f.read_exact_at(&mut on_disk, 0).unwrap();
+        assert_eq!(on_disk, [0u8; 2048], "a refused write reached the image");
+        // Within them, and without them for a driver that did not accept them.
+        let two = [
+            (HDR, 16, false),
+            (DATA, 1024, false),
+            (DATA + 1024, 1024, false),
+            (STATUS, 1, true),
+        ];
+        assert_eq!(run_chain(&m, &limited, &two), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(
+            run_chain(&m, &disk(&f, false, &id), &three),
+            (1, VIRTIO_BLK_S_OK)
+        );
+        // Over MAX_REQUEST_BYTES whatever was negotiated: 14 segments of 32 MiB naming the same
+        // guest memory (most of it outside this guest's 4 MiB: refused before any access).
+        let mut huge = vec![(HDR, 16, false)];
+        huge.extend((0..14).map(|_| (DATA, 32 << 20, false)));
+        huge.push((STATUS, 1, true));
+        let over = 14 * (32 << 20);
+        assert!(over > MAX_REQUEST_BYTES);
+        assert_eq!(
+            run_chain(&m, &disk(&f, false, &id), &huge),
+            (1, VIRTIO_BLK_S_IOERR)
+        );
+    }
+
+    #[test]
+    fn a_recorded_write_is_copied_in_pieces() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap();
+        let f = disk_file(4 << 20);
+        let id = [0; ID_BYTES];
+        let journal = crate::virtio::block::WriteJournal::new(4 << 20).unwrap();
+        journal.start_recording();
+        let d = Disk {
+            journal: Some(&journal),
+            ..disk(&f, false, &id)
+        };
+        let len = PIECE_BYTES * 2 + PIECE_BYTES / 2;
+        let data: Vec<u8> = (0..len).map(|i| (i / 4096) as u8).collect();
+        m.write_slice(&data, GuestAddress(0x20_0000)).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 8);
+        // Two segments, the first ending in the middle of a piece.
+        let split = PIECE_BYTES / 3;
+        let chain = [
+            (HDR, 16, false),
+            (0x20_0000, split as u32, false),
+            (0x20_0000 + split as u64, (len - split) as u32, false),
+            (0x70_0000, 1, true),
+        ];
+        let q = MockSplitQueue::new(&m, 16);
+        let raw: Vec<RawDescriptor> = chain
+            .iter()
+            .map(|&(addr, len, w)| {
+                RawDescriptor::from(SplitDescriptor::new(
+                    addr,
+                    len,
+                    if w { VRING_DESC_F_WRITE as u16 } else { 0 },
+                    0,
+                ))
+            })
+            .collect();
+        q.build_desc_chain(&raw).unwrap();
+        let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
+        let chain = queue.iter(&m).unwrap().next().unwrap();
+        let done = execute(&d, &m, chain);
+        assert_eq!((done.used, done.moved), (1, len));
+        let writes = journal.take().writes;
+        let sizes: Vec<(u64, usize)> = writes.iter().map(|w| (w.offset, w.data.len())).collect();
+        let p = PIECE_BYTES as u64;
+        assert_eq!(
+            sizes,
+            [
+                (4096, PIECE_BYTES),
+                (4096 + p, PIECE_BYTES),
+                (4096 + 2 * p, PIECE_BYTES / 2)
+            ]
+        );
+        let recorded: Vec<u8> = writes.into_iter().flat_map(|w| w.data).collect();
+        assert!(
+            recorded == data,
+            "the pieces recorded are not the data written"
+        );
+        let mut on_disk = vec![0u8; len];
+        f.read_exact_at(&mut on_disk, 4096).unwrap();
+        assert!(on_disk == data, "the image does not hold the data written");
     }
 }

@@ -161,16 +161,21 @@ impl WriteJournal {
 
     /// A completed write of `len` bytes at `offset` whose data was not handed over: its blocks
     /// are marked when tracking; when recording (started while the write was under way), its
-    /// data is read back from the image with `read_back`.
+    /// data is read back from the image with `read_back(offset, len)`, in pieces of at most
+    /// [`super::request::PIECE_BYTES`].
     pub fn written(
         &self,
         offset: u64,
         len: u64,
-        read_back: impl FnOnce() -> std::io::Result<Vec<u8>>,
+        mut read_back: impl FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
     ) -> std::io::Result<()> {
         if self.records_data() {
-            let data = read_back()?;
-            self.record(offset, data);
+            let piece = super::request::PIECE_BYTES as u64;
+            for at in (offset..offset + len).step_by(piece as usize) {
+                let n = piece.min(offset + len - at) as usize;
+                let data = read_back(at, n)?;
+                self.record(at, data);
+            }
         } else {
             let mut inner = self.lock();
             if let Mode::Tracking {
@@ -405,8 +410,10 @@ mod tests {
         for _ in 0..100 {
             j.record(BLOCK - 1, vec![1; 2]);
         }
-        j.written(3 * BLOCK + 10, 5, || unreachable!("tracking reads nothing"))
-            .unwrap();
+        j.written(3 * BLOCK + 10, 5, |_, _| {
+            unreachable!("tracking reads nothing")
+        })
+        .unwrap();
         assert_eq!(j.dirty_bytes(), 3 * BLOCK);
         // The copier reads block 1 on its pass.
         j.clear(BLOCK, BLOCK);
@@ -419,7 +426,7 @@ mod tests {
         j.record(2 * BLOCK, vec![2; 8]);
         assert_eq!(j.finish_tracking(), vec![(2 * BLOCK, BLOCK)]);
         assert!(j.records_data());
-        j.written(0, 3, || Ok(vec![9, 9, 9])).unwrap();
+        j.written(0, 3, |_, n| Ok(vec![9; n])).unwrap();
         assert_eq!(
             j.take().writes,
             vec![DiskWrite {

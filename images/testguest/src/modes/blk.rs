@@ -8,6 +8,12 @@
 //! * `blk=readonly-check`: tries to overwrite sector 0; passes if the device refuses with an
 //!   I/O error and the sector is unchanged: `testguest: blk readonly ok` /
 //!   `testguest: blk readonly FAIL <why>`.
+//! * `blk=huge-write`: a hostile guest's request, through a hand-driven queue that negotiates no
+//!   segment limits: after `wait_ms=` (default 0) ms, every `every_ms=` (default 1000) ms, `times=` (default 30) times, one write of
+//!   `huge_mib=` (default 1024) MiB at sector 0 whose 254 data segments all name one buffer of
+//!   `huge_mib` / 254 (so the guest needs only that much memory); each prints
+//!   `testguest: blk huge-write status=S bytes=N` (0 done, 1 I/O error), then
+//!   `testguest: blk huge-write ok`.
 //!
 //! `chunk=BYTES` sets the request size (default 512 KiB). Before the result, a line
 //! `testguest: blk device ...` describes the disk and `testguest: blk stats ...` the timings.
@@ -25,7 +31,7 @@ use testguest::pattern;
 
 pub const MODE: Mode = Mode {
     name: "blk",
-    about: "pattern-write and verify the first virtio-blk disk (blk=write|verify|readonly-check, seed=N, chunk=BYTES)",
+    about: "pattern-write and verify the first virtio-blk disk (blk=write|verify|readonly-check|huge-write, seed=N, chunk=BYTES)",
     run,
 };
 
@@ -52,9 +58,16 @@ fn run(cmdline: &Cmdline<'_>) {
         "write" | "" => Action::Write,
         "verify" => Action::Verify,
         "readonly-check" => Action::ReadonlyCheck,
+        "huge-write" => {
+            match huge_write(cmdline) {
+                Ok(()) => println!("testguest: blk huge-write ok"),
+                Err(why) => println!("testguest: blk huge-write FAIL {}", why),
+            }
+            return;
+        }
         other => {
             println!(
-                "testguest: blk FAIL unknown blk={} (write, verify, readonly-check)",
+                "testguest: blk FAIL unknown blk={} (write, verify, readonly-check, huge-write)",
                 other
             );
             return;
@@ -131,6 +144,34 @@ fn check(cmdline: &Cmdline<'_>, action: Action, slot: &mut Option<Disk>) -> Resu
             Ok(format!(" bytes={}", disk.bytes()))
         }
     }
+}
+
+/// `blk=huge-write` (module docs).
+fn huge_write(cmdline: &Cmdline<'_>) -> Result<(), String> {
+    use crate::virtio::raw_blk::RawBlk;
+    let mib = number(cmdline, "huge_mib", 1024)?;
+    let every_ms = number(cmdline, "every_ms", 1000)?;
+    let times = number(cmdline, "times", 30)?;
+    let wait_ms = number(cmdline, "wait_ms", 0)?;
+    let segments = RawBlk::MAX_SEGMENTS;
+    let per_segment = usize::try_from((mib << 20).div_ceil(segments as u64))
+        .map_err(|_| "huge_mib= too large")?
+        .next_multiple_of(SECTOR_SIZE);
+    let slot = crate::virtio::probe::find(crate::virtio::probe::DEVICE_BLOCK)
+        .ok_or("no virtio-blk device")?;
+    let mut disk = RawBlk::open(&slot)?;
+    let buffer = vec![0x5au8; per_segment];
+    time::delay_us(wait_ms * 1000);
+    for _ in 0..times {
+        let status = disk.write_repeated(0, &buffer, segments)?;
+        println!(
+            "testguest: blk huge-write status={} bytes={}",
+            status,
+            per_segment * segments
+        );
+        time::delay_us(every_ms * 1000);
+    }
+    Ok(())
 }
 
 fn ms_since(tsc: u64) -> u64 {

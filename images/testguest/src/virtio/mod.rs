@@ -6,3 +6,4 @@
 pub mod blk;
 pub mod hal;
 pub mod probe;
+pub mod raw_blk;
