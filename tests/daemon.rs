@@ -429,3 +429,48 @@ fn wait_output(mut child: std::process::Child, bound: Duration) -> std::process:
     let _ = child.kill();
     child.wait_with_output().unwrap()
 }
+
+/// A guest that writes an unsupported ACPI sleep type in a loop (a warning each time, once) cannot
+/// fill its VM's log: guest-caused lines are rate limited, and the log is kept to a cap.
+#[test]
+fn a_guest_writing_acpi_registers_in_a_loop_does_not_fill_the_log() {
+    let dir = scratch("pm-flood");
+    let daemon = Daemon::start(&dir);
+    let guest = testguest();
+    let (ok, out) = daemon.cli(&[
+        "create",
+        "--name",
+        "flood",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "mode=pm-flood seconds=3",
+        "--memory",
+        "64",
+        "--boot",
+    ]);
+    assert!(ok, "{out}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let vm_dir = dir.join("state/vms").join(record["id"].as_str().unwrap());
+    let console = vm_dir.join("console.log");
+    wait_until("the guest's flood to end", || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains("pm-flood writes="))
+    });
+    let log = std::fs::read_to_string(vm_dir.join("ftvmm.log")).unwrap();
+    let writes: u64 = std::fs::read_to_string(&console)
+        .unwrap()
+        .split("pm-flood writes=")
+        .nth(1)
+        .and_then(|w| w.trim().parse().ok())
+        .unwrap();
+    assert!(writes > 1000, "the guest wrote only {writes} times");
+    assert!(
+        log.contains("unsupported sleep type 3"),
+        "the first writes are logged: {log}"
+    );
+    assert!(
+        log.len() < 64 << 10,
+        "{writes} guest writes made a log of {} bytes",
+        log.len()
+    );
+}

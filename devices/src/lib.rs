@@ -5,8 +5,10 @@
 //! eventfds ([`interrupt`]), and ask the VMM to stop the machine through [`guest_exit`].
 
 pub mod bus;
+pub mod capped_file;
 pub mod fw_cfg;
 pub mod guest_exit;
+pub mod guest_log;
 pub mod interrupt;
 pub mod legacy;
 pub mod output_gate;

@@ -94,7 +94,7 @@ impl MsiRouteTable {
         let mut routes = lock(&self.routes);
         routes.messages.insert(gsi, message);
         if let Err(e) = self.apply(&routes) {
-            tracing::error!("cannot set the route of GSI {gsi}: {e}");
+            devices::guest_error!("cannot set the route of GSI {gsi}: {e}");
         }
     }
 
@@ -160,7 +160,7 @@ struct IntxLine {
 impl LevelInterrupt for IntxLine {
     fn set_level(&self, asserted: bool) {
         if let Err(e) = self.vm.fd().set_irq_line(self.gsi, asserted) {
-            tracing::error!("cannot set the level of GSI {}: {e}", self.gsi);
+            devices::guest_error!("cannot set the level of GSI {}: {e}", self.gsi);
         }
     }
 }
@@ -221,7 +221,7 @@ impl BarObserver for NotifyPlacement {
                         .fd()
                         .unregister_ioevent(event, &notify(old, queue), NoDatamatch)
                 {
-                    tracing::warn!("{address}: cannot remove queue {queue}'s ioeventfd: {e}");
+                    devices::guest_warn!("{address}: cannot remove queue {queue}'s ioeventfd: {e}");
                 }
             }
         }
@@ -235,7 +235,7 @@ impl BarObserver for NotifyPlacement {
                     .register_ioevent(event, &notify(moved.new, queue), NoDatamatch)
             {
                 // The transport still sees the write and signals the queue; only slower.
-                tracing::warn!("{address}: cannot place queue {queue}'s ioeventfd: {e}");
+                devices::guest_warn!("{address}: cannot place queue {queue}'s ioeventfd: {e}");
             }
         }
         placed.registered_at = Some(moved.new);

@@ -192,6 +192,10 @@ const COMMON: &[i64] = &[
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_lseek,
+    // A capped output file (devices/src/capped_file.rs) rotates through its descriptors: any thread
+    // may write the log, and a vCPU thread writes the console.
+    libc::SYS_ftruncate,
+    libc::SYS_copy_file_range,
     libc::SYS_fcntl,
     libc::SYS_ioctl,
     libc::SYS_poll,

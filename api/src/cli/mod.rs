@@ -34,6 +34,17 @@ pub struct Cli {
     #[arg(long, global = true)]
     no_seccomp: bool,
 
+    /// Write the log, and whatever ftvmm prints on stderr, to FILE (appended) instead of stderr,
+    /// kept to --log-max-mib: past it the file moves to FILE.1 and starts again. The host daemon
+    /// gives each VM process its directory's ftvmm.log.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log_file: Option<std::path::PathBuf>,
+
+    /// With --log-file: the most the file holds before it moves to FILE.1.
+    #[arg(long, global = true, value_name = "MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub log_max_mib: u64,
+
     #[command(subcommand)]
     command: Command,
 }

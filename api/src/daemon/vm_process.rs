@@ -80,7 +80,11 @@ pub fn start(
     let log_start = log.metadata().map_err(log_error)?.len();
     let log_err = log.try_clone().map_err(log_error)?;
     let _ = std::fs::remove_file(&files.api_socket);
+    // The process keeps its own log to a cap (and points its stderr there); until it has opened
+    // it, what it prints goes to the same file.
     let mut child = Command::new(exe)
+        .arg("--log-file")
+        .arg(&files.log)
         .args(args)
         .stdin(Stdio::null())
         .stdout(log)

@@ -48,7 +48,9 @@ impl BusDevice for AcpiPmDevice {
                 if sleep_type == Self::S5_SLEEP_TYPE {
                     self.exit.request(GuestExitRequest::PowerOff);
                 } else {
-                    tracing::warn!("guest asked for unsupported sleep type {sleep_type}; ignored");
+                    crate::guest_warn!(
+                        "guest asked for unsupported sleep type {sleep_type}; ignored"
+                    );
                 }
             }
             Self::RESET_OFFSET if value == Self::RESET_VALUE => {

@@ -115,7 +115,7 @@ impl Ich9PmBlock {
         if sleep_type == Self::S5_SLEEP_TYPE {
             self.exit.request(GuestExitRequest::PowerOff);
         } else {
-            tracing::warn!("guest asked for unsupported sleep type {sleep_type}; ignored");
+            crate::guest_warn!("guest asked for unsupported sleep type {sleep_type}; ignored");
         }
     }
 }

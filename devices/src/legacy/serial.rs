@@ -1,22 +1,26 @@
 //! The 8250 UART (vm-superio) on COM1, writing guest output to stdout or a file.
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
 use crate::bus::BusDevice;
+use crate::capped_file::{CappedFile, Start};
 use crate::interrupt::EventFdTrigger;
 use crate::persist::UartState;
+
+/// The most a console file holds before it moves to `PATH.1` and starts again.
+pub const CONSOLE_MAX_BYTES: u64 = 16 << 20;
 
 /// Where the guest's serial output goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialOutput {
     /// The VMM's standard output.
     Stdout,
-    /// A file, created or truncated.
+    /// A file, created or emptied, kept to [`CONSOLE_MAX_BYTES`] (the rest in `PATH.1`:
+    /// `crate::capped_file`).
     File(PathBuf),
     /// Discarded.
     Null,
@@ -25,8 +29,8 @@ pub enum SerialOutput {
 /// Errors opening a serial output.
 #[derive(Debug, thiserror::Error)]
 pub enum SerialOutputError {
-    #[error("cannot open serial output file {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    #[error("serial output: {0}")]
+    Open(#[from] crate::capped_file::CappedFileError),
     #[error("invalid --serial value {0:?}: expected stdout, null or file:PATH")]
     Parse(String),
 }
@@ -52,21 +56,9 @@ impl SerialOutput {
         Ok(match self {
             Self::Stdout => Box::new(io::stdout()),
             Self::Null => Box::new(io::sink()),
-            Self::File(path) => Box::new(open_file(path)?),
+            Self::File(path) => Box::new(CappedFile::open(path, CONSOLE_MAX_BYTES, Start::Empty)?),
         })
     }
-}
-
-fn open_file(path: &Path) -> Result<File, SerialOutputError> {
-    OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|source| SerialOutputError::Open {
-            path: path.to_path_buf(),
-            source,
-        })
 }
 
 /// COM1: a vm-superio 8250 UART on the port I/O bus.
@@ -145,7 +137,7 @@ impl BusDevice for SerialDevice {
             return;
         };
         if let Err(e) = self.serial.write(offset, value) {
-            tracing::warn!("serial write at offset {offset} failed: {e}");
+            crate::guest_warn!("serial write at offset {offset} failed: {e}");
         }
     }
 }

@@ -179,7 +179,7 @@ impl MsixVectors {
             return;
         }
         if let Err(e) = self.eventfds[index].write(1) {
-            tracing::error!("cannot raise MSI-X vector {vector}: {e}");
+            crate::guest_error!("cannot raise MSI-X vector {vector}: {e}");
         }
     }
 
@@ -191,7 +191,7 @@ impl MsixVectors {
             if self.pending[index] && !self.table[index].masked() {
                 self.pending[index] = false;
                 if let Err(e) = self.eventfds[index].write(1) {
-                    tracing::error!("cannot raise MSI-X vector {index}: {e}");
+                    crate::guest_error!("cannot raise MSI-X vector {index}: {e}");
                 }
             }
         }

@@ -80,7 +80,7 @@ impl LineInterrupt {
     fn signal(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.trigger.trigger() {
-            tracing::error!("cannot raise virtio interrupt: {e}");
+            crate::guest_error!("cannot raise virtio interrupt: {e}");
         }
     }
 

@@ -217,7 +217,7 @@ impl VirtioTransportCore {
     pub fn notify(&self, index: usize) {
         if let Some(evt) = self.queue_events.get(index) {
             if let Err(e) = evt.write(1) {
-                tracing::error!("cannot signal virtio queue {index}: {e}");
+                crate::guest_error!("cannot signal virtio queue {index}: {e}");
             }
         }
     }
@@ -239,7 +239,7 @@ impl VirtioTransportCore {
 
     fn reset(&mut self) {
         if self.activated && !lock(&self.device).reset() {
-            tracing::warn!("virtio device cannot be reset; marking DEVICE_NEEDS_RESET");
+            crate::guest_warn!("virtio device cannot be reset; marking DEVICE_NEEDS_RESET");
             self.device_status |= status::DEVICE_NEEDS_RESET;
             self.interrupt.signal_config_change();
             return;
@@ -265,7 +265,7 @@ impl VirtioTransportCore {
         if value & status::FEATURES_OK != 0 && !self.features_ok() {
             let offered = lock(&self.device).avail_features();
             if self.driver_features & !offered != 0 {
-                tracing::warn!(
+                crate::guest_warn!(
                     "driver accepted features {:#x} the device does not offer ({offered:#x})",
                     self.driver_features
                 );
@@ -281,7 +281,7 @@ impl VirtioTransportCore {
     }
 
     fn fail_activation(&mut self, why: &str) {
-        tracing::warn!("{why}; virtio device not activated");
+        crate::guest_warn!("{why}; virtio device not activated");
         self.device_status |= status::DEVICE_NEEDS_RESET;
         self.interrupt.signal_config_change();
     }

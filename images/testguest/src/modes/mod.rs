@@ -13,6 +13,7 @@ pub mod emulate;
 pub mod hello;
 pub mod info;
 pub mod net;
+pub mod pm_flood;
 pub mod smp;
 pub mod spin;
 pub mod triple;
@@ -38,6 +39,7 @@ pub static MODES: &[Mode] = &[
     triple::MODE,
     blk::MODE,
     net::MODE,
+    pm_flood::MODE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Mode> {
