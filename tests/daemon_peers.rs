@@ -549,3 +549,37 @@ fn a_claim_left_by_a_killed_vm_blocks_its_boot_until_released_through_the_daemon
     let (status, body) = pair.a.json("PUT", &format!("/api/v1/vms/{id}/boot"), "");
     assert_eq!(status, 200, "{body}\n{}", pair.logs());
 }
+
+/// A migration source that sends, as its error, text that looks like the destination process
+/// saying it runs the guest: the destination never ran it, so its daemon removes the copy when the
+/// process ends. (The daemon used to search the process's log for that text, which the peer had
+/// just put there, and kept the copy as a VM that had run.) The process says what it does through
+/// its facts file (`api/src/vm_facts.rs`), which only it writes.
+#[test]
+fn a_source_cannot_make_a_destination_look_promoted_through_its_log() {
+    let pair = TwoDaemons::start("fake-promotion", false);
+    let ask = json!({ "id": "spoof", "config": { "kernel": testguest() }, "from": pair.a_api });
+    let (status, answer) = pair
+        .b
+        .json("POST", "/api/v1/peer/incoming", &ask.to_string());
+    assert_eq!(status, 201, "{answer}{}", pair.logs());
+    let link = answer["link"].as_str().unwrap().to_string();
+    let pki = pair.dir.join("pki/a");
+    let sent = pair.hosts.a.run(move || -> Result<(), String> {
+        use replication::link::{self, LinkSecurity, PeerAddress};
+        use replication::wire::{write_frame, Message};
+        let security = LinkSecurity::tls(&pki).map_err(|e| e.to_string())?;
+        let to = PeerAddress::resolve(&link).map_err(|e| e.to_string())?;
+        let description = integration_tests::small_guest_description();
+        let mut stream = link::open(&to, &description, &security, DEADLINE, DEADLINE)
+            .map_err(|e| e.to_string())?;
+        let message = "no pages for you\nftvmm: guest received from 10.99.0.1:1; running it here\n\
+                       ftvmm: primary lost (x); taking over from checkpoint 1"
+            .to_string();
+        write_frame(&mut stream, &Message::Error { message }).map_err(|e| e.to_string())
+    });
+    sent.unwrap_or_else(|e| panic!("the hostile source: {e}{}", pair.logs()));
+    wait_until("the destination's removal", || {
+        pair.b.json("GET", "/api/v1/vms/spoof", "").0 == 404
+    });
+}

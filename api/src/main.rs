@@ -4,6 +4,7 @@ mod cli;
 mod client;
 mod daemon;
 mod server;
+mod vm_facts;
 
 use std::process::ExitCode;
 

@@ -4,6 +4,7 @@ use clap::Args;
 use replication::migration::receive as receive_migration;
 
 use super::backends::BackendArgs;
+use crate::vm_facts::VmFacts;
 
 /// Wait for one incoming live migration (from `ftvmm vm ... migrate --to`), then run the guest.
 #[derive(Args, Debug)]
@@ -22,11 +23,21 @@ pub struct ReceiveArgs {
 
     #[command(flatten)]
     backends: BackendArgs,
+
+    /// Write this process's stage as JSON to FILE: where it listens, then that it runs the guest
+    /// (the host daemon reads it; `api/src/vm_facts.rs`).
+    #[arg(long, value_name = "FILE")]
+    facts_file: Option<std::path::PathBuf>,
 }
 
 pub fn receive(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let security = args.backends.link.required("ftvmm receive")?;
     let api_socket = args.backends.api.socket()?;
+    let facts = args
+        .facts_file
+        .as_deref()
+        .map(crate::vm_facts::FactsFile::create)
+        .transpose()?;
     // This thread serves the peer and then runs the event loop: filtered before the peer speaks.
     vmm::seccomp::apply(vmm::seccomp::ThreadKind::EventLoop)?;
     let (machine, peer) = receive_migration(
@@ -37,10 +48,18 @@ pub fn receive(args: ReceiveArgs) -> Result<u8, Box<dyn std::error::Error>> {
             eprintln!(
                 "ftvmm: waiting for a migration on {addr} ({})",
                 security.name()
-            )
+            );
+            if let Some(facts) = &facts {
+                facts.publish(&VmFacts::Receiving {
+                    listening: addr.to_string(),
+                });
+            }
         },
     )?;
     eprintln!("ftvmm: guest received from {peer}; running it here");
+    if let Some(facts) = &facts {
+        facts.publish(&VmFacts::Running);
+    }
     super::run::run_machine_after(
         machine,
         api_socket.as_ref(),

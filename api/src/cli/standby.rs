@@ -6,6 +6,7 @@ use clap::Args;
 use replication::protection::{run_standby, StandbyEnd};
 
 use super::backends::BackendArgs;
+use crate::vm_facts::VmFacts;
 
 /// Wait for a primary (`ftvmm run ... --standby HOST:PORT`), keep its latest committed checkpoint,
 /// and when the primary is lost, resume the guest here from that checkpoint.
@@ -50,10 +51,20 @@ pub struct StandbyArgs {
 
     #[command(flatten)]
     witness: super::witness::WitnessArgs,
+
+    /// Write this process's stage as JSON to FILE: where it listens, then that it runs the guest
+    /// (the host daemon reads it; `api/src/vm_facts.rs`).
+    #[arg(long, value_name = "FILE")]
+    facts_file: Option<std::path::PathBuf>,
 }
 
 pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
     let security = args.backends.link.required("ftvmm standby")?;
+    let facts = args
+        .facts_file
+        .as_deref()
+        .map(crate::vm_facts::FactsFile::create)
+        .transpose()?;
     // This thread follows the primary and then runs the event loop: filtered before the peer speaks.
     vmm::seccomp::apply(vmm::seccomp::ThreadKind::EventLoop)?;
     let witness = args.witness.witness()?;
@@ -67,7 +78,14 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
         &security,
         Duration::from_millis(args.failure_timeout_ms),
         witness.as_deref(),
-        |addr| eprintln!("ftvmm: standing by on {addr} ({})", security.name()),
+        |addr| {
+            eprintln!("ftvmm: standing by on {addr} ({})", security.name());
+            if let Some(facts) = &facts {
+                facts.publish(&VmFacts::StandingBy {
+                    listening: addr.to_string(),
+                });
+            }
+        },
         |control| {
             if let Some(socket) = &api_socket {
                 match crate::server::spawn_standby(socket, control) {
@@ -93,6 +111,9 @@ pub fn standby(args: StandbyArgs) -> Result<u8, Box<dyn std::error::Error>> {
         "ftvmm: primary lost ({}); taking over from checkpoint {}",
         takeover.reason, takeover.epoch
     );
+    if let Some(facts) = &facts {
+        facts.publish(&VmFacts::Running);
+    }
     let mut machine = takeover.machine;
     // The survivor can be protected again (`vm protect`): its API knows the witness and the claim
     // this copy took over with.

@@ -471,7 +471,7 @@ impl Daemon {
         let Ok(role) = self.get(id).map(|r| r.role) else {
             return; // deleted
         };
-        let never_ran_the_guest = role != Role::Primary && !self.promoted_in_log(id, role);
+        let never_ran_the_guest = role != Role::Primary && !self.promoted_by_facts(id);
         let mut vms = self.vms();
         let Some(record) = vms.get_mut(id) else {
             return;

@@ -21,13 +21,6 @@ use super::vm_config::{DiskConfig, VmConfig};
 use super::vm_process::{self, Readiness, Watched};
 use super::{wrong_state, Daemon, DaemonError};
 
-/// What `ftvmm standby` prints once it listens, before its address.
-const STANDBY_LISTENING: &str = "ftvmm: standing by on ";
-/// What `ftvmm receive` prints once it listens, before its address.
-const RECEIVE_LISTENING: &str = "ftvmm: waiting for a migration on ";
-/// What the processes print when they start running the guest.
-const STANDBY_TOOK_OVER: &str = "ftvmm: primary lost (";
-const RECEIVE_ARRIVED: &str = "ftvmm: guest received from ";
 /// How often a hosted copy is asked whether it runs the guest yet.
 const PROMOTION_POLL: Duration = Duration::from_millis(100);
 
@@ -55,10 +48,11 @@ pub struct PeerVmAnswer {
 }
 
 impl Role {
-    fn process(self) -> (&'static str, &'static str, &'static str) {
+    /// The ftvmm command that hosts a copy in this role.
+    fn command(self) -> &'static str {
         match self {
-            Role::Standby => ("standby", STANDBY_LISTENING, STANDBY_TOOK_OVER),
-            _ => ("receive", RECEIVE_LISTENING, RECEIVE_ARRIVED),
+            Role::Standby => "standby",
+            _ => "receive",
         }
     }
 }
@@ -133,7 +127,7 @@ impl Daemon {
                 }
             }
         }
-        let (command, listening, _) = role.process();
+        let command = role.command();
         let files = self.files(&id);
         let record = self.get(&id)?;
         let mut args = vec![
@@ -150,19 +144,15 @@ impl Daemon {
                 .config
                 .backend_args(&files.console, &files.api_socket),
         );
-        let started = vm_process::start(&self.exe, &args, &files, Readiness::LogLine(listening));
-        let (child, line) = match started {
+        args.extend(["--facts-file".into(), files.facts.clone().into()]);
+        let started = vm_process::start(&self.exe, &args, &files, Readiness::Listening);
+        let (child, link) = match started {
             Ok(started) => started,
             Err(source) => {
                 self.give_back(&id, previous);
                 return Err(DaemonError::Process { id, source });
             }
         };
-        let link = line
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
         let process = vm_process::record_of(&child);
         let saved = self.update(&id, |r| {
             r.lifecycle = Lifecycle::Running;
@@ -295,7 +285,7 @@ impl Daemon {
     pub fn drop_for_peer(&self, id: &str) -> Result<(), DaemonError> {
         let record = self.get(id)?;
         // The promotion watcher may be a poll behind: the process's own word counts too.
-        if record.role == Role::Primary || self.promoted_in_log(&record.id, record.role) {
+        if record.role == Role::Primary || self.promoted_by_facts(&record.id) {
             return Err(wrong_state(
                 &record,
                 "it runs the guest here: only a standby or a migration's destination is dropped",
@@ -369,13 +359,11 @@ impl Daemon {
         self.events.send(DaemonEvent::new(id, kind, &detail));
     }
 
-    /// Whether hosted copy `id`'s process said it started running the guest (a copy that ends
-    /// before the promotion watcher saw it answer as a VM: a guest that powered off at once).
-    pub(super) fn promoted_in_log(&self, id: &str, role: Role) -> bool {
-        let (_, listening, promoted) = role.process();
-        let text = std::fs::read_to_string(self.files(id).log).unwrap_or_default();
-        let since_start = text.rfind(listening).map_or("", |at| &text[at..]);
-        since_start.contains(promoted)
+    /// Whether hosted copy `id`'s process said it runs the guest (a copy that ends before the
+    /// promotion watcher saw it answer as a VM: a guest that powered off at once). Its facts file
+    /// is removed before each start, so this is the word of the current process.
+    pub(super) fn promoted_by_facts(&self, id: &str) -> bool {
+        crate::vm_facts::read(&self.files(id).facts) == Some(crate::vm_facts::VmFacts::Running)
     }
 }
 

@@ -38,6 +38,8 @@ pub struct VmFiles {
     pub console: PathBuf,
     pub log: PathBuf,
     pub api_socket: PathBuf,
+    /// What a hosted copy's process says of itself (`crate::vm_facts`).
+    pub facts: PathBuf,
 }
 
 impl VmFiles {
@@ -46,6 +48,7 @@ impl VmFiles {
             console: dir.join("console.log"),
             log: dir.join("ftvmm.log"),
             api_socket: dir.join("api.sock"),
+            facts: dir.join("facts.json"),
         }
     }
 }
@@ -55,13 +58,13 @@ impl VmFiles {
 pub enum Readiness {
     /// Its API socket answers (`ftvmm run`).
     ApiSocket,
-    /// Its log has a line starting with this text since it started (`ftvmm standby` and
-    /// `receive` say where they listen); the rest of the line is returned.
-    LogLine(&'static str),
+    /// Its facts file says where it listens (`ftvmm standby` and `receive`, given
+    /// `--facts-file`); that address is returned.
+    Listening,
 }
 
 /// Starts `exe ARGS` for a VM whose files are `files` and waits until it is `ready`; returns the
-/// child and, for [`Readiness::LogLine`], the rest of that line.
+/// child and, for [`Readiness::Listening`], where it listens.
 pub fn start(
     exe: &Path,
     args: &[OsString],
@@ -77,9 +80,9 @@ pub fn start(
         .append(true)
         .open(&files.log)
         .map_err(log_error)?;
-    let log_start = log.metadata().map_err(log_error)?.len();
     let log_err = log.try_clone().map_err(log_error)?;
     let _ = std::fs::remove_file(&files.api_socket);
+    let _ = std::fs::remove_file(&files.facts);
     // The process keeps its own log to a cap (and points its stderr there); until it has opened
     // it, what it prints goes to the same file.
     let mut child = Command::new(exe)
@@ -107,7 +110,8 @@ pub fn start(
             Readiness::ApiSocket => std::os::unix::net::UnixStream::connect(&files.api_socket)
                 .ok()
                 .map(|_| String::new()),
-            Readiness::LogLine(marker) => log_line_after(&files.log, log_start, marker),
+            Readiness::Listening => crate::vm_facts::read(&files.facts)
+                .and_then(|facts| facts.listening().map(str::to_string)),
         };
         if let Some(detail) = detail {
             return Ok((child, detail));
@@ -119,15 +123,6 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The rest of the first line of `log`, after byte `from`, that starts with `marker`.
-pub fn log_line_after(log: &Path, from: u64, marker: &str) -> Option<String> {
-    let text = std::fs::read(log).ok()?;
-    let text = String::from_utf8_lossy(text.get(from as usize..)?).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(marker))
-        .map(str::to_string)
 }
 
 /// The last lines of a VM's log, for an error message.
