@@ -349,6 +349,11 @@ fn a_thousand_idle_connections_to_the_tcp_api_do_not_stop_vm_starts() {
     );
     let token = "0123456789abcdef0123456789abcdef";
     std::fs::write(dir.join("token"), token).unwrap();
+    std::fs::set_permissions(
+        dir.join("token"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let listen = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().to_string()

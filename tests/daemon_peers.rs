@@ -63,6 +63,11 @@ impl TwoDaemons {
         // `start_daemon` finds the identities in dir/pki and the token in dir/token.
         tls_pki(&dir, &[("a", &[a_ip.as_str()]), ("b", &[b_ip.as_str()])]);
         std::fs::write(dir.join("token"), "0123456789abcdef0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(
+            dir.join("token"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         let (a_api, b_api) = (format!("{a_ip}:7200"), format!("{b_ip}:7200"));
         let a = start_daemon(&dir, "a", &hosts.a, &a_api, etcd_url.as_deref());
         let b = start_daemon(&dir, "b", &hosts.b, &b_api, etcd_url.as_deref());

@@ -239,6 +239,8 @@ const FILES: &[i64] = &[
     libc::SYS_linkat,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    // The private directory an API socket is bound in (api/src/server/mod.rs).
+    libc::SYS_rmdir,
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,

@@ -26,7 +26,8 @@ pub struct ServeArgs {
     /// The API's Unix socket (owner-only, 0600).
     #[arg(long, value_name = "PATH", default_value = "/run/ftvmm/ftvmm.sock")]
     socket: PathBuf,
-    /// Also let this group's members use the socket (0660).
+    /// Also let this group's members use the socket (0660). Membership is as good as root on this
+    /// host: the API starts VMs from any kernel, disk or firmware path the daemon can read.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
     /// Also serve the API on TCP at HOST:PORT, for peer daemons (protection, migration) and remote

@@ -8,6 +8,7 @@
 //! a migration that arrived. A copy whose process ends without that (the primary said goodbye, the
 //! migration failed or was cancelled) is removed: it holds nothing worth keeping.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -389,7 +390,15 @@ fn standby_images(
         .enumerate()
         .map(|(i, (disk, &size))| {
             let path: PathBuf = dir.join(format!("disk{i}.img"));
-            let file = std::fs::File::create(&path).and_then(|f| f.set_len(size).map(|()| f));
+            // A new file, never one found there (a symbolic link planted in its place included).
+            let _ = std::fs::remove_file(&path);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .and_then(|f| f.set_len(size).map(|()| f));
             file.map_err(|e| {
                 DaemonError::Internal(format!(
                     "cannot make a {size}-byte standby image {}: {e}",
@@ -428,6 +437,26 @@ fn shared_disks(disks: &[DiskConfig], sizes: &[u64]) -> Result<(), DaemonError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_image_is_a_new_file_whatever_was_planted_there() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-standby-images-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("precious");
+        std::fs::write(&target, b"keep").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("disk0.img")).unwrap();
+        let disks = [DiskConfig {
+            path: "/the/peer's/path".into(),
+            readonly: false,
+        }];
+        let images = standby_images(&dir, &disks, &[1 << 20]).unwrap();
+        assert_eq!(images[0].path, dir.join("disk0.img"));
+        let made = std::fs::symlink_metadata(&images[0].path).unwrap();
+        assert!(made.is_file() && made.len() == 1 << 20);
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn hosts_are_bracketed_when_they_are_v6() {

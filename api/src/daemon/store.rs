@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "state directory {path} is {problem}: it holds the VMs' records, disks and sockets, so \
+         only the user the daemon runs as may own and write it (chown, chmod go-w)"
+    )]
+    Unsafe { path: PathBuf, problem: String },
     #[error("VM record {path}: {source}")]
     Corrupt {
         path: PathBuf,
@@ -140,6 +146,9 @@ impl DirStore {
     /// Opens (creating if needed, owner-only) the store at `root`.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         use std::os::unix::fs::DirBuilderExt;
+        for dir in [root.to_path_buf(), root.join("vms")] {
+            check_owned(&dir)?;
+        }
         let vms = root.join("vms");
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -201,7 +210,12 @@ impl DirStore {
         let path = dir.join("vm.json");
         let tmp = dir.join(".vm.json.new");
         let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&tmp)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)?;
             file.write_all(&serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
             file.sync_all()?;
             std::fs::rename(&tmp, &path)
@@ -241,6 +255,45 @@ impl DirStore {
     }
 }
 
+/// Refuses an existing `dir` (not a symbolic link) that another user owns or that others may write.
+fn check_owned(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let problem = if !meta.is_dir() {
+        Some("not a directory (a symbolic link?)".to_string())
+    } else if meta.uid() != me {
+        Some(format!(
+            "owned by uid {} (the daemon runs as {me})",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "writable by others (mode {:o})",
+            meta.mode() & 0o777
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(StoreError::Unsafe {
+            path: dir.to_path_buf(),
+            problem,
+        }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +310,62 @@ mod tests {
             peer: None,
             failovers: 0,
         }
+    }
+
+    #[test]
+    fn a_state_directory_others_own_or_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("ftvmm-store-owner-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+
+        let fresh = base.join("fresh");
+        DirStore::open(&fresh).unwrap();
+        let open = std::fs::metadata(fresh.join("vms"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(open, 0o700);
+
+        let loose = base.join("loose");
+        std::fs::create_dir(&loose).unwrap();
+        mode(&loose, 0o777);
+        let refused = DirStore::open(&loose).err().map(|e| e.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("writable by others (mode 777)")),
+            "{refused:?}"
+        );
+
+        let linked = base.join("linked");
+        std::os::unix::fs::symlink(&fresh, &linked).unwrap();
+        let refused = DirStore::open(&linked).err().map(|e| e.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("not a directory")),
+            "{refused:?}"
+        );
+
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = base.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let refused = DirStore::open(&theirs).err().map(|e| e.to_string());
+            assert!(
+                refused
+                    .as_deref()
+                    .is_some_and(|e| e.contains("owned by uid 65534")),
+                "{refused:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

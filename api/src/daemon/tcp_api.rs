@@ -24,11 +24,16 @@ pub enum TokenError {
     Read { path: PathBuf, source: io::Error },
     #[error(
         "the token in {path} is {len} characters; at least {MIN_TOKEN_LEN} are needed (e.g. \
-         `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > FILE`)"
+         `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > FILE; chmod 600 FILE`)"
     )]
     TooShort { path: PathBuf, len: usize },
     #[error("the token in {path} must be printable ASCII without spaces")]
     NotPrintable { path: PathBuf },
+    #[error(
+        "the token file {path} is {problem}: whoever reads it can act on this daemon (chmod 600, \
+         owned by the user the daemon runs as)"
+    )]
+    Exposed { path: PathBuf, problem: String },
 }
 
 /// The shared secret every request over TCP must carry as `Authorization: Bearer TOKEN`.
@@ -42,12 +47,35 @@ impl std::fmt::Debug for BearerToken {
 }
 
 impl BearerToken {
-    /// Reads the token from `path` (surrounding whitespace is dropped).
+    /// Reads the token from `path` (surrounding whitespace is dropped), which only this user may
+    /// own and read.
     pub fn read(path: &Path) -> Result<Self, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        use std::os::unix::fs::MetadataExt;
+        let read_error = |source| TokenError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let meta = file.metadata().map_err(read_error)?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let problem = if meta.uid() != me {
+            Some(format!(
+                "owned by uid {} (the daemon runs as {me})",
+                meta.uid()
+            ))
+        } else if meta.mode() & 0o077 != 0 {
+            Some(format!("open to others (mode {:o})", meta.mode() & 0o777))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(TokenError::Exposed {
+                path: path.to_path_buf(),
+                problem,
+            });
+        }
+        let text = std::io::read_to_string(file).map_err(read_error)?;
         Self::parse(text.trim()).map_err(|e| match e {
             TokenParse::TooShort(len) => TokenError::TooShort {
                 path: path.to_path_buf(),
@@ -190,6 +218,29 @@ mod tests {
             refused.map(|a| a.status)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_token_file_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ftvmm-token-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "a".repeat(40)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = BearerToken::read(&path)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("open to others (mode 644)")),
+            "{refused:?}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(BearerToken::read(&path).unwrap().as_str(), "a".repeat(40));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -78,6 +79,7 @@ pub fn start(
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&files.log)
         .map_err(log_error)?;
     let log_err = log.try_clone().map_err(log_error)?;

@@ -175,7 +175,7 @@ fn file_identity(path: &Path) -> Option<(u64, u64)> {
 pub(crate) fn bind_private(
     socket: &ApiSocket,
 ) -> Result<(std::os::unix::net::UnixListener, (u64, u64)), ServerError> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
     let path = socket.path.as_path();
     let owned = || path.to_path_buf();
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -196,47 +196,66 @@ pub(crate) fn bind_private(
             }
         }
     }
+    // The socket is bound inside a directory only this user can enter, given its mode and group
+    // there, and only then linked into place: at no moment can anyone else connect to it through
+    // a mode the umask chose.
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "api.sock".into());
-    let tmp = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener =
-        std::os::unix::net::UnixListener::bind(&tmp).map_err(|source| ServerError::Bind {
+    let private = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|source| ServerError::Bind {
             path: owned(),
             source,
         })?;
-    if let Some(gid) = socket.group {
-        if let Err(source) = std::os::unix::fs::lchown(&tmp, None, Some(gid)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(ServerError::Group {
-                path: owned(),
-                gid,
-                source,
-            });
-        }
-    }
-    let published = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(socket.mode()))
-        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let tmp = private.join("api.sock");
+    let bound = bind_and_publish(socket, &tmp, path);
     let _ = std::fs::remove_file(&tmp);
-    match published {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(ServerError::InUse { path: owned() })
-        }
-        Err(source) => {
-            return Err(ServerError::Publish {
-                path: owned(),
-                source,
-            })
-        }
-    }
+    let _ = std::fs::remove_dir(&private);
+    let listener = bound?;
     let identity = file_identity(path).ok_or_else(|| ServerError::Publish {
         path: owned(),
         source: std::io::Error::from(std::io::ErrorKind::NotFound),
     })?;
     Ok((listener, identity))
+}
+
+/// Binds `tmp`, gives it `socket`'s group and mode, and links it to `path`.
+fn bind_and_publish(
+    socket: &ApiSocket,
+    tmp: &Path,
+    path: &Path,
+) -> Result<std::os::unix::net::UnixListener, ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let owned = || path.to_path_buf();
+    let listener =
+        std::os::unix::net::UnixListener::bind(tmp).map_err(|source| ServerError::Bind {
+            path: owned(),
+            source,
+        })?;
+    if let Some(gid) = socket.group {
+        std::os::unix::fs::lchown(tmp, None, Some(gid)).map_err(|source| ServerError::Group {
+            path: owned(),
+            gid,
+            source,
+        })?;
+    }
+    let published = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(socket.mode()))
+        .and_then(|()| std::fs::hard_link(tmp, path));
+    match published {
+        Ok(()) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(ServerError::InUse { path: owned() })
+        }
+        Err(source) => Err(ServerError::Publish {
+            path: owned(),
+            source,
+        }),
+    }
 }
 
 /// Serves the control API for the VM behind `handle` on `socket`.
@@ -331,6 +350,59 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// Under a permissive umask, nothing but a private directory and the finished socket ever
+    /// appears in the socket's directory: no socket anyone could connect to before its mode was
+    /// set (the binding used to happen beside the final path, with the umask's mode).
+    #[test]
+    fn the_socket_is_never_reachable_before_its_mode_is_set() {
+        let dir = scratch("bind-race");
+        let path = dir.join("api.sock");
+        // SAFETY: inotify_init1 and inotify_add_watch take flags and a NUL-terminated path; the
+        // descriptor is owned below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` was just returned by inotify_init1 and is owned by nothing else.
+        let inotify = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let cdir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: as above.
+        let watch = unsafe { libc::inotify_add_watch(fd, cdir.as_ptr(), libc::IN_CREATE) };
+        assert!(watch >= 0);
+        // SAFETY: umask only sets this process's file-creation mask; restored below.
+        let old = unsafe { libc::umask(0) };
+        let bound = bind_private(&owner_only(&path));
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let (_listener, _) = bound.unwrap();
+
+        let mut events = vec![0u8; 64 << 10];
+        let n = std::io::Read::read(&mut &inotify, &mut events).unwrap();
+        let mut created = Vec::new();
+        let mut at = 0;
+        let header = std::mem::size_of::<libc::inotify_event>();
+        while at + header <= n {
+            // SAFETY: the kernel wrote whole inotify_event records into `events[..n]`; the header
+            // is read unaligned.
+            let event: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(events[at..].as_ptr().cast()) };
+            let name = &events[at + header..at + header + event.len as usize];
+            let name = String::from_utf8_lossy(name)
+                .trim_end_matches('\0')
+                .to_string();
+            created.push((name, event.mask & libc::IN_ISDIR != 0));
+            at += header + event.len as usize;
+        }
+        for (name, is_dir) in &created {
+            assert!(
+                *is_dir || name == "api.sock",
+                "{name} appeared beside the socket before it was ready: {created:?}"
+            );
+        }
+        assert!(created.iter().any(|(n, _)| n == "api.sock"), "{created:?}");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, SOCKET_MODE);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -17,13 +17,14 @@ pub const FILE_MODE: u32 = 0o600;
 pub const DIR_MODE: u32 = 0o700;
 
 /// Creates (or truncates) `path` for writing with mode [`FILE_MODE`], also when it existed with
-/// wider permissions.
+/// wider permissions; a symbolic link there is refused (`ELOOP`), not followed.
 pub fn create_private(path: &Path) -> io::Result<File> {
     let file = OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
     file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
     Ok(file)
@@ -45,6 +46,24 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symbolic_link_where_a_snapshot_file_goes_is_refused_not_followed() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-private-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        create_private_dir(&dir).unwrap();
+        let target = dir.join("precious");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.join("state");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let refused = write_private(&link, b"overwritten");
+        assert_eq!(
+            refused.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ELOOP))
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn snapshot_files_are_private_even_over_an_existing_file() {
