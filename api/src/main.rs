@@ -1,10 +1,6 @@
 //! The `ftvmm` command: a fault-tolerant KVM virtual machine monitor.
 
-mod cli;
-mod client;
-mod daemon;
-mod server;
-mod vm_facts;
+use ftvmm_api::cli;
 
 use std::process::ExitCode;
 

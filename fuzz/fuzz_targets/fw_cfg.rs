@@ -16,7 +16,10 @@ fn device() -> FwCfg {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
     let mut items = FwCfgItems::new();
     items
-        .add_file("etc/e820", (0u8..=255).cycle().take(600).collect::<Vec<_>>())
+        .add_file(
+            "etc/e820",
+            (0u8..=255).cycle().take(600).collect::<Vec<_>>(),
+        )
         .expect("file");
     items.add_file("bootorder", &b"HALT\0"[..]).expect("file");
     items

@@ -15,7 +15,12 @@ fuzz_target!(|data: &[u8]| {
     let mut counters = NetCounters::default();
     let mut errors = GuestErrorLog::new("fuzz-net");
     let packet = vec![0xa5u8; 12 + 1514];
-    for (len, guest_csum) in [(12 + 60usize, true), (12 + 1514, false), (12, true), (3, false)] {
+    for (len, guest_csum) in [
+        (12 + 60usize, true),
+        (12 + 1514, false),
+        (12, true),
+        (3, false),
+    ] {
         if deliver_frame(
             &mut queue,
             &mem,

@@ -40,6 +40,12 @@ pub struct Events {
     sender: broadcast::Sender<DaemonEvent>,
 }
 
+impl Default for Events {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Events {
     pub fn new() -> Self {
         Self {

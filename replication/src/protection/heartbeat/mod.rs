@@ -32,7 +32,7 @@ use std::time::Duration;
 
 pub use control_channel::{read_control, ControlRead, ControlVerdict};
 pub use primary_side::{ReleasePermit, StandbyTerms, StandbyWatch};
-pub use prober::{ClockJumps, PeerLiveness};
+pub use prober::{ClockJumps, NotTaken, PeerLiveness, ProbeTaker};
 pub use standby_side::{watch_primary, PrimaryWatch, WatchPlan};
 
 /// How long the primary may take to open the control channel after `Standing`, and to get its

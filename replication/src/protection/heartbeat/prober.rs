@@ -115,6 +115,13 @@ impl PeerLiveness {
         self.now_us() < self.peer_counts_us_alive_until_us.load(Ordering::SeqCst)
     }
 
+    /// How much longer the peer surely counts us alive ([`PeerLiveness::counted_alive_by_peer`]):
+    /// never more than the failure timeout, whatever the peer says.
+    pub fn counted_alive_by_peer_for(&self) -> Duration {
+        let until = self.peer_counts_us_alive_until_us.load(Ordering::SeqCst);
+        Duration::from_micros(until.saturating_sub(self.now_us()))
+    }
+
     /// A fresh ping of the peer's says the newest of its pings whose echo it took was stamped
     /// `echoed_us` on its clock; `baseline` is the lowest offset (our clock − its stamp) lately.
     fn peer_took_echo_of(&self, echoed_us: u64, baseline: i64) {
@@ -223,11 +230,16 @@ pub struct ProbeLoop<'a> {
 
 impl ProbeLoop<'_> {
     /// Probes until [`PeerLiveness::stop`].
-    pub fn run(mut self) {
+    pub fn run(self) {
         if let Some(peer) = self.peer {
             *self.liveness.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
         }
-        let mut jumps = ClockJumps::new(self.liveness.failure_timeout / 2);
+        let mut taker = ProbeTaker::new(
+            self.key.clone(),
+            self.session,
+            self.me,
+            self.liveness.failure_timeout,
+        );
         let mut next_ping = Instant::now();
         let mut buf = [0u8; PROBE_LEN + 1];
         let mut refused = 0u64;
@@ -250,11 +262,9 @@ impl ProbeLoop<'_> {
                 .max(Duration::from_millis(1));
             let _ = self.socket.set_read_timeout(Some(wait));
             match self.socket.recv_from(&mut buf) {
-                Ok((n, from)) => match Probe::decode(&buf[..n], &self.key) {
-                    Ok(probe) if probe.session == self.session && probe.sender != self.me => {
-                        self.take(probe, from, &mut jumps)
-                    }
-                    Ok(_) => refused += 1,
+                Ok((n, from)) => match taker.take(self.liveness, &buf[..n], from) {
+                    Ok(Some(echo)) => self.send(ProbeKind::Echo, echo, from),
+                    Ok(None) => {}
                     Err(e) => {
                         refused += 1;
                         if refused.is_power_of_two() {
@@ -287,40 +297,6 @@ impl ProbeLoop<'_> {
         }
     }
 
-    fn take(&mut self, probe: Probe, from: SocketAddr, jumps: &mut ClockJumps) {
-        match probe.kind {
-            ProbeKind::Echo => self.liveness.echoed(probe.stamp_us),
-            ProbeKind::Ping => {
-                let newest = self
-                    .liveness
-                    .peer_stamp_us
-                    .fetch_max(probe.stamp_us, Ordering::SeqCst)
-                    < probe.stamp_us;
-                if newest {
-                    // A fresh ping from the peer: where it is now, and how its clock ran against ours.
-                    *self.liveness.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
-                    if jumps.observe(self.liveness.now_us(), probe.stamp_us) {
-                        tracing::warn!(
-                            "this host's clock stood still while the peer's ran (a frozen host?): \
-                             only fresh answers count from now on"
-                        );
-                        self.liveness.clock_stopped();
-                    }
-                }
-                if newest {
-                    let now = self.liveness.now_us();
-                    let baseline = jumps
-                        .baseline()
-                        .unwrap_or(now as i64 - probe.stamp_us as i64);
-                    self.liveness.peer_took_echo_of(probe.echoed_us, baseline);
-                }
-                if self.liveness.answering() {
-                    self.send(ProbeKind::Echo, probe.stamp_us, from);
-                }
-            }
-        }
-    }
-
     fn send(&self, kind: ProbeKind, stamp_us: u64, to: SocketAddr) {
         let probe = Probe {
             kind,
@@ -336,6 +312,91 @@ impl ProbeLoop<'_> {
         // debug line (an unreachable peer shows as silence).
         if let Err(e) = self.socket.send_to(&probe.encode(&self.key), to) {
             tracing::debug!(%to, "heartbeat probe not sent: {e}");
+        }
+    }
+}
+
+/// What a probe loop does with each datagram it receives, apart from sending: it takes a probe of
+/// this session from the other end into the [`PeerLiveness`], and says which of the peer's pings to
+/// echo. Everything here is what the peer (or anyone on the path) sends, so it is fuzzed
+/// (`fuzz/fuzz_targets/heartbeat_probes.rs`).
+pub struct ProbeTaker {
+    key: ProbeKey,
+    session: u64,
+    me: ProbeSender,
+    jumps: ClockJumps,
+}
+
+/// Why a datagram was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum NotTaken {
+    #[error("{0}")]
+    NotAProbe(#[from] crate::wire::probe::ProbeError),
+    #[error("a probe of another session or from this end")]
+    Foreign,
+    #[error("a probe whose clock readings no clock reaches (over 2^62 µs)")]
+    Implausible,
+}
+
+/// The largest clock reading a probe may carry: µs since a process started, 146,000 years. Larger
+/// ones would overflow the signed offsets between the two clocks.
+const MAX_STAMP_US: u64 = 1 << 62;
+
+impl ProbeTaker {
+    pub fn new(key: ProbeKey, session: u64, me: ProbeSender, failure_timeout: Duration) -> Self {
+        Self {
+            key,
+            session,
+            me,
+            jumps: ClockJumps::new(failure_timeout / 2),
+        }
+    }
+
+    /// Takes `datagram` from `from` into `liveness`; `Some(stamp)`: echo the peer's ping of that
+    /// stamp (when `liveness` still answers).
+    pub fn take(
+        &mut self,
+        liveness: &PeerLiveness,
+        datagram: &[u8],
+        from: SocketAddr,
+    ) -> Result<Option<u64>, NotTaken> {
+        let probe = Probe::decode(datagram, &self.key)?;
+        if probe.session != self.session || probe.sender == self.me {
+            return Err(NotTaken::Foreign);
+        }
+        if probe.stamp_us > MAX_STAMP_US || probe.echoed_us > MAX_STAMP_US {
+            return Err(NotTaken::Implausible);
+        }
+        match probe.kind {
+            ProbeKind::Echo => {
+                liveness.echoed(probe.stamp_us);
+                Ok(None)
+            }
+            ProbeKind::Ping => {
+                let newest = liveness
+                    .peer_stamp_us
+                    .fetch_max(probe.stamp_us, Ordering::SeqCst)
+                    < probe.stamp_us;
+                if newest {
+                    // A fresh ping from the peer: where it is now, and how its clock ran against ours.
+                    *liveness.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+                    if self.jumps.observe(liveness.now_us(), probe.stamp_us) {
+                        tracing::warn!(
+                            "this host's clock stood still while the peer's ran (a frozen host?): \
+                             only fresh answers count from now on"
+                        );
+                        liveness.clock_stopped();
+                    }
+                    let now = liveness.now_us();
+                    let baseline = self
+                        .jumps
+                        .baseline()
+                        .unwrap_or(now as i64 - probe.stamp_us as i64);
+                    // The peer can only have taken the echo of a ping it sent no later than this one.
+                    liveness.peer_took_echo_of(probe.echoed_us.min(probe.stamp_us), baseline);
+                }
+                Ok(liveness.answering().then_some(probe.stamp_us))
+            }
         }
     }
 }
@@ -397,6 +458,65 @@ impl ClockJumps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer holding the session's key whose pings claim it took the echo of a ping from after
+    /// the ping itself (a bug, or a clock gone wrong) extends nothing past its failure timeout:
+    /// the primary's permission to release output stays bounded.
+    #[test]
+    fn a_pings_claim_is_bounded_by_the_ping_itself() {
+        let timeout = Duration::from_millis(100);
+        let l = PeerLiveness::new(timeout);
+        let key = ProbeKey::new(&[7; 32]);
+        let mut taker = ProbeTaker::new(key.clone(), 9, ProbeSender::Primary, timeout);
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let ping = |stamp_us, echoed_us| {
+            Probe {
+                kind: ProbeKind::Ping,
+                sender: ProbeSender::Standby,
+                session: 9,
+                stamp_us,
+                echoed_us,
+            }
+            .encode(&key)
+        };
+        assert_eq!(
+            taker.take(&l, &ping(1_000, 500), from).unwrap(),
+            Some(1_000)
+        );
+        assert_eq!(
+            taker.take(&l, &ping(2_000, u64::MAX / 4), from).unwrap(),
+            Some(2_000)
+        );
+        assert!(
+            l.counted_alive_by_peer_for() <= timeout,
+            "the peer's word counts us alive for {:?}",
+            l.counted_alive_by_peer_for()
+        );
+        // Another session's probe, or our own sent back, is not taken.
+        let foreign = Probe {
+            kind: ProbeKind::Ping,
+            sender: ProbeSender::Primary,
+            session: 9,
+            stamp_us: 3_000,
+            echoed_us: 0,
+        };
+        assert!(matches!(
+            taker.take(&l, &foreign.encode(&key), from),
+            Err(NotTaken::Foreign)
+        ));
+        assert!(matches!(
+            taker.take(&l, b"not a probe", from),
+            Err(NotTaken::NotAProbe(_))
+        ));
+        // Clock readings past any clock (found by fuzz/fuzz_targets/heartbeat_probes.rs: they
+        // wrapped the signed offset between the clocks and counted us alive for 25,000 years).
+        let wrapped = ping((1 << 63) + 5_000, 1 << 63);
+        assert!(matches!(
+            taker.take(&l, &wrapped, from),
+            Err(NotTaken::Implausible)
+        ));
+        assert!(l.counted_alive_by_peer_for() <= timeout);
+    }
 
     #[test]
     fn liveness_lasts_a_failure_timeout_after_the_echoed_ping() {
