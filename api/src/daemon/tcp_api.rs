@@ -155,27 +155,13 @@ mod tests {
     use replication::link::TlsIdentity;
     use std::net::SocketAddr;
     use std::time::Duration;
-    use tokio::net::TcpListener;
 
     /// Serves a router answering `GET /ok` behind TLS and `token` on loopback; its address.
     fn serve(identity: &TlsIdentity, token: BearerToken) -> SocketAddr {
-        let tls = identity.server_config();
-        let (send, addr) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                send.send(tcp.local_addr().unwrap()).unwrap();
-                let router = axum::Router::new()
-                    .route("/ok", axum::routing::get(|| async { "{\"ok\":true}" }))
-                    .layer(axum::middleware::from_fn_with_state(token, require_token));
-                let _ = tcp_server::serve(tcp, tls, router, Limits::default()).await;
-            });
-        });
-        addr.recv().unwrap()
+        let router = axum::Router::new()
+            .route("/ok", axum::routing::get(|| async { "{\"ok\":true}" }))
+            .layer(axum::middleware::from_fn_with_state(token, require_token));
+        tcp_server::serve_on_loopback(identity.server_config(), router, Limits::default())
     }
 
     #[test]

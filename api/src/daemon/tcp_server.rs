@@ -205,6 +205,29 @@ impl Drop for Slot {
     }
 }
 
+/// Serves `router` as [`serve`] does on a loopback port of its own, on a thread of its own; its
+/// address. For tests.
+#[cfg(test)]
+pub(crate) fn serve_on_loopback(
+    tls: Arc<rustls::ServerConfig>,
+    router: axum::Router,
+    limits: Limits,
+) -> SocketAddr {
+    let (send, addr) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            send.send(tcp.local_addr().unwrap()).unwrap();
+            let _ = serve(tcp, tls, router, limits).await;
+        });
+    });
+    addr.recv().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,24 +250,11 @@ mod tests {
 
     /// Serves `POST /echo` (the body back) within `limits` on loopback; its address.
     fn serve_echo(server: &TlsIdentity, limits: Limits) -> SocketAddr {
-        let tls = server.server_config();
-        let (send, addr) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                send.send(tcp.local_addr().unwrap()).unwrap();
-                let router = axum::Router::new().route(
-                    "/echo",
-                    axum::routing::post(|body: axum::body::Bytes| async move { body }),
-                );
-                let _ = serve(tcp, tls, router, limits).await;
-            });
-        });
-        addr.recv().unwrap()
+        let router = axum::Router::new().route(
+            "/echo",
+            axum::routing::post(|body: axum::body::Bytes| async move { body }),
+        );
+        serve_on_loopback(server.server_config(), router, limits)
     }
 
     /// A TLS connection to `addr` as `client`, its handshake done.

@@ -425,7 +425,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{QueueOwnedT, QueueT};
+    use virtio_queue::QueueOwnedT;
     use vm_memory::{Bytes, GuestAddress};
 
     const HDR: u64 = 0x10_0000;
@@ -456,6 +456,13 @@ mod tests {
 
     /// Builds a chain of (addr, len, writable) descriptors and runs it; returns (used len, status).
     fn run_chain(mem: &GuestMemoryMmap, disk: &Disk, descs: &[(u64, u32, bool)]) -> (u32, u8) {
+        let used = execute_chain(mem, disk, descs).used;
+        let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap_or(0xee);
+        (used, status)
+    }
+
+    /// Builds a chain of (addr, len, writable) descriptors and executes it.
+    fn execute_chain(mem: &GuestMemoryMmap, disk: &Disk, descs: &[(u64, u32, bool)]) -> Completion {
         let q = MockSplitQueue::new(mem, 16);
         let raw: Vec<RawDescriptor> = descs
             .iter()
@@ -471,10 +478,7 @@ mod tests {
         q.build_desc_chain(&raw).unwrap();
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
         let chain = queue.iter(mem).unwrap().next().unwrap();
-        let used = execute(disk, mem, chain).used;
-        let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap_or(0xee);
-        let _ = queue.next_avail();
-        (used, status)
+        execute(disk, mem, chain)
     }
 
     fn header(mem: &GuestMemoryMmap, t: u32, sector: u64) {
@@ -772,22 +776,7 @@ mod tests {
             (0x20_0000 + split as u64, (len - split) as u32, false),
             (0x70_0000, 1, true),
         ];
-        let q = MockSplitQueue::new(&m, 16);
-        let raw: Vec<RawDescriptor> = chain
-            .iter()
-            .map(|&(addr, len, w)| {
-                RawDescriptor::from(SplitDescriptor::new(
-                    addr,
-                    len,
-                    if w { VRING_DESC_F_WRITE as u16 } else { 0 },
-                    0,
-                ))
-            })
-            .collect();
-        q.build_desc_chain(&raw).unwrap();
-        let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
-        let chain = queue.iter(&m).unwrap().next().unwrap();
-        let done = execute(&d, &m, chain);
+        let done = execute_chain(&m, &d, &chain);
         assert_eq!((done.used, done.moved), (1, len));
         let writes = journal.take().writes;
         let sizes: Vec<(u64, usize)> = writes.iter().map(|w| (w.offset, w.data.len())).collect();
