@@ -298,6 +298,20 @@ fn allowlist(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         .flatten()
         .map(|&nr| (nr, Vec::new()))
         .collect();
+    // No kind may push input into a terminal it inherited (TIOCSTI) or drive the console
+    // (TIOCLINUX). The kernel takes an ioctl's request as 32 bits: the low half is compared.
+    let not = |request: u64| {
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, request)
+            .map_err(|e| e.to_string())
+    };
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![SeccompRule::new(vec![
+            not(libc::TIOCSTI as u64)?,
+            not(libc::TIOCLINUX as u64)?,
+        ])
+        .map_err(|e| e.to_string())?],
+    );
     if spawns_threads {
         // New threads only: `clone` with CLONE_THREAD (never a new process), and `clone3`, which
         // the first program turns into ENOSYS.
@@ -436,7 +450,9 @@ mod tests {
     }
 
     /// Runs this test binary again with `FTVMM_SECCOMP_CHILD=<kind>`: the child installs that filter
-    /// on a thread and calls `execve`, which must end it with EXIT_SECCOMP and a report.
+    /// on a thread and calls `execve` (or, with `FTVMM_SECCOMP_CALL=tiocsti`, pushes a byte into a
+    /// terminal with TIOCSTI, the request's upper half set to slip past a 64-bit comparison), which
+    /// must end it with EXIT_SECCOMP and a report.
     #[test]
     fn a_forbidden_call_ends_the_process() {
         if let Ok(kind) = std::env::var("FTVMM_SECCOMP_CHILD") {
@@ -449,6 +465,19 @@ mod tests {
                 .name("filtered".into())
                 .spawn(move || {
                     apply(kind).unwrap();
+                    if std::env::var("FTVMM_SECCOMP_CALL").as_deref() == Ok("tiocsti") {
+                        let byte = b'x';
+                        // SAFETY: the filter traps the call before the kernel reads `byte`.
+                        unsafe {
+                            libc::syscall(
+                                libc::SYS_ioctl,
+                                0,
+                                (1u64 << 32) | libc::TIOCSTI as u64,
+                                &byte,
+                            );
+                        }
+                        return;
+                    }
                     // SAFETY: execve with null arguments only reaches the filter, which traps it.
                     unsafe {
                         libc::syscall(
@@ -464,21 +493,30 @@ mod tests {
                 .unwrap();
             return;
         }
-        for kind in ThreadKind::ALL {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "seccomp::tests::a_forbidden_call_ends_the_process",
-                ])
-                .env("FTVMM_SECCOMP_CHILD", kind.name())
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(EXIT_SECCOMP), "{kind:?}: {stderr}");
-            assert!(
-                stderr.contains("thread filtered made forbidden system call 59"),
-                "{kind:?}: {stderr}"
-            );
+        for (call, number) in [("execve", 59), ("tiocsti", 16)] {
+            for kind in ThreadKind::ALL {
+                let out = std::process::Command::new(std::env::current_exe().unwrap())
+                    .args([
+                        "--exact",
+                        "seccomp::tests::a_forbidden_call_ends_the_process",
+                    ])
+                    .env("FTVMM_SECCOMP_CHILD", kind.name())
+                    .env("FTVMM_SECCOMP_CALL", call)
+                    .output()
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(
+                    out.status.code(),
+                    Some(EXIT_SECCOMP),
+                    "{kind:?} {call}: {stderr}"
+                );
+                assert!(
+                    stderr.contains(&format!(
+                        "thread filtered made forbidden system call {number}"
+                    )),
+                    "{kind:?} {call}: {stderr}"
+                );
+            }
         }
     }
 }
