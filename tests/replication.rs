@@ -614,6 +614,40 @@ fn with_a_witness_a_hung_primary_is_taken_over_and_fenced_when_it_wakes() {
     pair.finish();
 }
 
+/// The witness is a three-member etcd cluster and the first member the copies are given is down:
+/// they claim, protect and take over through the others as they would through one (a single
+/// endpoint used to make one member down a witness outage).
+#[test]
+fn the_witness_works_with_one_of_three_etcd_members_down() {
+    let _serial = one_at_a_time();
+    let mut pair = ProtectedPair::start_opts(
+        "witness-members",
+        integration_tests::protected_pair::PairOptions {
+            witness: true,
+            witness_members: 3,
+            ..integration_tests::protected_pair::PairOptions::new(500)
+        },
+    );
+    pair.wait_acknowledged(10, "at first");
+    pair._etcd.as_mut().unwrap().kill_member(0);
+    let now = pair.acknowledged();
+    pair.wait_acknowledged(now + 10, "with one etcd member down");
+    signal(&pair.primary, "-STOP");
+    let stopped_at = pair.acknowledged();
+    pair.standby
+        .wait_for_stderr("taking over from checkpoint", DEADLINE);
+    assert!(
+        pair.standby
+            .stderr()
+            .contains("the witness gives this standby the guest"),
+        "{}",
+        pair.standby.stderr()
+    );
+    pair.wait_acknowledged(stopped_at + 10, "on the standby");
+    wake_old_primary_and_expect_it_fenced(&mut pair);
+    pair.finish();
+}
+
 /// With a witness, a partitioned standby host cannot take over: the primary (which still reaches the
 /// witness) swaps its claim for `unprotected` and goes on with the client; when the standby's host
 /// comes back, its own swap fails and it ends without resuming.

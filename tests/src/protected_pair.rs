@@ -116,6 +116,8 @@ pub struct PairOptions {
     /// With `witness`: both copies reach etcd through a proxy (`ftvmm-impair tcp-proxy`) whose
     /// answers the test can delay or lose ([`ProtectedPair::set_witness_answers`]).
     pub witness_proxy: bool,
+    /// With `witness`: how many members the etcd cluster has (the copies are given them all).
+    pub witness_members: u16,
 }
 
 impl PairOptions {
@@ -129,6 +131,7 @@ impl PairOptions {
             link: None,
             client: true,
             witness_proxy: false,
+            witness_members: 1,
         }
     }
 }
@@ -189,9 +192,11 @@ impl ProtectedPair {
             link,
             client,
             witness_proxy,
+            witness_members,
         } = options;
         let hosts = TwoHosts::new().expect("two-host topology");
-        let etcd = witness.then(|| TestEtcd::start(&hosts.lan, &hosts.lan_ip()));
+        let etcd =
+            witness.then(|| TestEtcd::start_members(&hosts.lan, &hosts.lan_ip(), witness_members));
         let dir =
             std::env::temp_dir().join(format!("ftvmm-replication-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -36,18 +36,56 @@ fn healthy(addr: &str) -> bool {
 
 /// A running etcd (Debian's `etcd-server`, installed by scripts/setup).
 pub struct TestEtcd {
+    members: Vec<Member>,
+    url: String,
+}
+
+/// One etcd process.
+struct Member {
     child: Child,
     dir: std::path::PathBuf,
-    url: String,
 }
 
 impl TestEtcd {
     /// Starts etcd in `ns`, serving clients on `ip`:2379; waits until it answers.
     pub fn start(ns: &NetNs, ip: &str) -> Self {
-        let addr = format!("{ip}:2379");
-        let etcd = Self::spawn(ns.command("etcd"), ns.name(), &addr, 2380);
-        let ready = ns.run(move || wait_healthy(&addr));
-        assert!(ready, "etcd did not start on {}", etcd.url);
+        Self::start_members(ns, ip, 1)
+    }
+
+    /// Starts an etcd cluster of `count` members in `ns`, serving clients on `ip`:2379, :2389, ...
+    /// (peers on loopback :2380, :2390, ...); waits until every member answers. Its URL lists them
+    /// all, comma-separated, as `--witness` takes them.
+    pub fn start_members(ns: &NetNs, ip: &str, count: u16) -> Self {
+        let port = |i: u16, base: u16| base + 10 * i;
+        let cluster = (0..count)
+            .map(|i| format!("witness{i}=http://127.0.0.1:{}", port(i, 2380)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members = (0..count)
+            .map(|i| {
+                let addr = format!("{ip}:{}", port(i, 2379));
+                Member::spawn(
+                    ns.command("etcd"),
+                    &format!("{}-{i}", ns.name()),
+                    &format!("witness{i}"),
+                    &addr,
+                    port(i, 2380),
+                    &cluster,
+                )
+            })
+            .collect();
+        let urls: Vec<String> = (0..count)
+            .map(|i| format!("http://{ip}:{}", port(i, 2379)))
+            .collect();
+        let etcd = Self {
+            members,
+            url: urls.join(","),
+        };
+        for url in urls {
+            let addr = url.trim_start_matches("http://").to_string();
+            let ready = ns.run(move || wait_healthy(&addr));
+            assert!(ready, "etcd did not start on {url}");
+        }
         etcd
     }
 
@@ -65,19 +103,53 @@ impl TestEtcd {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         let addr = format!("127.0.0.1:{}", free());
-        let etcd = Self::spawn(Command::new("etcd"), &tag, &addr, free());
+        let peer_port = free();
+        let cluster = format!("witness=http://127.0.0.1:{peer_port}");
+        let member = Member::spawn(
+            Command::new("etcd"),
+            &tag,
+            "witness",
+            &addr,
+            peer_port,
+            &cluster,
+        );
+        let etcd = Self {
+            members: vec![member],
+            url: format!("http://{addr}"),
+        };
         assert!(wait_healthy(&addr), "etcd did not start on {}", etcd.url);
         etcd
     }
 
-    fn spawn(mut cmd: Command, tag: &str, client_addr: &str, peer_port: u16) -> Self {
+    /// The client URL(s) (`--witness`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Kills member `index` for good (the others go on as a cluster with a majority).
+    pub fn kill_member(&mut self, index: usize) {
+        let member = &mut self.members[index];
+        let _ = member.child.kill();
+        let _ = member.child.wait();
+    }
+}
+
+impl Member {
+    fn spawn(
+        mut cmd: Command,
+        tag: &str,
+        name: &str,
+        client_addr: &str,
+        peer_port: u16,
+        cluster: &str,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("ftvmm-etcd-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let url = format!("http://{client_addr}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         cmd.arg("--data-dir")
             .arg(dir.join("data"))
-            .args(["--name", "witness"])
+            .args(["--name", name])
             .args([
                 "--listen-client-urls",
                 &url,
@@ -86,24 +158,19 @@ impl TestEtcd {
             ])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("witness={peer}")])
-            // A one-member cluster on one machine: short raft timings.
+            .args(["--initial-cluster", cluster])
+            // On one machine: short raft timings.
             .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = cmd
             .spawn()
             .expect("start etcd (scripts/setup installs etcd-server)");
-        Self { child, dir, url }
-    }
-
-    /// The client URL (`--witness`).
-    pub fn url(&self) -> &str {
-        &self.url
+        Self { child, dir }
     }
 }
 
-impl Drop for TestEtcd {
+impl Drop for Member {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

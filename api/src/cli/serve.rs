@@ -42,7 +42,8 @@ pub struct ServeArgs {
     /// A file holding the cluster's bearer token (at least 32 characters; the same on every host).
     #[arg(long, value_name = "FILE", requires = "listen")]
     token_file: Option<PathBuf>,
-    /// Cluster mode: the etcd (http://HOST:PORT, e.g. the witness's) where hosts register and
+    /// Cluster mode: the etcd (http://HOST:PORT, several members separated by commas; e.g. the
+    /// witness's) where hosts register and
     /// every VM's placement is recorded, so that any daemon can say where a VM runs and who its
     /// standby is, and peers can be named by host name. Needs --listen.
     #[arg(long, value_name = "URL", requires = "listen")]

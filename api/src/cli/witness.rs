@@ -10,7 +10,8 @@ use replication::witness::{Witness, WitnessError};
 /// The witness of a protected guest.
 #[derive(Args, Debug, Default)]
 pub struct WitnessArgs {
-    /// The witness: an etcd client URL, http://HOST:PORT. With it, a standby takes over a primary
+    /// The witness: an etcd cluster's client URLs, http://HOST:PORT, several separated by commas
+    /// (a member that cannot be reached is skipped for the next). With it, a standby takes over a primary
     /// that fell silent (hung, cut off, or its host died) once the witness agrees, and a primary
     /// that lost its standby goes on only with the witness's agreement (else it fences itself:
     /// exit 5). Without it, only a primary's certain death is taken over.

@@ -22,9 +22,22 @@ pub enum EtcdError {
     Reply { url: String, reason: String },
 }
 
-/// One etcd endpoint (`http://HOST:PORT`).
+/// An etcd cluster by its client endpoints (`http://HOST:PORT`, one or more). Requests go to one
+/// endpoint at a time; when it cannot be reached the next one is used from then on. A request that
+/// certainly never reached a member (the connection failed) is tried on the next member at once;
+/// one that may have (a timeout after sending, a reset) is not repeated: its error goes back to the
+/// caller, which reads the key back to learn what happened (`super::Witness`).
 pub struct Etcd {
+    /// What errors name: the endpoints, comma-separated.
     base: String,
+    endpoints: Vec<Endpoint>,
+    /// The endpoint in use.
+    current: std::sync::atomic::AtomicUsize,
+}
+
+/// One member's client URL and an agent that dials only its address, resolved once.
+struct Endpoint {
+    url: String,
     agent: ureq::Agent,
 }
 
@@ -83,19 +96,16 @@ struct Header {
     revision: String,
 }
 
-impl Etcd {
-    /// A client for the etcd at `url` (`http://HOST:PORT`). HOST is resolved here, once: the
-    /// replication threads that ask the witness later may not open the files resolution reads
-    /// (`vmm/src/seccomp.rs`).
-    pub fn new(url: &str) -> Result<Self, EtcdError> {
-        let base = url.trim_end_matches('/').to_string();
-        let Some(netloc) = base
+impl Endpoint {
+    fn new(url: &str) -> Result<Self, EtcdError> {
+        let Some(netloc) = url
             .strip_prefix("http://")
             .map(|rest| rest.split('/').next().unwrap_or_default().to_string())
         else {
             return Err(EtcdError::Request {
-                url: base,
-                reason: "the witness URL must be http://HOST:PORT".into(),
+                url: url.to_string(),
+                reason: "a witness URL must be http://HOST:PORT (several: separated by commas)"
+                    .into(),
             });
         };
         let addrs: Vec<SocketAddr> = netloc
@@ -104,7 +114,7 @@ impl Etcd {
             .unwrap_or_default();
         if addrs.is_empty() {
             return Err(EtcdError::Request {
-                url: base,
+                url: url.to_string(),
                 reason: format!("cannot resolve {netloc:?} (HOST:PORT)"),
             });
         }
@@ -121,7 +131,28 @@ impl Etcd {
                 }
             })
             .build();
-        Ok(Self { base, agent })
+        Ok(Self {
+            url: url.to_string(),
+            agent,
+        })
+    }
+}
+
+impl Etcd {
+    /// A client for the etcd cluster at `urls`: `http://HOST:PORT`, or several separated by commas
+    /// (its members). Each HOST is resolved here, once: the replication threads that ask the witness
+    /// later may not open the files resolution reads (`vmm/src/seccomp.rs`).
+    pub fn new(urls: &str) -> Result<Self, EtcdError> {
+        let base = urls.trim().trim_end_matches('/').to_string();
+        let endpoints = base
+            .split(',')
+            .map(|url| Endpoint::new(url.trim().trim_end_matches('/')))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            base,
+            endpoints,
+            current: std::sync::atomic::AtomicUsize::new(0),
+        })
     }
 
     fn call<T: for<'de> Deserialize<'de>>(
@@ -129,19 +160,48 @@ impl Etcd {
         path: &str,
         body: serde_json::Value,
     ) -> Result<T, EtcdError> {
-        let url = format!("{}{path}", self.base);
-        let reply = self
-            .agent
-            .post(&url)
-            .send_json(body)
-            .map_err(|e| EtcdError::Request {
-                url: self.base.clone(),
-                reason: e.to_string(),
-            })?;
-        reply.into_json().map_err(|e| EtcdError::Reply {
-            url: self.base.clone(),
-            reason: e.to_string(),
-        })
+        use std::sync::atomic::Ordering;
+        let first = self.current.load(Ordering::SeqCst) % self.endpoints.len();
+        let mut last_error = None;
+        for step in 0..self.endpoints.len() {
+            let at = (first + step) % self.endpoints.len();
+            let endpoint = &self.endpoints[at];
+            match endpoint
+                .agent
+                .post(&format!("{}{path}", endpoint.url))
+                .send_json(body.clone())
+            {
+                Ok(reply) => {
+                    self.current.store(at, Ordering::SeqCst);
+                    return reply.into_json().map_err(|e| EtcdError::Reply {
+                        url: endpoint.url.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => {
+                    // The next request starts at the next member.
+                    self.current
+                        .store((at + 1) % self.endpoints.len(), Ordering::SeqCst);
+                    let never_sent = matches!(
+                        &e,
+                        ureq::Error::Transport(t) if matches!(
+                            t.kind(),
+                            ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns
+                        )
+                    );
+                    let error = EtcdError::Request {
+                        url: endpoint.url.clone(),
+                        reason: e.to_string(),
+                    };
+                    if !never_sent {
+                        return Err(error);
+                    }
+                    tracing::debug!("{error}; trying the next member");
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.expect("at least one endpoint"))
     }
 
     fn revision(&self, text: &str) -> Result<u64, EtcdError> {
@@ -318,6 +378,56 @@ impl Etcd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_members_are_taken_and_each_must_be_an_http_url() {
+        let etcd = Etcd::new("http://127.0.0.1:2379, http://127.0.0.1:2389/,http://127.0.0.1:2399")
+            .unwrap();
+        let urls: Vec<&str> = etcd.endpoints.iter().map(|e| e.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "http://127.0.0.1:2379",
+                "http://127.0.0.1:2389",
+                "http://127.0.0.1:2399"
+            ]
+        );
+        let refused = Etcd::new("http://127.0.0.1:2379,https://127.0.0.1:2389")
+            .err()
+            .expect("an https member is refused");
+        assert!(
+            refused.to_string().contains("https://127.0.0.1:2389"),
+            "{refused}"
+        );
+    }
+
+    /// A member that refuses connections is skipped: the request goes to the next, which is then
+    /// used first.
+    #[test]
+    fn a_member_that_cannot_be_reached_is_skipped() {
+        let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let down_addr = down.local_addr().unwrap();
+        drop(down);
+        let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let up_addr = up.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut s, _) = up.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = s.read(&mut request);
+            let body = r#"{"header":{"revision":"7"},"kvs":[]}"#;
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        let etcd = Etcd::new(&format!("http://{down_addr},http://{up_addr}")).unwrap();
+        assert_eq!(etcd.get("k").unwrap(), None);
+        assert_eq!(etcd.current.load(std::sync::atomic::Ordering::SeqCst), 1);
+        server.join().unwrap();
+    }
 
     #[test]
     fn the_endpoint_is_resolved_once_when_the_client_is_made() {
