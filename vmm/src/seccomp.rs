@@ -307,8 +307,8 @@ fn allowlist(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
     rules.insert(
         libc::SYS_ioctl,
         vec![SeccompRule::new(vec![
-            not(libc::TIOCSTI as u64)?,
-            not(libc::TIOCLINUX as u64)?,
+            not(libc::TIOCSTI)?,
+            not(libc::TIOCLINUX)?,
         ])
         .map_err(|e| e.to_string())?],
     );
@@ -472,7 +472,7 @@ mod tests {
                             libc::syscall(
                                 libc::SYS_ioctl,
                                 0,
-                                (1u64 << 32) | libc::TIOCSTI as u64,
+                                (1u64 << 32) | libc::TIOCSTI,
                                 &byte,
                             );
                         }
