@@ -123,8 +123,10 @@ mod tests {
     fn a_log_line_or_junk_is_not_a_fact() {
         for text in [
             "ftvmm: primary lost (x); taking over from checkpoint 3",
-            r#"{"stage":"running","extra":1}"#,
+            // A shorter rewrite caught before its truncation: the new facts and the old tail.
+            r#"{"stage":"running"}dby","listening":"10.0.0.2:1"}"#,
             r#"{"stage":"promoted"}"#,
+            r#"{"stage":"standing_by"}"#,
         ] {
             assert_eq!(serde_json::from_str::<VmFacts>(text).ok(), None, "{text}");
         }

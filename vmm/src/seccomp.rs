@@ -306,11 +306,10 @@ fn allowlist(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
     };
     rules.insert(
         libc::SYS_ioctl,
-        vec![SeccompRule::new(vec![
-            not(libc::TIOCSTI)?,
-            not(libc::TIOCLINUX)?,
-        ])
-        .map_err(|e| e.to_string())?],
+        vec![
+            SeccompRule::new(vec![not(libc::TIOCSTI)?, not(libc::TIOCLINUX)?])
+                .map_err(|e| e.to_string())?,
+        ],
     );
     if spawns_threads {
         // New threads only: `clone` with CLONE_THREAD (never a new process), and `clone3`, which
@@ -469,12 +468,7 @@ mod tests {
                         let byte = b'x';
                         // SAFETY: the filter traps the call before the kernel reads `byte`.
                         unsafe {
-                            libc::syscall(
-                                libc::SYS_ioctl,
-                                0,
-                                (1u64 << 32) | libc::TIOCSTI,
-                                &byte,
-                            );
+                            libc::syscall(libc::SYS_ioctl, 0, (1u64 << 32) | libc::TIOCSTI, &byte);
                         }
                         return;
                     }
