@@ -578,8 +578,11 @@ fn a_cut_replication_link_leaves_exactly_one_active_copy() {
         "{}",
         pair.primary.stderr()
     );
+    // The standby notices the silence about when the primary counts it lost, not necessarily
+    // before.
+    pair.standby
+        .wait_for_stderr("the primary is silent", DEADLINE);
     let err = pair.standby.stderr();
-    assert!(err.contains("the primary is silent"), "{err}");
     assert!(!err.contains("taking over"), "{err}");
 
     set_standby_host_link(&pair, true);
@@ -961,26 +964,19 @@ fn a_protected_guests_huge_write_request_does_not_grow_the_vmm() {
     let (a, b) = (image("a.img"), image("b.img"));
     let (mut standby, addr, pki) = loopback_standby_with(&dir, &["--disk", &b]);
     let mut primary = loopback_primary_with(
-        "mode=blk blk=huge-write wait_ms=15000 every_ms=300 times=100",
+        "mode=blk blk=huge-write wait_ms=15000 every_ms=300 times=400",
         &addr,
         &pki,
         &dir.join("a.sock"),
         &["--disk", &a, "--serial", "stdout"],
     );
     primary.wait_for_stderr("guest protected by", DEADLINE);
-    // Writes are recorded with their data only once protected.
-    let seen = primary.output().matches("blk huge-write status=").count();
-    assert_eq!(
-        seen, 0,
-        "the guest's requests began before it was protected (its disk's first copy took over 15 s)"
-    );
-    let deadline = Instant::now() + DEADLINE;
-    while primary.output().matches("blk huge-write status=").count() < seen + 1 {
-        assert!(Instant::now() < deadline, "{}", primary.output());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Writes are recorded with their data only once protected (before, during the disk's first
+    // copy, they went to the image in place): the peak from here on is what recording costs.
     let before = peak_rss_kib(primary.pid());
-    while primary.output().matches("blk huge-write status=").count() < seen + 4 {
+    let seen = primary.output().matches("blk huge-write status=").count();
+    let deadline = Instant::now() + DEADLINE;
+    while primary.output().matches("blk huge-write status=").count() < seen + 3 {
         assert!(Instant::now() < deadline, "{}", primary.output());
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -988,7 +984,8 @@ fn a_protected_guests_huge_write_request_does_not_grow_the_vmm() {
     let out = primary.output();
     assert!(
         after < before + 16 * 1024,
-        "the primary's peak memory grew from {before} KiB to {after} KiB over three 1 GiB requests"
+        "the primary's peak memory grew from {before} KiB to {after} KiB over three 1 GiB requests \
+         once protected"
     );
     assert!(
         out.contains("blk huge-write status=1 bytes=1073"),
