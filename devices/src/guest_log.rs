@@ -58,34 +58,38 @@ impl Default for LogBudget {
     }
 }
 
-/// `tracing::warn!` for what a guest can cause, rate limited per call site (`crate::guest_log`).
+/// `tracing::event!` at `level` for what a guest can cause, with an allowance of its own at each
+/// place it is written: what [`guest_warn!`](crate::guest_warn) and
+/// [`guest_error!`](crate::guest_error) expand to.
+#[doc(hidden)]
 #[macro_export]
-macro_rules! guest_warn {
-    ($($arg:tt)+) => {{
+macro_rules! guest_event {
+    ($level:expr, $($arg:tt)+) => {{
         static BUDGET: $crate::guest_log::LogBudget = $crate::guest_log::LogBudget::new();
         if let Some(left_out) = BUDGET.admit() {
             if left_out > 0 {
-                tracing::warn!(left_out, $($arg)+);
+                tracing::event!($level, left_out, $($arg)+);
             } else {
-                tracing::warn!($($arg)+);
+                tracing::event!($level, $($arg)+);
             }
         }
     }};
 }
 
+/// `tracing::warn!` for what a guest can cause, rate limited per call site (`crate::guest_log`).
+#[macro_export]
+macro_rules! guest_warn {
+    ($($arg:tt)+) => {
+        $crate::guest_event!(tracing::Level::WARN, $($arg)+)
+    };
+}
+
 /// `tracing::error!` for what a guest can cause, rate limited per call site (`crate::guest_log`).
 #[macro_export]
 macro_rules! guest_error {
-    ($($arg:tt)+) => {{
-        static BUDGET: $crate::guest_log::LogBudget = $crate::guest_log::LogBudget::new();
-        if let Some(left_out) = BUDGET.admit() {
-            if left_out > 0 {
-                tracing::error!(left_out, $($arg)+);
-            } else {
-                tracing::error!($($arg)+);
-            }
-        }
-    }};
+    ($($arg:tt)+) => {
+        $crate::guest_event!(tracing::Level::ERROR, $($arg)+)
+    };
 }
 
 #[cfg(test)]

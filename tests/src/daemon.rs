@@ -176,12 +176,14 @@ pub fn request(socket: &Path, method: &str, path: &str, body: &str) -> (u16, Str
         .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
-    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    status_and_body(&raw).unwrap_or_else(|| panic!("no status in {raw:?}"))
+}
+
+/// An HTTP response's status and body.
+fn status_and_body(raw: &str) -> Option<(u16, String)> {
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    Some((status, body.unwrap_or_default()))
 }
 
 /// One request to a daemon's TCP API at `addr` as the holder of the TLS identity in `identity` and
@@ -217,13 +219,7 @@ pub fn tcp_request(
         }
     }
     let raw = String::from_utf8_lossy(&raw);
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status in {raw:?}"))?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-    Ok((status, body.unwrap_or_default()))
+    status_and_body(&raw).ok_or_else(|| format!("no status in {raw:?}"))
 }
 
 /// Ends an event follower and returns what it printed.

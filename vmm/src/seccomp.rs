@@ -244,7 +244,6 @@ const FILES: &[i64] = &[
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,
-    libc::SYS_ftruncate,
     libc::SYS_fallocate,
     libc::SYS_preadv,
     libc::SYS_pwritev,
